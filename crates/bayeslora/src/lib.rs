@@ -1,0 +1,18 @@
+//! # bayeslora
+//!
+//! Bayesian low-rank finetuning of language models on candle: LoRA adapters trained with the IVON
+//! variational optimizer (IVON-LoRA, arXiv 2411.04421), evaluated with the posterior predictive.
+//!
+//! Data flows one way: `models` (load) → `adapters` (attach) → `data` → `train` → `eval` → `export`.
+
+pub mod adapters;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod export;
+pub mod models;
+pub mod ops;
+pub mod train;
+
+pub use error::{Error, Result};
+pub use ivon;

@@ -1,0 +1,3 @@
+//! IVON optimizer (in progress).
+mod error;
+pub use error::Error;
