@@ -1,1 +1,32 @@
-fn main() {}
+//! `bayeslora`: Bayesian LoRA finetuning from the command line.
+//!
+//! Each subcommand lives in `commands/<name>.rs`; flags are parsed here and in `args.rs`,
+//! merged with an optional TOML file in `config.rs`, and handed to the library. Errors print
+//! their whole chain and exit with status 2; Ctrl-C during training checkpoints and exits 130.
+mod args;
+mod assets;
+mod commands;
+mod config;
+mod ui;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let filter = if cli.verbose { "info,bayeslora=debug" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,98 @@
-//! (in progress)
+//! Adapters: trainable low-rank paths that ride on a frozen linear layer.
+//!
+//! Every linear layer of every model is a [`Linear`]: a frozen `weight`/`bias` plus an optional
+//! [`Adapter`]. A model never knows which method the adapter implements; `adapters::attach`
+//! walks a model's linears by their HF names and installs one adapter per matched layer.
+//!
+//! # Adding a method
+//! Implement [`Adapter`] (the forward delta and the trainable vars, named as on disk), give it a
+//! config with PEFT's field names, and an `attach`-style function in its own folder (`lora/`).
+pub mod lora;
+
+pub use lora::{attach, LoraConfig};
+
+use crate::Result;
+use candle_core::{Tensor, Var};
+use std::sync::Arc;
+
+/// Per-forward settings: training or evaluation, and the seed every stochastic op (dropout)
+/// derives its mask from, so that a step is reproducible from `(seed, layer)` alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx {
+    /// Dropout on (training) or off (evaluation, also for posterior samples).
+    pub train: bool,
+    /// Base seed for this forward pass; layers mix in their own index.
+    pub seed: u64,
+}
+
+impl Ctx {
+    /// Evaluation mode: no dropout.
+    pub fn eval() -> Self {
+        Ctx { train: false, seed: 0 }
+    }
+    /// Training mode with a per-step seed.
+    pub fn train(seed: u64) -> Self {
+        Ctx { train: true, seed }
+    }
+    /// A derived seed for one call site (`salt` = layer index, module id...).
+    pub fn seed_for(&self, salt: u64) -> u64 {
+        // SplitMix64 finaliser: cheap, well-mixed, deterministic.
+        let mut z = self.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// A trainable path added to a frozen linear layer's output.
+pub trait Adapter: Send + Sync + std::fmt::Debug {
+    /// The additive output for input `x: [.., in]` → `[.., out]`. `salt` identifies the layer
+    /// for dropout seeding.
+    fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor>;
+    /// Trainable variables with their on-disk suffix (`lora_A.weight`, `lora_B.weight`).
+    fn named_vars(&self) -> Vec<(String, Var)>;
+    /// The method's name as PEFT spells it (`LORA`).
+    fn peft_type(&self) -> &'static str;
+    /// Downcasting hook for exporters.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A linear layer `y = x·Wᵀ + b` with a frozen base and an optional adapter slot.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`, frozen (never a Var; never gets a gradient).
+    pub weight: Tensor,
+    /// `[out]`, frozen.
+    pub bias: Option<Tensor>,
+    /// The adapter riding on this layer, if any.
+    pub adapter: Option<Arc<dyn Adapter>>,
+    /// Stable id used to seed this layer's dropout.
+    pub salt: u64,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, adapter: None, salt: 0 }
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+    /// `x: [.., in]` → `[.., out]`; the base path never computes dW.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let y = crate::ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.adapter {
+            Some(a) => Ok(y.add(&a.forward(x, ctx, self.salt)?.to_dtype(y.dtype())?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// What a model exposes so adapters can be attached by HF module name
+/// (`model.layers.0.self_attn.q_proj`, `encoder.layer.0.attention.self.query`).
+pub trait HasLinears {
+    /// Every adaptable linear with its full HF module name, in a stable order.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+}

@@ -1,1 +1,185 @@
-//! (in progress)
+//! Differentiable ops with backward passes that training can trust.
+//!
+//! candle-nn's fused `softmax_last_dim`, `rms_norm`, `layer_norm`, `rope` and `sdpa` have no
+//! backward and stop gradients silently (`shared/reference/rust-stack.md` §1.1), and candle's
+//! matmul backward computes and stores dW for a frozen weight. Every op here either composes
+//! candle primitives that do have a backward, or is a [`candle_core::CustomOp1`] with a
+//! hand-written `bwd`. Each is checked against f64 finite differences in the tests below.
+//!
+//! Shape legend: B batch, T tokens, H heads, D head dim, C channels.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! let x = Tensor::new(&[[1f32, 2., 3.]], &Device::Cpu)?;
+//! let p = bayeslora::ops::softmax_last_dim(&x)?;
+//! let s: f32 = p.sum_all()?.to_scalar()?;
+//! assert!((s - 1.0).abs() < 1e-6);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod attention;
+mod linear;
+mod norm;
+
+pub use attention::{attention, AttentionMask};
+pub use linear::frozen_linear;
+pub use norm::{layer_norm, rms_norm};
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Softmax over the last dimension, `exp(x - max) / Σ exp(x - max)`. The max is detached: it is
+/// a constant shift, so its gradient contribution is exactly zero.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension, stable: `x - max - log Σ exp(x - max)`.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Mean cross-entropy of `logits: [N, K]` against class indices `labels: [N]` (u32), computed
+/// in f32 whatever the logits' dtype.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
+}
+
+/// Mean squared error between `pred: [N]` and `target: [N]` (regression heads, STS-B).
+pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    pred.to_dtype(DType::F32)?.sub(&target.to_dtype(DType::F32)?)?.sqr()?.mean_all()
+}
+
+/// GELU with the exact erf form, as BERT's `hidden_act = "gelu"` (candle's `gelu_erf` has a backward).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// SiLU (swish), `x · σ(x)`, as Llama's MLP (candle's `silu` has a backward).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// Rotary position embedding in HF's rotate-half convention: `x·cos + rotate_half(x)·sin`.
+/// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+}
+
+/// Inverted dropout with a mask drawn from a seeded generator, so a training step is
+/// reproducible (and resumable bit for bit) from `(seed, call site)` alone. Identity when
+/// `p == 0`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> =
+        (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Finite-difference gradient checks in f64.
+    use candle_core::{Device, Result, Tensor, Var};
+
+    /// Checks d(sum(f(x) · w))/dx from backprop against central differences, for a fixed
+    /// random projection `w` so every output element matters. Returns the worst relative error.
+    pub fn check_grad(shape: &[usize], f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f64, 1.0, shape, &dev)?;
+        let var = Var::from_tensor(&x0)?;
+        let y = f(var.as_tensor())?;
+        let w = Tensor::randn(0f64, 1.0, y.shape(), &dev)?;
+        let loss = y.mul(&w)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all()?.to_vec1::<f64>()?;
+        let x = x0.flatten_all()?.to_vec1::<f64>()?;
+        let eps = 1e-6;
+        let mut worst: f64 = 0.0;
+        for i in 0..x.len() {
+            let eval = |delta: f64| -> Result<f64> {
+                let mut xs = x.clone();
+                xs[i] += delta;
+                let t = Tensor::from_vec(xs, shape, &dev)?;
+                f(&t)?.mul(&w)?.sum_all()?.to_scalar::<f64>()
+            };
+            let fd = (eval(eps)? - eval(-eps)?) / (2.0 * eps);
+            let err = (fd - g[i]).abs() / (1.0 + fd.abs());
+            worst = worst.max(err);
+        }
+        Ok(worst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::check_grad;
+    use super::*;
+    use candle_core::Device;
+
+    const TOL: f64 = 1e-6;
+
+    #[test]
+    fn softmax_matches_definition_and_has_gradient() -> Result<()> {
+        let x = Tensor::new(&[[1f64, 2., 3.], [0., -1., 5.]], &Device::Cpu)?;
+        let p = softmax_last_dim(&x)?.to_vec2::<f64>()?;
+        let e: Vec<f64> = [1f64, 2., 3.].iter().map(|v| v.exp()).collect();
+        let s: f64 = e.iter().sum();
+        assert!((p[0][2] - e[2] / s).abs() < 1e-12);
+        assert!(check_grad(&[3, 5], &softmax_last_dim)? < TOL);
+        assert!(check_grad(&[3, 5], &log_softmax_last_dim)? < TOL);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_gradient() -> Result<()> {
+        let cos = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
+        let sin = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
+        assert!(check_grad(&[2, 3, 4, 6], &|x| rope(x, &cos, &sin))? < TOL);
+        Ok(())
+    }
+
+    #[test]
+    fn activations_gradient() -> Result<()> {
+        assert!(check_grad(&[4, 7], &gelu)? < TOL);
+        assert!(check_grad(&[4, 7], &silu)? < TOL);
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_value() -> Result<()> {
+        let logits = Tensor::new(&[[2f32, 0.0], [0.0, 0.0]], &Device::Cpu)?;
+        let labels = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+        let ce = cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
+        let want = ((1.0 + (-2f32).exp()).ln() + 2f32.ln()) / 2.0;
+        assert!((ce - want).abs() < 1e-6, "{ce} vs {want}");
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_deterministic_and_scaled() -> Result<()> {
+        let x = Tensor::ones((1000,), DType::F32, &Device::Cpu)?;
+        let a = dropout(&x, 0.25, 7)?.to_vec1::<f32>()?;
+        let b = dropout(&x, 0.25, 7)?.to_vec1::<f32>()?;
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|v| **v == 0.0).count();
+        assert!((200..300).contains(&zeros), "{zeros}");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        Ok(())
+    }
+}

@@ -1,1 +1,452 @@
-//! (in progress)
+//! Training: one loop that reads top to bottom (`run`), IVON or AdamW or SGD over the adapter
+//! (and head) variables, gradient accumulation, LR schedules, periodic evaluation, atomic
+//! checkpoints and bit-exact resume on CPU.
+//!
+//! The loop knows no clap, no indicatif and no export format: it reports to an [`Observer`]
+//! (`begin`, `step`, `eval`, `finish`), which can stop it cleanly with `ControlFlow::Break`
+//! (Ctrl-C in the CLI): the loop then writes a checkpoint and returns.
+//!
+//! IVON steps follow `specs/ivon.md`: one posterior sample spans the whole effective batch
+//! (all micro-batches are accumulated under the same noise, no loss scaling), `mc_samples`
+//! samples per step; AdamW averages micro-batch gradients and optionally clips their norm.
+mod checkpoint;
+mod classifier;
+mod predictor;
+mod schedule;
+
+pub use checkpoint::{Checkpoint, CheckpointState};
+pub use classifier::TaskModel;
+pub use predictor::ModelPredictor;
+pub use schedule::{lr_at, Schedule};
+
+use crate::adapters::Ctx;
+use crate::data::{Batch, BatchConfig, BatchTensors, Batcher, EncodedDataset};
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use ivon::{Ivon, IvonConfig, ParamGroup};
+use serde::{Deserialize, Serialize};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model that maps a batch to class logits: the seam between models, tasks and training.
+pub trait Classifier {
+    /// Class logits `[B, K]` (regression: `[B, 1]`), before masking absent choices.
+    fn logits(&self, batch: &BatchTensors, ctx: &Ctx) -> Result<Tensor>;
+    /// Every trainable variable with a stable name (adapter vars as PEFT names them on disk,
+    /// head vars as the HF checkpoint does).
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// Whether a trainable var belongs to a freshly initialised head (its own optimizer group).
+    fn is_head(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+/// Which optimizer trains the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Ivon,
+    Adamw,
+    Sgd,
+}
+
+/// IVON settings for a freshly initialised classification head, which needs to move much
+/// further than an adapter does (`specs/ivon.md`, last section). `None` fields inherit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadGroup {
+    pub lr: Option<f64>,
+    pub hess_init: Option<f64>,
+    pub clip_radius: Option<f64>,
+    pub weight_decay: Option<f64>,
+}
+
+/// Everything a training run needs besides the model and the data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub optimizer: OptimizerKind,
+    pub ivon: IvonConfig,
+    pub ivon_head: HeadGroup,
+    /// AdamW (torch defaults; IVON-LoRA's baseline: lr 5e-5, weight_decay 0).
+    pub adamw: ivon::AdamWConfig,
+    pub sgd: ivon::SgdConfig,
+    pub batch: BatchConfig,
+    /// Passes over the training data (used when `max_steps` is unset).
+    pub epochs: usize,
+    /// Optimizer steps; overrides `epochs`.
+    pub max_steps: Option<usize>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// Clip the global gradient norm (AdamW/SGD; IVON has its own `clip_radius`).
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Write a checkpoint every N steps (0: only at the end or on interruption).
+    pub checkpoint_every: usize,
+    /// Where checkpoints go (`None`: no checkpoints).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Seed of dropout masks and of IVON's noise.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            optimizer: OptimizerKind::Ivon,
+            ivon: IvonConfig::default(),
+            ivon_head: HeadGroup::default(),
+            adamw: ivon::AdamWConfig::default(),
+            sgd: ivon::SgdConfig::default(),
+            batch: BatchConfig::default(),
+            epochs: 1,
+            max_steps: None,
+            grad_accum: 1,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            max_grad_norm: None,
+            eval_every: 0,
+            checkpoint_every: 0,
+            checkpoint_dir: None,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.grad_accum == 0 {
+            return Err(Error::config("grad_accum", 0, "use at least 1 micro-batch per step"));
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return Err(Error::config("epochs", 0, "train at least one epoch or set max_steps"));
+        }
+        if self.max_steps == Some(0) {
+            return Err(Error::config("max_steps", 0, "train at least one step"));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n > 0.0) {
+                return Err(Error::config("max_grad_norm", n, "must be positive"));
+            }
+        }
+        self.batch.validate()?;
+        if self.optimizer == OptimizerKind::Ivon {
+            self.ivon.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps of the run for a data set of `batches_per_epoch` batches.
+    pub fn total_steps(&self, batches_per_epoch: usize) -> usize {
+        self.max_steps.unwrap_or_else(|| (self.epochs * batches_per_epoch / self.grad_accum).max(1))
+    }
+
+    /// The base learning rate of the chosen optimizer.
+    pub fn base_lr(&self) -> f64 {
+        match self.optimizer {
+            OptimizerKind::Ivon => self.ivon.lr,
+            OptimizerKind::Adamw => self.adamw.lr,
+            OptimizerKind::Sgd => self.sgd.lr,
+        }
+    }
+}
+
+/// What the loop reports after each optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepInfo {
+    /// 1-based count of finished optimizer steps.
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f32,
+    pub lr: f64,
+    /// Real (non-padding) tokens processed in this step.
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Receives progress; return `ControlFlow::Break(())` to stop (the loop checkpoints first).
+pub trait Observer {
+    fn begin(&mut self, _total_steps: usize, _start_step: usize) {}
+    fn step(&mut self, _info: &StepInfo) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    /// Called every `eval_every` steps with the mean-prediction metrics of the eval set.
+    fn eval(&mut self, _step: usize, _accuracy: f64, _nll: f64) {}
+    fn checkpoint(&mut self, _step: usize, _dir: &std::path::Path) {}
+    fn finish(&mut self) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// The optimizer of a run (state is f32 whatever the model dtype).
+pub enum Optimizer {
+    Ivon(Box<Ivon>),
+    Adamw(ivon::AdamW),
+    Sgd(ivon::Sgd),
+}
+
+impl Optimizer {
+    /// Builds the optimizer over `model.trainable()`; with IVON a fresh head gets its own group.
+    pub fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Self> {
+        let named = model.trainable();
+        if named.is_empty() {
+            return Err(Error::config("target_modules", "[]", "no trainable variables: attach an adapter first"));
+        }
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        Ok(match cfg.optimizer {
+            OptimizerKind::Ivon => {
+                let (head, adapter): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| model.is_head(n));
+                let mut groups = Vec::new();
+                if !adapter.is_empty() {
+                    groups.push(ParamGroup::new(adapter.into_iter().map(|(_, v)| v).collect()));
+                }
+                if !head.is_empty() {
+                    let h = &cfg.ivon_head;
+                    let mut g = ParamGroup::new(head.into_iter().map(|(_, v)| v).collect());
+                    if let Some(x) = h.lr {
+                        g = g.lr(x);
+                    }
+                    if let Some(x) = h.hess_init {
+                        g = g.hess_init(x);
+                    }
+                    if let Some(x) = h.clip_radius {
+                        g = g.clip_radius(x);
+                    }
+                    if let Some(x) = h.weight_decay {
+                        g = g.weight_decay(x);
+                    }
+                    groups.push(g);
+                }
+                let mut opt = Ivon::with_groups(groups, cfg.ivon.clone())?;
+                opt.set_seed(cfg.seed);
+                Optimizer::Ivon(Box::new(opt))
+            }
+            OptimizerKind::Adamw => {
+                Optimizer::Adamw(ivon::AdamW::new(vars, cfg.adamw)?)
+            }
+            OptimizerKind::Sgd => Optimizer::Sgd(ivon::Sgd::new(vars, cfg.sgd.clone())?),
+        })
+    }
+
+    /// The optimizer behind the common trait (step, learning rate, state save/load).
+    pub fn as_dyn(&mut self) -> &mut dyn ivon::Optimizer {
+        match self {
+            Optimizer::Ivon(o) => o.as_mut(),
+            Optimizer::Adamw(o) => o,
+            Optimizer::Sgd(o) => o,
+        }
+    }
+
+    pub(crate) fn as_ref_dyn(&self) -> &dyn ivon::Optimizer {
+        match self {
+            Optimizer::Ivon(o) => o.as_ref(),
+            Optimizer::Adamw(o) => o,
+            Optimizer::Sgd(o) => o,
+        }
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.as_dyn().set_learning_rate(lr)
+    }
+}
+
+/// What a finished (or interrupted) run returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub interrupted: bool,
+    pub final_loss: f32,
+    pub seconds: f64,
+    pub tokens: usize,
+}
+
+/// Cross-entropy on class logits with absent choices masked (classification), or MSE on
+/// `[B, 1]` outputs (regression).
+pub fn loss(logits: &Tensor, batch: &BatchTensors) -> Result<Tensor> {
+    if batch.labels.dtype() == DType::F32 {
+        return Ok(crate::ops::mse(&logits.squeeze(1)?, &batch.labels)?);
+    }
+    let logits = mask_choices(logits, batch)?;
+    Ok(crate::ops::cross_entropy(&logits, &batch.labels)?)
+}
+
+/// Sets the logits of padded choices to −1e9 (ARC rows with fewer than K choices).
+pub fn mask_choices(logits: &Tensor, batch: &BatchTensors) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    match &batch.class_mask {
+        Some(mask) => Ok(logits.broadcast_add(&mask.affine(1e9, -1e9)?)?),
+        None => Ok(logits),
+    }
+}
+
+/// Trains `model` on `train`, starting from `resume` if given. `evaluate` (if any) is called
+/// every `eval_every` steps and must return (accuracy, nll) of the mean prediction.
+pub fn run(
+    model: &dyn Classifier,
+    train: Arc<EncodedDataset>,
+    cfg: &TrainConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+    resume: Option<&std::path::Path>,
+    evaluate: Option<&mut dyn FnMut(&dyn Classifier) -> Result<(f64, f64)>>,
+) -> Result<(TrainSummary, Optimizer)> {
+    cfg.validate()?;
+    let mut opt = Optimizer::new(model, cfg)?;
+    let mut batcher = Batcher::new(train, cfg.batch.clone())?;
+    let total = cfg.total_steps(batcher.batches_per_epoch());
+    let mut step = 0;
+    if let Some(dir) = resume {
+        step = Checkpoint::load(dir, model, &mut opt, &mut batcher)?.step;
+    }
+    let mut evaluate = evaluate;
+    let start = Instant::now();
+    let (mut tokens, mut last_loss, mut interrupted) = (0usize, f32::NAN, false);
+    observer.begin(total, step);
+    while step < total {
+        let lr = lr_at(cfg.base_lr(), cfg.schedule, step, total, cfg.warmup_steps);
+        opt.set_lr(lr);
+        let micro: Vec<Batch> = (0..cfg.grad_accum).map(|_| batcher.next_batch()).collect();
+        let step_tokens: usize = micro.iter().map(|b| b.num_real_tokens).sum();
+        let micro: Vec<BatchTensors> = micro.iter().map(|b| b.to_tensors(device)).collect::<Result<_>>()?;
+        let t0 = Instant::now();
+        let ctx_for = |i: usize| Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum + i) as u64));
+        let loss_value = match &mut opt {
+            Optimizer::Ivon(o) => {
+                let mut sum = 0.0f32;
+                for _ in 0..cfg.ivon.mc_samples {
+                    sum += o.with_sample(|s| -> Result<f32> {
+                        let mut acc = 0.0;
+                        for (i, b) in micro.iter().enumerate() {
+                            let l = loss(&model.logits(b, &ctx_for(i))?, b)?;
+                            acc += l.to_scalar::<f32>()?;
+                            s.accumulate(&l.backward()?)?;
+                        }
+                        Ok(acc / micro.len() as f32)
+                    })?;
+                }
+                let mean = sum / cfg.ivon.mc_samples as f32;
+                check_finite(mean, step + 1)?;
+                o.step()?;
+                mean
+            }
+            other => {
+                let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+                let (grads, mean) = averaged_grads(model, &micro, &vars, &ctx_for)?;
+                check_finite(mean, step + 1)?;
+                let grads = match cfg.max_grad_norm {
+                    Some(max) => clip_grad_norm(grads, &vars, max)?,
+                    None => grads,
+                };
+                other.as_dyn().step(&grads)?;
+                mean
+            }
+        };
+        step += 1;
+        tokens += step_tokens;
+        last_loss = loss_value;
+        let info = StepInfo { step, total_steps: total, loss: loss_value, lr, tokens: step_tokens, seconds: t0.elapsed().as_secs_f64() };
+        let flow = observer.step(&info);
+        if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total {
+            if let Some(f) = evaluate.as_mut() {
+                let (acc, nll) = f(model)?;
+                observer.eval(step, acc, nll);
+            }
+        }
+        let stop = flow.is_break();
+        let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
+        if let Some(dir) = &cfg.checkpoint_dir {
+            if periodic || stop || step == total {
+                let path = Checkpoint::save(dir, step, cfg, model, &opt, &batcher)?;
+                observer.checkpoint(step, &path);
+            }
+        }
+        if stop {
+            interrupted = true;
+            break;
+        }
+    }
+    observer.finish();
+    let summary = TrainSummary { steps: step, total_steps: total, interrupted, final_loss: last_loss, seconds: start.elapsed().as_secs_f64(), tokens };
+    Ok((summary, opt))
+}
+
+fn check_finite(loss: f32, step: usize) -> Result<()> {
+    if loss.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFiniteLoss { step, loss })
+    }
+}
+
+/// Mean loss and mean gradient over the micro-batches (AdamW/SGD path).
+fn averaged_grads(
+    model: &dyn Classifier,
+    micro: &[BatchTensors],
+    vars: &[Var],
+    ctx_for: &dyn Fn(usize) -> Ctx,
+) -> Result<(GradStore, f32)> {
+    let n = micro.len() as f64;
+    let mut total: Option<GradStore> = None;
+    let mut loss_sum = 0.0f32;
+    for (i, b) in micro.iter().enumerate() {
+        let l = loss(&model.logits(b, &ctx_for(i))?, b)?;
+        loss_sum += l.to_scalar::<f32>()?;
+        let grads = l.backward()?;
+        match total.as_mut() {
+            None => {
+                let mut g = grads;
+                if n > 1.0 {
+                    for v in vars {
+                        if let Some(t) = g.remove(v.as_tensor()) {
+                            g.insert(v.as_tensor(), t.affine(1.0 / n, 0.0)?);
+                        }
+                    }
+                }
+                total = Some(g);
+            }
+            Some(acc) => {
+                for v in vars {
+                    if let Some(t) = grads.get(v.as_tensor()) {
+                        let scaled = t.affine(1.0 / n, 0.0)?;
+                        let sum = match acc.remove(v.as_tensor()) {
+                            Some(prev) => prev.add(&scaled)?,
+                            None => scaled,
+                        };
+                        acc.insert(v.as_tensor(), sum);
+                    }
+                }
+            }
+        }
+    }
+    let total = total.ok_or_else(|| Error::config("grad_accum", 0, "no micro-batch"))?;
+    Ok((total, loss_sum / micro.len() as f32))
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max` (torch's
+/// `clip_grad_norm_`, with its 1e-6 epsilon).
+fn clip_grad_norm(mut grads: GradStore, vars: &[Var], max: f64) -> Result<GradStore> {
+    let mut sq = 0.0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+    }
+    let coef = max / (sq.sqrt() + 1e-6);
+    if coef < 1.0 {
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), g.affine(coef, 0.0)?);
+            }
+        }
+    }
+    Ok(grads)
+}

@@ -1,0 +1,871 @@
+//! The Llama family of decoders: Llama 2/3, Mistral and Qwen2, as HF transformers runs them.
+//!
+//! One file covers the family because the three differ only in config: grouped-query attention
+//! (`num_key_value_heads`), RoPE with `rope_theta` and optional `llama3` frequency scaling, q/k/v
+//! biases (Qwen2), an explicit `head_dim` (Mistral), and tied embeddings
+//! (`tie_word_embeddings`). Every block is pre-norm: `x + attn(rms_norm(x))`, then
+//! `x + mlp(rms_norm(x))` with the SwiGLU MLP `down(silu(gate(x)) · up(x))`.
+//!
+//! [`LlamaRawConfig`] mirrors config.json (both the transformers 4 spelling `rope_theta` +
+//! `rope_scaling` and the transformers 5 spelling `rope_parameters`); [`LlamaConfig`] is the
+//! resolved, validated form. [`Llama`] holds frozen weights; every projection is an
+//! [`adapters::Linear`](crate::adapters::Linear) named as in HF (`model.layers.0.self_attn.q_proj`)
+//! so adapters attach by name through [`HasLinears`]. All ops come from [`crate::ops`], which have
+//! backward passes (candle-nn's fused norm/rope/softmax do not).
+//!
+//! Shape legend: B batch, T tokens, C hidden size, H heads, Hkv key/value heads, D head dim,
+//! V vocabulary, K selected tokens.
+//!
+//! Mistral's `sliding_window` is ignored: it only masks keys more than `sliding_window` (4096 in
+//! released models) tokens back, far beyond the sequence lengths we train and score on. A config
+//! whose window is shorter than `max_position_embeddings` still loads; sequences longer than the
+//! window would then differ from HF.
+//!
+//! ```no_run
+//! use bayeslora::adapters::Ctx;
+//! use bayeslora::models::llama::{Llama, LlamaConfig};
+//! use candle_core::{DType, Device, Tensor};
+//! let dir = std::path::Path::new("tiny-llama");
+//! let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+//! let weights = bayeslora::models::Weights::from_dir(dir)?;
+//! let model = Llama::load(&weights, &cfg, DType::F32, &Device::Cpu)?;
+//! let ids = Tensor::new(&[[1u32, 5, 9]], &Device::Cpu)?;
+//! let mask = Tensor::ones((1, 3), DType::F32, &Device::Cpu)?;
+//! let hidden = model.forward(&ids, &mask, &Ctx::eval())?; // [1, 3, C]
+//! let last = Tensor::new(&[2u32], &Device::Cpu)?;
+//! let logits = model.logits_at(&hidden, &last, None)?; // [1, V]
+//! # Ok::<(), bayeslora::Error>(())
+//! ```
+use super::load::Weights;
+use crate::adapters::{Ctx, HasLinears, Linear};
+use crate::ops::{self, AttentionMask};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The config.json `architectures` names this file implements.
+pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// Which member of the family a checkpoint is; decides the default biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlamaVariant {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl LlamaVariant {
+    /// From a config.json `architectures` entry (`LlamaForCausalLM`, …).
+    pub fn from_architecture(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// RoPE parameters as config.json spells them: transformers 4's `rope_scaling` (with `type` or
+/// `rope_type`) or transformers 5's `rope_parameters` (which also carries `rope_theta`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawRopeParameters {
+    pub rope_type: Option<String>,
+    #[serde(rename = "type")]
+    pub legacy_type: Option<String>,
+    pub rope_theta: Option<f64>,
+    pub factor: Option<f64>,
+    pub low_freq_factor: Option<f64>,
+    pub high_freq_factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// config.json of a Llama, Mistral or Qwen2 checkpoint, field for field. Unknown fields are
+/// accepted (not `deny_unknown_fields`): real config.json files carry dozens of generation and
+/// tokenizer fields that do not concern the backbone.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaRawConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// The fallback when `architectures` is absent (`llama`, `mistral`, `qwen2`).
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    /// HF's `LlamaConfig` default.
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<RawRopeParameters>,
+    pub rope_parameters: Option<RawRopeParameters>,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: Option<bool>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub hidden_act: Option<String>,
+    /// Ignored (see the module doc).
+    pub sliding_window: Option<usize>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+
+/// Llama 3.1 frequency scaling (`rope_type = "llama3"`), as transformers'
+/// `_compute_llama3_parameters`: long wavelengths are divided by `factor`, short ones kept, the
+/// band between interpolated.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The resolved, validated config of a Llama-family model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LlamaConfig {
+    pub variant: LlamaVariant,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama when `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on gate/up/down (Llama when `mlp_bias`).
+    pub mlp_bias: bool,
+}
+
+impl LlamaRawConfig {
+    /// Resolves defaults the way each HF config class does and validates. `file` names the
+    /// config in errors.
+    pub fn into_config(self, file: &Path) -> Result<LlamaConfig> {
+        let variant = self
+            .architectures
+            .iter()
+            .find_map(|a| LlamaVariant::from_architecture(a))
+            .or(match self.model_type.as_deref() {
+                Some("llama") if self.architectures.is_empty() => Some(LlamaVariant::Llama),
+                Some("mistral") if self.architectures.is_empty() => Some(LlamaVariant::Mistral),
+                Some("qwen2") if self.architectures.is_empty() => Some(LlamaVariant::Qwen2),
+                _ => None,
+            })
+            .ok_or_else(|| Error::UnknownArchitecture {
+                file: file.to_path_buf(),
+                found: self.architectures.join(", "),
+                supported: SUPPORTED.join(", "),
+            })?;
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(Error::config(
+                    "hidden_act",
+                    act,
+                    "only `silu` (SwiGLU) is implemented",
+                ));
+            }
+        }
+        // transformers 5 writes `rope_parameters` (with the theta inside); 4 writes `rope_theta`
+        // and `rope_scaling` (null for the default rope).
+        let rope = self
+            .rope_parameters
+            .clone()
+            .or(self.rope_scaling.clone())
+            .unwrap_or_default();
+        let rope_theta = rope
+            .rope_theta
+            .or(self.rope_theta)
+            .unwrap_or(match variant {
+                // The HF config classes' defaults.
+                LlamaVariant::Qwen2 => 1_000_000.0,
+                _ => 10_000.0,
+            });
+        let rope_type = rope
+            .rope_type
+            .clone()
+            .or(rope.legacy_type.clone())
+            .unwrap_or_else(|| "default".into());
+        let rope_scaling = match rope_type.as_str() {
+            "default" => None,
+            "llama3" => {
+                let need = |field: &str, v: Option<f64>| {
+                    v.ok_or_else(|| {
+                        Error::config(
+                            &format!("rope_scaling.{field}"),
+                            "null",
+                            "required by rope_type llama3",
+                        )
+                    })
+                };
+                Some(Llama3RopeScaling {
+                    factor: need("factor", rope.factor)?,
+                    low_freq_factor: need("low_freq_factor", rope.low_freq_factor)?,
+                    high_freq_factor: need("high_freq_factor", rope.high_freq_factor)?,
+                    original_max_position_embeddings: rope
+                        .original_max_position_embeddings
+                        .unwrap_or(self.max_position_embeddings),
+                })
+            }
+            other => {
+                return Err(Error::config(
+                    "rope_scaling.rope_type",
+                    other,
+                    "not implemented; supported: default, llama3",
+                ))
+            }
+        };
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let cfg = LlamaConfig {
+            variant,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: variant == LlamaVariant::Qwen2 || attention_bias,
+            o_bias: variant == LlamaVariant::Llama && attention_bias,
+            mlp_bias: variant == LlamaVariant::Llama && self.mlp_bias.unwrap_or(false),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl LlamaConfig {
+    /// Reads and resolves a config.json.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses and resolves config.json text; `file` names it in errors.
+    pub fn from_json(text: &str, file: &Path) -> Result<Self> {
+        let raw: LlamaRawConfig = serde_json::from_str(text).map_err(|e| Error::BadFile {
+            file: file.to_path_buf(),
+            reason: format!("config.json: {e}"),
+        })?;
+        raw.into_config(file)
+    }
+
+    /// Checks the sizes fit together; every constructor calls it.
+    // `%` rather than `is_multiple_of` (stable in 1.87): the workspace MSRV is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(field, v, "must be positive"));
+            }
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return Err(Error::config(
+                "head_dim",
+                self.head_dim,
+                "must be positive and even (RoPE rotates pairs)",
+            ));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::config(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                format!(
+                    "must divide num_attention_heads = {}",
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
+            return Err(Error::config(
+                "rms_norm_eps",
+                self.rms_norm_eps,
+                "must be positive",
+            ));
+        }
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
+            return Err(Error::config(
+                "rope_theta",
+                self.rope_theta,
+                "must be positive",
+            ));
+        }
+        if let Some(s) = &self.rope_scaling {
+            let ok =
+                s.factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.low_freq_factor > 0.0;
+            if !ok {
+                return Err(Error::config(
+                    "rope_scaling",
+                    format!("{s:?}"),
+                    "llama3 needs factor > 0 and high_freq_factor > low_freq_factor > 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// RoPE inverse frequencies `[D/2]`, `θ^(−2i/D)`, with llama3 scaling when configured
+    /// (transformers' `_compute_default_rope_parameters` / `_compute_llama3_parameters`).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        (0..dim / 2)
+            .map(|i| {
+                // transformers computes these in f32; the pow in f64 then rounding agrees to 1 ulp.
+                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / dim as f64) as f32 as f64;
+                match &self.rope_scaling {
+                    None => f as f32,
+                    Some(s) => llama3_scale(f, s) as f32,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One inverse frequency under llama3 scaling.
+fn llama3_scale(inv_freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old = s.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old / s.low_freq_factor;
+    let high_freq_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+    if wavelen < high_freq_wavelen {
+        inv_freq
+    } else if wavelen > low_freq_wavelen {
+        inv_freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    }
+}
+
+/// Reads HF-named tensors in the compute dtype on the target device.
+struct TensorSource<'a> {
+    weights: &'a Weights,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl TensorSource<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(name, shape, self.dtype, self.device)
+    }
+
+    fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        salt: u64,
+    ) -> Result<Linear> {
+        let weight = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        let mut l = Linear::new(weight, bias);
+        l.salt = salt;
+        Ok(l)
+    }
+}
+
+/// Self-attention with GQA and RoPE. `q_proj: [H·D, C]`, `k_proj`/`v_proj: [Hkv·D, C]`,
+/// `o_proj: [C, H·D]`.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(src: &TensorSource, prefix: &str, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
+        let (c, h, hkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        Ok(Self {
+            q_proj: src.linear(
+                &format!("{prefix}.q_proj"),
+                h * d,
+                c,
+                cfg.qkv_bias,
+                salt(layer, 0),
+            )?,
+            k_proj: src.linear(
+                &format!("{prefix}.k_proj"),
+                hkv * d,
+                c,
+                cfg.qkv_bias,
+                salt(layer, 1),
+            )?,
+            v_proj: src.linear(
+                &format!("{prefix}.v_proj"),
+                hkv * d,
+                c,
+                cfg.qkv_bias,
+                salt(layer, 2),
+            )?,
+            o_proj: src.linear(
+                &format!("{prefix}.o_proj"),
+                c,
+                h * d,
+                cfg.o_bias,
+                salt(layer, 3),
+            )?,
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+        })
+    }
+
+    /// `x: [B, T, C]` → `[B, T, C]`.
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            // [B, T, heads·D] → [B, heads, T, D]
+            Ok(y.reshape((b, t, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.q_proj.forward(x, ctx)?, self.heads)?;
+        let k = split(self.k_proj.forward(x, ctx)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x, ctx)?, self.kv_heads)?;
+        let q = ops::rope(&q, &rope.cos, &rope.sin)?;
+        let k = ops::rope(&k, &rope.cos, &rope.sin)?;
+        let y = ops::attention(&q, &k, &v, mask)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o_proj.forward(&y, ctx)
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) · up(x))`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(src: &TensorSource, prefix: &str, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
+        let (c, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: src.linear(&format!("{prefix}.gate_proj"), i, c, bias, salt(layer, 4))?,
+            up_proj: src.linear(&format!("{prefix}.up_proj"), i, c, bias, salt(layer, 5))?,
+            down_proj: src.linear(&format!("{prefix}.down_proj"), c, i, bias, salt(layer, 6))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let gate = ops::silu(&self.gate_proj.forward(x, ctx)?)?;
+        let up = self.up_proj.forward(x, ctx)?;
+        self.down_proj.forward(&gate.mul(&up)?, ctx)
+    }
+}
+
+/// A pre-norm decoder block.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    /// `[C]`, in the compute dtype (statistics are f32 inside `ops::rms_norm`).
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+}
+
+impl DecoderLayer {
+    fn load(src: &TensorSource, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        Ok(Self {
+            self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg, layer)?,
+            mlp: Mlp::load(src, &format!("{p}.mlp"), cfg, layer)?,
+            input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[cfg.hidden_size])?,
+            post_attention_layernorm: src.get(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[cfg.hidden_size],
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &AttentionMask,
+        eps: f64,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
+        let x = x.add(&self.self_attn.forward(&h, rope, mask, ctx)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        Ok(x.add(&self.mlp.forward(&h, ctx)?)?)
+    }
+}
+
+/// Distinct dropout salt per (layer, module): q k v o gate up down = 0..6.
+fn salt(layer: usize, module: u64) -> u64 {
+    ((layer as u64) << 8) | module
+}
+/// The lm_head's salt, outside every layer's range.
+const LM_HEAD_SALT: u64 = u64::MAX;
+
+/// cos/sin tables `[T, D]` for positions 0..T, in the compute dtype.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A Llama-family decoder with frozen weights and adapter slots on every projection.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// `[V, C]`, frozen; looked up with `index_select`.
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    /// Final RMSNorm weight `[C]`.
+    norm: Tensor,
+    /// `[V, C]`; shares `embed_tokens`' storage when the embeddings are tied.
+    lm_head: Linear,
+    /// `[D/2]` f32.
+    inv_freq: Tensor,
+    cfg: LlamaConfig,
+    dtype: DType,
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors (`model.embed_tokens.weight`,
+    /// `model.layers.{i}.self_attn.q_proj.weight`, …, `lm_head.weight` unless tied), from
+    /// safetensors or from a dequantized GGUF. Tensors are cast to `dtype` (the compute dtype:
+    /// f32 on CPU, bf16 on GPU) and moved to `device`; a wrong shape fails with
+    /// [`Error::TensorShape`] naming the file.
+    pub fn load(
+        weights: &Weights,
+        cfg: &LlamaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let src = TensorSource {
+            weights,
+            dtype,
+            device,
+        };
+        let (v, c) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = src.get("model.embed_tokens.weight", &[v, c])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&src, cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = src.get("model.norm.weight", &[c])?;
+        let lm_weight = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            src.get("lm_head.weight", &[v, c])?
+        };
+        let mut lm_head = Linear::new(lm_weight, None);
+        lm_head.salt = LM_HEAD_SALT;
+        let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            cfg: cfg.clone(),
+            dtype,
+        })
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Token embeddings: `input_ids: [B, T]` u32 → `[B, T, C]` (frozen lookup).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Final-normed hidden states at every position, `[B, T, C]` in the compute dtype.
+    /// `input_ids: [B, T]` u32; `attention_mask: [B, T]` f32, 1 for real tokens and 0 for
+    /// (right) padding. Attention is causal; position ids are 0..T for every row, which is what
+    /// HF uses with right padding.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(input_ids)?, attention_mask, ctx)
+    }
+
+    /// [`Llama::forward`] from input embeddings `[B, T, C]` (a Var for input-gradient checks,
+    /// or prompt-tuning vectors).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let mut all = self.run(embeds, attention_mask, ctx, false)?;
+        // invariant: `run` returns at least the final state.
+        let last = all.pop().expect("run returns the final hidden state");
+        Ok(ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Every residual-stream state, as HF's `output_hidden_states`: `[embeddings, after layer 0,
+    /// …, after layer L−2, final-normed output]`, L + 1 tensors of `[B, T, C]` (like HF, the last
+    /// one is [`Llama::forward`]'s result, not the raw output of layer L−1). For golden tests and
+    /// probing; it keeps every state alive.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        ctx: &Ctx,
+    ) -> Result<Vec<Tensor>> {
+        let mut all = self.run(&self.embed(input_ids)?, attention_mask, ctx, true)?;
+        if let Some(last) = all.last_mut() {
+            *last = ops::rms_norm(last, &self.norm, self.cfg.rms_norm_eps)?;
+        }
+        Ok(all)
+    }
+
+    fn run(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        ctx: &Ctx,
+        keep_all: bool,
+    ) -> Result<Vec<Tensor>> {
+        let (b, t, c) = embeds.dims3()?;
+        if c != self.cfg.hidden_size {
+            return Err(Error::config(
+                "embeds.dim(2)",
+                c,
+                format!("expected hidden_size {}", self.cfg.hidden_size),
+            ));
+        }
+        if attention_mask.dims() != [b, t] {
+            return Err(Error::config(
+                "attention_mask shape",
+                format!("{:?}", attention_mask.dims()),
+                format!("expected [{b}, {t}] like input_ids"),
+            ));
+        }
+        let mask = AttentionMask::new(Some(attention_mask), true, b, t, embeds.device())?;
+        let rope = self.rope(t, embeds.device())?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        let mut states = Vec::with_capacity(if keep_all { self.layers.len() + 1 } else { 1 });
+        for layer in &self.layers {
+            if keep_all {
+                states.push(x.clone());
+            }
+            x = layer.forward(&x, &rope, &mask, self.cfg.rms_norm_eps, ctx)?;
+        }
+        states.push(x);
+        Ok(states)
+    }
+
+    /// cos/sin `[T, D]` for positions 0..T: `freqs = pos ⊗ inv_freq` duplicated over the two
+    /// halves (HF's rotate-half layout), computed in f32 and cast to the compute dtype.
+    fn rope(&self, t: usize, device: &Device) -> Result<Rope> {
+        let pos = Tensor::arange(0u32, t as u32, device)?.to_dtype(DType::F32)?;
+        let freqs = pos
+            .unsqueeze(1)?
+            .broadcast_mul(&self.inv_freq.to_device(device)?.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Rope {
+            cos: emb.cos()?.to_dtype(self.dtype)?,
+            sin: emb.sin()?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Logits at one position per row: `hidden: [B, T, C]`, `positions: [B]` u32 (e.g. each
+    /// row's last real token) → `[B, K]` for `token_ids: [K]` u32, or `[B, V]` without. Only the
+    /// selected rows of the lm_head are multiplied, so scoring K answer tokens costs K·C per row
+    /// instead of V·C. An adapter on the lm_head is applied and then sliced the same way.
+    pub fn logits_at(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        token_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, c) = hidden.dims3()?;
+        let idx = positions
+            .to_dtype(DType::U32)?
+            .reshape((b, 1, 1))?
+            .broadcast_as((b, 1, c))?
+            .contiguous()?;
+        let h = hidden.gather(&idx, 1)?.reshape((b, c))?; // [B, C]
+        let Some(ids) = token_ids else {
+            return self.lm_head.forward(&h, &Ctx::eval());
+        };
+        let ids = ids.to_dtype(DType::U32)?;
+        let w = self.lm_head.weight.index_select(&ids, 0)?; // [K, C]
+        let logits = ops::frozen_linear(&h, &w, None)?;
+        match &self.lm_head.adapter {
+            Some(a) => Ok(logits.add(
+                &a.forward(&h, &Ctx::eval(), self.lm_head.salt)?
+                    .index_select(&ids, 1)?
+                    .to_dtype(logits.dtype())?,
+            )?),
+            None => Ok(logits),
+        }
+    }
+
+    /// Logits at every position, `hidden: [B, T, C]` → `[B, T, V]` (golden tests, LM losses).
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden, &Ctx::eval())
+    }
+
+    /// The output projection `lm_head` (`[V, C]`; the embedding when tied). Not listed by
+    /// [`HasLinears::linears_mut`], so adapters never land on it by default.
+    pub fn lm_head_mut(&mut self) -> &mut Linear {
+        &mut self.lm_head
+    }
+}
+
+impl HasLinears for Llama {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(extra: &str) -> String {
+        format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+                "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2 {extra}}}"#
+        )
+    }
+
+    #[test]
+    fn legacy_and_v5_rope_spellings_resolve_alike() -> Result<()> {
+        let f = Path::new("config.json");
+        let legacy = LlamaConfig::from_json(
+            &raw(
+                r#", "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+            ),
+            f,
+        )?;
+        let v5 = LlamaConfig::from_json(
+            &raw(
+                r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+            ),
+            f,
+        )?;
+        assert_eq!(legacy, v5);
+        assert_eq!(v5.num_key_value_heads, 2);
+        assert_eq!(v5.head_dim, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_bands() {
+        let s = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        // High frequency (short wavelength): unchanged; low frequency: divided by the factor.
+        assert_eq!(llama3_scale(1.0, &s), 1.0);
+        assert!((llama3_scale(1e-5, &s) - 1e-5 / 8.0).abs() < 1e-18);
+        // Middle of the band: between the two.
+        let f = 2.0 * std::f64::consts::PI / 4096.0;
+        let g = llama3_scale(f, &s);
+        assert!(g < f && g > f / 8.0);
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let f = Path::new("x/config.json");
+        let e = LlamaConfig::from_json(
+            &raw(r#", "rope_scaling": {"type": "yarn", "factor": 2.0}"#),
+            f,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
+        let e = LlamaConfig::from_json(&raw(r#", "num_key_value_heads": 3"#), f).unwrap_err();
+        assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+        let e = LlamaConfig::from_json(&raw(r#", "hidden_act": "gelu""#), f).unwrap_err();
+        assert!(e.to_string().contains("gelu"), "{e}");
+        let bad_arch = raw("").replace("LlamaForCausalLM", "GPT2LMHeadModel");
+        let e = LlamaConfig::from_json(&bad_arch, f).unwrap_err();
+        assert!(matches!(e, Error::UnknownArchitecture { .. }), "{e}");
+        assert!(e.to_string().contains("x/config.json"), "{e}");
+    }
+}

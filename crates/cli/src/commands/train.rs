@@ -1,0 +1,23 @@
+//! `bayeslora train`: one run from flags and/or a TOML file.
+use super::pipeline;
+use crate::args::RunArgs;
+use crate::config::RunConfig;
+use anyhow::Result;
+use bayeslora::data::TextEncoder;
+use std::process::ExitCode;
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let cfg = RunConfig::resolve(RunConfig::default(), &args)?;
+    let loaded = pipeline::load_model(&cfg)?;
+    let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
+    let data = pipeline::load_data(&cfg, &encoder)?;
+    let label = format!("{:?}", cfg.train.optimizer).to_lowercase();
+    let outcome = pipeline::train_and_eval(&cfg, &label, &data, args.resume, loaded)?;
+    println!("{}", bayeslora::eval::render_table(&outcome.results));
+    let plots = pipeline::plot(std::slice::from_ref(&outcome), &cfg.output.join("reliability"), &cfg.task, cfg.eval.bins)?;
+    println!("results: {}", cfg.output.join("results.json").display());
+    for p in plots {
+        println!("plot: {}", p.display());
+    }
+    Ok(if outcome.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}

@@ -1,0 +1,168 @@
+//! Run configuration: defaults < TOML file (`--config`) < flags, validated into the library's
+//! configs. Every run writes its resolved config next to its outputs (`config.toml`).
+use crate::args::{OptimizerArg, RunArgs};
+use anyhow::{Context, Result};
+use bayeslora::adapters::lora::LoraConfig;
+use bayeslora::train::{OptimizerKind, TrainConfig};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Evaluation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSettings {
+    /// Posterior samples K (IVON-LoRA: 10); 0 evaluates the mean only.
+    pub samples: usize,
+    pub batch_size: usize,
+    /// Reliability-diagram bins (ECE-15 convention of torchmetrics).
+    pub bins: usize,
+}
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings { samples: 10, batch_size: 64, bins: 15 }
+    }
+}
+
+/// Everything one `bayeslora train` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: Option<PathBuf>,
+    pub task: String,
+    pub train_file: Option<PathBuf>,
+    pub eval_file: Option<PathBuf>,
+    pub train_limit: Option<usize>,
+    pub eval_limit: Option<usize>,
+    pub max_len: usize,
+    pub output: PathBuf,
+    pub device: String,
+    pub lora: LoraConfig,
+    pub train: TrainConfig,
+    pub eval: EvalSettings,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            model: None,
+            task: "sst2".into(),
+            train_file: None,
+            eval_file: None,
+            train_limit: None,
+            eval_limit: None,
+            max_len: 128,
+            output: PathBuf::from("runs/latest"),
+            device: "cpu".into(),
+            lora: LoraConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalSettings::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    /// `base` (defaults or a preset), then the TOML file, then the flags.
+    pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
+        let mut cfg = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                // Merge the file over `base` key by key through TOML values.
+                let mut merged = toml::Value::try_from(&base).context("serializing defaults")?;
+                let file: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                merge(&mut merged, file);
+                merged.try_into().with_context(|| format!("invalid settings in {}", path.display()))?
+            }
+            None => base,
+        };
+        if let Some(v) = &args.model {
+            cfg.model = Some(v.clone());
+        }
+        if let Some(v) = &args.task {
+            cfg.task = v.clone();
+        }
+        if let Some(v) = &args.train_file {
+            cfg.train_file = Some(v.clone());
+        }
+        if let Some(v) = &args.eval_file {
+            cfg.eval_file = Some(v.clone());
+        }
+        if args.train_limit.is_some() {
+            cfg.train_limit = args.train_limit;
+        }
+        if args.eval_limit.is_some() {
+            cfg.eval_limit = args.eval_limit;
+        }
+        if let Some(o) = args.optimizer {
+            cfg.train.optimizer = match o {
+                OptimizerArg::Ivon => OptimizerKind::Ivon,
+                OptimizerArg::Adamw => OptimizerKind::Adamw,
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+            };
+        }
+        if let Some(lr) = args.lr {
+            match cfg.train.optimizer {
+                OptimizerKind::Ivon => cfg.train.ivon.lr = lr,
+                OptimizerKind::Adamw => cfg.train.adamw.lr = lr,
+                OptimizerKind::Sgd => cfg.train.sgd.lr = lr,
+            }
+        }
+        if let Some(v) = args.epochs {
+            cfg.train.epochs = v;
+        }
+        if args.max_steps.is_some() {
+            cfg.train.max_steps = args.max_steps;
+        }
+        if let Some(v) = args.batch_size {
+            cfg.train.batch.batch_size = v;
+        }
+        if let Some(v) = args.max_len {
+            cfg.max_len = v;
+        }
+        if let Some(v) = args.lora_r {
+            cfg.lora.r = v;
+        }
+        if let Some(v) = args.lora_alpha {
+            cfg.lora.lora_alpha = v;
+        }
+        if let Some(v) = &args.target_modules {
+            cfg.lora.target_modules = Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
+        }
+        if let Some(v) = args.samples {
+            cfg.eval.samples = v;
+        }
+        if let Some(v) = args.seed {
+            cfg.train.seed = v;
+            cfg.train.batch.seed = v;
+        }
+        if let Some(v) = &args.output {
+            cfg.output = v.clone();
+        }
+        if let Some(v) = &args.device {
+            cfg.device = v.clone();
+        }
+        cfg.train.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved config as TOML, written next to the outputs.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+/// Recursively overlays `over` on `base` (tables merge, everything else replaces).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}

@@ -1,0 +1,2 @@
+//! Terminal rendering: progress bars for training and evaluation.
+pub mod progress;

@@ -1,0 +1,125 @@
+//! An indicatif progress bar as a training [`Observer`]: loss, learning rate, tokens/s, ETA.
+//! Ctrl-C sets a flag that makes the next `step` return `Break`, so the loop checkpoints and
+//! stops cleanly.
+use bayeslora::train::{Observer, StepInfo};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Set by the Ctrl-C handler; checked after every optimizer step.
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        // If a handler is already installed (tests), keep going without one.
+        let _ = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                // Second Ctrl-C: the user insists.
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
+        });
+        flag
+    })
+    .clone()
+}
+
+/// Renders training progress; keeps the per-step log for the metrics JSONL.
+pub struct TrainProgress {
+    bar: ProgressBar,
+    label: String,
+    started: Instant,
+    tokens: usize,
+    loss_ema: Option<f32>,
+    interrupt: Arc<AtomicBool>,
+    /// One JSON object per step (step, loss, lr, tokens, seconds), for `metrics.jsonl`.
+    pub log: Vec<serde_json::Value>,
+    /// (step, accuracy, nll) of the periodic evaluations.
+    pub evals: Vec<(usize, f64, f64)>,
+}
+
+impl TrainProgress {
+    pub fn new(label: &str) -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30.cyan/blue}] {pos}/{len} steps | {msg} | {elapsed_precise} < {eta_precise}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        TrainProgress {
+            bar,
+            label: label.into(),
+            started: Instant::now(),
+            tokens: 0,
+            loss_ema: None,
+            interrupt: interrupt_flag(),
+            log: Vec::new(),
+            evals: Vec::new(),
+        }
+    }
+}
+
+impl Observer for TrainProgress {
+    fn begin(&mut self, total_steps: usize, start_step: usize) {
+        self.bar.set_length(total_steps as u64);
+        self.bar.set_position(start_step as u64);
+        self.bar.reset_eta();
+        self.started = Instant::now();
+    }
+
+    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
+        self.tokens += info.tokens;
+        let ema = match self.loss_ema {
+            Some(e) => 0.9 * e + 0.1 * info.loss,
+            None => info.loss,
+        };
+        self.loss_ema = Some(ema);
+        let tok_s = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_position(info.step as u64);
+        self.bar.set_message(format!("loss {ema:.4} | lr {:.2e} | {tok_s:.0} tok/s", info.lr));
+        self.log.push(serde_json::json!({
+            "run": self.label, "step": info.step, "loss": info.loss, "lr": info.lr,
+            "tokens": info.tokens, "seconds": info.seconds,
+        }));
+        if self.interrupt.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn eval(&mut self, step: usize, accuracy: f64, nll: f64) {
+        self.evals.push((step, accuracy, nll));
+        self.bar.println(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
+    }
+
+    fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {
+        tracing::debug!(step, dir = %dir.display(), "checkpoint written");
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish_with_message(format!(
+            "loss {:.4} | {:.0} tok/s",
+            self.loss_ema.unwrap_or(f32::NAN),
+            self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9)
+        ));
+    }
+}
+
+/// A bar for evaluation passes (examples/s).
+pub fn eval_bar(label: &str, total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30.green/blue}] {pos}/{len} {msg} | {per_sec} | {eta_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
