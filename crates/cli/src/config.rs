@@ -19,7 +19,11 @@ pub struct EvalSettings {
 }
 impl Default for EvalSettings {
     fn default() -> Self {
-        EvalSettings { samples: 10, batch_size: 64, bins: 15 }
+        EvalSettings {
+            samples: 10,
+            batch_size: 64,
+            bins: 15,
+        }
     }
 }
 
@@ -65,12 +69,16 @@ impl RunConfig {
     pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
         let mut cfg = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 // Merge the file over `base` key by key through TOML values.
                 let mut merged = toml::Value::try_from(&base).context("serializing defaults")?;
-                let file: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                let file: toml::Value =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
                 merge(&mut merged, file);
-                merged.try_into().with_context(|| format!("invalid settings in {}", path.display()))?
+                merged
+                    .try_into()
+                    .with_context(|| format!("invalid settings in {}", path.display()))?
             }
             None => base,
         };
@@ -125,7 +133,8 @@ impl RunConfig {
             cfg.lora.lora_alpha = v;
         }
         if let Some(v) = &args.target_modules {
-            cfg.lora.target_modules = Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
+            cfg.lora.target_modules =
+                Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
         }
         if let Some(v) = args.samples {
             cfg.eval.samples = v;

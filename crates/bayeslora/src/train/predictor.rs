@@ -32,13 +32,31 @@ impl<'a> ModelPredictor<'a> {
         let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
         let mut mean = Vec::new();
         for v in &vars {
-            mean.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            mean.extend(
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
         }
-        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: None, seed: 0, current: None })
+        Ok(ModelPredictor {
+            model,
+            device: device.clone(),
+            vars,
+            mean,
+            std: None,
+            seed: 0,
+            current: None,
+        })
     }
 
     /// A posterior predictor from an IVON optimizer's current state over `model`'s vars.
-    pub fn posterior(model: &'a dyn Classifier, ivon: &ivon::Ivon, device: &Device, seed: u64) -> Result<Self> {
+    pub fn posterior(
+        model: &'a dyn Classifier,
+        ivon: &ivon::Ivon,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
         let post = ivon.posterior();
         Ok(ModelPredictor {
             model,
@@ -55,7 +73,8 @@ impl<'a> ModelPredictor<'a> {
         let mut offset = 0;
         for v in &self.vars {
             let n = v.elem_count();
-            let t = Tensor::from_slice(&values[offset..offset + n], v.shape(), &self.device)?.to_dtype(v.dtype())?;
+            let t = Tensor::from_slice(&values[offset..offset + n], v.shape(), &self.device)?
+                .to_dtype(v.dtype())?;
             v.set(&t)?;
             offset += n;
         }
@@ -69,7 +88,9 @@ impl<'a> ModelPredictor<'a> {
         match (sample, &self.std) {
             (None, _) => self.write(&self.mean)?,
             (Some(k), Some(std)) => {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 let theta: Vec<f32> = self
                     .mean
                     .iter()
@@ -82,7 +103,11 @@ impl<'a> ModelPredictor<'a> {
                 self.write(&theta)?;
             }
             (Some(_), None) => {
-                return Err(crate::Error::config("samples", "> 0", "a point estimate (AdamW/SGD) has no posterior to sample; use 0"))
+                return Err(crate::Error::config(
+                    "samples",
+                    "> 0",
+                    "a point estimate (AdamW/SGD) has no posterior to sample; use 0",
+                ))
             }
         }
         self.current = Some(sample);

@@ -39,7 +39,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let mut t = cfg.train.clone();
         t.optimizer = kind;
         t.checkpoint_dir = None;
-        let (summary, _) = train::run(&model, data.train.clone(), &t, &device, &mut Silent, None, None)?;
+        let (summary, _) = train::run(
+            &model,
+            data.train.clone(),
+            &t,
+            &device,
+            &mut Silent,
+            None,
+            None,
+        )?;
         let row = serde_json::json!({
             "optimizer": format!("{kind:?}").to_lowercase(),
             "model": cfg.model.as_ref().map(|p| p.display().to_string()),
@@ -60,5 +68,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

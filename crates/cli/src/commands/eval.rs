@@ -7,8 +7,14 @@ use std::process::ExitCode;
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let path = args.run.join("config.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}; is this a folder written by `bayeslora train`?", path.display()))?;
-    let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}; is this a folder written by `bayeslora train`?",
+            path.display()
+        )
+    })?;
+    let mut cfg: RunConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     if args.eval_file.is_some() {
         cfg.eval_file = args.eval_file;
     }

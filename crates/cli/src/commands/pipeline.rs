@@ -28,8 +28,13 @@ pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n.starts_with("cuda") => {
-            let ordinal = n.strip_prefix("cuda:").map(str::parse).transpose().context("device cuda:N needs a number")?;
-            Device::new_cuda(ordinal.unwrap_or(0)).with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))
+            let ordinal = n
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
+                .context("device cuda:N needs a number")?;
+            Device::new_cuda(ordinal.unwrap_or(0))
+                .with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))
         }
         other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
     }
@@ -37,8 +42,14 @@ pub fn device(name: &str) -> Result<Device> {
 
 /// Loads the run's model (a HF folder or a .gguf file) on the run's device.
 pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
-    let path = cfg.model.as_ref().context("no model given: pass --model DIR (a HF folder or a .gguf file)")?;
-    let options = LoadOptions { device: device(&cfg.device)?, ..Default::default() };
+    let path = cfg
+        .model
+        .as_ref()
+        .context("no model given: pass --model DIR (a HF folder or a .gguf file)")?;
+    let options = LoadOptions {
+        device: device(&cfg.device)?,
+        ..Default::default()
+    };
     models::load(path, &options).with_context(|| format!("loading {}", path.display()))
 }
 
@@ -50,7 +61,13 @@ pub struct Data {
     pub skipped: usize,
 }
 
-fn spec(cfg: &RunConfig, task: Task, file: &Option<PathBuf>, split: Split, limit: Option<usize>) -> Result<DataSpec> {
+fn spec(
+    cfg: &RunConfig,
+    task: Task,
+    file: &Option<PathBuf>,
+    split: Split,
+    limit: Option<usize>,
+) -> Result<DataSpec> {
     let mut s = match file {
         Some(p) => DataSpec::new(task, p),
         None => DataSpec::standard(task, split, &data_dir())?,
@@ -63,8 +80,20 @@ fn spec(cfg: &RunConfig, task: Task, file: &Option<PathBuf>, split: Split, limit
 /// Reads and tokenizes the run's data with the model's tokenizer.
 pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder) -> Result<Data> {
     let task = Task::from_name(&cfg.task)?;
-    let train_set = data::load(&spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit)?)?;
-    let eval_set = data::load(&spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit)?)?;
+    let train_set = data::load(&spec(
+        cfg,
+        task,
+        &cfg.train_file,
+        Split::Train,
+        cfg.train_limit,
+    )?)?;
+    let eval_set = data::load(&spec(
+        cfg,
+        task,
+        &cfg.eval_file,
+        Split::Dev,
+        cfg.eval_limit,
+    )?)?;
     let skipped = train_set.skipped.len() + eval_set.skipped.len();
     Ok(Data {
         task,
@@ -86,34 +115,64 @@ pub struct RunOutcome {
 }
 
 /// Trains and evaluates one configuration; writes into `cfg.output`.
-pub fn train_and_eval(cfg: &RunConfig, label: &str, data: &Data, resume: bool, loaded: LoadedModel) -> Result<RunOutcome> {
+pub fn train_and_eval(
+    cfg: &RunConfig,
+    label: &str,
+    data: &Data,
+    resume: bool,
+    loaded: LoadedModel,
+) -> Result<RunOutcome> {
     let device = device(&cfg.device)?;
     let model_path = loaded.dir.clone();
-    let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };
+    let num_labels = if data.task.is_regression() {
+        1
+    } else {
+        data.train.num_classes
+    };
     let model = TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, &device)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
 
     let mut train_cfg = cfg.train.clone();
-    train_cfg.checkpoint_dir.get_or_insert_with(|| out.join("checkpoints"));
+    train_cfg
+        .checkpoint_dir
+        .get_or_insert_with(|| out.join("checkpoints"));
     let resume_dir = train_cfg.checkpoint_dir.clone().filter(|_| resume);
     let mut progress = TrainProgress::new(label);
-    let (summary, opt) = train::run(&model, data.train.clone(), &train_cfg, &device, &mut progress, resume_dir.as_deref(), None)?;
+    let (summary, opt) = train::run(
+        &model,
+        data.train.clone(),
+        &train_cfg,
+        &device,
+        &mut progress,
+        resume_dir.as_deref(),
+        None,
+    )?;
     append_jsonl(&out.join("metrics.jsonl"), &progress.log)?;
     if summary.interrupted {
-        eprintln!("{label}: interrupted at step {}; resume with --resume", summary.steps);
+        eprintln!(
+            "{label}: interrupted at step {}; resume with --resume",
+            summary.steps
+        );
     }
 
     let samples = match (&opt, cfg.train.optimizer) {
         (Optimizer::Ivon(_), OptimizerKind::Ivon) => cfg.eval.samples,
         _ => 0,
     };
-    let eval_cfg = EvalConfig { method: label.into(), num_samples: samples, batch_size: cfg.eval.batch_size, ..Default::default() };
+    let eval_cfg = EvalConfig {
+        method: label.into(),
+        num_samples: samples,
+        batch_size: cfg.eval.batch_size,
+        ..Default::default()
+    };
     let bar = eval_bar(label, (samples + 1) as u64);
     bar.set_message("evaluating (mean, then posterior samples)");
     let mut predictor = match &opt {
-        Optimizer::Ivon(ivon) => ModelPredictor::posterior(&model, ivon, &device, cfg.train.seed ^ 0xE7A1)?,
+        Optimizer::Ivon(ivon) => {
+            ModelPredictor::posterior(&model, ivon, &device, cfg.train.seed ^ 0xE7A1)?
+        }
         _ => ModelPredictor::point(&model, &device)?,
     };
     let evaluation = eval::evaluate(&mut predictor, &data.eval, &eval_cfg)?;
@@ -122,14 +181,27 @@ pub fn train_and_eval(cfg: &RunConfig, label: &str, data: &Data, resume: bool, l
     bar.finish_and_clear();
     let mut results = evaluation.results;
     for r in &mut results {
-        r.info.insert("model".into(), serde_json::json!(model_path.display().to_string()));
-        r.info.insert("seed".into(), serde_json::json!(cfg.train.seed));
-        r.info.insert("optimizer".into(), serde_json::to_value(cfg.train.optimizer)?);
-        r.info.insert("train".into(), serde_json::to_value(&cfg.train)?);
-        r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?);
+        r.info.insert(
+            "model".into(),
+            serde_json::json!(model_path.display().to_string()),
+        );
+        r.info
+            .insert("seed".into(), serde_json::json!(cfg.train.seed));
+        r.info.insert(
+            "optimizer".into(),
+            serde_json::to_value(cfg.train.optimizer)?,
+        );
+        r.info
+            .insert("train".into(), serde_json::to_value(&cfg.train)?);
+        r.info
+            .insert("lora".into(), serde_json::to_value(&cfg.lora)?);
         r.info.insert("dtype".into(), serde_json::json!("f32"));
-        r.info.insert("train_seconds".into(), serde_json::json!(summary.seconds));
-        r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
+        r.info
+            .insert("train_seconds".into(), serde_json::json!(summary.seconds));
+        r.info.insert(
+            "code_version".into(),
+            serde_json::json!(env!("CARGO_PKG_VERSION")),
+        );
     }
     write_json(&out.join("results.json"), &results)?;
     Ok(RunOutcome {
@@ -149,7 +221,11 @@ fn append_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     for r in rows {
         writeln!(f, "{r}").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -159,23 +235,38 @@ fn append_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
 /// Writes pretty JSON through a temporary file and a rename.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Reliability diagrams (PNG + SVG) of every run's mean and posterior predictive.
-pub fn plot(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> Result<Vec<PathBuf>> {
+pub fn plot(
+    outcomes: &[RunOutcome],
+    stem: &Path,
+    title: &str,
+    bins: usize,
+) -> Result<Vec<PathBuf>> {
     let mut named = Vec::new();
     for o in outcomes {
         if let Some(p) = &o.mean {
-            named.push((format!("{} (mean)", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
+            named.push((
+                format!("{} (mean)", o.label),
+                p.reliability(bins, eval::metrics::Binning::Torchmetrics)?,
+            ));
         }
         if let Some(p) = &o.bayes {
             let k = o.results.last().map_or(0, |r| r.num_samples);
-            named.push((format!("{} (K={k})", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
+            named.push((
+                format!("{} (K={k})", o.label),
+                p.reliability(bins, eval::metrics::Binning::Torchmetrics)?,
+            ));
         }
     }
-    let panels: Vec<eval::Panel<'_>> = named.iter().map(|(n, b)| eval::Panel { name: n, bins: b }).collect();
+    let panels: Vec<eval::Panel<'_>> = named
+        .iter()
+        .map(|(n, b)| eval::Panel { name: n, bins: b })
+        .collect();
     Ok(eval::reliability_diagram(stem, title, &panels)?)
 }

@@ -1,0 +1,279 @@
+//! Training loop: it learns, it resumes bit for bit from a checkpoint (IVON and AdamW), it
+//! refuses a non-finite loss, and the posterior predictive averages probabilities.
+//! Uses the tiny random BERT of `fixtures/bert/tiny` and a synthetic separable task.
+use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+use bayeslora::data::{BatchConfig, Encoded, EncodedDataset, Format, Label, Task};
+use bayeslora::eval::{evaluate, EvalConfig};
+use bayeslora::models::{self, LoadOptions};
+use bayeslora::train::{
+    self, Checkpoint, Classifier, ModelPredictor, Observer, OptimizerKind, StepInfo, TaskModel,
+    TrainConfig,
+};
+use candle_core::Device;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+
+fn tiny_model(seed: u64) -> TaskModel {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let loaded = models::load(&dir, &LoadOptions::default()).expect("tiny BERT fixture loads");
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..Default::default()
+    };
+    // The fixture checkpoint has a 3-way classifier; the synthetic task uses classes 0 and 1.
+    TaskModel::build(loaded, &lora, 3, seed, &Device::Cpu).expect("LoRA attaches")
+}
+
+/// Class 1 rows contain token 7, class 0 rows token 9; the rest is noise from a fixed LCG.
+fn separable(n: usize) -> Arc<EncodedDataset> {
+    let mut state = 12345u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let rows = (0..n)
+        .map(|i| {
+            let len = 4 + (next() % 5) as usize;
+            let mut ids: Vec<u32> = (0..len).map(|_| 20 + next() % 60).collect();
+            let class = i % 2;
+            ids[1 + (next() as usize % (len - 1))] = if class == 1 { 7 } else { 9 };
+            ids.insert(0, 1);
+            Encoded {
+                type_ids: vec![0; ids.len()],
+                ids,
+                label: Label::Class(class),
+                num_choices: 3,
+            }
+        })
+        .collect();
+    Arc::new(EncodedDataset {
+        task: Task::Sst2,
+        format: Format::Encoder,
+        rows,
+        num_classes: 3,
+        label_token_ids: vec![],
+        pad_id: 0,
+        truncated: 0,
+    })
+}
+
+fn config(kind: OptimizerKind, steps: usize) -> TrainConfig {
+    let mut cfg = TrainConfig {
+        optimizer: kind,
+        max_steps: Some(steps),
+        batch: BatchConfig {
+            batch_size: 8,
+            seed: 3,
+            ..Default::default()
+        },
+        seed: 11,
+        ..Default::default()
+    };
+    cfg.adamw.lr = 1e-2;
+    cfg.adamw.weight_decay = 0.0;
+    cfg.ivon.lr = 0.1;
+    cfg.ivon.ess = 1e4;
+    cfg.ivon.hess_init = 1e-2;
+    cfg.ivon.weight_decay = 0.0;
+    cfg.ivon.rescale_lr = false;
+    cfg.ivon.clip_radius = 0.2;
+    cfg
+}
+
+fn snapshot(model: &TaskModel) -> Vec<Vec<u32>> {
+    model
+        .trainable()
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+struct StopAt(usize);
+impl Observer for StopAt {
+    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
+        if info.step == self.0 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+struct Losses(Vec<f32>);
+impl Observer for Losses {
+    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
+        self.0.push(info.loss);
+        ControlFlow::Continue(())
+    }
+}
+
+#[test]
+fn both_optimizers_learn_a_separable_task() {
+    let data = separable(64);
+    for kind in [OptimizerKind::Adamw, OptimizerKind::Ivon] {
+        let model = tiny_model(0);
+        let mut losses = Losses(Vec::new());
+        let cfg = config(kind, 60);
+        train::run(
+            &model,
+            data.clone(),
+            &cfg,
+            &Device::Cpu,
+            &mut losses,
+            None,
+            None,
+        )
+        .unwrap();
+        let first: f32 = losses.0[..8].iter().sum::<f32>() / 8.0;
+        let last: f32 = losses.0[losses.0.len() - 8..].iter().sum::<f32>() / 8.0;
+        assert!(last < 0.5 * first, "{kind:?}: loss {first} -> {last}");
+    }
+}
+
+#[test]
+fn resume_is_bit_identical_for_ivon_and_adamw() {
+    let data = separable(40);
+    for kind in [OptimizerKind::Ivon, OptimizerKind::Adamw] {
+        let dir = tempfile::tempdir().unwrap();
+        // Straight run of 8 steps.
+        let straight = tiny_model(5);
+        train::run(
+            &straight,
+            data.clone(),
+            &config(kind, 8),
+            &Device::Cpu,
+            &mut train::Silent,
+            None,
+            None,
+        )
+        .unwrap();
+        // Interrupted after 3 steps (checkpoint written on the way out), then resumed in a fresh model.
+        let mut cfg = config(kind, 8);
+        cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+        let first = tiny_model(5);
+        let (summary, _) = train::run(
+            &first,
+            data.clone(),
+            &cfg,
+            &Device::Cpu,
+            &mut StopAt(3),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(summary.interrupted && summary.steps == 3);
+        assert!(Checkpoint::latest(dir.path()).is_some());
+        let resumed = tiny_model(99); // different init: everything must come from the checkpoint
+        let (summary, _) = train::run(
+            &resumed,
+            data.clone(),
+            &cfg,
+            &Device::Cpu,
+            &mut train::Silent,
+            Some(dir.path()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(summary.steps, 8);
+        assert_eq!(
+            snapshot(&straight),
+            snapshot(&resumed),
+            "{kind:?}: resumed weights differ"
+        );
+    }
+}
+
+#[test]
+fn non_finite_loss_is_an_error_naming_the_step() {
+    let data = separable(16);
+    let model = tiny_model(0);
+    let mut cfg = config(OptimizerKind::Adamw, 5);
+    cfg.adamw.lr = 1e30; // blows up after the first update
+    let err = train::run(
+        &model,
+        data,
+        &cfg,
+        &Device::Cpu,
+        &mut train::Silent,
+        None,
+        None,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("non-finite loss") && msg.contains("step"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn resume_from_an_empty_folder_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(0);
+    let err = train::run(
+        &model,
+        separable(8),
+        &config(OptimizerKind::Ivon, 2),
+        &Device::Cpu,
+        &mut train::Silent,
+        Some(dir.path()),
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no checkpoint"), "{err}");
+}
+
+#[test]
+fn posterior_predictive_restores_the_mean_and_differs_from_it() {
+    let data = separable(32);
+    let model = tiny_model(1);
+    let (_, opt) = train::run(
+        &model,
+        data.clone(),
+        &config(OptimizerKind::Ivon, 20),
+        &Device::Cpu,
+        &mut train::Silent,
+        None,
+        None,
+    )
+    .unwrap();
+    let train::Optimizer::Ivon(ivon) = &opt else {
+        panic!("IVON run")
+    };
+    let before = snapshot(&model);
+    let mut predictor = ModelPredictor::posterior(&model, ivon, &Device::Cpu, 0).unwrap();
+    let eval_cfg = EvalConfig {
+        method: "ivon".into(),
+        num_samples: 4,
+        batch_size: 8,
+        curve: vec![1, 2],
+    };
+    let ev = evaluate(&mut predictor, &data, &eval_cfg).unwrap();
+    drop(predictor);
+    assert_eq!(
+        before,
+        snapshot(&model),
+        "evaluation must leave the mean in the vars"
+    );
+    let mean = ev.mean.unwrap();
+    let bayes = ev.bayes.unwrap();
+    assert_eq!(ev.results.len(), 4); // mean, K=1, K=2, K=4
+    assert_ne!(mean.probs, bayes.probs, "samples must differ from the mean");
+    for row in bayes.probs.chunks(3) {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    }
+}
