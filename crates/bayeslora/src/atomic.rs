@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// The temporary sibling used while writing `path`.
 fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     path.with_file_name(name)
 }
@@ -38,10 +35,8 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes JSON (pretty) atomically.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::BadFile {
-        file: path.into(),
-        reason: format!("cannot serialize: {e}"),
-    })?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::BadFile { file: path.into(), reason: format!("cannot serialize: {e}") })?;
     write(path, text.as_bytes())
 }
 
@@ -52,18 +47,12 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
     let views: Vec<(String, Tensor)> = {
-        let mut v: Vec<_> = tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
+        let mut v: Vec<_> = tensors.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
     let bytes = safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
-        .map_err(|e| Error::BadFile {
-            file: path.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| Error::BadFile { file: path.into(), reason: e.to_string() })?;
     write(path, &bytes)
 }
 

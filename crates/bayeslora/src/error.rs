@@ -10,47 +10,27 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Error {
     /// Occurs when a file cannot be read or written.
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Occurs when a tensor in a checkpoint has the wrong shape for the config.
-    #[error("{file}: tensor `{name}` has shape {got:?}, expected {expected:?}; does config.json belong to these weights?")]
-    TensorShape {
-        file: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
-    /// Occurs when a tensor the architecture needs is absent from the checkpoint.
     #[error(
-        "{file}: tensor `{name}` is missing; is this the right checkpoint for the architecture?"
+        "{file}: tensor `{name}` has shape {got:?}, expected {expected:?}; does config.json belong to these weights?"
     )]
+    TensorShape { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    /// Occurs when a tensor the architecture needs is absent from the checkpoint.
+    #[error("{file}: tensor `{name}` is missing; is this the right checkpoint for the architecture?")]
     MissingTensor { file: PathBuf, name: String },
     /// Occurs when a checkpoint file is corrupt or not in the expected format.
     #[error("{file}: {reason}")]
     BadFile { file: PathBuf, reason: String },
     /// Occurs when a data row cannot be parsed.
     #[error("{file}:{line}: {reason}")]
-    DataRow {
-        file: PathBuf,
-        line: usize,
-        reason: String,
-    },
+    DataRow { file: PathBuf, line: usize, reason: String },
     /// Occurs when config.json names an architecture we do not implement.
     #[error("unknown architecture `{found}` in {file}; supported: {supported}")]
-    UnknownArchitecture {
-        file: PathBuf,
-        found: String,
-        supported: String,
-    },
+    UnknownArchitecture { file: PathBuf, found: String, supported: String },
     /// Occurs when a configuration value is invalid.
     #[error("invalid {field} = {value}: {reason}")]
-    InvalidConfig {
-        field: String,
-        value: String,
-        reason: String,
-    },
+    InvalidConfig { field: String, value: String, reason: String },
     /// Occurs when the training loss becomes NaN or infinite.
     #[error("non-finite loss {loss} at step {step}; lower the learning rate or check the data")]
     NonFiniteLoss { step: usize, loss: f32 },
@@ -68,17 +48,10 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     /// Shorthand for [`Error::InvalidConfig`].
     pub fn config(field: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field: field.into(),
-            value: value.to_string(),
-            reason: reason.into(),
-        }
+        Error::InvalidConfig { field: field.into(), value: value.to_string(), reason: reason.into() }
     }
 }

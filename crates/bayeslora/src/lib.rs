@@ -6,6 +6,7 @@
 //! Data flows one way: `models` (load) → `adapters` (attach) → `data` → `train` → `eval` → `export`.
 
 pub mod adapters;
+pub mod baselines;
 mod atomic;
 pub mod data;
 mod error;

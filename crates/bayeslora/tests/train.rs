@@ -6,8 +6,7 @@ use bayeslora::data::{BatchConfig, Encoded, EncodedDataset, Format, Label, Task}
 use bayeslora::eval::{evaluate, EvalConfig};
 use bayeslora::models::{self, LoadOptions};
 use bayeslora::train::{
-    self, Checkpoint, Classifier, ModelPredictor, Observer, OptimizerKind, StepInfo, TaskModel,
-    TrainConfig,
+    self, Checkpoint, Classifier, ModelPredictor, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig,
 };
 use candle_core::Device;
 use std::ops::ControlFlow;
@@ -31,9 +30,7 @@ fn tiny_model(seed: u64) -> TaskModel {
 fn separable(n: usize) -> Arc<EncodedDataset> {
     let mut state = 12345u64;
     let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (state >> 33) as u32
     };
     let rows = (0..n)
@@ -43,12 +40,7 @@ fn separable(n: usize) -> Arc<EncodedDataset> {
             let class = i % 2;
             ids[1 + (next() as usize % (len - 1))] = if class == 1 { 7 } else { 9 };
             ids.insert(0, 1);
-            Encoded {
-                type_ids: vec![0; ids.len()],
-                ids,
-                label: Label::Class(class),
-                num_choices: 3,
-            }
+            Encoded { type_ids: vec![0; ids.len()], ids, label: Label::Class(class), num_choices: 3 }
         })
         .collect();
     Arc::new(EncodedDataset {
@@ -66,11 +58,7 @@ fn config(kind: OptimizerKind, steps: usize) -> TrainConfig {
     let mut cfg = TrainConfig {
         optimizer: kind,
         max_steps: Some(steps),
-        batch: BatchConfig {
-            batch_size: 8,
-            seed: 3,
-            ..Default::default()
-        },
+        batch: BatchConfig { batch_size: 8, seed: 3, ..Default::default() },
         seed: 11,
         ..Default::default()
     };
@@ -90,14 +78,7 @@ fn snapshot(model: &TaskModel) -> Vec<Vec<u32>> {
         .trainable()
         .iter()
         .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
+            v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
         })
         .collect()
 }
@@ -128,16 +109,7 @@ fn both_optimizers_learn_a_separable_task() {
         let model = tiny_model(0);
         let mut losses = Losses(Vec::new());
         let cfg = config(kind, 60);
-        train::run(
-            &model,
-            data.clone(),
-            &cfg,
-            &Device::Cpu,
-            &mut losses,
-            None,
-            None,
-        )
-        .unwrap();
+        train::run(&model, data.clone(), &cfg, &Device::Cpu, &mut losses, None, None).unwrap();
         let first: f32 = losses.0[..8].iter().sum::<f32>() / 8.0;
         let last: f32 = losses.0[losses.0.len() - 8..].iter().sum::<f32>() / 8.0;
         assert!(last < 0.5 * first, "{kind:?}: loss {first} -> {last}");
@@ -151,49 +123,19 @@ fn resume_is_bit_identical_for_ivon_and_adamw() {
         let dir = tempfile::tempdir().unwrap();
         // Straight run of 8 steps.
         let straight = tiny_model(5);
-        train::run(
-            &straight,
-            data.clone(),
-            &config(kind, 8),
-            &Device::Cpu,
-            &mut train::Silent,
-            None,
-            None,
-        )
-        .unwrap();
+        train::run(&straight, data.clone(), &config(kind, 8), &Device::Cpu, &mut train::Silent, None, None).unwrap();
         // Interrupted after 3 steps (checkpoint written on the way out), then resumed in a fresh model.
         let mut cfg = config(kind, 8);
         cfg.checkpoint_dir = Some(dir.path().to_path_buf());
         let first = tiny_model(5);
-        let (summary, _) = train::run(
-            &first,
-            data.clone(),
-            &cfg,
-            &Device::Cpu,
-            &mut StopAt(3),
-            None,
-            None,
-        )
-        .unwrap();
+        let (summary, _) = train::run(&first, data.clone(), &cfg, &Device::Cpu, &mut StopAt(3), None, None).unwrap();
         assert!(summary.interrupted && summary.steps == 3);
         assert!(Checkpoint::latest(dir.path()).is_some());
         let resumed = tiny_model(99); // different init: everything must come from the checkpoint
-        let (summary, _) = train::run(
-            &resumed,
-            data.clone(),
-            &cfg,
-            &Device::Cpu,
-            &mut train::Silent,
-            Some(dir.path()),
-            None,
-        )
-        .unwrap();
+        let (summary, _) =
+            train::run(&resumed, data.clone(), &cfg, &Device::Cpu, &mut train::Silent, Some(dir.path()), None).unwrap();
         assert_eq!(summary.steps, 8);
-        assert_eq!(
-            snapshot(&straight),
-            snapshot(&resumed),
-            "{kind:?}: resumed weights differ"
-        );
+        assert_eq!(snapshot(&straight), snapshot(&resumed), "{kind:?}: resumed weights differ");
     }
 }
 
@@ -203,21 +145,9 @@ fn non_finite_loss_is_an_error_naming_the_step() {
     let model = tiny_model(0);
     let mut cfg = config(OptimizerKind::Adamw, 5);
     cfg.adamw.lr = 1e30; // blows up after the first update
-    let err = train::run(
-        &model,
-        data,
-        &cfg,
-        &Device::Cpu,
-        &mut train::Silent,
-        None,
-        None,
-    )
-    .unwrap_err();
+    let err = train::run(&model, data, &cfg, &Device::Cpu, &mut train::Silent, None, None).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("non-finite loss") && msg.contains("step"),
-        "{msg}"
-    );
+    assert!(msg.contains("non-finite loss") && msg.contains("step"), "{msg}");
 }
 
 #[test]
@@ -251,24 +181,13 @@ fn posterior_predictive_restores_the_mean_and_differs_from_it() {
         None,
     )
     .unwrap();
-    let train::Optimizer::Ivon(ivon) = &opt else {
-        panic!("IVON run")
-    };
+    let train::Optimizer::Ivon(ivon) = &opt else { panic!("IVON run") };
     let before = snapshot(&model);
     let mut predictor = ModelPredictor::posterior(&model, ivon, &Device::Cpu, 0).unwrap();
-    let eval_cfg = EvalConfig {
-        method: "ivon".into(),
-        num_samples: 4,
-        batch_size: 8,
-        curve: vec![1, 2],
-    };
+    let eval_cfg = EvalConfig { method: "ivon".into(), num_samples: 4, batch_size: 8, curve: vec![1, 2] };
     let ev = evaluate(&mut predictor, &data, &eval_cfg).unwrap();
     drop(predictor);
-    assert_eq!(
-        before,
-        snapshot(&model),
-        "evaluation must leave the mean in the vars"
-    );
+    assert_eq!(before, snapshot(&model), "evaluation must leave the mean in the vars");
     let mean = ev.mean.unwrap();
     let bayes = ev.bayes.unwrap();
     assert_eq!(ev.results.len(), 4); // mean, K=1, K=2, K=4

@@ -63,6 +63,9 @@ pub struct RunArgs {
     /// Use only the first N evaluation rows.
     #[arg(long)]
     pub eval_limit: Option<usize>,
+    /// Skip malformed data rows (reporting how many) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,
     /// Learning rate of the chosen optimizer.

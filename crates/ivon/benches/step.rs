@@ -51,48 +51,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000_000, 10_000_000]);
-    let reps: usize = std::env::var("IVON_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(9);
+    let reps: usize = std::env::var("IVON_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(9);
     let dev = Device::Cpu;
     let mut rows = Vec::new();
     for &numel in &sizes {
         let per = numel / VARS;
         let new_vars = || -> candle_core::Result<Vec<Var>> {
-            (0..VARS)
-                .map(|_| Var::from_tensor(&(Tensor::randn(0f32, 1.0, per, &dev)? * 0.02)?))
-                .collect()
+            (0..VARS).map(|_| Var::from_tensor(&(Tensor::randn(0f32, 1.0, per, &dev)? * 0.02)?)).collect()
         };
-        let grad_tensors: Vec<Tensor> = (0..VARS)
-            .map(|_| Tensor::randn(0f32, 1e-3, per, &dev))
-            .collect::<candle_core::Result<_>>()?;
+        let grad_tensors: Vec<Tensor> =
+            (0..VARS).map(|_| Tensor::randn(0f32, 1e-3, per, &dev)).collect::<candle_core::Result<_>>()?;
 
         let vars = new_vars()?;
         let grads = grads_for(&vars, &grad_tensors);
         let mut adamw = AdamW::new(vars, AdamWConfig::default())?;
         let ms = median_ms(|| adamw.step(&grads).expect("adamw step"), reps);
-        rows.push(Row {
-            numel,
-            name: "adamw",
-            ms,
-        });
+        rows.push(Row { numel, name: "adamw", ms });
 
         let vars = new_vars()?;
         let grads = grads_for(&vars, &grad_tensors);
         let mut cnn = candle_nn::AdamW::new(vars, candle_nn::ParamsAdamW::default())?;
         let ms = median_ms(|| cnn.step(&grads).expect("candle-nn step"), reps);
-        rows.push(Row {
-            numel,
-            name: "candle_nn_adamw",
-            ms,
-        });
+        rows.push(Row { numel, name: "candle_nn_adamw", ms });
 
         let vars = new_vars()?;
-        let cfg = IvonConfig {
-            clip_radius: 1e-3,
-            ..IvonConfig::default()
-        };
+        let cfg = IvonConfig { clip_radius: 1e-3, ..IvonConfig::default() };
         let mut ivon = Ivon::new(vars.clone(), cfg)?;
         // ivon_step: record a sample outside the timed region, time step() only.
         let mut times = Vec::new();
@@ -104,56 +87,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         times.remove(0);
         times.sort_by(|a, b| a.total_cmp(b));
-        rows.push(Row {
-            numel,
-            name: "ivon_step",
-            ms: times[times.len() / 2],
-        });
+        rows.push(Row { numel, name: "ivon_step", ms: times[times.len() / 2] });
 
         let ms = median_ms(
             || {
-                ivon.with_sampled_params(|| Ok(grads_for(&vars, &grad_tensors)))
-                    .expect("sample");
+                ivon.with_sampled_params(|| Ok(grads_for(&vars, &grad_tensors))).expect("sample");
                 ivon.step().expect("ivon step");
             },
             reps,
         );
-        rows.push(Row {
-            numel,
-            name: "ivon_iteration",
-            ms,
-        });
+        rows.push(Row { numel, name: "ivon_iteration", ms });
     }
 
-    println!(
-        "{:>10} | {:>16} | {:>10} | {:>9}",
-        "params", "optimizer", "median ms", "vs adamw"
-    );
+    println!("{:>10} | {:>16} | {:>10} | {:>9}", "params", "optimizer", "median ms", "vs adamw");
     println!("{:-<10}-+-{:-<16}-+-{:-<10}-+-{:-<9}", "", "", "", "");
     let mut json_rows = Vec::new();
     for r in &rows {
-        let base = rows
-            .iter()
-            .find(|b| b.numel == r.numel && b.name == "adamw")
-            .map(|b| b.ms)
-            .unwrap_or(r.ms);
-        println!(
-            "{:>10} | {:>16} | {:>10.2} | {:>8.2}x",
-            r.numel,
-            r.name,
-            r.ms,
-            r.ms / base
-        );
+        let base = rows.iter().find(|b| b.numel == r.numel && b.name == "adamw").map(|b| b.ms).unwrap_or(r.ms);
+        println!("{:>10} | {:>16} | {:>10.2} | {:>8.2}x", r.numel, r.name, r.ms, r.ms / base);
         json_rows.push(serde_json::json!({
             "numel": r.numel, "optimizer": r.name, "median_ms": r.ms, "ratio_vs_adamw": r.ms / base,
         }));
     }
-    let out = std::env::var("IVON_BENCH_OUT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/bench/ivon_step.json")
-        });
+    let out = std::env::var("IVON_BENCH_OUT").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/ivon_step.json")
+    });
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }

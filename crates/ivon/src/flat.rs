@@ -36,10 +36,7 @@ impl FlatVars {
         let mut offset = 0;
         for (index, var) in vars.into_iter().enumerate() {
             if !var.dtype().is_float() {
-                return Err(Error::NonFloatVar {
-                    index,
-                    dtype: var.dtype(),
-                });
+                return Err(Error::NonFloatVar { index, dtype: var.dtype() });
             }
             if !var.device().same_device(&device) {
                 return Err(Error::MixedDevices {
@@ -49,42 +46,24 @@ impl FlatVars {
                 });
             }
             if var.dtype() != dtype {
-                return Err(Error::MixedDTypes {
-                    index,
-                    expected: dtype,
-                    got: var.dtype(),
-                });
+                return Err(Error::MixedDTypes { index, expected: dtype, got: var.dtype() });
             }
             if let Some(first) = slots.iter().position(|s: &Slot| s.var.id() == var.id()) {
                 return Err(Error::DuplicateVar { index, first });
             }
             let len = var.elem_count();
             let shape = var.shape().clone();
-            slots.push(Slot {
-                var,
-                offset,
-                len,
-                shape,
-            });
+            slots.push(Slot { var, offset, len, shape });
             offset += len;
         }
-        Ok(Self {
-            slots,
-            numel: offset,
-            device,
-            dtype,
-        })
+        Ok(Self { slots, numel: offset, device, dtype })
     }
 
     /// Reads the current values of all vars into one flat f32 vector.
     pub fn read_values(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.numel];
         for (index, s) in self.slots.iter().enumerate() {
-            read_f32(
-                s.var.as_tensor(),
-                index,
-                &mut out[s.offset..s.offset + s.len],
-            )?;
+            read_f32(s.var.as_tensor(), index, &mut out[s.offset..s.offset + s.len])?;
         }
         Ok(out)
     }
@@ -93,16 +72,8 @@ impl FlatVars {
     pub fn write_values(&self, values: &[f32]) -> Result<()> {
         debug_assert_eq!(values.len(), self.numel);
         for s in &self.slots {
-            let t = Tensor::from_slice(
-                &values[s.offset..s.offset + s.len],
-                s.shape.clone(),
-                &self.device,
-            )?;
-            let t = if self.dtype == DType::F32 {
-                t
-            } else {
-                t.to_dtype(self.dtype)?
-            };
+            let t = Tensor::from_slice(&values[s.offset..s.offset + s.len], s.shape.clone(), &self.device)?;
+            let t = if self.dtype == DType::F32 { t } else { t.to_dtype(self.dtype)? };
             s.var.set(&t)?;
         }
         Ok(())
@@ -110,10 +81,7 @@ impl FlatVars {
 
     /// Position of `var` in the slots.
     pub fn index_of(&self, var: &Var) -> Result<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.var.id() == var.id())
-            .ok_or(Error::UnknownVar { id: var.id() })
+        self.slots.iter().position(|s| s.var.id() == var.id()).ok_or(Error::UnknownVar { id: var.id() })
     }
 }
 
@@ -122,18 +90,9 @@ impl FlatVars {
 /// Fast path: a contiguous f32 CPU tensor is lent straight from its storage, with no copy
 /// (reading gradients is a large part of an optimizer step on CPU). `index` and `expected`
 /// only serve the error message.
-pub(crate) fn visit_f32<R>(
-    t: &Tensor,
-    index: usize,
-    expected: usize,
-    f: impl FnOnce(&[f32]) -> R,
-) -> Result<R> {
+pub(crate) fn visit_f32<R>(t: &Tensor, index: usize, expected: usize, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     if t.elem_count() != expected {
-        return Err(Error::GradientShape {
-            index,
-            expected,
-            got: t.elem_count(),
-        });
+        return Err(Error::GradientShape { index, expected, got: t.elem_count() });
     }
     if t.dtype() == DType::F32 {
         let (storage, layout) = t.storage_and_layout();
@@ -152,48 +111,22 @@ pub(crate) fn read_f32(t: &Tensor, index: usize, out: &mut [f32]) -> Result<()> 
 
 /// Writes named flat f32 vectors and one JSON metadata entry (`key`) to a safetensors file,
 /// through a temporary file and a rename.
-pub(crate) fn save_flat(
-    path: &std::path::Path,
-    tensors: &[(&str, &[f32])],
-    key: &str,
-    json: String,
-) -> Result<()> {
+pub(crate) fn save_flat(path: &std::path::Path, tensors: &[(&str, &[f32])], key: &str, json: String) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
-    let st = |source| Error::Safetensors {
-        path: path.into(),
-        source,
-    };
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+    let st = |source| Error::Safetensors { path: path.into(), source };
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, v), b)| {
-            Ok((
-                *name,
-                TensorView::new(Dtype::F32, vec![v.len()], b).map_err(st)?,
-            ))
-        })
+        .map(|((name, v), b)| Ok((*name, TensorView::new(Dtype::F32, vec![v.len()], b).map_err(st)?)))
         .collect::<Result<Vec<_>>>()?;
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
     let meta = std::collections::HashMap::from([(key.to_string(), json)]);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|source| {
-        Error::Safetensors {
-            path: tmp.clone(),
-            source,
-        }
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })
+    safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|source| Error::Safetensors { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), source })
 }
 
 /// Reads a file written by [`save_flat`]: the JSON under `key` and a reader of named f32
@@ -203,18 +136,9 @@ pub(crate) fn load_flat(
     key: &str,
 ) -> Result<(String, std::collections::HashMap<String, Vec<f32>>)> {
     use safetensors::tensor::Dtype;
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
-    let st = |source| Error::Safetensors {
-        path: path.into(),
-        source,
-    };
-    let mismatch = |reason: String| Error::StateMismatch {
-        path: path.into(),
-        reason,
-    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let st = |source| Error::Safetensors { path: path.into(), source };
+    let mismatch = |reason: String| Error::StateMismatch { path: path.into(), reason };
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(st)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st)?;
     let json = header
@@ -222,25 +146,13 @@ pub(crate) fn load_flat(
         .as_ref()
         .and_then(|m| m.get(key))
         .cloned()
-        .ok_or_else(|| {
-            mismatch(format!(
-                "no `{key}` metadata: not a state file of this optimizer"
-            ))
-        })?;
+        .ok_or_else(|| mismatch(format!("no `{key}` metadata: not a state file of this optimizer")))?;
     let mut out = std::collections::HashMap::new();
     for (name, t) in file.tensors() {
         if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
-            return Err(mismatch(format!(
-                "tensor `{name}` is {:?} {:?}, expected flat F32",
-                t.dtype(),
-                t.shape()
-            )));
+            return Err(mismatch(format!("tensor `{name}` is {:?} {:?}, expected flat F32", t.dtype(), t.shape())));
         }
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         out.insert(name, v);
     }
     Ok((json, out))

@@ -57,7 +57,7 @@ pub use error::{Error, Result};
 pub use noise::{NoiseFn, NoiseState};
 pub use optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
 pub use optimizer::{
-    new_hess, new_mean, new_momentum, nll_hess, sample_noise, Coefficients, GroupHyper, HessApprox,
-    Ivon, IvonConfig, IvonLoraTask, ParamGroup, Sample, SyncFn,
+    new_hess, new_mean, new_momentum, nll_hess, sample_noise, Coefficients, GroupHyper, HessApprox, Ivon, IvonConfig,
+    IvonLoraTask, ParamGroup, Sample, SyncFn,
 };
 pub use posterior::{ParamLayout, Posterior};

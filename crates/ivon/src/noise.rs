@@ -35,16 +35,14 @@ impl NoiseState {
     pub fn fill(&mut self, out: &mut [f32]) {
         let (seed, draw) = (self.seed, self.draws);
         self.draws += 1;
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(block, chunk)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(draw);
-                rng.set_word_pos((block as u128) << 40);
-                for x in chunk {
-                    *x = StandardNormal.sample(&mut rng);
-                }
-            });
+        out.par_chunks_mut(BLOCK).enumerate().for_each(|(block, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(draw);
+            rng.set_word_pos((block as u128) << 40);
+            for x in chunk {
+                *x = StandardNormal.sample(&mut rng);
+            }
+        });
     }
 }
 
@@ -92,9 +90,6 @@ mod tests {
         let n = x.len() as f64;
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        assert!(
-            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
-            "mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
     }
 }

@@ -37,10 +37,7 @@ pub trait Optimizer {
     /// One training iteration: calls `loss_and_grads` (forward + `loss.backward()`) as often as
     /// the optimizer needs, at the weights it needs, then updates. The default calls it once at
     /// the current weights; IVON calls it `mc_samples` times under posterior samples.
-    fn backward_step(
-        &mut self,
-        loss_and_grads: &mut dyn FnMut() -> candle_core::Result<GradStore>,
-    ) -> Result<()> {
+    fn backward_step(&mut self, loss_and_grads: &mut dyn FnMut() -> candle_core::Result<GradStore>) -> Result<()> {
         let grads = loss_and_grads()?;
         self.step(&grads)
     }
@@ -63,10 +60,7 @@ impl Optimizer for crate::Ivon {
         crate::Ivon::step(self)
     }
 
-    fn backward_step(
-        &mut self,
-        loss_and_grads: &mut dyn FnMut() -> candle_core::Result<GradStore>,
-    ) -> Result<()> {
+    fn backward_step(&mut self, loss_and_grads: &mut dyn FnMut() -> candle_core::Result<GradStore>) -> Result<()> {
         for _ in 0..self.config().mc_samples {
             self.with_sampled_params(&mut *loss_and_grads)?;
         }
@@ -112,13 +106,7 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 1e-2,
-        }
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
     }
 }
 
@@ -172,14 +160,7 @@ impl AdamW {
         let flat = FlatVars::new(vars)?;
         let params = flat.read_values()?;
         let n = flat.numel;
-        Ok(Self {
-            config,
-            flat,
-            params,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-            step: 0,
-        })
+        Ok(Self { config, flat, params, m: vec![0.0; n], v: vec![0.0; n], step: 0 })
     }
 
     /// The configuration.
@@ -210,20 +191,14 @@ impl Optimizer for AdamW {
                 continue;
             };
             let r = s.offset..s.offset + s.len;
-            let (p, m, v) = (
-                &mut self.params[r.clone()],
-                &mut self.m[r.clone()],
-                &mut self.v[r],
-            );
+            let (p, m, v) = (&mut self.params[r.clone()], &mut self.m[r.clone()], &mut self.v[r]);
             visit_f32(g, index, s.len, |g| {
                 p.par_chunks_mut(CHUNK)
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
                     .zip(g.par_chunks(CHUNK))
                     .for_each(|(((p, m), v), g)| {
-                        for (((p, m), v), &g) in
-                            p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g)
-                        {
+                        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
                             *p *= decay;
                             *m += omb1 * (g - *m);
                             *v = b2 * *v + omb2 * (g * g);
@@ -244,38 +219,22 @@ impl Optimizer for AdamW {
     }
 
     fn save_state(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string(&AdamWMeta {
-            config: self.config,
-            step: self.step,
-        })
-        .map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
-        save_flat(
-            path,
-            &[("params", &self.params), ("m", &self.m), ("v", &self.v)],
-            "adamw_state",
-            json,
-        )
+        let json = serde_json::to_string(&AdamWMeta { config: self.config, step: self.step })
+            .map_err(|source| Error::Json { path: path.into(), source })?;
+        save_flat(path, &[("params", &self.params), ("m", &self.m), ("v", &self.v)], "adamw_state", json)
     }
 
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let (json, mut t) = load_flat(path, "adamw_state")?;
-        let meta: AdamWMeta = serde_json::from_str(&json).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        let meta: AdamWMeta =
+            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
         meta.config.validate()?;
         let n = self.flat.numel;
         let mut take = |name: &str| match t.remove(name) {
             Some(v) if v.len() == n => Ok(v),
             other => Err(Error::StateMismatch {
                 path: path.into(),
-                reason: format!(
-                    "tensor `{name}`: expected {n} elements, found {:?}",
-                    other.map(|v| v.len())
-                ),
+                reason: format!("tensor `{name}`: expected {n} elements, found {:?}", other.map(|v| v.len())),
             }),
         };
         self.params = take("params")?;
@@ -305,11 +264,7 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        Self {
-            lr: 1e-2,
-            momentum: 0.0,
-            weight_decay: 0.0,
-        }
+        Self { lr: 1e-2, momentum: 0.0, weight_decay: 0.0 }
     }
 }
 
@@ -354,24 +309,14 @@ impl Sgd {
         let flat = FlatVars::new(vars)?;
         let params = flat.read_values()?;
         let buf = vec![0.0; flat.numel];
-        Ok(Self {
-            config,
-            flat,
-            params,
-            buf,
-            step: 0,
-        })
+        Ok(Self { config, flat, params, buf, step: 0 })
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
-        let (lr, mom, wd) = (
-            self.config.lr as f32,
-            self.config.momentum as f32,
-            self.config.weight_decay as f32,
-        );
+        let (lr, mom, wd) = (self.config.lr as f32, self.config.momentum as f32, self.config.weight_decay as f32);
         let first = self.step == 1;
         for (index, s) in self.flat.slots.iter().enumerate() {
             let Some(g) = grads.get(s.var.as_tensor()) else {
@@ -402,38 +347,21 @@ impl Optimizer for Sgd {
     }
 
     fn save_state(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string(&SgdMeta {
-            config: self.config,
-            step: self.step,
-        })
-        .map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
-        save_flat(
-            path,
-            &[("params", &self.params), ("momentum_buffer", &self.buf)],
-            "sgd_state",
-            json,
-        )
+        let json = serde_json::to_string(&SgdMeta { config: self.config, step: self.step })
+            .map_err(|source| Error::Json { path: path.into(), source })?;
+        save_flat(path, &[("params", &self.params), ("momentum_buffer", &self.buf)], "sgd_state", json)
     }
 
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let (json, mut t) = load_flat(path, "sgd_state")?;
-        let meta: SgdMeta = serde_json::from_str(&json).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        let meta: SgdMeta = serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
         meta.config.validate()?;
         let n = self.flat.numel;
         let mut take = |name: &str| match t.remove(name) {
             Some(v) if v.len() == n => Ok(v),
             other => Err(Error::StateMismatch {
                 path: path.into(),
-                reason: format!(
-                    "tensor `{name}`: expected {n} elements, found {:?}",
-                    other.map(|v| v.len())
-                ),
+                reason: format!("tensor `{name}`: expected {n} elements, found {:?}", other.map(|v| v.len())),
             }),
         };
         self.params = take("params")?;

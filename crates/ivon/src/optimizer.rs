@@ -60,14 +60,7 @@ pub enum IvonLoraTask {
 
 impl IvonLoraTask {
     /// All tasks, in the paper's order.
-    pub const ALL: [IvonLoraTask; 6] = [
-        Self::WgS,
-        Self::WgM,
-        Self::ArcC,
-        Self::ArcE,
-        Self::Obqa,
-        Self::Boolq,
-    ];
+    pub const ALL: [IvonLoraTask; 6] = [Self::WgS, Self::WgM, Self::ArcC, Self::ArcE, Self::Obqa, Self::Boolq];
 
     /// The task's short name (`wg-s`, `wg-m`, `arc-c`, `arc-e`, `obqa`, `boolq`).
     pub fn name(self) -> &'static str {
@@ -89,13 +82,7 @@ impl FromStr for IvonLoraTask {
         Self::ALL
             .into_iter()
             .find(|t| t.name() == norm)
-            .ok_or_else(|| {
-                invalid(
-                    "task",
-                    s,
-                    "expected one of wg-s, wg-m, arc-c, arc-e, obqa, boolq",
-                )
-            })
+            .ok_or_else(|| invalid("task", s, "expected one of wg-s, wg-m, arc-c, arc-e, obqa, boolq"))
     }
 }
 
@@ -120,12 +107,8 @@ mod f64_or_inf {
         }
         match NumOrStr::deserialize(d)? {
             NumOrStr::Num(x) => Ok(x),
-            NumOrStr::Str(s) if matches!(s.as_str(), "inf" | "Infinity" | "infinity") => {
-                Ok(f64::INFINITY)
-            }
-            NumOrStr::Str(s) => Err(D::Error::custom(format!(
-                "expected a number or \"inf\", got {s:?}"
-            ))),
+            NumOrStr::Str(s) if matches!(s.as_str(), "inf" | "Infinity" | "infinity") => Ok(f64::INFINITY),
+            NumOrStr::Str(s) => Err(D::Error::custom(format!("expected a number or \"inf\", got {s:?}"))),
         }
     }
 }
@@ -270,11 +253,7 @@ impl GroupHyper {
             return Err(invalid(f("ess"), self.ess, "must be > 0"));
         }
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return Err(invalid(
-                f("weight_decay"),
-                self.weight_decay,
-                "must be >= 0",
-            ));
+            return Err(invalid(f("weight_decay"), self.weight_decay, "must be >= 0"));
         }
         if self.hess_init.is_nan() || self.hess_init <= 0.0 {
             return Err(invalid(f("hess_init"), self.hess_init, "must be > 0"));
@@ -286,11 +265,7 @@ impl GroupHyper {
             return Err(invalid(f("beta2"), self.beta2, "must be in [0, 1]"));
         }
         if self.clip_radius.is_nan() || self.clip_radius <= 0.0 {
-            return Err(invalid(
-                f("clip_radius"),
-                self.clip_radius,
-                "must be > 0 (use inf for no clipping)",
-            ));
+            return Err(invalid(f("clip_radius"), self.clip_radius, "must be > 0 (use inf for no clipping)"));
         }
         Ok(())
     }
@@ -335,10 +310,7 @@ macro_rules! setters {
 impl ParamGroup {
     /// A group with no overrides.
     pub fn new(vars: Vec<Var>) -> Self {
-        Self {
-            vars,
-            ..Default::default()
-        }
+        Self { vars, ..Default::default() }
     }
 
     setters!(lr, ess, weight_decay, hess_init, beta1, beta2, clip_radius);
@@ -389,16 +361,8 @@ pub struct Coefficients {
 impl Coefficients {
     /// Coefficients of group `g` at step `t` (1-based).
     pub fn new(g: &GroupHyper, config: &IvonConfig, t: u64) -> Self {
-        let lr = if config.rescale_lr {
-            g.lr * (g.hess_init + g.weight_decay)
-        } else {
-            g.lr
-        };
-        let debias = if config.debias {
-            1.0 - g.beta1.powf(t as f64)
-        } else {
-            1.0
-        };
+        let lr = if config.rescale_lr { g.lr * (g.hess_init + g.weight_decay) } else { g.lr };
+        let debias = if config.debias { 1.0 - g.beta1.powf(t as f64) } else { 1.0 };
         Self {
             beta1: g.beta1 as f32,
             one_minus_beta1: (1.0 - g.beta1) as f32,
@@ -444,9 +408,7 @@ pub fn nll_hess(approx: HessApprox, hess: f32, stat: f32, c: &Coefficients) -> f
 #[inline]
 pub fn new_hess(hess: f32, nll_hess: f32, c: &Coefficients) -> f32 {
     let d = hess - nll_hess;
-    c.beta2 * hess
-        + c.one_minus_beta2 * nll_hess
-        + c.half_sq_one_minus_beta2 * (d * d) / (hess + c.weight_decay)
+    c.beta2 * hess + c.one_minus_beta2 * nll_hess + c.half_sq_one_minus_beta2 * (d * d) / (hess + c.weight_decay)
 }
 
 /// Mean, `specs/ivon.md` steps 7–8: μ ← μ − lr'·clip((m/d + δ·μ)/(h+δ), −ρ, ρ), with the NEW h,
@@ -556,18 +518,8 @@ impl Ivon {
             let hyper = g.resolve(defaults);
             hyper.validate(&format!("groups[{i}]."))?;
             let numel: usize = g.vars.iter().map(|v| v.elem_count()).sum();
-            let lr_ratio = if config.lr > 0.0 {
-                hyper.lr / config.lr
-            } else {
-                1.0
-            };
-            resolved.push(Group {
-                hyper,
-                start,
-                end: start + numel,
-                lr_ratio,
-                vars: g.vars.len(),
-            });
+            let lr_ratio = if config.lr > 0.0 { hyper.lr / config.lr } else { 1.0 };
+            resolved.push(Group { hyper, start, end: start + numel, lr_ratio, vars: g.vars.len() });
             start += numel;
             all_vars.extend(g.vars.iter().cloned());
         }
@@ -682,10 +634,7 @@ impl Ivon {
     /// Sets the learning rate of group `group` only.
     pub fn set_group_learning_rate(&mut self, group: usize, lr: f64) -> Result<()> {
         let n = self.groups.len();
-        let g = self
-            .groups
-            .get_mut(group)
-            .ok_or_else(|| invalid("group", group, "no such group"))?;
+        let g = self.groups.get_mut(group).ok_or_else(|| invalid("group", group, "no such group"))?;
         if lr.is_nan() || lr < 0.0 {
             return Err(invalid(format!("groups[{group}].lr"), lr, "must be >= 0"));
         }
@@ -706,11 +655,7 @@ impl Ivon {
         for ((t, &m), &n) in self.scratch.iter_mut().zip(&self.mean).zip(&self.noise) {
             *t = m + n;
         }
-        let sample = Sample {
-            ivon: self,
-            micro_batches: 0,
-            done: false,
-        };
+        let sample = Sample { ivon: self, micro_batches: 0, done: false };
         // If writing θ fails half way, the guard's drop puts μ back.
         sample.ivon.flat.write_values(&sample.ivon.scratch)?;
         Ok(sample)
@@ -783,14 +728,11 @@ impl Ivon {
             let r = g.start..g.end;
             self.noise_source.fill(gi, &mut self.noise[r.clone()]);
             let (ess, wd) = (g.hyper.ess as f32, g.hyper.weight_decay as f32);
-            self.noise[r.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(self.hess[r].par_chunks(CHUNK))
-                .for_each(|(n, h)| {
-                    for (n, &h) in n.iter_mut().zip(h) {
-                        *n = sample_noise(*n, h, ess, wd);
-                    }
-                });
+            self.noise[r.clone()].par_chunks_mut(CHUNK).zip(self.hess[r].par_chunks(CHUNK)).for_each(|(n, h)| {
+                for (n, &h) in n.iter_mut().zip(h) {
+                    *n = sample_noise(*n, h, ess, wd);
+                }
+            });
         }
     }
 
@@ -826,13 +768,7 @@ fn update_chunk(
     gbar: &[f32],
     stat: &[f32],
 ) {
-    for ((((mu, m), h), &g), &s) in mu
-        .iter_mut()
-        .zip(m.iter_mut())
-        .zip(h.iter_mut())
-        .zip(gbar)
-        .zip(stat)
-    {
+    for ((((mu, m), h), &g), &s) in mu.iter_mut().zip(m.iter_mut()).zip(h.iter_mut()).zip(gbar).zip(stat) {
         *m = new_momentum(*m, g, c);
         *h = new_hess(*h, nll_hess(approx, *h, s, c), c);
         *mu = new_mean(*mu, *m, *h, c);
@@ -868,11 +804,7 @@ impl Sample<'_> {
         let ivon = &mut *self.ivon;
         for (index, slot) in ivon.flat.slots.iter().enumerate() {
             let acc = &mut ivon.scratch[slot.offset..slot.offset + slot.len];
-            let grad = if ivon.frozen[index] {
-                None
-            } else {
-                grads.get(slot.var.as_tensor())
-            };
+            let grad = if ivon.frozen[index] { None } else { grads.get(slot.var.as_tensor()) };
             match grad {
                 None if k == 1 => acc.fill(0.0),
                 None => acc.iter_mut().for_each(|a| *a += (0.0 - *a) / kf),
@@ -960,10 +892,7 @@ mod tests {
             beta2: 0.99,
             clip_radius: f64::INFINITY,
         };
-        let cfg = IvonConfig {
-            rescale_lr: false,
-            ..Default::default()
-        };
+        let cfg = IvonConfig { rescale_lr: false, ..Default::default() };
         let c = Coefficients::new(&g, &cfg, 1);
         let noise = sample_noise(0.5, 1.0, c.ess, c.weight_decay);
         let grad = 2.0 * (0.1 + noise - 1.0);
@@ -983,10 +912,8 @@ mod tests {
         assert!(s.contains("\"clip_radius\":\"inf\""), "{s}");
         let back: IvonConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
-        let lora: IvonConfig = serde_json::from_str(
-            &serde_json::to_string(&IvonConfig::ivon_lora(IvonLoraTask::WgM)).unwrap(),
-        )
-        .unwrap();
+        let lora: IvonConfig =
+            serde_json::from_str(&serde_json::to_string(&IvonConfig::ivon_lora(IvonLoraTask::WgM)).unwrap()).unwrap();
         assert_eq!(lora.ess, 1e8);
         assert_eq!("ARC_C".parse::<IvonLoraTask>().unwrap(), IvonLoraTask::ArcC);
         assert!("arc".parse::<IvonLoraTask>().is_err());

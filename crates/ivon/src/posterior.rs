@@ -94,11 +94,7 @@ impl Posterior {
         for (offset, n, g) in group_of {
             let g = &self.groups[g];
             let (ess, wd) = (g.ess as f32, g.weight_decay as f32);
-            out.extend(
-                self.hess[offset..offset + n]
-                    .iter()
-                    .map(|&h| 1.0 / (ess * (h + wd)).sqrt()),
-            );
+            out.extend(self.hess[offset..offset + n].iter().map(|&h| 1.0 / (ess * (h + wd)).sqrt()));
         }
         out
     }
@@ -115,34 +111,17 @@ impl Posterior {
             step: self.step,
             noise: self.noise,
         };
-        let json = serde_json::to_string(&meta).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
-        save_flat(
-            path,
-            &[
-                ("mean", &self.mean),
-                ("momentum", &self.momentum),
-                ("hess", &self.hess),
-            ],
-            "ivon_state",
-            json,
-        )
+        let json = serde_json::to_string(&meta).map_err(|source| Error::Json { path: path.into(), source })?;
+        save_flat(path, &[("mean", &self.mean), ("momentum", &self.momentum), ("hess", &self.hess)], "ivon_state", json)
     }
 
     /// Reads a state written by [`Posterior::save`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let (json, mut tensors) = load_flat(path, "ivon_state")?;
-        let mismatch = |reason: String| Error::StateMismatch {
-            path: path.into(),
-            reason,
-        };
-        let meta: StateMeta = serde_json::from_str(&json).map_err(|source| Error::Json {
-            path: path.into(),
-            source,
-        })?;
+        let mismatch = |reason: String| Error::StateMismatch { path: path.into(), reason };
+        let meta: StateMeta =
+            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
         if meta.format_version != FORMAT_VERSION {
             return Err(mismatch(format!(
                 "format_version {} is not supported (expected {FORMAT_VERSION})",
@@ -150,21 +129,12 @@ impl Posterior {
             )));
         }
         if meta.params.iter().any(|p| p.group >= meta.groups.len()) {
-            return Err(mismatch(
-                "a param refers to a group that does not exist".into(),
-            ));
+            return Err(mismatch("a param refers to a group that does not exist".into()));
         }
-        let numel: usize = meta
-            .params
-            .iter()
-            .map(|p| p.shape.iter().product::<usize>())
-            .sum();
+        let numel: usize = meta.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
         let mut take = |name: &str| match tensors.remove(name) {
             Some(v) if v.len() == numel => Ok(v),
-            Some(v) => Err(mismatch(format!(
-                "tensor `{name}` has {} elements, the layout {numel}",
-                v.len()
-            ))),
+            Some(v) => Err(mismatch(format!("tensor `{name}` has {} elements, the layout {numel}", v.len()))),
             None => Err(mismatch(format!("tensor `{name}` is missing"))),
         };
         Ok(Self {
@@ -188,11 +158,7 @@ impl Ivon {
         for (gi, g) in self.groups.iter().enumerate() {
             for _ in 0..g.vars {
                 let s = &self.flat.slots[slot];
-                params.push(ParamLayout {
-                    group: gi,
-                    shape: s.shape.dims().to_vec(),
-                    frozen: self.frozen[slot],
-                });
+                params.push(ParamLayout { group: gi, shape: s.shape.dims().to_vec(), frozen: self.frozen[slot] });
                 slot += 1;
             }
         }
@@ -212,10 +178,7 @@ impl Ivon {
     /// hyper-parameters, frozen flags and noise state. The vars and groups must have the same
     /// shapes as when it was saved; `path` only names the source in errors.
     pub fn load_posterior(&mut self, state: &Posterior, path: impl AsRef<Path>) -> Result<()> {
-        let mismatch = |reason: String| Error::StateMismatch {
-            path: path.as_ref().into(),
-            reason,
-        };
+        let mismatch = |reason: String| Error::StateMismatch { path: path.as_ref().into(), reason };
         let mine = self.posterior();
         if state.params.len() != mine.params.len() || state.groups.len() != mine.groups.len() {
             return Err(mismatch(format!(
@@ -237,11 +200,7 @@ impl Ivon {
         state.config.validate()?;
         for (g, h) in self.groups.iter_mut().zip(&state.groups) {
             g.hyper = *h;
-            g.lr_ratio = if state.config.lr > 0.0 {
-                h.lr / state.config.lr
-            } else {
-                1.0
-            };
+            g.lr_ratio = if state.config.lr > 0.0 { h.lr / state.config.lr } else { 1.0 };
         }
         self.config = state.config;
         self.mean.copy_from_slice(&state.mean);
@@ -290,20 +249,13 @@ impl Ivon {
     fn var_tensor(&self, var: &Var, f: impl Fn(usize, f32) -> f32) -> Result<Tensor> {
         let i = self.flat.index_of(var)?;
         let s = &self.flat.slots[i];
-        let v: Vec<f32> = (s.offset..s.offset + s.len)
-            .map(|j| f(j, self.hess[j]))
-            .collect();
+        let v: Vec<f32> = (s.offset..s.offset + s.len).map(|j| f(j, self.hess[j])).collect();
         Ok(Tensor::from_vec(v, s.shape.clone(), &self.flat.device)?)
     }
 
     fn group_of(&self, flat_index: usize) -> &GroupHyper {
         // invariant: groups cover 0..numel in order, so some group contains every flat index.
-        &self
-            .groups
-            .iter()
-            .find(|g| flat_index < g.end)
-            .expect("invariant: index inside a group")
-            .hyper
+        &self.groups.iter().find(|g| flat_index < g.end).expect("invariant: index inside a group").hyper
     }
 
     /// μ of `var`, f32, shaped like the var.

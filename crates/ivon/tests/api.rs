@@ -1,22 +1,14 @@
 //! Behaviour tests of the public API: validation, restore-on-error/panic, resume, micro-batches,
 //! dtypes, frozen vars, sync hook, the Optimizer trait.
 use candle_core::{DType, Device, Tensor, Var};
-use ivon::{
-    AdamW, AdamWConfig, Error, Ivon, IvonConfig, NoiseState, Optimizer, ParamGroup, Sgd, SgdConfig,
-};
+use ivon::{AdamW, AdamWConfig, Error, Ivon, IvonConfig, NoiseState, Optimizer, ParamGroup, Sgd, SgdConfig};
 
 fn var(v: &[f32]) -> Var {
     Var::new(v, &Device::Cpu).unwrap()
 }
 
 fn values(v: &Var) -> Vec<f32> {
-    v.as_tensor()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    v.as_tensor().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// ½ Σ a_i (θ_i − c_i)² as a candle graph; returns its gradients.
@@ -28,14 +20,7 @@ fn quad(theta: &Var) -> candle_core::Result<candle_core::backprop::GradStore> {
 }
 
 fn small_config() -> IvonConfig {
-    IvonConfig {
-        lr: 0.1,
-        ess: 100.0,
-        beta2: 0.99,
-        weight_decay: 1e-2,
-        rescale_lr: false,
-        ..Default::default()
-    }
+    IvonConfig { lr: 0.1, ess: 100.0, beta2: 0.99, weight_decay: 1e-2, rescale_lr: false, ..Default::default() }
 }
 
 fn field_of(e: Error) -> String {
@@ -52,30 +37,12 @@ fn bad_hyper_parameters_name_field_and_value() {
         (IvonConfig { lr: -1.0, ..d }, "lr=-1"),
         (IvonConfig { lr: f64::NAN, ..d }, "lr=NaN"),
         (IvonConfig { ess: 0.0, ..d }, "ess=0"),
-        (
-            IvonConfig {
-                hess_init: 0.0,
-                ..d
-            },
-            "hess_init=0",
-        ),
+        (IvonConfig { hess_init: 0.0, ..d }, "hess_init=0"),
         (IvonConfig { beta1: 1.5, ..d }, "beta1=1.5"),
         (IvonConfig { beta2: -0.1, ..d }, "beta2=-0.1"),
-        (
-            IvonConfig {
-                weight_decay: -1e-4,
-                ..d
-            },
-            "weight_decay=-0.0001",
-        ),
+        (IvonConfig { weight_decay: -1e-4, ..d }, "weight_decay=-0.0001"),
         (IvonConfig { mc_samples: 0, ..d }, "mc_samples=0"),
-        (
-            IvonConfig {
-                clip_radius: 0.0,
-                ..d
-            },
-            "clip_radius=0",
-        ),
+        (IvonConfig { clip_radius: 0.0, ..d }, "clip_radius=0"),
     ];
     for (cfg, want) in cases {
         let err = cfg.validate().unwrap_err();
@@ -86,69 +53,30 @@ fn bad_hyper_parameters_name_field_and_value() {
         assert!(Ivon::new(vec![var(&[1.0])], cfg).is_err());
     }
     // Weight decay 0 is allowed (ivon-opt 0.1.3; IVON-LoRA uses it); beta = 0 and 1 too.
-    IvonConfig {
-        weight_decay: 0.0,
-        beta1: 0.0,
-        beta2: 1.0,
-        ..d
-    }
-    .validate()
-    .unwrap();
+    IvonConfig { weight_decay: 0.0, beta1: 0.0, beta2: 1.0, ..d }.validate().unwrap();
     // Per-group overrides are checked and named with their group.
-    let groups = vec![
-        ParamGroup::new(vec![var(&[1.0])]),
-        ParamGroup::new(vec![var(&[2.0])]).ess(-3.0),
-    ];
-    assert_eq!(
-        field_of(Ivon::with_groups(groups, d).unwrap_err()),
-        "groups[1].ess=-3"
-    );
+    let groups = vec![ParamGroup::new(vec![var(&[1.0])]), ParamGroup::new(vec![var(&[2.0])]).ess(-3.0)];
+    assert_eq!(field_of(Ivon::with_groups(groups, d).unwrap_err()), "groups[1].ess=-3");
     // The baselines validate as well.
-    let e = AdamW::new(
-        vec![var(&[1.0])],
-        AdamWConfig {
-            beta2: 1.0,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = AdamW::new(vec![var(&[1.0])], AdamWConfig { beta2: 1.0, ..Default::default() }).unwrap_err();
     assert_eq!(field_of(e), "beta2=1");
-    let e = Sgd::new(
-        vec![var(&[1.0])],
-        SgdConfig {
-            momentum: -0.5,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = Sgd::new(vec![var(&[1.0])], SgdConfig { momentum: -0.5, ..Default::default() }).unwrap_err();
     assert_eq!(field_of(e), "momentum=-0.5");
-    assert_eq!(
-        field_of("wg-x".parse::<ivon::IvonLoraTask>().unwrap_err()),
-        "task=wg-x"
-    );
+    assert_eq!(field_of("wg-x".parse::<ivon::IvonLoraTask>().unwrap_err()), "task=wg-x");
 }
 
 #[test]
 fn bad_vars_are_errors_not_dropped() {
     let cfg = IvonConfig::default();
     let ints = Var::from_tensor(&Tensor::new(&[1u32, 2], &Device::Cpu).unwrap()).unwrap();
-    assert!(matches!(
-        Ivon::new(vec![var(&[1.0]), ints.clone()], cfg),
-        Err(Error::NonFloatVar { index: 1, .. })
-    ));
-    assert!(matches!(
-        AdamW::new(vec![ints], AdamWConfig::default()),
-        Err(Error::NonFloatVar { index: 0, .. })
-    ));
+    assert!(matches!(Ivon::new(vec![var(&[1.0]), ints.clone()], cfg), Err(Error::NonFloatVar { index: 1, .. })));
+    assert!(matches!(AdamW::new(vec![ints], AdamWConfig::default()), Err(Error::NonFloatVar { index: 0, .. })));
     let f64var = Var::new(&[1f64], &Device::Cpu).unwrap();
     let e = Ivon::new(vec![var(&[1.0]), f64var], cfg).unwrap_err();
     assert!(matches!(e, Error::MixedDTypes { index: 1, .. }), "{e}");
     assert!(matches!(Ivon::new(vec![], cfg), Err(Error::NoVars)));
     let v = var(&[1.0]);
-    assert!(matches!(
-        Ivon::new(vec![v.clone(), v], cfg),
-        Err(Error::DuplicateVar { index: 1, first: 0 })
-    ));
+    assert!(matches!(Ivon::new(vec![v.clone(), v], cfg), Err(Error::DuplicateVar { index: 1, first: 0 })));
     // Mixed devices cannot be built on a CPU-only machine; the check is the same code path
     // (`FlatVars::new`) and refuses any var whose device differs from var #0's.
 }
@@ -197,10 +125,7 @@ fn resume_is_bit_identical() {
             opt.step().unwrap();
         }
     };
-    let cfg = IvonConfig {
-        mc_samples: 2,
-        ..small_config()
-    };
+    let cfg = IvonConfig { mc_samples: 2, ..small_config() };
 
     let straight = var(&[0.1, 0.2, -0.3]);
     let mut a = Ivon::new(vec![straight.clone()], cfg).unwrap();
@@ -230,10 +155,7 @@ fn resume_is_bit_identical() {
 
     // Saving with pending samples is refused; a wrong layout is refused with the path named.
     c.with_sampled_params(|| quad(&fresh)).unwrap();
-    assert!(matches!(
-        c.save_state(&path),
-        Err(Error::PendingSamples { count: 1 })
-    ));
+    assert!(matches!(c.save_state(&path), Err(Error::PendingSamples { count: 1 })));
     let mut other = Ivon::new(vec![var(&[1.0, 2.0])], cfg).unwrap();
     let e = other.load_state(&path).unwrap_err();
     assert!(e.to_string().contains("ivon_state.safetensors"), "{e}");
@@ -285,28 +207,18 @@ fn frozen_vars_get_zero_gradient_and_are_still_perturbed() {
         ((w.as_tensor().sum_all()? + b.as_tensor().sum_all()?)? * 10.0)?.backward()
     })
     .unwrap();
-    assert_ne!(
-        seen_b, 1.0,
-        "a frozen var is still sampled (as in ivon-opt)"
-    );
+    assert_ne!(seen_b, 1.0, "a frozen var is still sampled (as in ivon-opt)");
     opt.step().unwrap();
     assert_eq!(opt.momentum_flat()[2], 0.0, "frozen var sees zero gradient");
     assert_ne!(opt.momentum_flat()[0], 0.0);
-    assert!(matches!(
-        opt.set_frozen(&var(&[0.0]), true),
-        Err(Error::UnknownVar { .. })
-    ));
+    assert!(matches!(opt.set_frozen(&var(&[0.0]), true), Err(Error::UnknownVar { .. })));
 }
 
 #[test]
 fn bf16_vars_keep_an_f32_master_mean() {
-    let theta = Var::from_tensor(
-        &Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap(),
-    )
-    .unwrap();
+    let theta =
+        Var::from_tensor(&Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap())
+            .unwrap();
     // IVON-LoRA-like steps of 3e-5 would vanish in bf16 weights around 0.1.
     let cfg = IvonConfig {
         lr: 0.03,
@@ -323,24 +235,12 @@ fn bf16_vars_keep_an_f32_master_mean() {
         opt.with_sampled_params(|| quad(&theta)).unwrap();
         opt.step().unwrap();
     }
-    let moved: Vec<f32> = opt
-        .mean_flat()
-        .iter()
-        .zip(&start)
-        .map(|(a, b)| a - b)
-        .collect();
+    let moved: Vec<f32> = opt.mean_flat().iter().zip(&start).map(|(a, b)| a - b).collect();
     for d in &moved {
-        assert!(
-            (d.abs() - 9e-5).abs() < 1e-6,
-            "f32 master moved by 3 clipped steps: {moved:?}"
-        );
+        assert!((d.abs() - 9e-5).abs() < 1e-6, "f32 master moved by 3 clipped steps: {moved:?}");
     }
     assert_eq!(theta.dtype(), DType::BF16);
-    let want: Vec<f32> = opt
-        .mean_flat()
-        .iter()
-        .map(|&x| half::bf16::from_f32(x).to_f32())
-        .collect();
+    let want: Vec<f32> = opt.mean_flat().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
     assert_eq!(values(&theta), want, "the var holds μ cast to bf16");
 }
 
@@ -348,14 +248,7 @@ fn bf16_vars_keep_an_f32_master_mean() {
 fn sync_hook_sees_gradient_and_curvature_means() {
     use std::sync::{Arc, Mutex};
     let theta = var(&[0.1, 0.2, -0.3]);
-    let mut opt = Ivon::new(
-        vec![theta.clone()],
-        IvonConfig {
-            sync: true,
-            ..small_config()
-        },
-    )
-    .unwrap();
+    let mut opt = Ivon::new(vec![theta.clone()], IvonConfig { sync: true, ..small_config() }).unwrap();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let c2 = calls.clone();
     // Pretend a second worker saw zeros: the all-reduce mean halves everything.
@@ -379,45 +272,19 @@ fn optimizer_trait_trains_with_all_three() {
             opt.backward_step(&mut || quad(theta)).unwrap();
         }
         let v = values(theta);
-        (v[0] - 1.0)
-            .abs()
-            .max((v[1] + 2.0).abs())
-            .max((v[2] - 0.3).abs())
+        (v[0] - 1.0).abs().max((v[1] + 2.0).abs()).max((v[2] - 0.3).abs())
     };
     let t = var(&[0.1, 0.2, -0.3]);
-    let mut ivon = Ivon::new(
-        vec![t.clone()],
-        IvonConfig {
-            ess: 1e4,
-            mc_samples: 2,
-            ..small_config()
-        },
-    )
-    .unwrap();
+    let mut ivon = Ivon::new(vec![t.clone()], IvonConfig { ess: 1e4, mc_samples: 2, ..small_config() }).unwrap();
     assert!(run(&mut ivon, &t) < 0.1);
     assert_eq!(ivon.step_count(), 200);
     assert_eq!(ivon.learning_rate(), 0.05);
     let ta = var(&[0.1, 0.2, -0.3]);
-    let mut adamw = AdamW::new(
-        vec![ta.clone()],
-        AdamWConfig {
-            lr: 0.05,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut adamw =
+        AdamW::new(vec![ta.clone()], AdamWConfig { lr: 0.05, weight_decay: 0.0, ..Default::default() }).unwrap();
     assert!(run(&mut adamw, &ta) < 0.1);
     let t = var(&[0.1, 0.2, -0.3]);
-    let mut sgd = Sgd::new(
-        vec![t.clone()],
-        SgdConfig {
-            lr: 0.05,
-            momentum: 0.5,
-            weight_decay: 0.0,
-        },
-    )
-    .unwrap();
+    let mut sgd = Sgd::new(vec![t.clone()], SgdConfig { lr: 0.05, momentum: 0.5, weight_decay: 0.0 }).unwrap();
     assert!(run(&mut sgd, &t) < 0.1);
 
     // AdamW's state round-trips.
@@ -435,15 +302,8 @@ fn optimizer_trait_trains_with_all_three() {
 fn adamw_first_step_matches_torch_formula() {
     // torch AdamW, step 1: p ← p(1 − lr·wd) − lr·g/(|g| + eps·…) ≈ p(1 − lr·wd) − lr·sign(g).
     let theta = var(&[0.1, 0.2, -0.3]);
-    let mut opt = AdamW::new(
-        vec![theta.clone()],
-        AdamWConfig {
-            lr: 0.01,
-            weight_decay: 0.1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut opt =
+        AdamW::new(vec![theta.clone()], AdamWConfig { lr: 0.01, weight_decay: 0.1, ..Default::default() }).unwrap();
     opt.step(&quad(&theta).unwrap()).unwrap();
     let got = values(&theta);
     let want = [0.1 * 0.999 + 0.01, 0.2 * 0.999 - 0.01, -0.3 * 0.999 + 0.01];
@@ -461,25 +321,11 @@ fn posterior_accessors_and_prediction_samples() {
     assert!(std.iter().all(|s| (s - want).abs() < 1e-7));
     assert_eq!(opt.posterior().std(), std);
     let mut noise = NoiseState::new(3);
-    let s1 = opt
-        .with_posterior_sample(&mut noise, || theta.as_tensor().to_vec1::<f32>())
-        .unwrap();
-    let s2 = opt
-        .with_posterior_sample(&mut noise, || theta.as_tensor().to_vec1::<f32>())
-        .unwrap();
+    let s1 = opt.with_posterior_sample(&mut noise, || theta.as_tensor().to_vec1::<f32>()).unwrap();
+    let s2 = opt.with_posterior_sample(&mut noise, || theta.as_tensor().to_vec1::<f32>()).unwrap();
     assert_ne!(s1, s2);
     assert_eq!(values(&theta), vec![0.1, 0.2, -0.3]);
-    assert_eq!(
-        opt.noise_state(),
-        Some(NoiseState::new(0)),
-        "prediction does not touch the training stream"
-    );
-    assert_eq!(
-        opt.mean(&theta).unwrap().to_vec1::<f32>().unwrap(),
-        vec![0.1, 0.2, -0.3]
-    );
-    assert_eq!(
-        opt.hess(&theta).unwrap().to_vec1::<f32>().unwrap(),
-        vec![1.0; 3]
-    );
+    assert_eq!(opt.noise_state(), Some(NoiseState::new(0)), "prediction does not touch the training stream");
+    assert_eq!(opt.mean(&theta).unwrap().to_vec1::<f32>().unwrap(), vec![0.1, 0.2, -0.3]);
+    assert_eq!(opt.hess(&theta).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
 }

@@ -40,12 +40,7 @@ fn check(name: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
             at = i;
         }
     }
-    assert!(
-        worst <= tol,
-        "{name}: worst relative error {worst:e} at index {at}: got {} want {}",
-        got[at],
-        want[at]
-    );
+    assert!(worst <= tol, "{name}: worst relative error {worst:e} at index {at}: got {} want {}", got[at], want[at]);
     worst
 }
 
@@ -66,8 +61,7 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
     let name = setting["name"].as_str().unwrap();
     let dev = Device::Cpu;
     let t: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixtures().join(format!("ivon_{name}.safetensors")), &dev)
-            .unwrap();
+        candle_core::safetensors::load(fixtures().join(format!("ivon_{name}.safetensors")), &dev).unwrap();
     let config: IvonConfig = serde_json::from_value(setting["config"].clone()).unwrap();
     let steps = setting["steps"].as_u64().unwrap() as usize;
     let w = Var::from_tensor(&t["W0"]).unwrap();
@@ -97,12 +91,7 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
     }
     opt.set_noise_fn(replay(t["eps"].to_vec1::<f32>().unwrap()));
     let (x, y) = (&t["X"], &t["Y"]);
-    check(
-        &format!("{name}: mean[0]"),
-        opt.mean_flat(),
-        &row(&t["mean"], 0),
-        0.0,
-    );
+    check(&format!("{name}: mean[0]"), opt.mean_flat(), &row(&t["mean"], 0), 0.0);
     let mut worst = 0f32;
     for step in 0..steps {
         for _ in 0..config.mc_samples {
@@ -114,15 +103,9 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
             .unwrap();
         }
         opt.step().unwrap();
-        let flat_vars: Vec<f32> = [&w, &b]
-            .iter()
-            .flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect();
-        assert_eq!(
-            flat_vars,
-            opt.mean_flat(),
-            "{name}: vars must hold μ after step()"
-        );
+        let flat_vars: Vec<f32> =
+            [&w, &b].iter().flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        assert_eq!(flat_vars, opt.mean_flat(), "{name}: vars must hold μ after step()");
         worst = worst.max(check(
             &format!("{name}: mean after step {}", step + 1),
             opt.mean_flat(),
@@ -149,8 +132,7 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
 #[test]
 fn golden_fixtures_match_ivon_opt() {
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("settings.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("settings.json")).unwrap()).unwrap();
     assert_eq!(index["ivon_opt_version"], "0.1.3");
     let settings = index["settings"].as_array().unwrap();
     assert!(settings.len() >= 6);
@@ -171,9 +153,7 @@ fn hand_case(config: IvonConfig) -> HandRun {
     let c = Tensor::new(&[1f32, -2.0, 0.3], &Device::Cpu).unwrap();
     let theta = Var::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap();
     let mut opt = Ivon::new(vec![theta.clone()], config).unwrap();
-    opt.set_noise_fn(replay(vec![
-        0.5, -1.0, 2.0, -1.5, 0.25, 1.0, 1.0, 1.0, -0.5,
-    ]));
+    opt.set_noise_fn(replay(vec![0.5, -1.0, 2.0, -1.5, 0.25, 1.0, 1.0, 1.0, -0.5]));
     let (mut means, mut hesses, mut moms, mut theta1) = (vec![], vec![], vec![], vec![]);
     for step in 0..3 {
         opt.with_sampled_params(|| {
@@ -216,87 +196,25 @@ fn hand_vectors_case_a() {
     let (m, h, g, theta1) = hand_case(case_a());
     // f32 against float64 reference values: 2e-6 relative covers the f32 rounding over 3 steps.
     let tol = 2e-6;
-    check(
-        "A theta1",
-        &theta1,
-        &f32s(&[
-            0.14975185951049946,
-            0.1004962809790011,
-            -0.10099256195800216,
-        ]),
-        tol,
-    );
-    check(
-        "A m1",
-        &m[0],
-        &f32s(&[0.2849165393580184, 0.08322121109045022, 0.46635997728359185]),
-        tol,
-    );
-    check(
-        "A h1",
-        &h[0],
-        &f32s(&[0.9090612623831301, 0.8910610148599094, 0.5136345501501884]),
-        tol,
-    );
-    check(
-        "A g1",
-        &g[0],
-        &f32s(&[
-            -0.17004962809790009,
-            0.10502481404895003,
-            -0.4009925619580021,
-        ]),
-        tol,
-    );
-    check(
-        "A m2",
-        &m[1],
-        &f32s(&[0.4291718566507634, -0.03161968999804772, 0.503629444929829]),
-        tol,
-    );
-    check(
-        "A h2",
-        &h[1],
-        &f32s(&[1.1823783671866843, 0.9073256277902236, 0.7731202989438606]),
-        tol,
-    );
-    check(
-        "A m3",
-        &m[2],
-        &f32s(&[0.561991702473425, -0.13501667799497935, 0.4530690133756534]),
-        tol,
-    );
-    check(
-        "A h3",
-        &h[2],
-        &f32s(&[1.0715802893723232, 1.0019489012906697, 0.7036757881869348]),
-        tol,
-    );
+    check("A theta1", &theta1, &f32s(&[0.14975185951049946, 0.1004962809790011, -0.10099256195800216]), tol);
+    check("A m1", &m[0], &f32s(&[0.2849165393580184, 0.08322121109045022, 0.46635997728359185]), tol);
+    check("A h1", &h[0], &f32s(&[0.9090612623831301, 0.8910610148599094, 0.5136345501501884]), tol);
+    check("A g1", &g[0], &f32s(&[-0.17004962809790009, 0.10502481404895003, -0.4009925619580021]), tol);
+    check("A m2", &m[1], &f32s(&[0.4291718566507634, -0.03161968999804772, 0.503629444929829]), tol);
+    check("A h2", &h[1], &f32s(&[1.1823783671866843, 0.9073256277902236, 0.7731202989438606]), tol);
+    check("A m3", &m[2], &f32s(&[0.561991702473425, -0.13501667799497935, 0.4530690133756534]), tol);
+    check("A h3", &h[2], &f32s(&[1.0715802893723232, 1.0019489012906697, 0.7036757881869348]), tol);
 }
 
 #[test]
 fn hand_vectors_case_b_clip_and_rescale() {
-    let (m, h, _, _) = hand_case(IvonConfig {
-        clip_radius: 0.05,
-        rescale_lr: true,
-        ..case_a()
-    });
+    let (m, h, _, _) = hand_case(IvonConfig { clip_radius: 0.05, rescale_lr: true, ..case_a() });
     let tol = 2e-6;
     check("B m1", &m[0], &f32s(&[0.10505, 0.19495, -0.29495]), tol);
     check("B m2", &m[1], &f32s(&[0.1101, 0.1899, -0.2899]), tol);
     check("B m3", &m[2], &f32s(&[0.11515, 0.18485, -0.28485]), tol);
-    check(
-        "B h2",
-        &h[1],
-        &f32s(&[1.2491613250707492, 0.9086760420445622, 0.28555772129850854]),
-        tol,
-    );
-    check(
-        "B h3",
-        &h[2],
-        &f32s(&[1.0716240787416196, 1.0150744013201585, 0.5243938001923958]),
-        tol,
-    );
+    check("B h2", &h[1], &f32s(&[1.2491613250707492, 0.9086760420445622, 0.28555772129850854]), tol);
+    check("B h3", &h[2], &f32s(&[1.0716240787416196, 1.0150744013201585, 0.5243938001923958]), tol);
 }
 
 #[test]
@@ -312,23 +230,12 @@ fn hand_vectors_case_c_ivon_lora_like() {
         ..case_a()
     };
     let (m, h, _, _) = hand_case(cfg);
-    check(
-        "C h1",
-        &h[0],
-        &f32s(&[
-            0.000759477281738581,
-            0.0007159161332248373,
-            0.0033673974782620457,
-        ]),
-        1e-5,
-    );
+    check("C h1", &h[0], &f32s(&[0.000759477281738581, 0.0007159161332248373, 0.0033673974782620457]), 1e-5);
     // Every coordinate clips: μ moves by exactly lr·ρ = 3e-5 per step, towards c.
     let m0 = [0.1f32, 0.2, -0.3];
     let dir = [1f32, -1.0, 1.0];
     for (t, mt) in m.iter().enumerate() {
-        let want: Vec<f32> = (0..3)
-            .map(|i| m0[i] + dir[i] * 3e-5 * (t as f32 + 1.0))
-            .collect();
+        let want: Vec<f32> = (0..3).map(|i| m0[i] + dir[i] * 3e-5 * (t as f32 + 1.0)).collect();
         check(&format!("C m{}", t + 1), mt, &want, 1e-5);
     }
 }

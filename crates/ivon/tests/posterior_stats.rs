@@ -81,12 +81,7 @@ fn ivon_matches_mean_field_posterior_of_linear_regression() {
         .collect();
 
     let dev = Device::Cpu;
-    let xt = Tensor::from_vec(
-        x.iter().flatten().map(|&v| v as f32).collect(),
-        (N, D),
-        &dev,
-    )
-    .unwrap();
+    let xt = Tensor::from_vec(x.iter().flatten().map(|&v| v as f32).collect(), (N, D), &dev).unwrap();
     let yt = Tensor::from_vec(y.iter().map(|&v| v as f32).collect(), (N, 1), &dev).unwrap();
     let w = Var::zeros((D, 1), candle_core::DType::F32, &dev).unwrap();
     let cfg = IvonConfig {
@@ -104,11 +99,7 @@ fn ivon_matches_mean_field_posterior_of_linear_regression() {
     opt.set_seed(11);
     let steps = 6000;
     for t in 0..steps {
-        let lr = if t < steps / 2 {
-            0.2
-        } else {
-            0.2 * (steps - t) as f64 / (steps / 2) as f64
-        };
+        let lr = if t < steps / 2 { 0.2 } else { 0.2 * (steps - t) as f64 / (steps / 2) as f64 };
         opt.set_learning_rate(lr);
         for _ in 0..cfg.mc_samples {
             opt.with_sampled_params(|| {
@@ -119,20 +110,8 @@ fn ivon_matches_mean_field_posterior_of_linear_regression() {
         }
         opt.step().unwrap();
     }
-    let mu = opt
-        .mean(&w)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let sd = opt
-        .std(&w)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let mu = opt.mean(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let sd = opt.std(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for i in 0..D {
         let var = (sd[i] as f64).powi(2);
         let mean_err = (mu[i] as f64 - post_mean[i]).abs() / post_mean[i].abs();
@@ -147,11 +126,7 @@ fn ivon_matches_mean_field_posterior_of_linear_regression() {
             100.0 * var_err,
             marginal_var[i]
         );
-        assert!(
-            mean_err < 0.05,
-            "w[{i}] mean off by {:.2}%",
-            100.0 * mean_err
-        );
+        assert!(mean_err < 0.05, "w[{i}] mean off by {:.2}%", 100.0 * mean_err);
         assert!(var_err < 0.05, "w[{i}] σ² off by {:.2}%", 100.0 * var_err);
     }
     // The correlated columns make the marginal variance clearly different, so matching 1/Λ_ii

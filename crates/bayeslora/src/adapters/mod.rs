@@ -28,10 +28,7 @@ pub struct Ctx {
 impl Ctx {
     /// Evaluation mode: no dropout.
     pub fn eval() -> Self {
-        Ctx {
-            train: false,
-            seed: 0,
-        }
+        Ctx { train: false, seed: 0 }
     }
     /// Training mode with a per-step seed.
     pub fn train(seed: u64) -> Self {
@@ -75,12 +72,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear {
-            weight,
-            bias,
-            adapter: None,
-            salt: 0,
-        }
+        Linear { weight, bias, adapter: None, salt: 0 }
     }
     pub fn in_features(&self) -> usize {
         self.weight.dims().get(1).copied().unwrap_or(0)

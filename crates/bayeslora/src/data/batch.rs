@@ -34,13 +34,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         // batch 4 and shuffling: ivon-lora's `finetune.py` defaults.
-        BatchConfig {
-            batch_size: 4,
-            shuffle: true,
-            seed: 0,
-            bucket: None,
-            drop_last: false,
-        }
+        BatchConfig { batch_size: 4, shuffle: true, seed: 0, bucket: None, drop_last: false }
     }
 }
 
@@ -50,11 +44,7 @@ impl BatchConfig {
             return Err(Error::config("batch_size", 0, "must be at least 1"));
         }
         if self.bucket == Some(0) {
-            return Err(Error::config(
-                "bucket",
-                0,
-                "use at least 1 batch per bucket, or leave it unset",
-            ));
+            return Err(Error::config("bucket", 0, "use at least 1 batch per bucket, or leave it unset"));
         }
         Ok(())
     }
@@ -127,9 +117,9 @@ impl Batch {
         let rows = indices
             .iter()
             .map(|&i| {
-                data.rows.get(i).ok_or_else(|| {
-                    Error::config("batch index", i, format!("dataset has {} rows", data.len()))
-                })
+                data.rows
+                    .get(i)
+                    .ok_or_else(|| Error::config("batch index", i, format!("dataset has {} rows", data.len())))
             })
             .collect::<Result<Vec<_>>>()?;
         let b = rows.len();
@@ -147,8 +137,7 @@ impl Batch {
             let n = r.ids.len();
             input_ids[row * t..row * t + n].copy_from_slice(&r.ids);
             attention_mask[row * t..row * t + n].fill(1);
-            token_type_ids[row * t..row * t + n]
-                .copy_from_slice(&r.type_ids[..n.min(r.type_ids.len())]);
+            token_type_ids[row * t..row * t + n].copy_from_slice(&r.type_ids[..n.min(r.type_ids.len())]);
             last_positions.push(n.saturating_sub(1) as u32);
             num_real_tokens += n;
             if k > 0 {
@@ -159,11 +148,7 @@ impl Batch {
                 Label::Score(s) => scores.push(s),
             }
         }
-        let labels = if scores.is_empty() {
-            BatchLabels::Class(class_labels)
-        } else {
-            BatchLabels::Score(scores)
-        };
+        let labels = if scores.is_empty() { BatchLabels::Class(class_labels) } else { BatchLabels::Score(scores) };
         Ok(Batch {
             indices: indices.to_vec(),
             batch_size: b,
@@ -192,32 +177,21 @@ impl Batch {
             None
         } else {
             let k_mask = self.class_mask.len() / b;
-            Some(Tensor::from_vec(
-                f32_of(&self.class_mask),
-                (b, k_mask),
-                device,
-            )?)
+            Some(Tensor::from_vec(f32_of(&self.class_mask), (b, k_mask), device)?)
         };
         Ok(BatchTensors {
             input_ids: Tensor::from_slice(&self.input_ids, (b, t), device)?,
             attention_mask: Tensor::from_vec(f32_of(&self.attention_mask), (b, t), device)?,
             token_type_ids: Tensor::from_slice(&self.token_type_ids, (b, t), device)?,
             labels,
-            label_token_ids: if k > 0 {
-                Some(Tensor::from_slice(&self.label_token_ids, k, device)?)
-            } else {
-                None
-            },
+            label_token_ids: if k > 0 { Some(Tensor::from_slice(&self.label_token_ids, k, device)?) } else { None },
             class_mask,
             last_positions: Tensor::from_slice(&self.last_positions, b, device)?,
         })
     }
 
     /// Batches of `data` in file order, for evaluation and prediction.
-    pub fn in_order(
-        data: &EncodedDataset,
-        batch_size: usize,
-    ) -> impl Iterator<Item = Result<Batch>> + '_ {
+    pub fn in_order(data: &EncodedDataset, batch_size: usize) -> impl Iterator<Item = Result<Batch>> + '_ {
         let n = data.len();
         let bs = batch_size.max(1);
         (0..n.div_ceil(bs)).map(move |i| {
@@ -312,18 +286,10 @@ impl Batcher {
             return Err(Error::config(
                 "batch_size",
                 cfg.batch_size,
-                format!(
-                    "larger than the {} rows with drop_last = true; lower it",
-                    data.len()
-                ),
+                format!("larger than the {} rows with drop_last = true; lower it", data.len()),
             ));
         }
-        Ok(Batcher {
-            data,
-            cfg,
-            cursor: Cursor::default(),
-            plan,
-        })
+        Ok(Batcher { data, cfg, cursor: Cursor::default(), plan })
     }
 
     /// The position of the next batch; save it in checkpoints.
@@ -338,7 +304,10 @@ impl Batcher {
             return Err(Error::config(
                 "cursor.position",
                 cursor.position,
-                format!("epoch has only {} batches; was the checkpoint made with other data or batch size?", plan.len()),
+                format!(
+                    "epoch has only {} batches; was the checkpoint made with other data or batch size?",
+                    plan.len()
+                ),
             ));
         }
         self.plan = plan;
@@ -357,10 +326,7 @@ impl Batcher {
     /// The next batch; moves to the next epoch (new permutation) at the end of one.
     pub fn next_batch(&mut self) -> Batch {
         if self.cursor.position >= self.plan.len() {
-            self.cursor = Cursor {
-                epoch: self.cursor.epoch + 1,
-                position: 0,
-            };
+            self.cursor = Cursor { epoch: self.cursor.epoch + 1, position: 0 };
             self.plan = epoch_plan(&self.data, &self.cfg, self.cursor.epoch);
         }
         let idx = &self.plan[self.cursor.position];
@@ -410,14 +376,8 @@ mod tests {
         assert_eq!(b.labels, BatchLabels::Class(vec![0, 1, 2]));
         let t = b.to_tensors(&Device::Cpu).unwrap();
         assert_eq!(t.input_ids.dims(), &[3, 3]);
-        assert_eq!(
-            t.attention_mask.to_vec2::<f32>().unwrap()[1],
-            vec![1.0, 0.0, 0.0]
-        );
-        assert_eq!(
-            t.label_token_ids.unwrap().to_vec1::<u32>().unwrap(),
-            vec![100, 101, 102]
-        );
+        assert_eq!(t.attention_mask.to_vec2::<f32>().unwrap()[1], vec![1.0, 0.0, 0.0]);
+        assert_eq!(t.label_token_ids.unwrap().to_vec1::<u32>().unwrap(), vec![100, 101, 102]);
         assert_eq!(t.class_mask.unwrap().dims(), &[3, 3]);
         assert_eq!(t.last_positions.to_vec1::<u32>().unwrap(), vec![2, 0, 1]);
     }
@@ -425,11 +385,7 @@ mod tests {
     #[test]
     fn shuffle_is_deterministic_and_covers_each_epoch() {
         let d: Arc<EncodedDataset> = toy(&[1; 23], 2).into();
-        let cfg = BatchConfig {
-            batch_size: 4,
-            seed: 7,
-            ..Default::default()
-        };
+        let cfg = BatchConfig { batch_size: 4, seed: 7, ..Default::default() };
         let mut a = Batcher::new(d.clone(), cfg.clone()).unwrap();
         let mut b = Batcher::new(d.clone(), cfg.clone()).unwrap();
         assert_eq!(a.batches_per_epoch(), 6);
@@ -439,37 +395,19 @@ mod tests {
         let mut all: Vec<usize> = ea.concat();
         all.sort_unstable();
         assert_eq!(all, (0..23).collect::<Vec<_>>());
-        assert_ne!(
-            ea.concat(),
-            (0..23).collect::<Vec<_>>(),
-            "epoch 0 should be shuffled"
-        );
+        assert_ne!(ea.concat(), (0..23).collect::<Vec<_>>(), "epoch 0 should be shuffled");
         let e1: Vec<usize> = (0..6).flat_map(|_| a.next_batch().indices).collect();
         assert_ne!(e1, ea.concat(), "each epoch gets its own permutation");
-        assert_eq!(
-            a.cursor(),
-            Cursor {
-                epoch: 1,
-                position: 6
-            }
-        );
+        assert_eq!(a.cursor(), Cursor { epoch: 1, position: 6 });
         let other = Batcher::new(d, BatchConfig { seed: 8, ..cfg }).unwrap();
-        assert_ne!(
-            other.plan,
-            Batcher::new(a.data.clone(), a.cfg.clone()).unwrap().plan
-        );
+        assert_ne!(other.plan, Batcher::new(a.data.clone(), a.cfg.clone()).unwrap().plan);
     }
 
     #[test]
     fn cursor_resume_is_exact() {
         let lens: Vec<usize> = (0..37).map(|i| 1 + (i * 7) % 11).collect();
         let d: Arc<EncodedDataset> = toy(&lens, 4).into();
-        let cfg = BatchConfig {
-            batch_size: 5,
-            seed: 3,
-            bucket: Some(2),
-            ..Default::default()
-        };
+        let cfg = BatchConfig { batch_size: 5, seed: 3, bucket: Some(2), ..Default::default() };
         let mut full = Batcher::new(d.clone(), cfg.clone()).unwrap();
         let reference: Vec<Batch> = (0..25).map(|_| full.next_batch()).collect();
         let mut first = Batcher::new(d.clone(), cfg.clone()).unwrap();
@@ -489,16 +427,8 @@ mod tests {
         let lens: Vec<usize> = (0..64).map(|i| 1 + (i * 37) % 50).collect();
         let d: Arc<EncodedDataset> = toy(&lens, 2).into();
         let pad = |bucket| {
-            let mut b = Batcher::new(
-                d.clone(),
-                BatchConfig {
-                    batch_size: 8,
-                    bucket,
-                    seed: 1,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            let mut b =
+                Batcher::new(d.clone(), BatchConfig { batch_size: 8, bucket, seed: 1, ..Default::default() }).unwrap();
             (0..8)
                 .map(|_| {
                     let x = b.next_batch();
@@ -506,38 +436,19 @@ mod tests {
                 })
                 .sum::<usize>()
         };
-        assert!(
-            pad(Some(8)) < pad(None) / 2,
-            "{} vs {}",
-            pad(Some(8)),
-            pad(None)
-        );
+        assert!(pad(Some(8)) < pad(None) / 2, "{} vs {}", pad(Some(8)), pad(None));
     }
 
     #[test]
     fn drop_last_and_in_order() {
         let d = toy(&[2; 10], 2);
-        let b = Batcher::new(
-            d.clone().into(),
-            BatchConfig {
-                batch_size: 4,
-                drop_last: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let b = Batcher::new(d.clone().into(), BatchConfig { batch_size: 4, drop_last: true, ..Default::default() })
+            .unwrap();
         assert_eq!(b.batches_per_epoch(), 2);
         let ev: Vec<Batch> = Batch::in_order(&d, 4).collect::<Result<_>>().unwrap();
         assert_eq!(ev.len(), 3);
         assert_eq!(ev[2].indices, vec![8, 9]);
-        let err = Batcher::new(
-            d.into(),
-            BatchConfig {
-                batch_size: 0,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
+        let err = Batcher::new(d.into(), BatchConfig { batch_size: 0, ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("batch_size"));
     }
 }

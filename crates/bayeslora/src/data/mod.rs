@@ -103,19 +103,12 @@ impl Default for DataSpec {
 impl DataSpec {
     /// A spec for `task` reading `path`, with defaults otherwise.
     pub fn new(task: Task, path: impl Into<PathBuf>) -> Self {
-        DataSpec {
-            task,
-            path: path.into(),
-            ..Default::default()
-        }
+        DataSpec { task, path: path.into(), ..Default::default() }
     }
 
     /// The spec for a named split of the files shipped in the repository's `data/` folder.
     pub fn standard(task: Task, split: Split, data_dir: &Path) -> Result<Self> {
-        Ok(DataSpec::new(
-            task,
-            tasks::standard_path(task, split, data_dir)?,
-        ))
+        Ok(DataSpec::new(task, tasks::standard_path(task, split, data_dir)?))
     }
 
     /// Checks the values that do not need the file.
@@ -125,19 +118,11 @@ impl DataSpec {
         }
         if let ChoiceFilter::Exactly(n) = self.choices {
             if n < 2 {
-                return Err(Error::config(
-                    "choices",
-                    n,
-                    "a multiple-choice row needs at least 2 choices",
-                ));
+                return Err(Error::config("choices", n, "a multiple-choice row needs at least 2 choices"));
             }
         }
         if self.limit == Some(0) {
-            return Err(Error::config(
-                "limit",
-                0,
-                "read at least one row, or leave limit unset",
-            ));
+            return Err(Error::config("limit", 0, "read at least one row, or leave limit unset"));
         }
         Ok(())
     }
@@ -200,16 +185,7 @@ impl Dataset {
     }
     /// Class labels in row order, or `None` for regression.
     pub fn class_labels(&self) -> Option<Vec<usize>> {
-        self.examples
-            .iter()
-            .map(|e| {
-                if let Label::Class(c) = e.label {
-                    Some(c)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        self.examples.iter().map(|e| if let Label::Class(c) = e.label { Some(c) } else { None }).collect()
     }
 }
 
@@ -231,10 +207,7 @@ mod tests {
     fn file_with(name: &str, body: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(name);
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
+        std::fs::File::create(&path).unwrap().write_all(body.as_bytes()).unwrap();
         (dir, path)
     }
 
@@ -254,10 +227,7 @@ mod tests {
 
     #[test]
     fn malformed_row_names_file_and_line() {
-        let (_d, p) = file_with(
-            "sst.tsv",
-            "sentence\tlabel\ngood movie \t1\nbad movie\t7\nfine\t0\n",
-        );
+        let (_d, p) = file_with("sst.tsv", "sentence\tlabel\ngood movie \t1\nbad movie\t7\nfine\t0\n");
         let err = load(&DataSpec::new(Task::Sst2, &p)).unwrap_err();
         match &err {
             Error::DataRow { file, line, reason } => {
@@ -268,11 +238,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(err.to_string().contains("sst.tsv:3:"), "{err}");
-        let ds = load(&DataSpec {
-            on_bad_row: OnBadRow::Skip,
-            ..DataSpec::new(Task::Sst2, &p)
-        })
-        .unwrap();
+        let ds = load(&DataSpec { on_bad_row: OnBadRow::Skip, ..DataSpec::new(Task::Sst2, &p) }).unwrap();
         assert_eq!(ds.len(), 2);
         assert_eq!(ds.skipped.len(), 1);
         assert_eq!(ds.skipped[0].line, 3);
@@ -280,16 +246,9 @@ mod tests {
 
     #[test]
     fn wrong_column_count_is_a_row_error() {
-        let (_d, p) = file_with(
-            "cola.tsv",
-            "gj04\t1\t\tGood sentence.\ngj04\t0\tOnly three\n",
-        );
+        let (_d, p) = file_with("cola.tsv", "gj04\t1\t\tGood sentence.\ngj04\t0\tOnly three\n");
         let err = load(&DataSpec::new(Task::Cola, &p)).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("cola.tsv:2: expected 4 tab-separated columns"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cola.tsv:2: expected 4 tab-separated columns"), "{err}");
     }
 
     #[test]
@@ -299,15 +258,9 @@ mod tests {
         assert!(matches!(err, Error::BadFile { .. }));
         assert!(err.to_string().contains("empty.jsonl"), "{err}");
         let (_d2, p2) = file_with("bad.jsonl", "{\"text\": 3}\nnot json\n");
-        let spec = DataSpec {
-            on_bad_row: OnBadRow::Skip,
-            ..DataSpec::new(Task::JsonlText, &p2)
-        };
+        let spec = DataSpec { on_bad_row: OnBadRow::Skip, ..DataSpec::new(Task::JsonlText, &p2) };
         let err = load(&spec).unwrap_err();
-        assert!(
-            err.to_string().contains("bad.jsonl") && err.to_string().contains("2 skipped"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("bad.jsonl") && err.to_string().contains("2 skipped"), "{err}");
     }
 
     #[test]
@@ -330,18 +283,9 @@ mod tests {
         assert_eq!(ds.label_words, vec![" A", " B", " C", " D", " E"]);
         assert_eq!(ds.examples[0].label, Label::Class(1));
         assert_eq!(ds.examples[0].num_choices, 3);
-        assert!(
-            ds.examples[0]
-                .text
-                .ends_with("Choices: A. X. B. Y. C. Z. Answer:"),
-            "{}",
-            ds.examples[0].text
-        );
-        let four = load(&DataSpec {
-            choices: ChoiceFilter::Exactly(4),
-            ..DataSpec::new(Task::ArcChallenge, &p)
-        })
-        .unwrap();
+        assert!(ds.examples[0].text.ends_with("Choices: A. X. B. Y. C. Z. Answer:"), "{}", ds.examples[0].text);
+        let four =
+            load(&DataSpec { choices: ChoiceFilter::Exactly(4), ..DataSpec::new(Task::ArcChallenge, &p) }).unwrap();
         assert_eq!((four.len(), four.filtered, four.num_classes), (1, 1, 4));
     }
 
@@ -351,10 +295,7 @@ mod tests {
             "mine.jsonl",
             "{\"text\": \"a\", \"label\": \"pos\"}\n{\"text\": \"b\", \"text_pair\": \"c\", \"label\": \"neg\"}\n",
         );
-        let spec = DataSpec {
-            label_names: vec!["neg".into(), "pos".into()],
-            ..DataSpec::new(Task::JsonlText, &p)
-        };
+        let spec = DataSpec { label_names: vec!["neg".into(), "pos".into()], ..DataSpec::new(Task::JsonlText, &p) };
         let ds = load(&spec).unwrap();
         assert_eq!(ds.examples[0].label, Label::Class(1));
         assert_eq!(ds.num_classes, 2);
@@ -367,36 +308,17 @@ mod tests {
         );
         let ds = load(&DataSpec::new(Task::JsonlChoice, &p2)).unwrap();
         assert_eq!(ds.num_classes, 3);
-        let labels: Vec<_> = ds
-            .examples
-            .iter()
-            .map(|e| (e.label, e.num_choices))
-            .collect();
-        assert_eq!(
-            labels,
-            vec![
-                (Label::Class(1), 3),
-                (Label::Class(0), 2),
-                (Label::Class(1), 2)
-            ]
-        );
+        let labels: Vec<_> = ds.examples.iter().map(|e| (e.label, e.num_choices)).collect();
+        assert_eq!(labels, vec![(Label::Class(1), 3), (Label::Class(0), 2), (Label::Class(1), 2)]);
     }
 
     #[test]
     fn prompt_format_for_glue_label_words() {
         let (_d, p) = file_with("sst.tsv", "sentence\tlabel\ngreat fun \t1\n");
-        let ds = load(&DataSpec {
-            format: Some(Format::Prompt),
-            ..DataSpec::new(Task::Sst2, &p)
-        })
-        .unwrap();
+        let ds = load(&DataSpec { format: Some(Format::Prompt), ..DataSpec::new(Task::Sst2, &p) }).unwrap();
         assert_eq!(ds.examples[0].text, "Review: great fun\nSentiment:");
         assert_eq!(ds.label_words, vec![" negative", " positive"]);
-        let err = load(&DataSpec {
-            format: Some(Format::Prompt),
-            ..DataSpec::new(Task::Stsb, &p)
-        })
-        .unwrap_err();
+        let err = load(&DataSpec { format: Some(Format::Prompt), ..DataSpec::new(Task::Stsb, &p) }).unwrap_err();
         assert!(matches!(err, Error::InvalidConfig { .. }));
     }
 
@@ -407,10 +329,7 @@ mod tests {
             "{\"question\": \"is it\", \"title\": \"T\", \"answer\": true, \"passage\": \"It is.\"}\n",
         );
         let ds = load(&DataSpec::new(Task::Boolq, &p)).unwrap();
-        assert_eq!(
-            ds.examples[0].text,
-            "Answer the question with only True or False: is it Context: It is."
-        );
+        assert_eq!(ds.examples[0].text, "Answer the question with only True or False: is it Context: It is.");
         assert_eq!(ds.examples[0].label, Label::Class(1));
         assert_eq!(ds.label_words, vec![" False", " True"]);
         let (_d2, p2) = file_with(
@@ -418,10 +337,6 @@ mod tests {
             "{\"qID\": \"x\", \"sentence\": \"A beat B so _ won.\", \"option1\": \"A\", \"option2\": \"B\", \"answer\": \"1\"}\n{\"qID\": \"y\", \"sentence\": \"no blank\", \"option1\": \"A\", \"option2\": \"B\", \"answer\": \"2\"}\n",
         );
         let err = load(&DataSpec::new(Task::WinograndeS, &p2)).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("wg.jsonl:2: sentence has no `_` blank"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("wg.jsonl:2: sentence has no `_` blank"), "{err}");
     }
 }

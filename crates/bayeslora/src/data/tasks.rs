@@ -121,14 +121,10 @@ impl Task {
 
     /// Parses [`Task::name`].
     pub fn from_name(name: &str) -> Result<Task> {
-        Task::ALL
-            .iter()
-            .copied()
-            .find(|t| t.name() == name)
-            .ok_or_else(|| {
-                let all: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
-                Error::config("task", name, format!("supported: {}", all.join(", ")))
-            })
+        Task::ALL.iter().copied().find(|t| t.name() == name).ok_or_else(|| {
+            let all: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+            Error::config("task", name, format!("supported: {}", all.join(", ")))
+        })
     }
 
     /// The format used when the spec does not name one: encoders for GLUE, prompts for MCQA.
@@ -156,12 +152,7 @@ impl Task {
     pub fn is_multiple_choice(self) -> bool {
         matches!(
             self,
-            Task::WinograndeS
-                | Task::WinograndeM
-                | Task::ArcEasy
-                | Task::ArcChallenge
-                | Task::Obqa
-                | Task::JsonlChoice
+            Task::WinograndeS | Task::WinograndeM | Task::ArcEasy | Task::ArcChallenge | Task::Obqa | Task::JsonlChoice
         )
     }
 
@@ -220,11 +211,8 @@ const LETTERS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 /// The MCQA prompt of ivon-lora (`data.py`, verbatim; `reference/ivon.md` §2.3).
 fn mcqa_prompt(question: &str, choices: &[String]) -> String {
-    let rendered: Vec<String> = choices
-        .iter()
-        .zip(LETTERS.chars())
-        .map(|(text, letter)| format!("{letter}. {}", tidy_choice(text)))
-        .collect();
+    let rendered: Vec<String> =
+        choices.iter().zip(LETTERS.chars()).map(|(text, letter)| format!("{letter}. {}", tidy_choice(text))).collect();
     format!(
         "Select one of the choices that answers the following question: {question} Choices: {} Answer:",
         rendered.join(" ")
@@ -264,16 +252,12 @@ fn glue_prompt(task: Task, a: &str, b: Option<&str>) -> String {
     match task {
         Task::Sst2 => format!("Review: {}\nSentiment:", a.trim_end()),
         Task::Cola => format!("Sentence: {a}\nIs this sentence grammatical? Answer:"),
-        Task::Mrpc => format!(
-            "Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing? Answer:"
-        ),
+        Task::Mrpc => format!("Sentence 1: {a}\nSentence 2: {b}\nDo both sentences mean the same thing? Answer:"),
         Task::Qnli => {
             format!("Question: {a}\nSentence: {b}\nDoes the sentence answer the question? Answer:")
         }
         // RTE and WNLI
-        _ => format!(
-            "Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? Answer:"
-        ),
+        _ => format!("Premise: {a}\nHypothesis: {b}\nDoes the premise entail the hypothesis? Answer:"),
     }
 }
 
@@ -285,13 +269,7 @@ fn task_label_words(task: Task, num_classes: usize) -> Vec<String> {
         // label 0 = entailment
         Task::Rte | Task::Qnli => &[" yes", " no"],
         Task::Boolq => &[" False", " True"],
-        _ => {
-            return LETTERS
-                .chars()
-                .take(num_classes)
-                .map(|c| format!(" {c}"))
-                .collect()
-        }
+        _ => return LETTERS.chars().take(num_classes).map(|c| format!(" {c}")).collect(),
     };
     words.iter().map(|w| w.to_string()).collect()
 }
@@ -306,13 +284,7 @@ struct TsvLayout {
 }
 
 fn tsv_layout(task: Task) -> TsvLayout {
-    let l = |header, columns, text, text_pair, label| TsvLayout {
-        header,
-        columns,
-        text,
-        text_pair,
-        label,
-    };
+    let l = |header, columns, text, text_pair, label| TsvLayout { header, columns, text, text_pair, label };
     match task {
         Task::Sst2 => l(Some("sentence"), 2, 0, None, 1),
         Task::Mrpc => l(Some("Quality"), 5, 3, Some(4), 0),
@@ -344,17 +316,8 @@ fn parse_tsv_label(task: Task, field: &str) -> std::result::Result<Label, String
 
 /// One parsed row before the task-wide post-processing (format, class count).
 enum Row {
-    Text {
-        text: String,
-        text_pair: Option<String>,
-        label: Label,
-    },
-    Choice {
-        question: String,
-        choices: Vec<String>,
-        answer: usize,
-        context: Option<String>,
-    },
+    Text { text: String, text_pair: Option<String>, label: Label },
+    Choice { question: String, choices: Vec<String>, answer: usize, context: Option<String> },
 }
 
 /// Reads `spec.path` and builds the dataset (the body of [`super::load`]).
@@ -370,10 +333,8 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
     })?;
     // MRPC's files start with a UTF-8 byte order mark.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let is_tsv = matches!(
-        task,
-        Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Stsb | Task::Qnli | Task::Wnli
-    );
+    let is_tsv =
+        matches!(task, Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Stsb | Task::Qnli | Task::Wnli);
 
     let mut rows: Vec<(usize, Row)> = Vec::new();
     let mut skipped = Vec::new();
@@ -386,11 +347,7 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
         }
         let parsed = if is_tsv {
             let layout = tsv_layout(task);
-            if line == 1
-                && layout
-                    .header
-                    .is_some_and(|h| raw.split('\t').next() == Some(h))
-            {
+            if line == 1 && layout.header.is_some_and(|h| raw.split('\t').next() == Some(h)) {
                 continue;
             }
             parse_tsv_row(task, &layout, raw).map(Some)
@@ -399,9 +356,7 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
         };
         match parsed {
             Ok(Some(row)) => {
-                if let (Row::Choice { choices, .. }, ChoiceFilter::Exactly(n)) =
-                    (&row, spec.choices)
-                {
+                if let (Row::Choice { choices, .. }, ChoiceFilter::Exactly(n)) = (&row, spec.choices) {
                     if choices.len() != n {
                         filtered += 1;
                         continue;
@@ -411,13 +366,7 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
             }
             Ok(None) => continue,
             Err(reason) => match spec.on_bad_row {
-                OnBadRow::Fail => {
-                    return Err(Error::DataRow {
-                        file: path.clone(),
-                        line,
-                        reason,
-                    })
-                }
+                OnBadRow::Fail => return Err(Error::DataRow { file: path.clone(), line, reason }),
                 OnBadRow::Skip => skipped.push(SkippedRow { line, reason }),
             },
         }
@@ -427,21 +376,13 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
     }
     if rows.is_empty() {
         let why = match skipped.first() {
-            Some(s) => format!(
-                "no usable rows ({} skipped; first at line {}: {})",
-                skipped.len(),
-                s.line,
-                s.reason
-            ),
+            Some(s) => format!("no usable rows ({} skipped; first at line {}: {})", skipped.len(), s.line, s.reason),
             None if filtered > 0 => {
                 format!("no usable rows ({filtered} removed by the choice filter)")
             }
             None => "no data rows; is this the right file?".to_string(),
         };
-        return Err(Error::BadFile {
-            file: path.clone(),
-            reason: why,
-        });
+        return Err(Error::BadFile { file: path.clone(), reason: why });
     }
 
     // Class count: fixed by the task, or from the data (user tasks).
@@ -450,32 +391,13 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
     } else if let Some(n) = task.fixed_num_classes(spec.choices) {
         n
     } else if task == Task::JsonlChoice {
-        rows.iter()
-            .map(|(_, r)| {
-                if let Row::Choice { choices, .. } = r {
-                    choices.len()
-                } else {
-                    0
-                }
-            })
-            .max()
-            .unwrap_or(0)
+        rows.iter().map(|(_, r)| if let Row::Choice { choices, .. } = r { choices.len() } else { 0 }).max().unwrap_or(0)
     } else if !spec.label_names.is_empty() {
         spec.label_names.len()
     } else {
         1 + rows
             .iter()
-            .map(|(_, r)| {
-                if let Row::Text {
-                    label: Label::Class(c),
-                    ..
-                } = r
-                {
-                    *c
-                } else {
-                    0
-                }
-            })
+            .map(|(_, r)| if let Row::Text { label: Label::Class(c), .. } = r { *c } else { 0 })
             .max()
             .unwrap_or(0)
     };
@@ -483,22 +405,12 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
     let mut examples = Vec::with_capacity(rows.len());
     for (line, row) in rows {
         let example = match row {
-            Row::Text {
-                text,
-                text_pair,
-                label,
-            } => {
+            Row::Text { text, text_pair, label } => {
                 if let Label::Class(c) = label {
                     if c >= num_classes {
                         let reason = format!("label {c} is out of range for {num_classes} classes");
                         match spec.on_bad_row {
-                            OnBadRow::Fail => {
-                                return Err(Error::DataRow {
-                                    file: path.clone(),
-                                    line,
-                                    reason,
-                                })
-                            }
+                            OnBadRow::Fail => return Err(Error::DataRow { file: path.clone(), line, reason }),
                             OnBadRow::Skip => {
                                 skipped.push(SkippedRow { line, reason });
                                 continue;
@@ -507,53 +419,27 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
                     }
                 }
                 match format {
-                    Format::Encoder => Example {
-                        line,
-                        text,
-                        text_pair,
-                        label,
-                        num_choices: num_classes,
-                    },
+                    Format::Encoder => Example { line, text, text_pair, label, num_choices: num_classes },
                     Format::Prompt => {
                         let prompt = match &spec.template {
-                            Some(t) => t
-                                .replace("{text}", &text)
-                                .replace("{text_pair}", text_pair.as_deref().unwrap_or("")),
+                            Some(t) => {
+                                t.replace("{text}", &text).replace("{text_pair}", text_pair.as_deref().unwrap_or(""))
+                            }
                             None if task == Task::JsonlText => match &text_pair {
                                 Some(b) => format!("{text}\n{b}\nAnswer:"),
                                 None => format!("{text}\nAnswer:"),
                             },
                             None => glue_prompt(task, &text, text_pair.as_deref()),
                         };
-                        Example {
-                            line,
-                            text: prompt,
-                            text_pair: None,
-                            label,
-                            num_choices: num_classes,
-                        }
+                        Example { line, text: prompt, text_pair: None, label, num_choices: num_classes }
                     }
                 }
             }
-            Row::Choice {
-                question,
-                choices,
-                answer,
-                context,
-            } => {
+            Row::Choice { question, choices, answer, context } => {
                 if choices.len() > num_classes {
-                    let reason = format!(
-                        "{} choices, more than the {num_classes} this task allows",
-                        choices.len()
-                    );
+                    let reason = format!("{} choices, more than the {num_classes} this task allows", choices.len());
                     match spec.on_bad_row {
-                        OnBadRow::Fail => {
-                            return Err(Error::DataRow {
-                                file: path.clone(),
-                                line,
-                                reason,
-                            })
-                        }
+                        OnBadRow::Fail => return Err(Error::DataRow { file: path.clone(), line, reason }),
                         OnBadRow::Skip => {
                             skipped.push(SkippedRow { line, reason });
                             continue;
@@ -571,27 +457,14 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
                         None => mcqa_prompt(&question, &choices),
                     },
                 };
-                let num_choices = if task == Task::Boolq {
-                    2
-                } else {
-                    choices.len()
-                };
-                Example {
-                    line,
-                    text: prompt,
-                    text_pair: None,
-                    label: Label::Class(answer),
-                    num_choices,
-                }
+                let num_choices = if task == Task::Boolq { 2 } else { choices.len() };
+                Example { line, text: prompt, text_pair: None, label: Label::Class(answer), num_choices }
             }
         };
         examples.push(example);
     }
     if examples.is_empty() {
-        return Err(Error::BadFile {
-            file: path.clone(),
-            reason: "no usable rows after validation".into(),
-        });
+        return Err(Error::BadFile { file: path.clone(), reason: "no usable rows after validation".into() });
     }
     let label_words = match format {
         Format::Encoder => Vec::new(),
@@ -602,22 +475,10 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
         return Err(Error::config(
             "label_words",
             format!("{:?}", label_words),
-            format!(
-                "{} has {num_classes} classes; give one label word per class",
-                path.display()
-            ),
+            format!("{} has {num_classes} classes; give one label word per class", path.display()),
         ));
     }
-    Ok(Dataset {
-        task,
-        format,
-        file: path.clone(),
-        examples,
-        num_classes,
-        label_words,
-        skipped,
-        filtered,
-    })
+    Ok(Dataset { task, format, file: path.clone(), examples, num_classes, label_words, skipped, filtered })
 }
 
 fn check_format(spec: &DataSpec, format: Format) -> Result<()> {
@@ -633,14 +494,15 @@ fn check_format(spec: &DataSpec, format: Format) -> Result<()> {
         return Err(Error::config(
             "format",
             "encoder",
-            format!(
-                "{} is scored by a decoder; use format = prompt",
-                task.name()
-            ),
+            format!("{} is scored by a decoder; use format = prompt", task.name()),
         ));
     }
     if format == Format::Prompt && task == Task::JsonlText && spec.label_words.is_empty() {
-        return Err(Error::config("label_words", "[]", "jsonl_text with format = prompt needs one label word per class, e.g. [\" no\", \" yes\"]"));
+        return Err(Error::config(
+            "label_words",
+            "[]",
+            "jsonl_text with format = prompt needs one label word per class, e.g. [\" no\", \" yes\"]",
+        ));
     }
     Ok(())
 }
@@ -663,11 +525,7 @@ fn parse_tsv_row(task: Task, layout: &TsvLayout, raw: &str) -> std::result::Resu
     }
     let text_pair = layout.text_pair.map(|i| fields[i].to_string());
     let label = parse_tsv_label(task, fields[layout.label].trim())?;
-    Ok(Row::Text {
-        text,
-        text_pair,
-        label,
-    })
+    Ok(Row::Text { text, text_pair, label })
 }
 
 fn get_str<'a>(v: &'a Value, key: &str) -> std::result::Result<&'a str, String> {
@@ -682,11 +540,7 @@ fn get_str_list(v: &Value, key: &str) -> std::result::Result<Vec<String>, String
     match v.get(key) {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("`{key}` holds a non-string: {x}"))
-            })
+            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| format!("`{key}` holds a non-string: {x}")))
             .collect(),
         Some(other) => Err(format!("field `{key}` is not a list: {other}")),
         None => Err(format!("missing field `{key}`")),
@@ -701,11 +555,7 @@ fn answer_index(labels: &[String], key: &str) -> std::result::Result<usize, Stri
         .ok_or_else(|| format!("answerKey `{key}` is not among the choice labels {labels:?}"))
 }
 
-fn parse_json_row(
-    task: Task,
-    raw: &str,
-    spec: &DataSpec,
-) -> std::result::Result<Option<Row>, String> {
+fn parse_json_row(task: Task, raw: &str, spec: &DataSpec) -> std::result::Result<Option<Row>, String> {
     let v: Value = serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
     let row = match task {
         Task::WinograndeS | Task::WinograndeM => {
@@ -716,22 +566,10 @@ fn parse_json_row(
             let answer = match get_str(&v, "answer")? {
                 "1" => 0,
                 "2" => 1,
-                other => {
-                    return Err(format!(
-                        "answer `{other}` is not \"1\" or \"2\" (test files have no labels)"
-                    ))
-                }
+                other => return Err(format!("answer `{other}` is not \"1\" or \"2\" (test files have no labels)")),
             };
-            let choices = vec![
-                get_str(&v, "option1")?.to_string(),
-                get_str(&v, "option2")?.to_string(),
-            ];
-            Row::Choice {
-                question: sentence.to_string(),
-                choices,
-                answer,
-                context: None,
-            }
+            let choices = vec![get_str(&v, "option1")?.to_string(), get_str(&v, "option2")?.to_string()];
+            Row::Choice { question: sentence.to_string(), choices, answer, context: None }
         }
         Task::ArcEasy | Task::ArcChallenge => {
             let question = get_str(&v, "question")?.to_string();
@@ -739,27 +577,15 @@ fn parse_json_row(
             let choices = get_str_list(c, "text")?;
             let labels = get_str_list(c, "label")?;
             if choices.len() != labels.len() || choices.len() < 2 {
-                return Err(format!(
-                    "{} choice texts and {} labels",
-                    choices.len(),
-                    labels.len()
-                ));
+                return Err(format!("{} choice texts and {} labels", choices.len(), labels.len()));
             }
             let answer = answer_index(&labels, get_str(&v, "answerKey")?)?;
-            Row::Choice {
-                question,
-                choices,
-                answer,
-                context: None,
-            }
+            Row::Choice { question, choices, answer, context: None }
         }
         Task::Obqa => {
             let q = v.get("question").ok_or("missing field `question`")?;
             let question = get_str(q, "stem")?.to_string();
-            let list = q
-                .get("choices")
-                .and_then(Value::as_array)
-                .ok_or("missing list `question.choices`")?;
+            let list = q.get("choices").and_then(Value::as_array).ok_or("missing list `question.choices`")?;
             let mut choices = Vec::new();
             let mut labels = Vec::new();
             for c in list {
@@ -770,12 +596,7 @@ fn parse_json_row(
                 return Err(format!("{} choices", choices.len()));
             }
             let answer = answer_index(&labels, get_str(&v, "answerKey")?)?;
-            Row::Choice {
-                question,
-                choices,
-                answer,
-                context: None,
-            }
+            Row::Choice { question, choices, answer, context: None }
         }
         Task::Boolq => {
             let question = get_str(&v, "question")?.to_string();
@@ -784,17 +605,10 @@ fn parse_json_row(
             let answer = match (v.get("answer"), v.get("label")) {
                 (Some(Value::Bool(b)), _) => usize::from(*b),
                 (_, Some(Value::Bool(b))) => usize::from(*b),
-                (_, Some(Value::Number(n))) if n.as_u64().is_some_and(|x| x <= 1) => {
-                    n.as_u64().unwrap_or(0) as usize
-                }
+                (_, Some(Value::Number(n))) if n.as_u64().is_some_and(|x| x <= 1) => n.as_u64().unwrap_or(0) as usize,
                 _ => return Err("missing boolean `answer`".into()),
             };
-            Row::Choice {
-                question,
-                choices: vec!["False".into(), "True".into()],
-                answer,
-                context: Some(passage),
-            }
+            Row::Choice { question, choices: vec!["False".into(), "True".into()], answer, context: Some(passage) }
         }
         Task::JsonlText | Task::JsonlRegression => {
             let text = get_str(&v, "text")?.to_string();
@@ -808,9 +622,7 @@ fn parse_json_row(
                     Some(x) if x.is_finite() => Label::Score(x as f32),
                     _ => return Err(format!("label {n} is not a finite number")),
                 },
-                (Task::JsonlRegression, Some(other)) => {
-                    return Err(format!("label {other} is not a number"))
-                }
+                (Task::JsonlRegression, Some(other)) => return Err(format!("label {other} is not a number")),
                 (_, Some(Value::Number(n))) => match n.as_u64() {
                     Some(c) => Label::Class(c as usize),
                     None => return Err(format!("label {n} is not a class index (0, 1, ..)")),
@@ -818,26 +630,13 @@ fn parse_json_row(
                 (_, Some(Value::String(s))) => match spec.label_names.iter().position(|n| n == s) {
                     Some(c) => Label::Class(c),
                     None if spec.label_names.is_empty() => {
-                        return Err(format!(
-                            "string label `{s}` needs `label_names` in the data config"
-                        ))
+                        return Err(format!("string label `{s}` needs `label_names` in the data config"))
                     }
-                    None => {
-                        return Err(format!(
-                            "label `{s}` is not in label_names {:?}",
-                            spec.label_names
-                        ))
-                    }
+                    None => return Err(format!("label `{s}` is not in label_names {:?}", spec.label_names)),
                 },
-                (_, Some(other)) => {
-                    return Err(format!("label {other} is neither a class index nor a name"))
-                }
+                (_, Some(other)) => return Err(format!("label {other} is neither a class index nor a name")),
             };
-            Row::Text {
-                text,
-                text_pair,
-                label,
-            }
+            Row::Text { text, text_pair, label }
         }
         Task::JsonlChoice => {
             let question = get_str(&v, "question")?.to_string();
@@ -846,10 +645,7 @@ fn parse_json_row(
                 return Err(format!("{} choices; need 2 to 26", choices.len()));
             }
             let answer = match v.get("answer") {
-                Some(Value::Number(n)) => n
-                    .as_u64()
-                    .map(|x| x as usize)
-                    .filter(|&x| x < choices.len()),
+                Some(Value::Number(n)) => n.as_u64().map(|x| x as usize).filter(|&x| x < choices.len()),
                 Some(Value::String(s)) => choices.iter().position(|c| c == s).or_else(|| {
                     let mut cs = s.chars();
                     match (cs.next(), cs.next()) {
@@ -859,22 +655,12 @@ fn parse_json_row(
                 }),
                 _ => return Err("missing field `answer`".into()),
             }
-            .ok_or_else(|| {
-                format!(
-                    "answer {} is not a choice index, letter or choice text",
-                    v["answer"]
-                )
-            })?;
+            .ok_or_else(|| format!("answer {} is not a choice index, letter or choice text", v["answer"]))?;
             let context = match v.get("context") {
                 None | Some(Value::Null) => None,
                 Some(_) => Some(get_str(&v, "context")?.to_string()),
             };
-            Row::Choice {
-                question,
-                choices,
-                answer,
-                context,
-            }
+            Row::Choice { question, choices, answer, context }
         }
         _ => return Err(format!("{} is not a JSONL task", task.name())),
     };
@@ -888,7 +674,10 @@ pub(super) fn standard_path(task: Task, split: Split, data_dir: &Path) -> Result
         None => Err(Error::config(
             "split",
             format!("{split:?}").to_lowercase(),
-            format!("{} has no labelled {split:?} file in data/; see data/README.md (use dev as the test set)", task.name()),
+            format!(
+                "{} has no labelled {split:?} file in data/; see data/README.md (use dev as the test set)",
+                task.name()
+            ),
         )),
     }
 }

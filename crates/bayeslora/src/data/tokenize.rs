@@ -51,29 +51,11 @@ impl EncodedDataset {
     }
     /// Class labels in row order, or `None` for regression.
     pub fn class_labels(&self) -> Option<Vec<usize>> {
-        self.rows
-            .iter()
-            .map(|e| {
-                if let Label::Class(c) = e.label {
-                    Some(c)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        self.rows.iter().map(|e| if let Label::Class(c) = e.label { Some(c) } else { None }).collect()
     }
     /// Regression targets in row order, or `None` for classification.
     pub fn scores(&self) -> Option<Vec<f32>> {
-        self.rows
-            .iter()
-            .map(|e| {
-                if let Label::Score(s) = e.label {
-                    Some(s)
-                } else {
-                    None
-                }
-            })
-            .collect()
+        self.rows.iter().map(|e| if let Label::Score(s) = e.label { Some(s) } else { None }).collect()
     }
 }
 
@@ -93,10 +75,7 @@ impl TextEncoder {
     /// Loads `tokenizer.json`.
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| {
-            Error::Tokenizer(format!(
-                "{}: {e}; is this a Hugging Face tokenizer.json?",
-                path.display()
-            ))
+            Error::Tokenizer(format!("{}: {e}; is this a Hugging Face tokenizer.json?", path.display()))
         })?;
         Self::new(tokenizer, max_len)
     }
@@ -106,29 +85,17 @@ impl TextEncoder {
     /// override `max_len` and defeat dynamic padding.
     pub fn new(mut tokenizer: Tokenizer, max_len: usize) -> Result<Self> {
         if max_len < 2 {
-            return Err(Error::config(
-                "max_len",
-                max_len,
-                "need room for at least 2 tokens",
-            ));
+            return Err(Error::config("max_len", max_len, "need room for at least 2 tokens"));
         }
         // The pad id: the tokenizer's own, else a common pad token, else 0 (masked anyway).
         let pad_id = tokenizer
             .get_padding()
             .map(|p| p.pad_id)
-            .or_else(|| {
-                ["[PAD]", "<pad>", "<|endoftext|>", "</s>"]
-                    .iter()
-                    .find_map(|t| tokenizer.token_to_id(t))
-            })
+            .or_else(|| ["[PAD]", "<pad>", "<|endoftext|>", "</s>"].iter().find_map(|t| tokenizer.token_to_id(t)))
             .unwrap_or(0);
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(tok_err)?;
-        Ok(TextEncoder {
-            tokenizer,
-            max_len,
-            pad_id,
-        })
+        Ok(TextEncoder { tokenizer, max_len, pad_id })
     }
 
     /// Overrides the pad id (e.g. the model config's `pad_token_id`).
@@ -151,11 +118,7 @@ impl TextEncoder {
     }
 
     /// Encodes a text or pair for an encoder model. Returns (ids, type ids, was truncated).
-    pub fn encode_encoder(
-        &self,
-        text: &str,
-        text_pair: Option<&str>,
-    ) -> Result<(Vec<u32>, Vec<u32>, bool)> {
+    pub fn encode_encoder(&self, text: &str, text_pair: Option<&str>) -> Result<(Vec<u32>, Vec<u32>, bool)> {
         let mut tok = self.tokenizer.clone();
         tok.with_truncation(Some(TruncationParams {
             direction: TruncationDirection::Right,
@@ -170,11 +133,7 @@ impl TextEncoder {
         }
         .map_err(tok_err)?;
         let truncated = !enc.get_overflowing().is_empty();
-        Ok((
-            enc.get_ids().to_vec(),
-            enc.get_type_ids().to_vec(),
-            truncated,
-        ))
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec(), truncated))
     }
 
     /// Encodes a decoder prompt so that it ends right before the answer. Returns (ids, truncated).
@@ -228,9 +187,7 @@ impl TextEncoder {
         sorted.sort_unstable();
         sorted.dedup();
         if sorted.len() != ids.len() {
-            return Err(Error::Tokenizer(format!(
-                "label words {words:?} map to repeated token ids {ids:?}"
-            )));
+            return Err(Error::Tokenizer(format!("label words {words:?} map to repeated token ids {ids:?}")));
         }
         Ok(ids)
     }
@@ -256,12 +213,7 @@ impl TextEncoder {
                 });
             }
             truncated += usize::from(cut);
-            rows.push(Encoded {
-                ids,
-                type_ids,
-                label: ex.label,
-                num_choices: ex.num_choices,
-            });
+            rows.push(Encoded { ids, type_ids, label: ex.label, num_choices: ex.num_choices });
         }
         let label_token_ids = match dataset.format {
             Format::Encoder => Vec::new(),
@@ -290,17 +242,11 @@ pub(crate) mod tests {
     /// [SEP]=3, then the words.
     pub(crate) fn tiny_tokenizer(bert_template: bool) -> Tokenizer {
         let words = [
-            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "A", "B", "C", "D", "E",
-            "yes", "no", "Answer", ":", ".", "?", "x", "y", "z", "True", "False",
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "b", "c", "d", "e", "A", "B", "C", "D", "E", "yes", "no",
+            "Answer", ":", ".", "?", "x", "y", "z", "True", "False",
         ];
         let model = WordLevel::builder()
-            .vocab(
-                words
-                    .iter()
-                    .enumerate()
-                    .map(|(i, w)| (w.to_string(), i as u32))
-                    .collect(),
-            )
+            .vocab(words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect())
             .unk_token("[UNK]".into())
             .build()
             .unwrap();
@@ -356,9 +302,7 @@ pub(crate) mod tests {
     #[test]
     fn label_words_resolve_to_single_tokens() {
         let enc = TextEncoder::new(tiny_tokenizer(false), 16).unwrap();
-        let ids = enc
-            .label_token_ids(&[" A".into(), " B".into(), " True".into()])
-            .unwrap();
+        let ids = enc.label_token_ids(&[" A".into(), " B".into(), " True".into()]).unwrap();
         assert_eq!(ids, vec![9, 10, 23]);
         let err = enc.label_token_ids(&[" a b".into()]).unwrap_err();
         assert!(err.to_string().contains("not a single token"), "{err}");
@@ -380,9 +324,7 @@ pub(crate) mod tests {
             return;
         };
         let enc = TextEncoder::from_file(&path, 256).unwrap();
-        let (ids, types, cut) = enc
-            .encode_encoder("hello world", Some("a second text"))
-            .unwrap();
+        let (ids, types, cut) = enc.encode_encoder("hello world", Some("a second text")).unwrap();
         assert!(ids.len() < 16, "fixed padding not reset: {} ids", ids.len());
         assert_eq!(ids[0], 101); // [CLS]
         assert_eq!(*ids.last().unwrap(), 102); // [SEP]
@@ -391,11 +333,7 @@ pub(crate) mod tests {
         assert_eq!(enc.pad_id(), 0);
         let long = "word ".repeat(300);
         let (ids, _, cut) = enc.encode_encoder(&long, None).unwrap();
-        assert_eq!(
-            ids.len(),
-            256,
-            "max_len must override the shipped max_length = 128"
-        );
+        assert_eq!(ids.len(), 256, "max_len must override the shipped max_length = 128");
         assert!(cut);
         // WordPiece lower-cases: " yes" and " no" are single tokens.
         let ids = enc.label_token_ids(&[" no".into(), " yes".into()]).unwrap();

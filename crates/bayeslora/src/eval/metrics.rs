@@ -29,7 +29,9 @@ impl Binning {
     /// The name used in reports, e.g. "ece15 = torchmetrics [lo,hi) 15 bins".
     pub fn describe(self, n_bins: usize) -> String {
         match self {
-            Binning::Torchmetrics => format!("torchmetrics CalibrationError(n_bins={n_bins}, norm=l1): bins [lo,hi), conf=1 in its own bin"),
+            Binning::Torchmetrics => {
+                format!("torchmetrics CalibrationError(n_bins={n_bins}, norm=l1): bins [lo,hi), conf=1 in its own bin")
+            }
             Binning::IvonLora => format!("ivon-lora utils.py: {n_bins} bins (lo,hi]"),
         }
     }
@@ -69,17 +71,13 @@ impl ReliabilityBins {
             return 0.0;
         }
         let n = self.total as f64;
-        (0..self.count.len())
-            .map(|b| self.count[b] as f64 / n * (self.accuracy[b] - self.confidence[b]).abs())
-            .sum()
+        (0..self.count.len()).map(|b| self.count[b] as f64 / n * (self.accuracy[b] - self.confidence[b]).abs()).sum()
     }
 
     /// Maximum calibration error: max_b |acc_b − conf_b| (torchmetrics `norm="max"`: empty bins
     /// count as |0 − 0| = 0).
     pub fn mce(&self) -> f64 {
-        (0..self.count.len())
-            .map(|b| (self.accuracy[b] - self.confidence[b]).abs())
-            .fold(0.0, f64::max)
+        (0..self.count.len()).map(|b| (self.accuracy[b] - self.confidence[b]).abs()).fold(0.0, f64::max)
     }
 }
 
@@ -93,11 +91,7 @@ pub(crate) fn check_shape(probs: &[f64], k: usize, labels: &[usize]) -> Result<u
         ));
     }
     if let Some(&bad) = labels.iter().find(|&&y| y >= k) {
-        return Err(Error::config(
-            "label",
-            bad,
-            format!("out of range for {k} classes"),
-        ));
+        return Err(Error::config("label", bad, format!("out of range for {k} classes")));
     }
     Ok(labels.len())
 }
@@ -152,36 +146,20 @@ pub fn reliability(
             conf[b] /= count[b] as f64;
         }
     }
-    Ok(ReliabilityBins {
-        binning,
-        n_bins,
-        edges,
-        count,
-        accuracy: acc,
-        confidence: conf,
-        total: n,
-    })
+    Ok(ReliabilityBins { binning, n_bins, edges, count, accuracy: acc, confidence: conf, total: n })
 }
 
 /// Accuracy of the argmax.
 pub fn accuracy(probs: &[f64], k: usize, labels: &[usize]) -> Result<f64> {
     let n = check_shape(probs, k, labels)?;
-    let correct = probs
-        .chunks_exact(k)
-        .zip(labels)
-        .filter(|(row, &y)| top1(row).0 == y)
-        .count();
+    let correct = probs.chunks_exact(k).zip(labels).filter(|(row, &y)| top1(row).0 == y).count();
     Ok(correct as f64 / n.max(1) as f64)
 }
 
 /// Mean over examples of −ln max(p̄(y), [`NLL_FLOOR`]).
 pub fn nll(probs: &[f64], k: usize, labels: &[usize]) -> Result<f64> {
     let n = check_shape(probs, k, labels)?;
-    let s: f64 = probs
-        .chunks_exact(k)
-        .zip(labels)
-        .map(|(row, &y)| -row[y].max(NLL_FLOOR).ln())
-        .sum();
+    let s: f64 = probs.chunks_exact(k).zip(labels).map(|(row, &y)| -row[y].max(NLL_FLOOR).ln()).sum();
     Ok(s / n.max(1) as f64)
 }
 
@@ -191,12 +169,7 @@ pub fn brier(probs: &[f64], k: usize, labels: &[usize]) -> Result<f64> {
     let s: f64 = probs
         .chunks_exact(k)
         .zip(labels)
-        .map(|(row, &y)| {
-            row.iter()
-                .enumerate()
-                .map(|(j, &p)| (p - f64::from(u8::from(j == y))).powi(2))
-                .sum::<f64>()
-        })
+        .map(|(row, &y)| row.iter().enumerate().map(|(j, &p)| (p - f64::from(u8::from(j == y))).powi(2)).sum::<f64>())
         .sum();
     Ok(s / n.max(1) as f64)
 }
@@ -216,11 +189,7 @@ pub fn f1_binary(probs: &[f64], k: usize, labels: &[usize]) -> Result<f64> {
         }
     }
     let denom = 2 * tp + fp + fneg;
-    Ok(if denom == 0 {
-        0.0
-    } else {
-        2.0 * tp as f64 / denom as f64
-    })
+    Ok(if denom == 0 { 0.0 } else { 2.0 * tp as f64 / denom as f64 })
 }
 
 /// Matthews correlation of the argmax (GLUE CoLA), multiclass form of sklearn
@@ -252,11 +221,7 @@ fn check_pair(x: &[f64], y: &[f64]) -> Result<()> {
         return Err(Error::config(
             "targets",
             x.len(),
-            format!(
-                "need two series of equal length ≥ 2, got {} and {}",
-                x.len(),
-                y.len()
-            ),
+            format!("need two series of equal length ≥ 2, got {} and {}", x.len(), y.len()),
         ));
     }
     Ok(())
@@ -349,27 +314,15 @@ pub struct OodMetrics {
 /// entropy H[p̄], mutual information).
 pub fn ood_detection(in_scores: &[f64], out_scores: &[f64]) -> Result<OodMetrics> {
     if in_scores.is_empty() || out_scores.is_empty() {
-        return Err(Error::config(
-            "ood scores",
-            0,
-            "need at least one in-distribution and one OOD example",
-        ));
+        return Err(Error::config("ood scores", 0, "need at least one in-distribution and one OOD example"));
     }
     let scores: Vec<f64> = in_scores.iter().chain(out_scores).copied().collect();
     if scores.iter().any(|s| s.is_nan()) {
         return Err(Error::config("ood scores", "NaN", "scores must be numbers"));
     }
-    let is_pos: Vec<bool> = in_scores
-        .iter()
-        .map(|_| false)
-        .chain(out_scores.iter().map(|_| true))
-        .collect();
+    let is_pos: Vec<bool> = in_scores.iter().map(|_| false).chain(out_scores.iter().map(|_| true)).collect();
     let (fpr, tpr, pr) = roc_points(&scores, &is_pos);
-    let auroc = fpr
-        .windows(2)
-        .zip(tpr.windows(2))
-        .map(|(f, t)| (f[1] - f[0]) * (t[1] + t[0]) / 2.0)
-        .sum();
+    let auroc = fpr.windows(2).zip(tpr.windows(2)).map(|(f, t)| (f[1] - f[0]) * (t[1] + t[0]) / 2.0).sum();
     let mut aupr = 0.0;
     let mut prev_recall = 0.0;
     for &(r, p) in &pr {
@@ -382,10 +335,7 @@ pub fn ood_detection(in_scores: &[f64], out_scores: &[f64]) -> Result<OodMetrics
 
 /// Shannon entropy (nats) of a probability vector; 0·ln 0 = 0.
 pub fn entropy(p: &[f64]) -> f64 {
-    -p.iter()
-        .filter(|&&x| x > 0.0)
-        .map(|&x| x * x.ln())
-        .sum::<f64>()
+    -p.iter().filter(|&&x| x > 0.0).map(|&x| x * x.ln()).sum::<f64>()
 }
 
 #[cfg(test)]
@@ -423,10 +373,7 @@ mod tests {
         let b = (0.01 + 0.01 + 0.64 + 0.64 + 0.25 + 0.25) / 3.0;
         assert!((brier(&probs, 2, &y).unwrap() - b).abs() < 1e-15);
         assert!(accuracy(&probs, 2, &[0, 2, 1]).is_err());
-        assert_eq!(
-            average_ranks(&[3.0, 1.0, 3.0, 2.0]),
-            vec![3.5, 1.0, 3.5, 2.0]
-        );
+        assert_eq!(average_ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
         let ood = ood_detection(&[0.1, 0.2], &[0.3, 0.4]).unwrap();
         assert_eq!((ood.auroc, ood.aupr, ood.fpr95), (1.0, 1.0, 0.0));
     }

@@ -66,12 +66,7 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     fn default() -> Self {
         // K = 10: ivon-lora `test_num_samples`; the curve points are our spec's.
-        EvalConfig {
-            method: "model".into(),
-            num_samples: 10,
-            batch_size: 16,
-            curve: vec![1, 2, 5, 10, 20],
-        }
+        EvalConfig { method: "model".into(), num_samples: 10, batch_size: 16, curve: vec![1, 2, 5, 10, 20] }
     }
 }
 
@@ -96,11 +91,7 @@ pub struct Evaluation {
 }
 
 /// Evaluates `predictor` on `data`: the mean prediction, then K posterior samples.
-pub fn evaluate<P: Predictor>(
-    predictor: &mut P,
-    data: &EncodedDataset,
-    cfg: &EvalConfig,
-) -> Result<Evaluation> {
+pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &EvalConfig) -> Result<Evaluation> {
     cfg.validate()?;
     let task = data.task;
     let n = data.len();
@@ -121,11 +112,7 @@ pub fn evaluate<P: Predictor>(
             }
             let done = sample.map_or(0, |s| s + 1);
             if sample.is_none() || cfg.curve.contains(&done) || done == cfg.num_samples {
-                let pred = if sample.is_none() {
-                    one.predictive(&labels)?
-                } else {
-                    acc.predictive(&labels)?
-                };
+                let pred = if sample.is_none() { one.predictive(&labels)? } else { acc.predictive(&labels)? };
                 let m = Metrics::classification(&pred, task)?;
                 results.push(EvalResult::new(&cfg.method, task.name(), done, n, m));
                 if sample.is_none() {
@@ -133,24 +120,11 @@ pub fn evaluate<P: Predictor>(
                 }
             }
         }
-        let bayes = if cfg.num_samples > 0 {
-            Some(acc.predictive(&labels)?)
-        } else {
-            None
-        };
-        Ok(Evaluation {
-            results,
-            mean,
-            bayes,
-        })
+        let bayes = if cfg.num_samples > 0 { Some(acc.predictive(&labels)?) } else { None };
+        Ok(Evaluation { results, mean, bayes })
     } else {
         // regression: average the predicted values over samples
-        let targets: Vec<f64> = data
-            .scores()
-            .unwrap_or_default()
-            .iter()
-            .map(|&s| f64::from(s))
-            .collect();
+        let targets: Vec<f64> = data.scores().unwrap_or_default().iter().map(|&s| f64::from(s)).collect();
         let mut sum = vec![0.0f64; n];
         for sample in passes {
             let mut cur = vec![0.0f64; n];
@@ -179,11 +153,7 @@ pub fn evaluate<P: Predictor>(
                 results.push(EvalResult::new(&cfg.method, task.name(), done, n, m));
             }
         }
-        Ok(Evaluation {
-            results,
-            mean: None,
-            bayes: None,
-        })
+        Ok(Evaluation { results, mean: None, bayes: None })
     }
 }
 
@@ -213,12 +183,7 @@ mod tests {
             task: Task::Rte,
             format: Format::Encoder,
             rows: (0..n)
-                .map(|i| Encoded {
-                    ids: vec![1, 2],
-                    type_ids: vec![0, 0],
-                    label: Label::Class(i % 2),
-                    num_choices: 2,
-                })
+                .map(|i| Encoded { ids: vec![1, 2], type_ids: vec![0, 0], label: Label::Class(i % 2), num_choices: 2 })
                 .collect(),
             num_classes: 2,
             label_token_ids: vec![],
@@ -229,12 +194,7 @@ mod tests {
 
     #[test]
     fn evaluate_reports_mean_and_curve() {
-        let cfg = EvalConfig {
-            method: "ivon".into(),
-            num_samples: 4,
-            batch_size: 3,
-            curve: vec![1, 2, 10],
-        };
+        let cfg = EvalConfig { method: "ivon".into(), num_samples: 4, batch_size: 3, curve: vec![1, 2, 10] };
         let ev = evaluate(&mut Fixed, &data(7), &cfg).unwrap();
         let ks: Vec<usize> = ev.results.iter().map(|r| r.num_samples).collect();
         assert_eq!(ks, vec![0, 1, 2, 4]);

@@ -22,26 +22,14 @@ pub struct Panel<'a> {
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(format!("drawing the plot failed: {e}")),
-    }
+    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
 }
 
 /// Bars to draw: torchmetrics' extra conf = 1.0 bin is folded into the last bin for display.
 fn display_bins(b: &ReliabilityBins) -> Vec<(f64, f64, usize, f64, f64)> {
     let n = b.n_bins;
-    let mut out: Vec<(f64, f64, usize, f64, f64)> = (0..n)
-        .map(|i| {
-            (
-                b.edges[i],
-                b.edges[i + 1],
-                b.count[i],
-                b.accuracy[i],
-                b.confidence[i],
-            )
-        })
-        .collect();
+    let mut out: Vec<(f64, f64, usize, f64, f64)> =
+        (0..n).map(|i| (b.edges[i], b.edges[i + 1], b.count[i], b.accuracy[i], b.confidence[i])).collect();
     if b.binning == Binning::Torchmetrics && b.count.len() > n && b.count[n] > 0 {
         if let Some(last) = out.last_mut() {
             let (c0, c1) = (last.2 as f64, b.count[n] as f64);
@@ -60,11 +48,7 @@ fn draw<DB: DrawingBackend>(
     text: bool,
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     root.fill(&WHITE)?;
-    let body = if text {
-        root.titled(title, ("sans-serif", 24))?
-    } else {
-        root.clone()
-    };
+    let body = if text { root.titled(title, ("sans-serif", 24))? } else { root.clone() };
     let areas = body.split_evenly((1, panels.len().max(1)));
     for (area, panel) in areas.iter().zip(panels) {
         let ece = panel.bins.ece() * 100.0;
@@ -72,13 +56,7 @@ fn draw<DB: DrawingBackend>(
         builder.margin(12);
         if text {
             builder
-                .caption(
-                    format!(
-                        "{}  ECE {:.2}% ({} bins)",
-                        panel.name, ece, panel.bins.n_bins
-                    ),
-                    ("sans-serif", 18),
-                )
+                .caption(format!("{}  ECE {:.2}% ({} bins)", panel.name, ece, panel.bins.n_bins), ("sans-serif", 18))
                 .x_label_area_size(40)
                 .y_label_area_size(50);
         }
@@ -86,9 +64,7 @@ fn draw<DB: DrawingBackend>(
         let mut mesh = chart.configure_mesh();
         mesh.light_line_style(WHITE.mix(0.0));
         if text {
-            mesh.x_desc("confidence")
-                .y_desc("accuracy")
-                .label_style(("sans-serif", 14));
+            mesh.x_desc("confidence").y_desc("accuracy").label_style(("sans-serif", 14));
         } else {
             mesh.x_labels(0).y_labels(0);
         }
@@ -96,41 +72,24 @@ fn draw<DB: DrawingBackend>(
         let bars = display_bins(panel.bins);
         // accuracy bars
         chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, _, acc, _)| {
-            Rectangle::new(
-                [(lo, 0.0), (hi, acc)],
-                RGBColor(66, 114, 196).mix(0.85).filled(),
-            )
+            Rectangle::new([(lo, 0.0), (hi, acc)], RGBColor(66, 114, 196).mix(0.85).filled())
         }))?;
         // gap between accuracy and mean confidence
-        chart.draw_series(
-            bars.iter()
-                .filter(|b| b.2 > 0)
-                .map(|&(lo, hi, _, acc, conf)| {
-                    Rectangle::new(
-                        [(lo, acc.min(conf)), (hi, acc.max(conf))],
-                        RED.mix(0.35).filled(),
-                    )
-                }),
-        )?;
-        chart.draw_series(bars.iter().map(|&(lo, hi, _, _, _)| {
-            Rectangle::new([(lo, 0.0), (hi, 0.0)], BLACK.stroke_width(1))
+        chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, _, acc, conf)| {
+            Rectangle::new([(lo, acc.min(conf)), (hi, acc.max(conf))], RED.mix(0.35).filled())
         }))?;
-        chart.draw_series(LineSeries::new(
-            vec![(0.0, 0.0), (1.0, 1.0)],
-            BLACK.stroke_width(2),
-        ))?;
+        chart.draw_series(
+            bars.iter().map(|&(lo, hi, _, _, _)| Rectangle::new([(lo, 0.0), (hi, 0.0)], BLACK.stroke_width(1))),
+        )?;
+        chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(2)))?;
         if text {
-            chart.draw_series(
-                bars.iter()
-                    .filter(|b| b.2 > 0)
-                    .map(|&(lo, hi, n, acc, conf)| {
-                        Text::new(
-                            n.to_string(),
-                            ((lo + hi) / 2.0 - 0.02, acc.max(conf) + 0.05),
-                            ("sans-serif", 12).into_font().color(&BLACK),
-                        )
-                    }),
-            )?;
+            chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, n, acc, conf)| {
+                Text::new(
+                    n.to_string(),
+                    ((lo + hi) / 2.0 - 0.02, acc.max(conf) + 0.05),
+                    ("sans-serif", 12).into_font().color(&BLACK),
+                )
+            }))?;
         }
     }
     root.present()?;
@@ -140,11 +99,7 @@ fn draw<DB: DrawingBackend>(
 /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
 pub fn reliability_diagram(stem: &Path, title: &str, panels: &[Panel<'_>]) -> Result<Vec<PathBuf>> {
     if panels.is_empty() {
-        return Err(Error::config(
-            "panels",
-            0,
-            "give at least one method to plot",
-        ));
+        return Err(Error::config("panels", 0, "give at least one method to plot"));
     }
     let (w, h) = (460 * panels.len() as u32 + 40, 500u32);
     let png = stem.with_extension("png");
@@ -160,9 +115,7 @@ pub fn reliability_diagram(stem: &Path, title: &str, panels: &[Panel<'_>]) -> Re
         match result {
             Ok(()) => break,
             Err(e) if !text => return Err(e),
-            Err(e) => tracing::warn!(
-                "{e}; drawing the reliability diagram without text (no usable system font?)"
-            ),
+            Err(e) => tracing::warn!("{e}; drawing the reliability diagram without text (no usable system font?)"),
         }
     }
     for text in [true, false] {

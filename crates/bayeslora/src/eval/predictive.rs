@@ -10,19 +10,9 @@ use super::metrics::{self, entropy, Binning, ReliabilityBins};
 /// (ARC rows with fewer choices than K). `mask` may be empty (all classes valid).
 pub fn masked_softmax(logits: &[f32], mask: &[u32]) -> Vec<f64> {
     let valid = |j: usize| mask.is_empty() || mask.get(j).is_some_and(|&m| m != 0);
-    let max = (0..logits.len())
-        .filter(|&j| valid(j))
-        .map(|j| f64::from(logits[j]))
-        .fold(f64::NEG_INFINITY, f64::max);
-    let mut out: Vec<f64> = (0..logits.len())
-        .map(|j| {
-            if valid(j) {
-                (f64::from(logits[j]) - max).exp()
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let max = (0..logits.len()).filter(|&j| valid(j)).map(|j| f64::from(logits[j])).fold(f64::NEG_INFINITY, f64::max);
+    let mut out: Vec<f64> =
+        (0..logits.len()).map(|j| if valid(j) { (f64::from(logits[j]) - max).exp() } else { 0.0 }).collect();
     let z: f64 = out.iter().sum();
     if z > 0.0 && z.is_finite() {
         out.iter_mut().for_each(|p| *p /= z);
@@ -79,16 +69,9 @@ impl PredictiveAccumulator {
 
     /// Adds one sample's class logits `logits: [B, K]` (softmax in f64, masked by `class_mask:
     /// [B, K]` from [`crate::data::Batch::class_mask`]; empty = all valid).
-    pub fn add_logits(
-        &mut self,
-        indices: &[usize],
-        logits: &[f32],
-        class_mask: &[u32],
-    ) -> Result<()> {
+    pub fn add_logits(&mut self, indices: &[usize], logits: &[f32], class_mask: &[u32]) -> Result<()> {
         let k = self.num_classes;
-        if logits.len() != indices.len() * k
-            || !(class_mask.is_empty() || class_mask.len() == logits.len())
-        {
+        if logits.len() != indices.len() * k || !(class_mask.is_empty() || class_mask.len() == logits.len()) {
             return Err(Error::config(
                 "logits",
                 format!("{} values, mask {}", logits.len(), class_mask.len()),
@@ -97,11 +80,7 @@ impl PredictiveAccumulator {
         }
         let mut probs = Vec::with_capacity(logits.len());
         for (b, row) in logits.chunks_exact(k).enumerate() {
-            let mask = if class_mask.is_empty() {
-                &[][..]
-            } else {
-                &class_mask[b * k..(b + 1) * k]
-            };
+            let mask = if class_mask.is_empty() { &[][..] } else { &class_mask[b * k..(b + 1) * k] };
             probs.extend(masked_softmax(row, mask));
         }
         self.add_probs(indices, &probs)
@@ -111,11 +90,7 @@ impl PredictiveAccumulator {
     pub fn predictive(&self, labels: &[usize]) -> Result<Predictive> {
         let n = self.counts.len();
         if labels.len() != n {
-            return Err(Error::config(
-                "labels",
-                labels.len(),
-                format!("accumulator holds {n} examples"),
-            ));
+            return Err(Error::config("labels", labels.len(), format!("accumulator holds {n} examples")));
         }
         let s = self.counts.first().copied().unwrap_or(0);
         if s == 0 || self.counts.iter().any(|&c| c != s) {
@@ -166,23 +141,15 @@ impl Predictive {
     }
     /// Mutual information H[p̄] − mean_k H[p_k] per example (epistemic part; 0 for K = 1).
     pub fn mutual_information(&self) -> Vec<f64> {
-        self.entropy()
-            .iter()
-            .zip(&self.mean_sample_entropy)
-            .map(|(h, m)| (h - m).max(0.0))
-            .collect()
+        self.entropy().iter().zip(&self.mean_sample_entropy).map(|(h, m)| (h - m).max(0.0)).collect()
     }
     /// 1 − max_k p̄_k per example.
     pub fn one_minus_confidence(&self) -> Vec<f64> {
-        (0..self.len())
-            .map(|i| 1.0 - metrics::top1(self.row(i)).1)
-            .collect()
+        (0..self.len()).map(|i| 1.0 - metrics::top1(self.row(i)).1).collect()
     }
     /// Argmax per example.
     pub fn predictions(&self) -> Vec<usize> {
-        (0..self.len())
-            .map(|i| metrics::top1(self.row(i)).0)
-            .collect()
+        (0..self.len()).map(|i| metrics::top1(self.row(i)).0).collect()
     }
     pub fn reliability(&self, n_bins: usize, binning: Binning) -> Result<ReliabilityBins> {
         metrics::reliability(&self.probs, self.num_classes, &self.labels, n_bins, binning)

@@ -55,28 +55,15 @@ impl Metrics {
             ece15: Some(r15.ece()),
             ece10: Some(r10.ece()),
             mce15: Some(r15.mce()),
-            f1: if task == Task::Mrpc {
-                Some(metrics::f1_binary(p, k, y)?)
-            } else {
-                None
-            },
-            mcc: if task == Task::Cola {
-                Some(metrics::matthews(p, k, y)?)
-            } else {
-                None
-            },
+            f1: if task == Task::Mrpc { Some(metrics::f1_binary(p, k, y)?) } else { None },
+            mcc: if task == Task::Cola { Some(metrics::matthews(p, k, y)?) } else { None },
             ..Default::default()
         })
     }
 
     /// Pearson, Spearman and MSE of regression predictions (STS-B).
     pub fn regression(predicted: &[f64], target: &[f64]) -> Result<Metrics> {
-        let mse = predicted
-            .iter()
-            .zip(target)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f64>()
-            / target.len().max(1) as f64;
+        let mse = predicted.iter().zip(target).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / target.len().max(1) as f64;
         Ok(Metrics {
             pearson: Some(metrics::pearson(predicted, target)?),
             spearman: Some(metrics::spearman(predicted, target)?),
@@ -100,9 +87,7 @@ impl Metrics {
             ("spearman", self.spearman, true),
             ("mse", self.mse, false),
         ];
-        all.into_iter()
-            .filter_map(|(n, v, pct)| v.map(|v| (n, v, pct)))
-            .collect()
+        all.into_iter().filter_map(|(n, v, pct)| v.map(|v| (n, v, pct))).collect()
     }
 }
 
@@ -133,19 +118,10 @@ pub fn ood_results(id: &Predictive, ood: &Predictive) -> Result<Vec<OodResult>> 
         OodScore::Entropy => p.entropy(),
         OodScore::MutualInformation => p.mutual_information(),
     };
-    [
-        OodScore::OneMinusMaxProb,
-        OodScore::Entropy,
-        OodScore::MutualInformation,
-    ]
-    .into_iter()
-    .map(|s| {
-        Ok(OodResult {
-            score: s,
-            metrics: metrics::ood_detection(&scores(id, s), &scores(ood, s))?,
-        })
-    })
-    .collect()
+    [OodScore::OneMinusMaxProb, OodScore::Entropy, OodScore::MutualInformation]
+        .into_iter()
+        .map(|s| Ok(OodResult { score: s, metrics: metrics::ood_detection(&scores(id, s), &scores(ood, s))? }))
+        .collect()
 }
 
 /// One row of results: a method on a task with K samples. Every results file records the model,
@@ -169,29 +145,14 @@ pub struct EvalResult {
 }
 
 impl EvalResult {
-    pub fn new(
-        method: &str,
-        task: &str,
-        num_samples: usize,
-        num_examples: usize,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(method: &str, task: &str, num_samples: usize, num_examples: usize, metrics: Metrics) -> Self {
         let mut conventions = BTreeMap::new();
         if metrics.ece15.is_some() {
             conventions.insert("ece15".into(), Binning::Torchmetrics.describe(15));
-            conventions.insert(
-                "mce15".into(),
-                "torchmetrics CalibrationError(n_bins=15, norm=max)".into(),
-            );
+            conventions.insert("mce15".into(), "torchmetrics CalibrationError(n_bins=15, norm=max)".into());
             conventions.insert("ece10".into(), Binning::IvonLora.describe(10));
-            conventions.insert(
-                "nll".into(),
-                "mean over examples of -ln max(p(y), 1e-12)".into(),
-            );
-            conventions.insert(
-                "brier".into(),
-                "mean over examples of sum over classes (not divided by K)".into(),
-            );
+            conventions.insert("nll".into(), "mean over examples of -ln max(p(y), 1e-12)".into());
+            conventions.insert("brier".into(), "mean over examples of sum over classes (not divided by K)".into());
         }
         EvalResult {
             method: method.into(),
@@ -216,17 +177,11 @@ pub fn render_table(results: &[EvalResult]) -> String {
             }
         }
     }
-    let order = [
-        "acc", "f1", "mcc", "ece15", "ece10", "mce15", "nll", "brier", "pearson", "spearman", "mse",
-    ];
+    let order = ["acc", "f1", "mcc", "ece15", "ece10", "mce15", "nll", "brier", "pearson", "spearman", "mse"];
     names.sort_by_key(|n| order.iter().position(|o| o == n));
     let mut header: Vec<String> = vec!["method".into(), "task".into(), "K".into()];
     header.extend(names.iter().map(|n| {
-        let pct = results
-            .iter()
-            .flat_map(|r| r.metrics.entries())
-            .find(|e| e.0 == *n)
-            .is_some_and(|e| e.2);
+        let pct = results.iter().flat_map(|r| r.metrics.entries()).find(|e| e.0 == *n).is_some_and(|e| e.2);
         if pct {
             format!("{n} %")
         } else {
@@ -238,11 +193,7 @@ pub fn render_table(results: &[EvalResult]) -> String {
         let mut row = vec![
             r.method.clone(),
             r.task.clone(),
-            if r.num_samples == 0 {
-                "mean".into()
-            } else {
-                r.num_samples.to_string()
-            },
+            if r.num_samples == 0 { "mean".into() } else { r.num_samples.to_string() },
         ];
         let entries = r.metrics.entries();
         for n in &names {
@@ -254,9 +205,8 @@ pub fn render_table(results: &[EvalResult]) -> String {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row
@@ -274,13 +224,7 @@ pub fn render_table(results: &[EvalResult]) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
         if i == 0 {
-            out.push_str(
-                &widths
-                    .iter()
-                    .map(|&w| "-".repeat(w))
-                    .collect::<Vec<_>>()
-                    .join("  "),
-            );
+            out.push_str(&widths.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>().join("  "));
             out.push('\n');
         }
     }
@@ -305,26 +249,15 @@ mod tests {
         let mut r = EvalResult::new("ivon", "mrpc", 10, 3, m);
         r.info.insert("seed".into(), serde_json::json!(42));
         let json = serde_json::to_string_pretty(&r).unwrap();
-        assert!(
-            json.contains("\"ece15\"") && !json.contains("pearson"),
-            "{json}"
-        );
+        assert!(json.contains("\"ece15\"") && !json.contains("pearson"), "{json}");
         let back: EvalResult = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
         let mean = EvalResult::new("adamw", "mrpc", 0, 3, r.metrics.clone());
         let t = render_table(&[mean, r]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4);
-        assert!(
-            lines[0].starts_with("method  task")
-                && lines[0].contains("acc %")
-                && lines[0].contains("nll"),
-            "{t}"
-        );
-        assert!(
-            lines[2].contains("mean") && lines[2].contains("66.67"),
-            "{t}"
-        );
+        assert!(lines[0].starts_with("method  task") && lines[0].contains("acc %") && lines[0].contains("nll"), "{t}");
+        assert!(lines[2].contains("mean") && lines[2].contains("66.67"), "{t}");
         // columns align: numbers are right-aligned, so every line has the same width
         assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{t}");
     }

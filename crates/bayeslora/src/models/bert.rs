@@ -124,19 +124,11 @@ impl BertConfigRaw {
             reason: format!("invalid {field} = {value}: {reason}"),
         };
         if self.hidden_act != "gelu" {
-            return Err(bad(
-                "hidden_act",
-                format!("{:?}", self.hidden_act),
-                "bayeslora's BERT supports \"gelu\" only",
-            ));
+            return Err(bad("hidden_act", format!("{:?}", self.hidden_act), "bayeslora's BERT supports \"gelu\" only"));
         }
         if let Some(p) = self.position_embedding_type.as_deref() {
             if p != "absolute" {
-                return Err(bad(
-                    "position_embedding_type",
-                    format!("{p:?}"),
-                    "only \"absolute\" is supported",
-                ));
+                return Err(bad("position_embedding_type", format!("{p:?}"), "only \"absolute\" is supported"));
             }
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
@@ -148,10 +140,7 @@ impl BertConfigRaw {
         }
         for (field, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            (
-                "attention_probs_dropout_prob",
-                self.attention_probs_dropout_prob,
-            ),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
             ("classifier_dropout", self.classifier_dropout.unwrap_or(0.0)),
         ] {
             if !(0.0..1.0).contains(&p) {
@@ -215,37 +204,21 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.get(
-            &format!("{}{name}", self.prefix),
-            shape,
-            self.dtype,
-            self.device,
-        )
+        self.weights.get(&format!("{}{name}", self.prefix), shape, self.dtype, self.device)
     }
 
     /// `{name}.weight [out, in]` and `{name}.bias [out]` as a frozen [`Linear`].
     fn linear(&self, name: &str, in_dim: usize, out_dim: usize, salt: u64) -> Result<Linear> {
         let weight = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
         let bias = self.get(&format!("{name}.bias"), &[out_dim])?;
-        Ok(Linear {
-            salt,
-            ..Linear::new(weight, Some(bias))
-        })
+        Ok(Linear { salt, ..Linear::new(weight, Some(bias)) })
     }
 
     /// `{name}.weight`/`.bias`, or the TF-era `.gamma`/`.beta` of old checkpoints.
     fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-        let old = !self
-            .weights
-            .contains(&format!("{}{name}.weight", self.prefix))
-            && self
-                .weights
-                .contains(&format!("{}{name}.gamma", self.prefix));
-        let (w, b) = if old {
-            ("gamma", "beta")
-        } else {
-            ("weight", "bias")
-        };
+        let old = !self.weights.contains(&format!("{}{name}.weight", self.prefix))
+            && self.weights.contains(&format!("{}{name}.gamma", self.prefix));
+        let (w, b) = if old { ("gamma", "beta") } else { ("weight", "bias") };
         Ok(LayerNorm {
             weight: self.get(&format!("{name}.{w}"), &[dim])?,
             bias: self.get(&format!("{name}.{b}"), &[dim])?,
@@ -282,14 +255,8 @@ impl Embeddings {
         let c = cfg.hidden_size;
         Ok(Self {
             word_embeddings: vb.get("embeddings.word_embeddings.weight", &[cfg.vocab_size, c])?,
-            position_embeddings: vb.get(
-                "embeddings.position_embeddings.weight",
-                &[cfg.max_position_embeddings, c],
-            )?,
-            token_type_embeddings: vb.get(
-                "embeddings.token_type_embeddings.weight",
-                &[cfg.type_vocab_size, c],
-            )?,
+            position_embeddings: vb.get("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, c])?,
+            token_type_embeddings: vb.get("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, c])?,
             layer_norm: vb.layer_norm("embeddings.LayerNorm", c, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
         })
@@ -300,9 +267,7 @@ impl Embeddings {
         let (b, t) = input_ids.dims2()?;
         let c = self.word_embeddings.dim(1)?;
         let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
-            Ok(table
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, c))?)
+            Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, c))?)
         };
         let words = lookup(&self.word_embeddings, input_ids)?;
         let types = lookup(&self.token_type_embeddings, token_type_ids)?;
@@ -345,9 +310,7 @@ impl SelfAttention {
     fn forward(&self, x: &Tensor, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let heads = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(y.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
         let q = heads(self.query.forward(x, ctx)?)?;
         let k = heads(self.key.forward(x, ctx)?)?;
@@ -357,10 +320,7 @@ impl SelfAttention {
             // keeps inside; this is the same math with the dropout between softmax and ·v.
             let dtype = q.dtype();
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            let scores = q
-                .matmul(&k.t()?.contiguous()?)?
-                .affine(scale, 0.0)?
-                .to_dtype(DType::F32)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?.to_dtype(DType::F32)?;
             let probs = ops::softmax_last_dim(&scores.broadcast_add(mask.bias())?)?;
             let probs = ops::dropout(&probs, self.dropout, ctx.seed_for(self.dropout_salt))?;
             probs.to_dtype(dtype)?.matmul(&v)?
@@ -388,31 +348,12 @@ struct Layer {
 impl Layer {
     fn load(vb: &Loader, cfg: &BertConfig, i: usize) -> Result<Self> {
         let p = format!("encoder.layer.{i}");
-        let (c, f, eps, l) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.layer_norm_eps,
-            i as u64,
-        );
+        let (c, f, eps, l) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, i as u64);
         Ok(Self {
             attention_self: SelfAttention::load(vb, cfg, i)?,
-            attention_output_dense: vb.linear(
-                &format!("{p}.attention.output.dense"),
-                c,
-                c,
-                salt(LINEAR_SALT, l, 4),
-            )?,
-            attention_output_layer_norm: vb.layer_norm(
-                &format!("{p}.attention.output.LayerNorm"),
-                c,
-                eps,
-            )?,
-            intermediate_dense: vb.linear(
-                &format!("{p}.intermediate.dense"),
-                c,
-                f,
-                salt(LINEAR_SALT, l, 5),
-            )?,
+            attention_output_dense: vb.linear(&format!("{p}.attention.output.dense"), c, c, salt(LINEAR_SALT, l, 4))?,
+            attention_output_layer_norm: vb.layer_norm(&format!("{p}.attention.output.LayerNorm"), c, eps)?,
+            intermediate_dense: vb.linear(&format!("{p}.intermediate.dense"), c, f, salt(LINEAR_SALT, l, 5))?,
             output_dense: vb.linear(&format!("{p}.output.dense"), f, c, salt(LINEAR_SALT, l, 6))?,
             output_layer_norm: vb.layer_norm(&format!("{p}.output.LayerNorm"), c, eps)?,
             dropout: cfg.hidden_dropout_prob,
@@ -448,39 +389,19 @@ impl Bert {
     /// Builds the encoder from `weights` (keys with or without the `bert.` prefix), in `dtype`
     /// on `device`. Fails with [`Error::TensorShape`] / [`Error::MissingTensor`] naming the
     /// weights file when the checkpoint does not match `config`.
-    pub fn load(
-        weights: &Weights,
-        config: &BertConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(weights: &Weights, config: &BertConfig, dtype: DType, device: &Device) -> Result<Self> {
         let prefix = weights.detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
-        let vb = Loader {
-            weights,
-            prefix,
-            dtype,
-            device,
-        };
+        let vb = Loader { weights, prefix, dtype, device };
         let embeddings = Embeddings::load(&vb, config)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(&vb, config, i))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(&vb, config, i)).collect::<Result<Vec<_>>>()?;
         let pooler = if weights.contains(&format!("{prefix}pooler.dense.weight")) {
             let c = config.hidden_size;
             Some(vb.linear("pooler.dense", c, c, salt(LINEAR_SALT, POOLER, 0))?)
         } else {
             None
         };
-        let file = weights
-            .file_of(&format!("{prefix}embeddings.word_embeddings.weight"))
-            .to_path_buf();
-        Ok(Self {
-            embeddings,
-            layers,
-            pooler,
-            config: config.clone(),
-            file,
-        })
+        let file = weights.file_of(&format!("{prefix}embeddings.word_embeddings.weight")).to_path_buf();
+        Ok(Self { embeddings, layers, pooler, config: config.clone(), file })
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -504,8 +425,7 @@ impl Bert {
         attention_mask: &Tensor,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let mut hidden =
-            self.forward_hidden_states(input_ids, token_type_ids, attention_mask, ctx)?;
+        let mut hidden = self.forward_hidden_states(input_ids, token_type_ids, attention_mask, ctx)?;
         // invariant: forward_hidden_states returns the embeddings plus one state per layer.
         Ok(hidden.pop().expect("at least the embedding output"))
     }
@@ -545,13 +465,7 @@ impl Bert {
             Some(tt) => tt.to_dtype(DType::U32)?.to_device(device)?,
             None => Tensor::zeros((b, t), DType::U32, device)?,
         };
-        let mask = AttentionMask::new(
-            Some(&attention_mask.to_device(device)?),
-            false,
-            b,
-            t,
-            device,
-        )?;
+        let mask = AttentionMask::new(Some(&attention_mask.to_device(device)?), false, b, t, device)?;
         let mut x = self.embeddings.forward(&input_ids, &token_type_ids, ctx)?;
         let mut states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
@@ -565,10 +479,10 @@ impl Bert {
 
     /// The pooler: `tanh(dense(hidden[:, 0]))`, `[B, T, C]` → `[B, C]`.
     pub fn pooled(&self, hidden: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let pooler = self.pooler.as_ref().ok_or_else(|| Error::MissingTensor {
-            file: self.file.clone(),
-            name: "pooler.dense.weight".into(),
-        })?;
+        let pooler = self
+            .pooler
+            .as_ref()
+            .ok_or_else(|| Error::MissingTensor { file: self.file.clone(), name: "pooler.dense.weight".into() })?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(pooler.forward(&cls, ctx)?.tanh()?)
     }
@@ -579,26 +493,11 @@ impl HasLinears for Bert {
         let mut out = Vec::with_capacity(self.layers.len() * 6 + 1);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("encoder.layer.{i}");
-            let Layer {
-                attention_self,
-                attention_output_dense,
-                intermediate_dense,
-                output_dense,
-                ..
-            } = layer;
-            out.push((
-                format!("{p}.attention.self.query"),
-                &mut attention_self.query,
-            ));
+            let Layer { attention_self, attention_output_dense, intermediate_dense, output_dense, .. } = layer;
+            out.push((format!("{p}.attention.self.query"), &mut attention_self.query));
             out.push((format!("{p}.attention.self.key"), &mut attention_self.key));
-            out.push((
-                format!("{p}.attention.self.value"),
-                &mut attention_self.value,
-            ));
-            out.push((
-                format!("{p}.attention.output.dense"),
-                attention_output_dense,
-            ));
+            out.push((format!("{p}.attention.self.value"), &mut attention_self.value));
+            out.push((format!("{p}.attention.output.dense"), attention_output_dense));
             out.push((format!("{p}.intermediate.dense"), intermediate_dense));
             out.push((format!("{p}.output.dense"), output_dense));
         }
@@ -626,30 +525,16 @@ impl SequenceClassificationHead {
     /// A freshly initialized head with `num_labels` outputs, drawn from `seed`.
     pub fn new(config: &BertConfig, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
         if num_labels == 0 {
-            return Err(Error::config(
-                "num_labels",
-                0,
-                "must be at least 1 (1 = regression)",
-            ));
+            return Err(Error::config("num_labels", 0, "must be at least 1 (1 = regression)"));
         }
-        let normal =
-            rand_distr::Normal::new(0.0f32, config.initializer_range as f32).map_err(|e| {
-                Error::config("initializer_range", config.initializer_range, e.to_string())
-            })?;
+        let normal = rand_distr::Normal::new(0.0f32, config.initializer_range as f32)
+            .map_err(|e| Error::config("initializer_range", config.initializer_range, e.to_string()))?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n = num_labels * config.hidden_size;
         let w: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-        let weight = Var::from_tensor(&Tensor::from_vec(
-            w,
-            (num_labels, config.hidden_size),
-            device,
-        )?)?;
+        let weight = Var::from_tensor(&Tensor::from_vec(w, (num_labels, config.hidden_size), device)?)?;
         let bias = Var::zeros(num_labels, DType::F32, device)?;
-        Ok(Self {
-            weight,
-            bias,
-            dropout: config.classifier_dropout,
-        })
+        Ok(Self { weight, bias, dropout: config.classifier_dropout })
     }
 
     /// The checkpoint's `classifier.weight`/`classifier.bias` when present (their shape must
@@ -663,12 +548,7 @@ impl SequenceClassificationHead {
     ) -> Result<Self> {
         let head = Self::new(config, num_labels, seed, device)?;
         if weights.contains("classifier.weight") {
-            let w = weights.get(
-                "classifier.weight",
-                &[num_labels, config.hidden_size],
-                DType::F32,
-                device,
-            )?;
+            let w = weights.get("classifier.weight", &[num_labels, config.hidden_size], DType::F32, device)?;
             let b = weights.get("classifier.bias", &[num_labels], DType::F32, device)?;
             head.weight.set(&w)?;
             head.bias.set(&b)?;
@@ -687,18 +567,14 @@ impl SequenceClassificationHead {
 
     /// The variables with their HF names (`classifier.weight`, `classifier.bias`).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        vec![
-            ("classifier.weight".into(), self.weight.clone()),
-            ("classifier.bias".into(), self.bias.clone()),
-        ]
+        vec![("classifier.weight".into(), self.weight.clone()), ("classifier.bias".into(), self.bias.clone())]
     }
 
     /// `pooled: [B, C]` (any float dtype) → logits `[B, K]`, f32.
     pub fn forward(&self, pooled: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let x = pooled.to_dtype(DType::F32)?;
         let x = maybe_dropout(&x, self.dropout, ctx, salt(DROPOUT_SALT, POOLER, 1))?;
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())?)
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
     }
 }
 
@@ -735,18 +611,9 @@ mod tests {
             Ok(())
         };
         let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
-        put(
-            "embeddings.word_embeddings.weight".into(),
-            &[cfg.vocab_size, c],
-        )?;
-        put(
-            "embeddings.position_embeddings.weight".into(),
-            &[cfg.max_position_embeddings, c],
-        )?;
-        put(
-            "embeddings.token_type_embeddings.weight".into(),
-            &[cfg.type_vocab_size, c],
-        )?;
+        put("embeddings.word_embeddings.weight".into(), &[cfg.vocab_size, c])?;
+        put("embeddings.position_embeddings.weight".into(), &[cfg.max_position_embeddings, c])?;
+        put("embeddings.token_type_embeddings.weight".into(), &[cfg.type_vocab_size, c])?;
         put("embeddings.LayerNorm.weight".into(), &[c])?;
         put("embeddings.LayerNorm.bias".into(), &[c])?;
         for i in 0..cfg.num_hidden_layers {
@@ -777,15 +644,7 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
         let mask = Tensor::ones((1, 4), DType::F32, &Device::Cpu)?;
         let e1 = bert.forward(&ids, None, &mask, &Ctx::eval())?;
-        let e2 = bert.forward(
-            &ids,
-            None,
-            &mask,
-            &Ctx {
-                train: false,
-                seed: 9,
-            },
-        )?;
+        let e2 = bert.forward(&ids, None, &mask, &Ctx { train: false, seed: 9 })?;
         assert_eq!(max_abs_diff(&e1, &e2)?.0, 0.0);
         let t1 = bert.forward(&ids, None, &mask, &Ctx::train(1))?;
         let t1b = bert.forward(&ids, None, &mask, &Ctx::train(1))?;
@@ -794,11 +653,7 @@ mod tests {
         assert!(max_abs_diff(&t1, &t2)?.0 > 1e-3);
         assert!(max_abs_diff(&t1, &e1)?.0 > 1e-3);
         // No pooler in these weights: a clear error, not a panic.
-        let msg = bert
-            .pooled(&e1, &Ctx::eval())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let msg = bert.pooled(&e1, &Ctx::eval()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("pooler.dense.weight"), "{msg}");
         Ok(())
     }
@@ -839,14 +694,8 @@ mod tests {
         let cfg = tiny_config();
         let a = SequenceClassificationHead::new(&cfg, 3, 5, &Device::Cpu)?;
         let b = SequenceClassificationHead::new(&cfg, 3, 5, &Device::Cpu)?;
-        assert_eq!(
-            max_abs_diff(a.vars()[0].as_tensor(), b.vars()[0].as_tensor())?.0,
-            0.0
-        );
-        assert_eq!(
-            a.bias.as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?,
-            0.0
-        );
+        assert_eq!(max_abs_diff(a.vars()[0].as_tensor(), b.vars()[0].as_tensor())?.0, 0.0);
+        assert_eq!(a.bias.as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
         assert!(SequenceClassificationHead::new(&cfg, 0, 5, &Device::Cpu).is_err());
         let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu)?;
         assert_eq!(a.forward(&x, &Ctx::eval())?.dims(), &[2, 3]);
@@ -859,13 +708,8 @@ mod tests {
             "vocab_size": 11, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 3,
             "intermediate_size": 12
         });
-        let msg = BertConfig::from_json(&json, Path::new("m/config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("m/config.json") && msg.contains("num_attention_heads = 3"),
-            "{msg}"
-        );
+        let msg =
+            BertConfig::from_json(&json, Path::new("m/config.json")).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("m/config.json") && msg.contains("num_attention_heads = 3"), "{msg}");
     }
 }

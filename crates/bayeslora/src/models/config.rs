@@ -45,36 +45,19 @@ impl Architecture {
     /// Detects the family from a parsed config.json (`file` is only used in the error). The
     /// first entry of `architectures` decides; without one, `model_type` does.
     pub fn detect(config: &serde_json::Value, file: &Path) -> Result<Self> {
-        let named = config
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .and_then(|a| a.first())
-            .and_then(|a| a.as_str());
+        let named =
+            config.get("architectures").and_then(|a| a.as_array()).and_then(|a| a.first()).and_then(|a| a.as_str());
         let unknown = |found: &str| Error::UnknownArchitecture {
             file: file.to_path_buf(),
             found: found.to_string(),
-            supported: ARCHITECTURE_NAMES
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", "),
+            supported: ARCHITECTURE_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
         };
         if let Some(name) = named {
-            return ARCHITECTURE_NAMES
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, a)| *a)
-                .ok_or_else(|| unknown(name));
+            return ARCHITECTURE_NAMES.iter().find(|(n, _)| *n == name).map(|(_, a)| *a).ok_or_else(|| unknown(name));
         }
         match config.get("model_type").and_then(|m| m.as_str()) {
-            Some(ty) => MODEL_TYPES
-                .iter()
-                .find(|(n, _)| *n == ty)
-                .map(|(_, a)| *a)
-                .ok_or_else(|| unknown(ty)),
-            None => Err(unknown(
-                "<none: config.json has neither `architectures` nor `model_type`>",
-            )),
+            Some(ty) => MODEL_TYPES.iter().find(|(n, _)| *n == ty).map(|(_, a)| *a).ok_or_else(|| unknown(ty)),
+            None => Err(unknown("<none: config.json has neither `architectures` nor `model_type`>")),
         }
     }
 
@@ -102,24 +85,16 @@ pub fn read_config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
         reason: format!("invalid JSON ({e}); re-download config.json"),
     })?;
     if !value.is_object() {
-        return Err(Error::BadFile {
-            file: path,
-            reason: "config.json must hold a JSON object".into(),
-        });
+        return Err(Error::BadFile { file: path, reason: "config.json must hold a JSON object".into() });
     }
     Ok((path, value))
 }
 
 /// Parses a typed config (an architecture's raw serde struct) out of config.json's JSON,
 /// naming the file and the offending field on failure.
-pub fn parse_config<T: serde::de::DeserializeOwned>(
-    value: &serde_json::Value,
-    file: &Path,
-) -> Result<T> {
-    T::deserialize(value).map_err(|e| Error::BadFile {
-        file: file.to_path_buf(),
-        reason: format!("invalid config: {e}"),
-    })
+pub fn parse_config<T: serde::de::DeserializeOwned>(value: &serde_json::Value, file: &Path) -> Result<T> {
+    T::deserialize(value)
+        .map_err(|e| Error::BadFile { file: file.to_path_buf(), reason: format!("invalid config: {e}") })
 }
 
 /// Loads `<dir>/tokenizer.json` (Hugging Face `tokenizers` format) and removes any fixed
@@ -133,15 +108,11 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
             path.display()
         )));
     }
-    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| {
-        Error::Tokenizer(format!(
-            "{}: {e}; is this a Hugging Face tokenizer.json?",
-            path.display()
-        ))
-    })?;
-    tokenizer.with_truncation(None).map_err(|e| {
-        Error::Tokenizer(format!("{}: cannot reset truncation: {e}", path.display()))
-    })?;
+    let mut tokenizer = Tokenizer::from_file(&path)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}; is this a Hugging Face tokenizer.json?", path.display())))?;
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| Error::Tokenizer(format!("{}: cannot reset truncation: {e}", path.display())))?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
 }
@@ -155,26 +126,12 @@ mod tests {
     fn detects_families_and_rejects_unknown() {
         let f = Path::new("x/config.json");
         let bert = json!({"architectures": ["BertModel"], "model_type": "bert"});
-        assert_eq!(
-            Architecture::detect(&bert, f).ok(),
-            Some(Architecture::Bert)
-        );
+        assert_eq!(Architecture::detect(&bert, f).ok(), Some(Architecture::Bert));
         let qwen = json!({"model_type": "qwen2"});
-        assert_eq!(
-            Architecture::detect(&qwen, f).ok(),
-            Some(Architecture::Llama)
-        );
+        assert_eq!(Architecture::detect(&qwen, f).ok(), Some(Architecture::Llama));
         let gpt2 = json!({"architectures": ["GPT2LMHeadModel"]});
-        let msg = Architecture::detect(&gpt2, f)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("GPT2LMHeadModel")
-                && msg.contains("x/config.json")
-                && msg.contains("BertModel"),
-            "{msg}"
-        );
+        let msg = Architecture::detect(&gpt2, f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("GPT2LMHeadModel") && msg.contains("x/config.json") && msg.contains("BertModel"), "{msg}");
         assert!(Architecture::detect(&json!({}), f).is_err());
     }
 }

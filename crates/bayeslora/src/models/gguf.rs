@@ -76,12 +76,8 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(Llama, Tokeni
 pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = std::io::BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|e| bad(path, format!("not a valid GGUF file ({})", inner(e))))?;
-    let meta = Meta {
-        content: &content,
-        file: path,
-    };
+    let content = Content::read(&mut reader).map_err(|e| bad(path, format!("not a valid GGUF file ({})", inner(e))))?;
+    let meta = Meta { content: &content, file: path };
     let config = meta.config()?;
     let (tokenizer, special_tokens) = meta.tokenizer()?;
     let chat_template = meta.string("tokenizer.chat_template").ok();
@@ -96,17 +92,9 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
             tracing::debug!(tensor = %name, "gguf: skipping tensor with no HF counterpart");
             continue;
         };
-        let t = content
-            .tensor(&mut reader, name, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .map_err(|e| {
-                bad(
-                    path,
-                    format!(
-                        "tensor `{name}`: {}; the file may be truncated, re-download it",
-                        inner(e)
-                    ),
-                )
+        let t =
+            content.tensor(&mut reader, name, &Device::Cpu).and_then(|q| q.dequantize(&Device::Cpu)).map_err(|e| {
+                bad(path, format!("tensor `{name}`: {}; the file may be truncated, re-download it", inner(e)))
             })?;
         let t = if unpermute && name.contains(".attn_q.") {
             unpermute_rows(&t, config.num_attention_heads)?
@@ -174,24 +162,17 @@ pub fn unpermute_rows(x: &Tensor, heads: usize) -> Result<Tensor> {
     }
     let cols: usize = dims[1..].iter().product();
     let half = rows / heads / 2;
-    Ok(x.reshape((heads, half, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    Ok(x.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 fn bad(file: &Path, reason: String) -> Error {
-    Error::BadFile {
-        file: file.to_path_buf(),
-        reason,
-    }
+    Error::BadFile { file: file.to_path_buf(), reason }
 }
 
 /// candle's error without its backtrace/path wrappers, for one-line messages.
 fn inner(e: candle_core::Error) -> candle_core::Error {
     match e {
-        candle_core::Error::WithBacktrace { inner, .. }
-        | candle_core::Error::WithPath { inner, .. } => *inner,
+        candle_core::Error::WithBacktrace { inner, .. } | candle_core::Error::WithPath { inner, .. } => *inner,
         other => other,
     }
 }
@@ -204,10 +185,7 @@ struct Meta<'a> {
 
 impl Meta<'_> {
     fn get(&self, key: &str) -> Result<&Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| bad(self.file, format!("metadata key `{key}` is missing")))
+        self.content.metadata.get(key).ok_or_else(|| bad(self.file, format!("metadata key `{key}` is missing")))
     }
     fn wrong(&self, key: &str, e: candle_core::Error) -> Error {
         bad(self.file, format!("metadata key `{key}`: {}", inner(e)))
@@ -223,15 +201,9 @@ impl Meta<'_> {
             Value::I16(x) if *x >= 0 => *x as u64,
             Value::I32(x) if *x >= 0 => *x as u64,
             Value::I64(x) if *x >= 0 => *x as u64,
-            other => {
-                return Err(bad(
-                    self.file,
-                    format!("metadata key `{key}`: expected a count, got {other:?}"),
-                ))
-            }
+            other => return Err(bad(self.file, format!("metadata key `{key}`: expected a count, got {other:?}"))),
         };
-        usize::try_from(n)
-            .map_err(|_| bad(self.file, format!("metadata key `{key}`: {n} is too large")))
+        usize::try_from(n).map_err(|_| bad(self.file, format!("metadata key `{key}`: {n} is too large")))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         if self.content.metadata.contains_key(key) {
@@ -245,26 +217,17 @@ impl Meta<'_> {
             None => Ok(None),
             Some(Value::F32(x)) => Ok(Some(*x as f64)),
             Some(Value::F64(x)) => Ok(Some(*x)),
-            Some(other) => Err(bad(
-                self.file,
-                format!("metadata key `{key}`: expected a float, got {other:?}"),
-            )),
+            Some(other) => Err(bad(self.file, format!("metadata key `{key}`: expected a float, got {other:?}"))),
         }
     }
     fn string(&self, key: &str) -> Result<String> {
-        self.get(key)?
-            .to_string()
-            .cloned()
-            .map_err(|e| self.wrong(key, e))
+        self.get(key)?.to_string().cloned().map_err(|e| self.wrong(key, e))
     }
     fn array(&self, key: &str) -> Result<&Vec<Value>> {
         self.get(key)?.to_vec().map_err(|e| self.wrong(key, e))
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        self.array(key)?
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| self.wrong(key, e)))
-            .collect()
+        self.array(key)?.iter().map(|v| v.to_string().cloned().map_err(|e| self.wrong(key, e))).collect()
     }
 
     /// The resolved config from `{arch}.*` keys, as transformers' `gguf_config_mapping`.
@@ -284,11 +247,7 @@ impl Meta<'_> {
         let k = |name: &str| format!("{arch}.{name}");
         if let Ok(kind) = self.string(&k("rope.scaling.type")) {
             if kind != "none" {
-                return Err(Error::config(
-                    "rope.scaling.type",
-                    kind,
-                    "GGUF rope scaling is not implemented",
-                ));
+                return Err(Error::config("rope.scaling.type", kind, "GGUF rope scaling is not implemented"));
             }
         }
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -300,9 +259,7 @@ impl Meta<'_> {
         }
         let hidden_size = self.usize(&k("embedding_length"))?;
         let heads = self.usize(&k("attention.head_count"))?;
-        let kv_heads = self
-            .opt_usize(&k("attention.head_count_kv"))?
-            .unwrap_or(heads);
+        let kv_heads = self.opt_usize(&k("attention.head_count_kv"))?.unwrap_or(heads);
         let vocab_size = match self.opt_usize(&k("vocab_size"))? {
             Some(v) => v,
             None => self.array("tokenizer.ggml.tokens")?.len(),
@@ -316,27 +273,17 @@ impl Meta<'_> {
             num_hidden_layers: self.usize(&k("block_count"))?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
-            head_dim: self
-                .opt_usize(&k("attention.key_length"))?
-                .unwrap_or(hidden_size / heads.max(1)),
-            rms_norm_eps: self
-                .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
-            rope_theta: self
-                .opt_f64(&k("rope.freq_base"))?
-                .unwrap_or(match variant {
-                    LlamaVariant::Qwen2 => 1_000_000.0,
-                    _ => 10_000.0,
-                }),
+            head_dim: self.opt_usize(&k("attention.key_length"))?.unwrap_or(hidden_size / heads.max(1)),
+            rms_norm_eps: self.opt_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: self.opt_f64(&k("rope.freq_base"))?.unwrap_or(match variant {
+                LlamaVariant::Qwen2 => 1_000_000.0,
+                _ => 10_000.0,
+            }),
             rope_scaling: None,
             max_position_embeddings: self.opt_usize(&k("context_length"))?.unwrap_or(2048),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: variant == LlamaVariant::Qwen2 || has_bias,
-            o_bias: variant == LlamaVariant::Llama
-                && self
-                    .content
-                    .tensor_infos
-                    .contains_key("blk.0.attn_output.bias"),
+            o_bias: variant == LlamaVariant::Llama && self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
             mlp_bias: false,
         };
         cfg.validate()?;
@@ -350,9 +297,7 @@ impl Meta<'_> {
         let tk = |reason: String| Error::Tokenizer(format!("{}: {reason}", file.display()));
         let model = self.string("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(tk(format!(
-                "tokenizer.ggml.model = `{model}` is not supported; only `gpt2` (byte-level BPE)"
-            )));
+            return Err(tk(format!("tokenizer.ggml.model = `{model}` is not supported; only `gpt2` (byte-level BPE)")));
         }
         let tokens = self.strings("tokenizer.ggml.tokens")?;
         let merges = self.strings("tokenizer.ggml.merges")?;
@@ -361,11 +306,7 @@ impl Meta<'_> {
                 .to_vec()
                 .map_err(|e| self.wrong("tokenizer.ggml.token_type", e))?
                 .iter()
-                .map(|t| {
-                    t.to_i32()
-                        .map(i64::from)
-                        .map_err(|e| self.wrong("tokenizer.ggml.token_type", e))
-                })
+                .map(|t| t.to_i32().map(i64::from).map_err(|e| self.wrong("tokenizer.ggml.token_type", e)))
                 .collect::<Result<_>>()?,
             None => Vec::new(),
         };
@@ -379,11 +320,8 @@ impl Meta<'_> {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let spelled = if in_alphabet(t) {
-                    t.clone()
-                } else {
-                    t.bytes().map(|b| byte_chars[b as usize]).collect()
-                };
+                let spelled =
+                    if in_alphabet(t) { t.clone() } else { t.bytes().map(|b| byte_chars[b as usize]).collect() };
                 (spelled, i as u32)
             })
             .collect();
@@ -392,29 +330,18 @@ impl Meta<'_> {
             .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        tk(format!(
-                            "merge `{m}` is not two tokens separated by a space"
-                        ))
-                    })
+                    .ok_or_else(|| tk(format!("merge `{m}` is not two tokens separated by a space")))
             })
             .collect::<Result<_>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| tk(format!("bpe: {e}")))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tk(format!("bpe: {e}")))?;
         let mut tokenizer = Tokenizer::new(bpe);
 
         let pre = self.string("tokenizer.ggml.pre").unwrap_or_default();
         let byte_level = ByteLevel::new(false, true, true);
         match split_regex(&pre) {
             Some(re) => {
-                let split = Split::new(
-                    SplitPattern::Regex(re.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| tk(format!("split regex for pre `{pre}`: {e}")))?;
+                let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| tk(format!("split regex for pre `{pre}`: {e}")))?;
                 tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
                     PreTokenizerWrapper::Split(split),
                     PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
@@ -433,29 +360,21 @@ impl Meta<'_> {
             .filter(|(t, ty)| **ty == 3 && in_alphabet(t))
             .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
             .collect();
-        tokenizer
-            .add_special_tokens(control)
-            .map_err(|e| tk(format!("special tokens: {e}")))?;
+        tokenizer.add_special_tokens(control).map_err(|e| tk(format!("special tokens: {e}")))?;
         let user: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .filter(|(t, ty)| **ty == 4 && in_alphabet(t))
             .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
             .collect();
-        tokenizer
-            .add_tokens(user)
-            .map_err(|e| tk(format!("user-defined tokens: {e}")))?;
+        tokenizer.add_tokens(user).map_err(|e| tk(format!("user-defined tokens: {e}")))?;
 
         let id = |key: &str| -> Result<Option<u32>> {
             match self.opt_usize(key)? {
                 Some(i) if i < tokens.len() => Ok(Some(i as u32)),
-                Some(i) => Err(bad(
-                    file,
-                    format!(
-                        "metadata key `{key}` = {i} is outside the vocabulary of {}",
-                        tokens.len()
-                    ),
-                )),
+                Some(i) => {
+                    Err(bad(file, format!("metadata key `{key}` = {i} is outside the vocabulary of {}", tokens.len())))
+                }
                 None => Ok(None),
             }
         };
@@ -475,8 +394,8 @@ fn split_regex(pre: &str) -> Option<&'static str> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "dbrx" | "smaug-bpe" => Some(LLAMA3),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "dbrx"
+        | "smaug-bpe" => Some(LLAMA3),
         "qwen2" | "deepseek-r1-qwen" | "megrez" => Some(QWEN2),
         _ => None,
     }
@@ -485,8 +404,7 @@ fn split_regex(pre: &str) -> Option<&'static str> {
 /// GPT-2's byte → printable-char table (`bytes_to_unicode`): printable Latin-1 bytes map to
 /// themselves, the other 68 to U+0100 onwards, in byte order.
 fn bytes_to_unicode() -> Vec<char> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256u32;
     (0u32..256)
         .map(|b| {
@@ -503,8 +421,7 @@ fn bytes_to_unicode() -> Vec<char> {
 
 /// Whether `path` names a GGUF file (by its extension), for `models::load` to dispatch on.
 pub fn is_gguf(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 #[cfg(test)]
@@ -513,18 +430,9 @@ mod tests {
 
     #[test]
     fn names_map_to_hf() {
-        assert_eq!(
-            hf_name("blk.12.attn_output.weight").as_deref(),
-            Some("model.layers.12.self_attn.o_proj.weight")
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_q.bias").as_deref(),
-            Some("model.layers.0.self_attn.q_proj.bias")
-        );
-        assert_eq!(
-            hf_name("blk.3.ffn_norm.weight").as_deref(),
-            Some("model.layers.3.post_attention_layernorm.weight")
-        );
+        assert_eq!(hf_name("blk.12.attn_output.weight").as_deref(), Some("model.layers.12.self_attn.o_proj.weight"));
+        assert_eq!(hf_name("blk.0.attn_q.bias").as_deref(), Some("model.layers.0.self_attn.q_proj.bias"));
+        assert_eq!(hf_name("blk.3.ffn_norm.weight").as_deref(), Some("model.layers.3.post_attention_layernorm.weight"));
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("rope_freqs.weight"), None);
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
@@ -534,25 +442,14 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
         // llama.cpp: w.reshape(heads, 2, D/2, cols).swapaxes(1, 2).reshape(w.shape)
         let (heads, d, cols) = (3, 4, 2);
-        let hf = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)?
-            .reshape((heads * d, cols))?;
-        let permuted = hf
-            .reshape((heads, 2, d / 2, cols))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((heads * d, cols))?;
+        let hf = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)?.reshape((heads * d, cols))?;
+        let permuted =
+            hf.reshape((heads, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((heads * d, cols))?;
         let back = unpermute_rows(&permuted, heads)?;
         assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
         let bias = Tensor::arange(0f32, (heads * d) as f32, &Device::Cpu)?;
-        let pb = bias
-            .reshape((heads, 2, d / 2))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .flatten_all()?;
-        assert_eq!(
-            unpermute_rows(&pb, heads)?.to_vec1::<f32>()?,
-            bias.to_vec1::<f32>()?
-        );
+        let pb = bias.reshape((heads, 2, d / 2))?.transpose(1, 2)?.contiguous()?.flatten_all()?;
+        assert_eq!(unpermute_rows(&pb, heads)?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
         Ok(())
     }
 
@@ -562,9 +459,6 @@ mod tests {
         assert_eq!(t[b'a' as usize], 'a');
         assert_eq!(t[b' ' as usize], 'Ġ');
         assert_eq!(t[b'\n' as usize], 'Ċ');
-        assert_eq!(
-            t.iter().collect::<std::collections::HashSet<_>>().len(),
-            256
-        );
+        assert_eq!(t.iter().collect::<std::collections::HashSet<_>>().len(), 256);
     }
 }

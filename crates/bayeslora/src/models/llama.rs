@@ -177,43 +177,24 @@ impl LlamaRawConfig {
             })?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(Error::config(
-                    "hidden_act",
-                    act,
-                    "only `silu` (SwiGLU) is implemented",
-                ));
+                return Err(Error::config("hidden_act", act, "only `silu` (SwiGLU) is implemented"));
             }
         }
         // transformers 5 writes `rope_parameters` (with the theta inside); 4 writes `rope_theta`
         // and `rope_scaling` (null for the default rope).
-        let rope = self
-            .rope_parameters
-            .clone()
-            .or(self.rope_scaling.clone())
-            .unwrap_or_default();
-        let rope_theta = rope
-            .rope_theta
-            .or(self.rope_theta)
-            .unwrap_or(match variant {
-                // The HF config classes' defaults.
-                LlamaVariant::Qwen2 => 1_000_000.0,
-                _ => 10_000.0,
-            });
-        let rope_type = rope
-            .rope_type
-            .clone()
-            .or(rope.legacy_type.clone())
-            .unwrap_or_else(|| "default".into());
+        let rope = self.rope_parameters.clone().or(self.rope_scaling.clone()).unwrap_or_default();
+        let rope_theta = rope.rope_theta.or(self.rope_theta).unwrap_or(match variant {
+            // The HF config classes' defaults.
+            LlamaVariant::Qwen2 => 1_000_000.0,
+            _ => 10_000.0,
+        });
+        let rope_type = rope.rope_type.clone().or(rope.legacy_type.clone()).unwrap_or_else(|| "default".into());
         let rope_scaling = match rope_type.as_str() {
             "default" => None,
             "llama3" => {
                 let need = |field: &str, v: Option<f64>| {
                     v.ok_or_else(|| {
-                        Error::config(
-                            &format!("rope_scaling.{field}"),
-                            "null",
-                            "required by rope_type llama3",
-                        )
+                        Error::config(&format!("rope_scaling.{field}"), "null", "required by rope_type llama3")
                     })
                 };
                 Some(Llama3RopeScaling {
@@ -242,9 +223,7 @@ impl LlamaRawConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta,
             rope_scaling,
@@ -268,10 +247,8 @@ impl LlamaConfig {
 
     /// Parses and resolves config.json text; `file` names it in errors.
     pub fn from_json(text: &str, file: &Path) -> Result<Self> {
-        let raw: LlamaRawConfig = serde_json::from_str(text).map_err(|e| Error::BadFile {
-            file: file.to_path_buf(),
-            reason: format!("config.json: {e}"),
-        })?;
+        let raw: LlamaRawConfig = serde_json::from_str(text)
+            .map_err(|e| Error::BadFile { file: file.to_path_buf(), reason: format!("config.json: {e}") })?;
         raw.into_config(file)
     }
 
@@ -293,39 +270,23 @@ impl LlamaConfig {
             }
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(Error::config(
-                "head_dim",
-                self.head_dim,
-                "must be positive and even (RoPE rotates pairs)",
-            ));
+            return Err(Error::config("head_dim", self.head_dim, "must be positive and even (RoPE rotates pairs)"));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(Error::config(
                 "num_key_value_heads",
                 self.num_key_value_heads,
-                format!(
-                    "must divide num_attention_heads = {}",
-                    self.num_attention_heads
-                ),
+                format!("must divide num_attention_heads = {}", self.num_attention_heads),
             ));
         }
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
-            return Err(Error::config(
-                "rms_norm_eps",
-                self.rms_norm_eps,
-                "must be positive",
-            ));
+            return Err(Error::config("rms_norm_eps", self.rms_norm_eps, "must be positive"));
         }
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err(Error::config(
-                "rope_theta",
-                self.rope_theta,
-                "must be positive",
-            ));
+            return Err(Error::config("rope_theta", self.rope_theta, "must be positive"));
         }
         if let Some(s) = &self.rope_scaling {
-            let ok =
-                s.factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.low_freq_factor > 0.0;
+            let ok = s.factor > 0.0 && s.high_freq_factor > s.low_freq_factor && s.low_freq_factor > 0.0;
             if !ok {
                 return Err(Error::config(
                     "rope_scaling",
@@ -382,20 +343,9 @@ impl TensorSource<'_> {
         self.weights.get(name, shape, self.dtype, self.device)
     }
 
-    fn linear(
-        &self,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-        salt: u64,
-    ) -> Result<Linear> {
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool, salt: u64) -> Result<Linear> {
         let weight = self.get(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(self.get(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(self.get(&format!("{prefix}.bias"), &[out])?) } else { None };
         let mut l = Linear::new(weight, bias);
         l.salt = salt;
         Ok(l)
@@ -417,41 +367,12 @@ struct Attention {
 
 impl Attention {
     fn load(src: &TensorSource, prefix: &str, cfg: &LlamaConfig, layer: usize) -> Result<Self> {
-        let (c, h, hkv, d) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (c, h, hkv, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         Ok(Self {
-            q_proj: src.linear(
-                &format!("{prefix}.q_proj"),
-                h * d,
-                c,
-                cfg.qkv_bias,
-                salt(layer, 0),
-            )?,
-            k_proj: src.linear(
-                &format!("{prefix}.k_proj"),
-                hkv * d,
-                c,
-                cfg.qkv_bias,
-                salt(layer, 1),
-            )?,
-            v_proj: src.linear(
-                &format!("{prefix}.v_proj"),
-                hkv * d,
-                c,
-                cfg.qkv_bias,
-                salt(layer, 2),
-            )?,
-            o_proj: src.linear(
-                &format!("{prefix}.o_proj"),
-                c,
-                h * d,
-                cfg.o_bias,
-                salt(layer, 3),
-            )?,
+            q_proj: src.linear(&format!("{prefix}.q_proj"), h * d, c, cfg.qkv_bias, salt(layer, 0))?,
+            k_proj: src.linear(&format!("{prefix}.k_proj"), hkv * d, c, cfg.qkv_bias, salt(layer, 1))?,
+            v_proj: src.linear(&format!("{prefix}.v_proj"), hkv * d, c, cfg.qkv_bias, salt(layer, 2))?,
+            o_proj: src.linear(&format!("{prefix}.o_proj"), c, h * d, cfg.o_bias, salt(layer, 3))?,
             heads: h,
             kv_heads: hkv,
             head_dim: d,
@@ -463,9 +384,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             // [B, T, heads·D] → [B, heads, T, D]
-            Ok(y.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
         let q = split(self.q_proj.forward(x, ctx)?, self.heads)?;
         let k = split(self.k_proj.forward(x, ctx)?, self.kv_heads)?;
@@ -473,9 +392,7 @@ impl Attention {
         let q = ops::rope(&q, &rope.cos, &rope.sin)?;
         let k = ops::rope(&k, &rope.cos, &rope.sin)?;
         let y = ops::attention(&q, &k, &v, mask)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
         self.o_proj.forward(&y, ctx)
     }
 }
@@ -522,21 +439,11 @@ impl DecoderLayer {
             self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg, layer)?,
             mlp: Mlp::load(src, &format!("{p}.mlp"), cfg, layer)?,
             input_layernorm: src.get(&format!("{p}.input_layernorm.weight"), &[cfg.hidden_size])?,
-            post_attention_layernorm: src.get(
-                &format!("{p}.post_attention_layernorm.weight"),
-                &[cfg.hidden_size],
-            )?,
+            post_attention_layernorm: src.get(&format!("{p}.post_attention_layernorm.weight"), &[cfg.hidden_size])?,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        mask: &AttentionMask,
-        eps: f64,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, eps: f64, ctx: &Ctx) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
         let x = x.add(&self.self_attn.forward(&h, rope, mask, ctx)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
@@ -579,41 +486,20 @@ impl Llama {
     /// safetensors or from a dequantized GGUF. Tensors are cast to `dtype` (the compute dtype:
     /// f32 on CPU, bf16 on GPU) and moved to `device`; a wrong shape fails with
     /// [`Error::TensorShape`] naming the file.
-    pub fn load(
-        weights: &Weights,
-        cfg: &LlamaConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(weights: &Weights, cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let src = TensorSource {
-            weights,
-            dtype,
-            device,
-        };
+        let src = TensorSource { weights, dtype, device };
         let (v, c) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = src.get("model.embed_tokens.weight", &[v, c])?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&src, cfg, i))
-            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(&src, cfg, i)).collect::<Result<Vec<_>>>()?;
         let norm = src.get("model.norm.weight", &[c])?;
-        let lm_weight = if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            src.get("lm_head.weight", &[v, c])?
-        };
+        let lm_weight =
+            if cfg.tie_word_embeddings { embed_tokens.clone() } else { src.get("lm_head.weight", &[v, c])? };
         let mut lm_head = Linear::new(lm_weight, None);
         lm_head.salt = LM_HEAD_SALT;
         let inv_freq = Tensor::new(cfg.inv_freq(), device)?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-            cfg: cfg.clone(),
-            dtype,
-        })
+        Ok(Self { embed_tokens, layers, norm, lm_head, inv_freq, cfg: cfg.clone(), dtype })
     }
 
     /// The resolved config.
@@ -635,33 +521,20 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Final-normed hidden states at every position, `[B, T, C]` in the compute dtype.
     /// `input_ids: [B, T]` u32; `attention_mask: [B, T]` f32, 1 for real tokens and 0 for
     /// (right) padding. Attention is causal; position ids are 0..T for every row, which is what
     /// HF uses with right padding.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         self.forward_embeds(&self.embed(input_ids)?, attention_mask, ctx)
     }
 
     /// [`Llama::forward`] from input embeddings `[B, T, C]` (a Var for input-gradient checks,
     /// or prompt-tuning vectors).
-    pub fn forward_embeds(
-        &self,
-        embeds: &Tensor,
-        attention_mask: &Tensor,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
+    pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let mut all = self.run(embeds, attention_mask, ctx, false)?;
         // invariant: `run` returns at least the final state.
         let last = all.pop().expect("run returns the final hidden state");
@@ -672,12 +545,7 @@ impl Llama {
     /// …, after layer L−2, final-normed output]`, L + 1 tensors of `[B, T, C]` (like HF, the last
     /// one is [`Llama::forward`]'s result, not the raw output of layer L−1). For golden tests and
     /// probing; it keeps every state alive.
-    pub fn hidden_states(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        ctx: &Ctx,
-    ) -> Result<Vec<Tensor>> {
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: &Tensor, ctx: &Ctx) -> Result<Vec<Tensor>> {
         let mut all = self.run(&self.embed(input_ids)?, attention_mask, ctx, true)?;
         if let Some(last) = all.last_mut() {
             *last = ops::rms_norm(last, &self.norm, self.cfg.rms_norm_eps)?;
@@ -685,20 +553,10 @@ impl Llama {
         Ok(all)
     }
 
-    fn run(
-        &self,
-        embeds: &Tensor,
-        attention_mask: &Tensor,
-        ctx: &Ctx,
-        keep_all: bool,
-    ) -> Result<Vec<Tensor>> {
+    fn run(&self, embeds: &Tensor, attention_mask: &Tensor, ctx: &Ctx, keep_all: bool) -> Result<Vec<Tensor>> {
         let (b, t, c) = embeds.dims3()?;
         if c != self.cfg.hidden_size {
-            return Err(Error::config(
-                "embeds.dim(2)",
-                c,
-                format!("expected hidden_size {}", self.cfg.hidden_size),
-            ));
+            return Err(Error::config("embeds.dim(2)", c, format!("expected hidden_size {}", self.cfg.hidden_size)));
         }
         if attention_mask.dims() != [b, t] {
             return Err(Error::config(
@@ -725,32 +583,18 @@ impl Llama {
     /// halves (HF's rotate-half layout), computed in f32 and cast to the compute dtype.
     fn rope(&self, t: usize, device: &Device) -> Result<Rope> {
         let pos = Tensor::arange(0u32, t as u32, device)?.to_dtype(DType::F32)?;
-        let freqs = pos
-            .unsqueeze(1)?
-            .broadcast_mul(&self.inv_freq.to_device(device)?.unsqueeze(0)?)?;
+        let freqs = pos.unsqueeze(1)?.broadcast_mul(&self.inv_freq.to_device(device)?.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(Rope {
-            cos: emb.cos()?.to_dtype(self.dtype)?,
-            sin: emb.sin()?.to_dtype(self.dtype)?,
-        })
+        Ok(Rope { cos: emb.cos()?.to_dtype(self.dtype)?, sin: emb.sin()?.to_dtype(self.dtype)? })
     }
 
     /// Logits at one position per row: `hidden: [B, T, C]`, `positions: [B]` u32 (e.g. each
     /// row's last real token) → `[B, K]` for `token_ids: [K]` u32, or `[B, V]` without. Only the
     /// selected rows of the lm_head are multiplied, so scoring K answer tokens costs K·C per row
     /// instead of V·C. An adapter on the lm_head is applied and then sliced the same way.
-    pub fn logits_at(
-        &self,
-        hidden: &Tensor,
-        positions: &Tensor,
-        token_ids: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor, token_ids: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, c) = hidden.dims3()?;
-        let idx = positions
-            .to_dtype(DType::U32)?
-            .reshape((b, 1, 1))?
-            .broadcast_as((b, 1, c))?
-            .contiguous()?;
+        let idx = positions.to_dtype(DType::U32)?.reshape((b, 1, 1))?.broadcast_as((b, 1, c))?.contiguous()?;
         let h = hidden.gather(&idx, 1)?.reshape((b, c))?; // [B, C]
         let Some(ids) = token_ids else {
             return self.lm_head.forward(&h, &Ctx::eval());
@@ -760,9 +604,7 @@ impl Llama {
         let logits = ops::frozen_linear(&h, &w, None)?;
         match &self.lm_head.adapter {
             Some(a) => Ok(logits.add(
-                &a.forward(&h, &Ctx::eval(), self.lm_head.salt)?
-                    .index_select(&ids, 1)?
-                    .to_dtype(logits.dtype())?,
+                &a.forward(&h, &Ctx::eval(), self.lm_head.salt)?.index_select(&ids, 1)?.to_dtype(logits.dtype())?,
             )?),
             None => Ok(logits),
         }
@@ -814,17 +656,13 @@ mod tests {
     fn legacy_and_v5_rope_spellings_resolve_alike() -> Result<()> {
         let f = Path::new("config.json");
         let legacy = LlamaConfig::from_json(
-            &raw(
-                r#", "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0,
-                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
-            ),
+            &raw(r#", "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#),
             f,
         )?;
         let v5 = LlamaConfig::from_json(
-            &raw(
-                r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
-            ),
+            &raw(r#", "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#),
             f,
         )?;
         assert_eq!(legacy, v5);
@@ -853,11 +691,7 @@ mod tests {
     #[test]
     fn rejects_bad_configs() {
         let f = Path::new("x/config.json");
-        let e = LlamaConfig::from_json(
-            &raw(r#", "rope_scaling": {"type": "yarn", "factor": 2.0}"#),
-            f,
-        )
-        .unwrap_err();
+        let e = LlamaConfig::from_json(&raw(r#", "rope_scaling": {"type": "yarn", "factor": 2.0}"#), f).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
         let e = LlamaConfig::from_json(&raw(r#", "num_key_value_heads": 3"#), f).unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");

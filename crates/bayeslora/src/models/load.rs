@@ -31,15 +31,9 @@ pub struct Weights {
 
 enum Source {
     /// One mmap per file; `routing` maps each tensor name to its file.
-    Safetensors {
-        files: Vec<(PathBuf, MmapedSafetensors)>,
-        routing: HashMap<String, usize>,
-    },
+    Safetensors { files: Vec<(PathBuf, MmapedSafetensors)>, routing: HashMap<String, usize> },
     /// Pre-loaded tensors; `file` is what error messages name (the GGUF file, say).
-    Memory {
-        file: PathBuf,
-        tensors: HashMap<String, Tensor>,
-    },
+    Memory { file: PathBuf, tensors: HashMap<String, Tensor> },
 }
 
 impl std::fmt::Debug for Weights {
@@ -50,11 +44,9 @@ impl std::fmt::Debug for Weights {
                 .field("files", &files.iter().map(|(p, _)| p).collect::<Vec<_>>())
                 .field("tensors", &routing.len())
                 .finish(),
-            Source::Memory { file, tensors } => f
-                .debug_struct("Weights")
-                .field("file", file)
-                .field("tensors", &tensors.len())
-                .finish(),
+            Source::Memory { file, tensors } => {
+                f.debug_struct("Weights").field("file", file).field("tensors", &tensors.len()).finish()
+            }
         }
     }
 }
@@ -87,12 +79,9 @@ impl Weights {
     /// Opens the shards listed in a `model.safetensors.index.json` (`weight_map`: tensor → file).
     pub fn from_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let bad = |reason: String| Error::BadFile {
-            file: index.to_path_buf(),
-            reason,
-        };
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("invalid JSON ({e}); re-download it")))?;
+        let bad = |reason: String| Error::BadFile { file: index.to_path_buf(), reason };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON ({e}); re-download it")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -100,9 +89,7 @@ impl Weights {
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shards = BTreeSet::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
+            let file = file.as_str().ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
             shards.insert(file.to_string());
         }
         if shards.is_empty() {
@@ -116,10 +103,7 @@ impl Weights {
                 let in_file = routing.get(name).map(|&i| files[i].0.clone());
                 let want = dir.join(file.as_str().unwrap_or_default());
                 if in_file.as_deref() != Some(want.as_path()) {
-                    return Err(Error::MissingTensor {
-                        file: want,
-                        name: name.clone(),
-                    });
+                    return Err(Error::MissingTensor { file: want, name: name.clone() });
                 }
             }
         }
@@ -137,27 +121,19 @@ impl Weights {
             }
             // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the file
             // must not be truncated or modified while the process holds it.
-            let st =
-                unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad_safetensors(path, e))?;
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad_safetensors(path, e))?;
             for (name, _) in st.tensors() {
                 routing.insert(name, index);
             }
             files.push((path.clone(), st));
         }
-        Ok(Weights {
-            source: Source::Safetensors { files, routing },
-        })
+        Ok(Weights { source: Source::Safetensors { files, routing } })
     }
 
     /// Wraps tensors already in memory (HF names → tensors), e.g. a GGUF file dequantized by
     /// `models::gguf`. `file` is named in error messages.
     pub fn from_tensors(file: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
-        Weights {
-            source: Source::Memory {
-                file: file.into(),
-                tensors,
-            },
-        }
+        Weights { source: Source::Memory { file: file.into(), tensors } }
     }
 
     /// Whether a tensor of this exact name exists.
@@ -183,10 +159,7 @@ impl Weights {
         match &self.source {
             Source::Safetensors { files, routing } => {
                 let i = routing.get(name).copied().unwrap_or(0);
-                files
-                    .get(i)
-                    .map(|(p, _)| p.as_path())
-                    .unwrap_or(Path::new("<no safetensors file>"))
+                files.get(i).map(|(p, _)| p.as_path()).unwrap_or(Path::new("<no safetensors file>"))
             }
             Source::Memory { file, .. } => file,
         }
@@ -200,21 +173,14 @@ impl Weights {
                 let view = st.get(name).map_err(|e| bad_safetensors(path, e))?;
                 Ok(view.shape().to_vec())
             }
-            Source::Memory { tensors, .. } => tensors
-                .get(name)
-                .map(|t| t.dims().to_vec())
-                .ok_or_else(|| self.missing(name)),
+            Source::Memory { tensors, .. } => {
+                tensors.get(name).map(|t| t.dims().to_vec()).ok_or_else(|| self.missing(name))
+            }
         }
     }
 
     /// Loads tensor `name`, checks it has `shape`, and converts it to `dtype` on `device`.
-    pub fn get(
-        &self,
-        name: &str,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let got = self.shape_of(name)?;
         if got != shape {
             return Err(Error::TensorShape {
@@ -233,13 +199,9 @@ impl Weights {
             Source::Safetensors { files, routing } => {
                 let (path, st) = self.locate(files, routing, name)?;
                 // Load on the CPU first: the dtype conversion then runs once, before the copy.
-                st.load(name, &Device::Cpu)
-                    .map_err(|e| bad_safetensors(path, e))?
+                st.load(name, &Device::Cpu).map_err(|e| bad_safetensors(path, e))?
             }
-            Source::Memory { tensors, .. } => tensors
-                .get(name)
-                .cloned()
-                .ok_or_else(|| self.missing(name))?,
+            Source::Memory { tensors, .. } => tensors.get(name).cloned().ok_or_else(|| self.missing(name))?,
         };
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
@@ -252,12 +214,7 @@ impl Weights {
             .iter()
             .find(|p| self.contains(&format!("{p}{probe}")))
             .copied()
-            .ok_or_else(|| {
-                self.missing(&format!(
-                    "{}{probe}",
-                    prefixes.first().copied().unwrap_or("")
-                ))
-            })
+            .ok_or_else(|| self.missing(&format!("{}{probe}", prefixes.first().copied().unwrap_or(""))))
     }
 
     fn locate<'a>(
@@ -273,10 +230,7 @@ impl Weights {
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::MissingTensor {
-            file: self.file_of(name).to_path_buf(),
-            name: name.to_string(),
-        }
+        Error::MissingTensor { file: self.file_of(name).to_path_buf(), name: name.to_string() }
     }
 }
 
@@ -311,16 +265,9 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::arange(0f32, 6.0, &dev)?.reshape((2, 3))?;
         let b = Tensor::ones(4, DType::F32, &dev)?;
-        candle_core::safetensors::save(
-            &HashMap::from([("a".to_string(), a)]),
-            dir.path().join("s1.safetensors"),
-        )?;
-        candle_core::safetensors::save(
-            &HashMap::from([("b".to_string(), b)]),
-            dir.path().join("s2.safetensors"),
-        )?;
-        let index =
-            r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#;
+        candle_core::safetensors::save(&HashMap::from([("a".to_string(), a)]), dir.path().join("s1.safetensors"))?;
+        candle_core::safetensors::save(&HashMap::from([("b".to_string(), b)]), dir.path().join("s2.safetensors"))?;
+        let index = r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#;
         std::fs::write(dir.path().join(INDEX), index).map_err(|e| Error::io(dir.path(), e))?;
         let w = Weights::from_dir(dir.path())?;
         assert_eq!(w.names(), vec!["a".to_string(), "b".to_string()]);
@@ -328,20 +275,9 @@ mod tests {
         assert_eq!(a.dtype(), DType::F64);
         assert_eq!(a.to_vec2::<f64>()?[1][2], 5.0);
         assert!(w.file_of("b").ends_with("s2.safetensors"));
-        let msg = w
-            .get("b", &[5], DType::F32, &dev)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("s2.safetensors") && msg.contains("`b`") && msg.contains("[5]"),
-            "{msg}"
-        );
-        let msg = w
-            .get("c", &[5], DType::F32, &dev)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let msg = w.get("b", &[5], DType::F32, &dev).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("s2.safetensors") && msg.contains("`b`") && msg.contains("[5]"), "{msg}");
+        let msg = w.get("c", &[5], DType::F32, &dev).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("`c` is missing"), "{msg}");
         Ok(())
     }
@@ -359,15 +295,8 @@ mod tests {
         let w = Weights::from_tensors("m.gguf", HashMap::from([("bert.x".to_string(), t)]));
         assert_eq!(w.detect_prefix("x", &["", "bert."])?, "bert.");
         assert!(w.get("bert.x", &[3, 2], DType::BF16, &dev)?.dtype() == DType::BF16);
-        let msg = w
-            .get("bert.x", &[2, 3], DType::F32, &dev)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.starts_with("m.gguf: tensor `bert.x` has shape [3, 2], expected [2, 3]"),
-            "{msg}"
-        );
+        let msg = w.get("bert.x", &[2, 3], DType::F32, &dev).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.starts_with("m.gguf: tensor `bert.x` has shape [3, 2], expected [2, 3]"), "{msg}");
         assert!(w.detect_prefix("y", &["", "bert."]).is_err());
         Ok(())
     }

@@ -43,10 +43,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     /// f32 on the CPU.
     fn default() -> Self {
-        LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-        }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu }
     }
 }
 
@@ -118,33 +115,15 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
             Backbone::Llama(Llama::load(&weights, &cfg, options.dtype, &options.device)?)
         }
     };
-    let tokenizer = if dir.join("tokenizer.json").is_file() {
-        Some(load_tokenizer(dir)?)
-    } else {
-        None
-    };
-    Ok(LoadedModel {
-        arch,
-        backbone,
-        tokenizer,
-        config_json,
-        dir: dir.to_path_buf(),
-        weights,
-    })
+    let tokenizer = if dir.join("tokenizer.json").is_file() { Some(load_tokenizer(dir)?) } else { None };
+    Ok(LoadedModel { arch, backbone, tokenizer, config_json, dir: dir.to_path_buf(), weights })
 }
 
 fn load_gguf(path: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let ckpt = gguf::read(path)?;
-    let backbone = Backbone::Llama(Llama::load(
-        &ckpt.weights,
-        &ckpt.config,
-        options.dtype,
-        &options.device,
-    )?);
-    let config_json = serde_json::to_value(&ckpt.config).map_err(|e| Error::BadFile {
-        file: path.to_path_buf(),
-        reason: format!("config: {e}"),
-    })?;
+    let backbone = Backbone::Llama(Llama::load(&ckpt.weights, &ckpt.config, options.dtype, &options.device)?);
+    let config_json = serde_json::to_value(&ckpt.config)
+        .map_err(|e| Error::BadFile { file: path.to_path_buf(), reason: format!("config: {e}") })?;
     Ok(LoadedModel {
         arch: Architecture::Llama,
         backbone,

@@ -14,27 +14,18 @@ pub struct AttentionMask {
 impl AttentionMask {
     /// `padding: [B, S]` with 1 for real tokens and 0 for padding (`None`: all real).
     /// `causal`: query i may only see keys j ≤ i (T == S).
-    pub fn new(
-        padding: Option<&Tensor>,
-        causal: bool,
-        batch: usize,
-        len: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(padding: Option<&Tensor>, causal: bool, batch: usize, len: usize, device: &Device) -> Result<Self> {
         // -1e9 rather than -inf: a fully masked row (a padding query) then stays finite.
         const NEG: f32 = -1e9;
         let mut bias = Tensor::zeros((batch, 1, len, len), DType::F32, device)?;
         if causal {
-            let future: Vec<f32> = (0..len)
-                .flat_map(|i| (0..len).map(move |j| if j > i { NEG } else { 0.0 }))
-                .collect();
+            let future: Vec<f32> =
+                (0..len).flat_map(|i| (0..len).map(move |j| if j > i { NEG } else { 0.0 })).collect();
             let future = Tensor::from_vec(future, (1, 1, len, len), device)?;
             bias = bias.broadcast_add(&future)?;
         }
         if let Some(pad) = padding {
-            let pad = pad
-                .to_dtype(DType::F32)?
-                .affine(-(NEG as f64), NEG as f64)?; // 1→0, 0→NEG
+            let pad = pad.to_dtype(DType::F32)?.affine(-(NEG as f64), NEG as f64)?; // 1→0, 0→NEG
             bias = bias.broadcast_add(&pad.reshape((batch, 1, 1, len))?)?;
         }
         Ok(Self { bias })
@@ -52,22 +43,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
     let (_, heads, _, head_dim) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let (k, v) = if kv_heads != heads {
-        (
-            repeat_kv(k, heads / kv_heads)?,
-            repeat_kv(v, heads / kv_heads)?,
-        )
+        (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?)
     } else {
         (k.clone(), v.clone())
     };
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = q
-        .contiguous()?
-        .matmul(&k.t()?.contiguous()?)?
-        .affine(scale, 0.0)?;
-    let scores = scores
-        .to_dtype(DType::F32.max(dtype))?
-        .broadcast_add(&mask.bias.to_dtype(DType::F32.max(dtype))?)?;
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
+    let scores = scores.to_dtype(DType::F32.max(dtype))?.broadcast_add(&mask.bias.to_dtype(DType::F32.max(dtype))?)?;
     let probs = super::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }
@@ -75,9 +58,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
 /// `[B, Hkv, S, D]` → `[B, Hkv·n, S, D]`, each head repeated n times consecutively (HF order).
 fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, h, n, s, d))?
-        .reshape((b, h * n, s, d))
+    x.unsqueeze(2)?.broadcast_as((b, h, n, s, d))?.reshape((b, h * n, s, d))
 }
 
 /// DType ordering by width for the f32-or-wider promotion above.
@@ -109,10 +90,7 @@ mod tests {
         let out = attention(&q, &k, &v, &mask)?;
         // The first query can only see the first value.
         let first = out.narrow(2, 0, 1)?;
-        let diff = (first - v.narrow(2, 0, 1)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = (first - v.narrow(2, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6);
         Ok(())
     }

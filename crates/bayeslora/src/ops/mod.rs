@@ -53,10 +53,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 
 /// Mean squared error between `pred: [N]` and `target: [N]` (regression heads, STS-B).
 pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-    pred.to_dtype(DType::F32)?
-        .sub(&target.to_dtype(DType::F32)?)?
-        .sqr()?
-        .mean_all()
+    pred.to_dtype(DType::F32)?.sub(&target.to_dtype(DType::F32)?)?.sqr()?.mean_all()
 }
 
 /// GELU with the exact erf form, as BERT's `hidden_act = "gelu"` (candle's `gelu_erf` has a backward).
@@ -89,9 +86,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
-        .collect();
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }
@@ -111,11 +106,7 @@ pub(crate) mod testing {
         let w = Tensor::randn(0f64, 1.0, y.shape(), &dev)?;
         let loss = y.mul(&w)?.sum_all()?;
         let grads = loss.backward()?;
-        let g = grads
-            .get(var.as_tensor())
-            .expect("gradient reaches the input")
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+        let g = grads.get(var.as_tensor()).expect("gradient reaches the input").flatten_all()?.to_vec1::<f64>()?;
         let x = x0.flatten_all()?.to_vec1::<f64>()?;
         let eps = 1e-6;
         let mut worst: f64 = 0.0;

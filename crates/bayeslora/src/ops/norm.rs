@@ -6,14 +6,8 @@ use candle_core::{DType, Result, Tensor, D};
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
-    let rms = xf
-        .sqr()?
-        .mean_keepdim(D::Minus1)?
-        .affine(1.0, eps)?
-        .sqrt()?;
-    xf.broadcast_div(&rms)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
+    let rms = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    xf.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
 /// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim (biased variance, as torch).
@@ -21,16 +15,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
     let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
-    let std = centered
-        .sqr()?
-        .mean_keepdim(D::Minus1)?
-        .affine(1.0, eps)?
-        .sqrt()?;
-    centered
-        .broadcast_div(&std)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    let std = centered.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    centered.broadcast_div(&std)?.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
 /// The wider of two float dtypes, so f64 tests stay f64 and bf16 compute gets f32 statistics.

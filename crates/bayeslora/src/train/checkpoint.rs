@@ -40,11 +40,8 @@ impl Checkpoint {
         let tmp = dir.join(format!("{name}.partial"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let vars: HashMap<String, Tensor> = model
-            .trainable()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let vars: HashMap<String, Tensor> =
+            model.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         atomic::write_safetensors(&tmp.join("trainable.safetensors"), &vars, None)?;
         let opt_path = tmp.join("optimizer.safetensors");
         opt.as_ref_dyn().save_state(&opt_path)?;
@@ -83,31 +80,19 @@ impl Checkpoint {
         } else {
             Self::latest(path).ok_or_else(|| Error::BadFile {
                 file: path.into(),
-                reason: "no checkpoint here (no `latest` or state.json); start without --resume"
-                    .into(),
+                reason: "no checkpoint here (no `latest` or state.json); start without --resume".into(),
             })?
         };
         let state_path = path.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-            file: state_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let state: CheckpointState = serde_json::from_str(&text)
+            .map_err(|e| Error::BadFile { file: state_path.clone(), reason: e.to_string() })?;
         let file = path.join("trainable.safetensors");
-        let device = model
-            .trainable()
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        let saved = candle_core::safetensors::load(&file, &device).map_err(|e| Error::BadFile {
-            file: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let device = model.trainable().first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let saved = candle_core::safetensors::load(&file, &device)
+            .map_err(|e| Error::BadFile { file: file.clone(), reason: e.to_string() })?;
         for (name, var) in model.trainable() {
-            let t = saved.get(&name).ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                name: name.clone(),
-            })?;
+            let t = saved.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
             if t.dims() != var.dims() {
                 return Err(Error::TensorShape {
                     file: file.clone(),

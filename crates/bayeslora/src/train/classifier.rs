@@ -31,12 +31,7 @@ impl TaskModel {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let LoadedModel {
-            arch,
-            mut backbone,
-            weights,
-            ..
-        } = loaded;
+        let LoadedModel { arch, mut backbone, weights, .. } = loaded;
         let lora = lora.clone().with_default_targets(arch);
         let adapters = attach(&mut backbone, &lora, seed, device)?;
         let head = match &backbone {
@@ -49,11 +44,7 @@ impl TaskModel {
             )?),
             _ => None,
         };
-        Ok(TaskModel {
-            backbone,
-            adapters,
-            head,
-        })
+        Ok(TaskModel { backbone, adapters, head })
     }
 }
 
@@ -61,36 +52,20 @@ impl Classifier for TaskModel {
     fn logits(&self, batch: &BatchTensors, ctx: &Ctx) -> Result<Tensor> {
         match &self.backbone {
             Backbone::Bert(bert) => {
-                let hidden = bert.forward(
-                    &batch.input_ids,
-                    Some(&batch.token_type_ids),
-                    &batch.attention_mask,
-                    ctx,
-                )?;
+                let hidden = bert.forward(&batch.input_ids, Some(&batch.token_type_ids), &batch.attention_mask, ctx)?;
                 let pooled = bert.pooled(&hidden, ctx)?;
-                let head = self
-                    .head
-                    .as_ref()
-                    .ok_or_else(|| Error::config("head", "none", "encoder needs a head"))?;
+                let head = self.head.as_ref().ok_or_else(|| Error::config("head", "none", "encoder needs a head"))?;
                 head.forward(&pooled, ctx)
             }
             Backbone::Llama(llama) => {
                 let hidden = llama.forward(&batch.input_ids, &batch.attention_mask, ctx)?;
                 let ids = batch.label_token_ids.as_ref().ok_or_else(|| {
-                    Error::config(
-                        "format",
-                        "classification",
-                        "decoders need label words (prompt format)",
-                    )
+                    Error::config("format", "classification", "decoders need label words (prompt format)")
                 })?;
                 llama.logits_at(&hidden, &batch.last_positions, Some(ids))
             }
             #[allow(unreachable_patterns)]
-            _ => Err(Error::config(
-                "architecture",
-                "?",
-                "not supported by the task model",
-            )),
+            _ => Err(Error::config("architecture", "?", "not supported by the task model")),
         }
     }
 

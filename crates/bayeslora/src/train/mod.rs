@@ -122,18 +122,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.grad_accum == 0 {
-            return Err(Error::config(
-                "grad_accum",
-                0,
-                "use at least 1 micro-batch per step",
-            ));
+            return Err(Error::config("grad_accum", 0, "use at least 1 micro-batch per step"));
         }
         if self.epochs == 0 && self.max_steps.is_none() {
-            return Err(Error::config(
-                "epochs",
-                0,
-                "train at least one epoch or set max_steps",
-            ));
+            return Err(Error::config("epochs", 0, "train at least one epoch or set max_steps"));
         }
         if self.max_steps == Some(0) {
             return Err(Error::config("max_steps", 0, "train at least one step"));
@@ -152,8 +144,7 @@ impl TrainConfig {
 
     /// Optimizer steps of the run for a data set of `batches_per_epoch` batches.
     pub fn total_steps(&self, batches_per_epoch: usize) -> usize {
-        self.max_steps
-            .unwrap_or_else(|| (self.epochs * batches_per_epoch / self.grad_accum).max(1))
+        self.max_steps.unwrap_or_else(|| (self.epochs * batches_per_epoch / self.grad_accum).max(1))
     }
 
     /// The base learning rate of the chosen optimizer.
@@ -218,22 +209,15 @@ impl Optimizer {
     pub fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Self> {
         let named = model.trainable();
         if named.is_empty() {
-            return Err(Error::config(
-                "target_modules",
-                "[]",
-                "no trainable variables: attach an adapter first",
-            ));
+            return Err(Error::config("target_modules", "[]", "no trainable variables: attach an adapter first"));
         }
         let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
         Ok(match cfg.optimizer {
             OptimizerKind::Ivon => {
-                let (head, adapter): (Vec<_>, Vec<_>) =
-                    named.into_iter().partition(|(n, _)| model.is_head(n));
+                let (head, adapter): (Vec<_>, Vec<_>) = named.into_iter().partition(|(n, _)| model.is_head(n));
                 let mut groups = Vec::new();
                 if !adapter.is_empty() {
-                    groups.push(ParamGroup::new(
-                        adapter.into_iter().map(|(_, v)| v).collect(),
-                    ));
+                    groups.push(ParamGroup::new(adapter.into_iter().map(|(_, v)| v).collect()));
                 }
                 if !head.is_empty() {
                     let h = &cfg.ivon_head;
@@ -341,14 +325,9 @@ pub fn run(
         opt.set_lr(lr);
         let micro: Vec<Batch> = (0..cfg.grad_accum).map(|_| batcher.next_batch()).collect();
         let step_tokens: usize = micro.iter().map(|b| b.num_real_tokens).sum();
-        let micro: Vec<BatchTensors> = micro
-            .iter()
-            .map(|b| b.to_tensors(device))
-            .collect::<Result<_>>()?;
+        let micro: Vec<BatchTensors> = micro.iter().map(|b| b.to_tensors(device)).collect::<Result<_>>()?;
         let t0 = Instant::now();
-        let ctx_for = |i: usize| {
-            Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum + i) as u64))
-        };
+        let ctx_for = |i: usize| Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum + i) as u64));
         let loss_value = match &mut opt {
             Optimizer::Ivon(o) => {
                 let mut sum = 0.0f32;
@@ -481,11 +460,7 @@ fn clip_grad_norm(mut grads: GradStore, vars: &[Var], max: f64) -> Result<GradSt
     let mut sq = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
         }
     }
     let coef = max / (sq.sqrt() + 1e-6);

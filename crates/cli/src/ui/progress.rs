@@ -20,9 +20,7 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
                 // Second Ctrl-C: the user insists.
                 std::process::exit(130);
             }
-            eprintln!(
-                "\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)"
-            );
+            eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
         });
         flag
     })
@@ -84,10 +82,7 @@ impl Observer for TrainProgress {
         self.loss_ema = Some(ema);
         let tok_s = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_position(info.step as u64);
-        self.bar.set_message(format!(
-            "loss {ema:.4} | lr {:.2e} | {tok_s:.0} tok/s",
-            info.lr
-        ));
+        self.bar.set_message(format!("loss {ema:.4} | lr {:.2e} | {tok_s:.0} tok/s", info.lr));
         self.log.push(serde_json::json!({
             "run": self.label, "step": info.step, "loss": info.loss, "lr": info.lr,
             "tokens": info.tokens, "seconds": info.seconds,
@@ -101,11 +96,7 @@ impl Observer for TrainProgress {
 
     fn eval(&mut self, step: usize, accuracy: f64, nll: f64) {
         self.evals.push((step, accuracy, nll));
-        self.bar.println(format!(
-            "{:>10} step {step}: eval acc {:.2}% nll {nll:.4}",
-            self.label,
-            100.0 * accuracy
-        ));
+        self.bar.println(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
     }
 
     fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {

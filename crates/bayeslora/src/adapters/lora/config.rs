@@ -31,16 +31,12 @@ impl TargetModules {
 
 /// `module == t || module.ends_with("." + t)`.
 pub(crate) fn matches_name(module: &str, t: &str) -> bool {
-    module == t
-        || (module.len() > t.len()
-            && module.ends_with(t)
-            && module[..module.len() - t.len()].ends_with('.'))
+    module == t || (module.len() > t.len() && module.ends_with(t) && module[..module.len() - t.len()].ends_with('.'))
 }
 
 /// `re` anchored at both ends, as `re.fullmatch`.
 fn full_regex(re: &str, field: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{re})$"))
-        .map_err(|e| Error::config(field, format!("{re:?}"), e.to_string()))
+    Regex::new(&format!("^(?:{re})$")).map_err(|e| Error::config(field, format!("{re:?}"), e.to_string()))
 }
 
 /// PEFT's `bias`: which biases train. Only `none` is supported (base biases stay frozen).
@@ -118,10 +114,7 @@ impl LoraConfig {
     /// Fills `target_modules` with the architecture's default when it is unset.
     pub fn with_default_targets(mut self, arch: Architecture) -> Self {
         if self.target_modules.is_none() {
-            let names = default_target_modules(arch)
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let names = default_target_modules(arch).iter().map(|s| s.to_string()).collect();
             self.target_modules = Some(TargetModules::List(names));
         }
         self
@@ -130,25 +123,13 @@ impl LoraConfig {
     /// Checks every field; errors quote the field and its value.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            return Err(Error::config(
-                "r",
-                self.r,
-                "the LoRA rank must be at least 1",
-            ));
+            return Err(Error::config("r", self.r, "the LoRA rank must be at least 1"));
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return Err(Error::config(
-                "lora_alpha",
-                self.lora_alpha,
-                "must be a positive number",
-            ));
+            return Err(Error::config("lora_alpha", self.lora_alpha, "must be a positive number"));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(Error::config(
-                "lora_dropout",
-                self.lora_dropout,
-                "must be in [0, 1)",
-            ));
+            return Err(Error::config("lora_dropout", self.lora_dropout, "must be in [0, 1)"));
         }
         match &self.target_modules {
             Some(TargetModules::List(names)) => {
@@ -192,11 +173,7 @@ impl LoraConfig {
         for (pattern, &a) in &self.alpha_pattern {
             pattern_regex(pattern, "alpha_pattern")?;
             if !(a.is_finite() && a > 0.0) {
-                return Err(Error::config(
-                    &format!("alpha_pattern[{pattern:?}]"),
-                    a,
-                    "must be a positive number",
-                ));
+                return Err(Error::config(&format!("alpha_pattern[{pattern:?}]"), a, "must be a positive number"));
             }
         }
         Ok(())
@@ -204,22 +181,18 @@ impl LoraConfig {
 
     /// The rank for one module: its `rank_pattern` entry, else `r`.
     pub fn rank_for(&self, module: &str) -> Result<usize> {
-        Ok(
-            match pattern_key(self.rank_pattern.keys(), module, "rank_pattern")? {
-                Some(k) => self.rank_pattern[k],
-                None => self.r,
-            },
-        )
+        Ok(match pattern_key(self.rank_pattern.keys(), module, "rank_pattern")? {
+            Some(k) => self.rank_pattern[k],
+            None => self.r,
+        })
     }
 
     /// `lora_alpha` for one module: its `alpha_pattern` entry, else `lora_alpha`.
     pub fn alpha_for(&self, module: &str) -> Result<f64> {
-        Ok(
-            match pattern_key(self.alpha_pattern.keys(), module, "alpha_pattern")? {
-                Some(k) => self.alpha_pattern[k],
-                None => self.lora_alpha,
-            },
-        )
+        Ok(match pattern_key(self.alpha_pattern.keys(), module, "alpha_pattern")? {
+            Some(k) => self.alpha_pattern[k],
+            None => self.lora_alpha,
+        })
     }
 }
 
@@ -254,10 +227,7 @@ mod tests {
     #[test]
     fn defaults_match_peft_and_scaling() {
         let c = LoraConfig::default();
-        assert_eq!(
-            (c.r, c.lora_alpha, c.lora_dropout, c.use_rslora),
-            (8, 8.0, 0.0, false)
-        );
+        assert_eq!((c.r, c.lora_alpha, c.lora_dropout, c.use_rslora), (8, 8.0, 0.0, false));
         assert_eq!(scaling(16.0, 4, false), 4.0);
         assert_eq!(scaling(16.0, 4, true), 8.0);
     }
@@ -291,48 +261,16 @@ mod tests {
         assert_eq!(c.alpha_for("model.layers.3.self_attn.q_proj")?, 8.0);
         let regex: LoraConfig = serde_json::from_str(r#"{"target_modules": ".*q_proj"}"#)
             .map_err(|e| Error::config("json", "", e.to_string()))?;
-        assert_eq!(
-            regex.target_modules,
-            Some(TargetModules::Regex(".*q_proj".into()))
-        );
-        assert!(
-            serde_json::from_str::<LoraConfig>(r#"{"rank": 4}"#).is_err(),
-            "unknown fields are rejected"
-        );
-        let bad = LoraConfig {
-            lora_dropout: 1.5,
-            ..LoraConfig::default()
-        };
-        let msg = bad
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        assert_eq!(regex.target_modules, Some(TargetModules::Regex(".*q_proj".into())));
+        assert!(serde_json::from_str::<LoraConfig>(r#"{"rank": 4}"#).is_err(), "unknown fields are rejected");
+        let bad = LoraConfig { lora_dropout: 1.5, ..LoraConfig::default() };
+        let msg = bad.validate().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("lora_dropout = 1.5"), "{msg}");
-        let bad = LoraConfig {
-            r: 0,
-            ..LoraConfig::default()
-        };
-        assert!(bad
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-            .contains("r = 0"));
-        let bad = LoraConfig {
-            bias: LoraBias::All,
-            ..LoraConfig::default()
-        };
-        assert!(bad
-            .validate()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-            .contains("bias = all"));
-        let bad = LoraConfig {
-            target_modules: Some(TargetModules::Regex("(".into())),
-            ..LoraConfig::default()
-        };
+        let bad = LoraConfig { r: 0, ..LoraConfig::default() };
+        assert!(bad.validate().err().map(|e| e.to_string()).unwrap_or_default().contains("r = 0"));
+        let bad = LoraConfig { bias: LoraBias::All, ..LoraConfig::default() };
+        assert!(bad.validate().err().map(|e| e.to_string()).unwrap_or_default().contains("bias = all"));
+        let bad = LoraConfig { target_modules: Some(TargetModules::Regex("(".into())), ..LoraConfig::default() };
         assert!(bad.validate().is_err());
         Ok(())
     }

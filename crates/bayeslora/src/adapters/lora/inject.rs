@@ -32,18 +32,12 @@ impl AttachedAdapters {
 
     /// The layer on one module, by its full name.
     pub fn get(&self, module: &str) -> Option<&Arc<LoraLayer>> {
-        self.layers
-            .iter()
-            .find(|(m, _)| m == module)
-            .map(|(_, l)| l)
+        self.layers.iter().find(|(m, _)| m == module).map(|(_, l)| l)
     }
 
     /// Every trainable variable (A then B per module), for the optimizer.
     pub fn vars(&self) -> Vec<Var> {
-        self.layers
-            .iter()
-            .flat_map(|(_, l)| l.named_vars().into_iter().map(|(_, v)| v))
-            .collect()
+        self.layers.iter().flat_map(|(_, l)| l.named_vars().into_iter().map(|(_, v)| v)).collect()
     }
 
     /// Variables named as PEFT saves them: `base_model.model.{module}.lora_A.weight`.
@@ -58,9 +52,9 @@ impl AttachedAdapters {
         self.layers
             .iter()
             .flat_map(|(m, l)| {
-                l.named_vars().into_iter().map(move |(suffix, v)| {
-                    (format!("{PEFT_PREFIX}{module_prefix}{m}.{suffix}"), v)
-                })
+                l.named_vars()
+                    .into_iter()
+                    .map(move |(suffix, v)| (format!("{PEFT_PREFIX}{module_prefix}{m}.{suffix}"), v))
             })
             .collect()
     }
@@ -74,12 +68,7 @@ impl AttachedAdapters {
 /// Fails, before changing anything, when the config is invalid, `target_modules` is unset (fill
 /// it with [`LoraConfig::with_default_targets`]), a listed target matches no linear (the error
 /// lists the available names), or a selected linear already carries an adapter.
-pub fn attach(
-    model: &mut dyn HasLinears,
-    config: &LoraConfig,
-    seed: u64,
-    device: &Device,
-) -> Result<AttachedAdapters> {
+pub fn attach(model: &mut dyn HasLinears, config: &LoraConfig, seed: u64, device: &Device) -> Result<AttachedAdapters> {
     config.validate()?;
     let targets = config.target_modules.as_ref().ok_or_else(|| {
         Error::config(
@@ -135,10 +124,9 @@ pub fn attach(
 /// nothing at all matches, which hides a typo in one of several names.
 fn check_every_target_matches(targets: &TargetModules, names: &[String]) -> Result<()> {
     let unmatched: Option<String> = match targets {
-        TargetModules::List(list) => list
-            .iter()
-            .find(|t| !names.iter().any(|n| super::config::matches_name(n, t)))
-            .cloned(),
+        TargetModules::List(list) => {
+            list.iter().find(|t| !names.iter().any(|n| super::config::matches_name(n, t))).cloned()
+        }
         TargetModules::Regex(re) => {
             let mut any = false;
             for n in names {
@@ -152,10 +140,7 @@ fn check_every_target_matches(targets: &TargetModules, names: &[String]) -> Resu
         Some(t) => Err(Error::config(
             "target_modules",
             format!("{t:?}"),
-            format!(
-                "matches no linear layer of the model; available: {}",
-                shorten(names)
-            ),
+            format!("matches no linear layer of the model; available: {}", shorten(names)),
         )),
     }
 }
@@ -166,13 +151,7 @@ fn shorten(names: &[String]) -> String {
         .iter()
         .map(|n| {
             n.split('.')
-                .map(|p| {
-                    if p.chars().all(|c| c.is_ascii_digit()) {
-                        "*"
-                    } else {
-                        p
-                    }
-                })
+                .map(|p| if p.chars().all(|c| c.is_ascii_digit()) { "*" } else { p })
                 .collect::<Vec<_>>()
                 .join(".")
         })
@@ -194,27 +173,14 @@ mod tests {
             self.layers
                 .iter_mut()
                 .enumerate()
-                .map(|(i, l)| {
-                    (
-                        format!(
-                            "layers.{i}.{}",
-                            if i % 2 == 0 { "q_proj" } else { "v_proj" }
-                        ),
-                        l,
-                    )
-                })
+                .map(|(i, l)| (format!("layers.{i}.{}", if i % 2 == 0 { "q_proj" } else { "v_proj" }), l))
                 .collect()
         }
     }
 
     fn toy() -> Result<Toy> {
         let layers = (0..4)
-            .map(|i| {
-                Ok(Linear::new(
-                    Tensor::ones((3 + i, 5), DType::F32, &Device::Cpu)?,
-                    None,
-                ))
-            })
+            .map(|i| Ok(Linear::new(Tensor::ones((3 + i, 5), DType::F32, &Device::Cpu)?, None)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Toy { layers })
     }
@@ -222,20 +188,13 @@ mod tests {
     #[test]
     fn attaches_to_matches_with_patterns() -> Result<()> {
         let mut m = toy()?;
-        let mut cfg = LoraConfig {
-            r: 2,
-            lora_alpha: 4.0,
-            ..LoraConfig::default()
-        };
+        let mut cfg = LoraConfig { r: 2, lora_alpha: 4.0, ..LoraConfig::default() };
         cfg.target_modules = Some(TargetModules::List(vec!["q_proj".into()]));
         cfg.rank_pattern.insert("layers.2.q_proj".into(), 3);
         let a = attach(&mut m, &cfg, 1, &Device::Cpu)?;
         assert_eq!(a.len(), 2);
         assert_eq!(a.get("layers.2.q_proj").map(|l| l.rank()), Some(3));
-        assert_eq!(
-            a.get("layers.0.q_proj").map(|l| (l.rank(), l.scaling())),
-            Some((2, 2.0))
-        );
+        assert_eq!(a.get("layers.0.q_proj").map(|l| (l.rank(), l.scaling())), Some((2, 2.0)));
         assert!(m.layers[0].adapter.is_some() && m.layers[1].adapter.is_none());
         let names: Vec<String> = a.named_vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names[0], "base_model.model.layers.0.q_proj.lora_A.weight");
@@ -253,18 +212,9 @@ mod tests {
             target_modules: Some(TargetModules::List(vec!["q_proj".into(), "qproj".into()])),
             ..LoraConfig::default()
         };
-        let msg = attach(&mut m, &cfg, 0, &Device::Cpu)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            msg.contains("\"qproj\"") && msg.contains("layers.*.q_proj, layers.*.v_proj"),
-            "{msg}"
-        );
-        assert!(
-            m.layers.iter().all(|l| l.adapter.is_none()),
-            "nothing attached on error"
-        );
+        let msg = attach(&mut m, &cfg, 0, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("\"qproj\"") && msg.contains("layers.*.q_proj, layers.*.v_proj"), "{msg}");
+        assert!(m.layers.iter().all(|l| l.adapter.is_none()), "nothing attached on error");
         let unset = LoraConfig::default();
         assert!(attach(&mut m, &unset, 0, &Device::Cpu).is_err());
         Ok(())

