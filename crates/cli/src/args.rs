@@ -28,6 +28,17 @@ pub enum Command {
     Demo(DemoArgs),
     /// Benchmarks that write JSON: `optim` (IVON vs AdamW step time), `train` (tokens/s).
     Bench(BenchArgs),
+    /// Compare methods (adamw, ivon, mc_dropout, ensemble, temperature, laplace) × tasks × seeds
+    /// from one TOML file; finished cells are kept and skipped when run again.
+    Compare(CompareArgs),
+    /// Export a train run's adapter as a HF peft LoRA folder (adapter_config.json +
+    /// adapter_model.safetensors) plus the IVON posterior sidecar.
+    Export(ExportArgs),
+    /// Merge a run's (or an adapter folder's) mean adapter into a full model folder.
+    Merge(MergeArgs),
+    /// Predict labels with probabilities, entropy and mutual information for JSONL or stdin
+    /// input, from a base model and an adapter folder.
+    Predict(PredictArgs),
 }
 
 /// Optimizer choice on the command line.
@@ -142,4 +153,72 @@ pub enum BenchWhat {
     Optim,
     /// Training tokens/s and peak memory on a model.
     Train,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// The sweep file (e.g. configs/compare/minilm_glue.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output folder (overrides the file's `out`).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Only rebuild the tables and plots from the finished cells.
+    #[arg(long)]
+    pub aggregate_only: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// A folder written by `bayeslora train` (its config.toml and newest checkpoint).
+    pub run: PathBuf,
+    /// The adapter folder to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// A `bayeslora train` run folder, or a peft adapter folder (then pass --model).
+    pub source: PathBuf,
+    /// The model folder to write (model.safetensors + config.json + tokenizer files).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// The base model of an adapter folder.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cpu, or cuda / cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PredictArgs {
+    /// The base model folder (or .gguf file).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A peft LoRA folder (from `bayeslora export`, a train run's `adapter/`, or peft).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// JSONL or plain-text file, one input per line (default: stdin).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Posterior samples K (default 10 with a posterior sidecar, else 0 = the mean adapter).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Flag inputs whose confidence (max class probability) is below this value.
+    #[arg(long)]
+    pub abstain_below: Option<f64>,
+    /// Inputs per batch (all K samples run on each batch).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Truncate inputs to this many tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Seed of the posterior samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, or cuda / cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }

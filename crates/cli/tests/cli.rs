@@ -101,7 +101,7 @@ fn tiny_real_run_trains_evaluates_and_resumes() {
     }
     let results: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(results.as_array().map(Vec::len), Some(3), "mean, K=1, K=2"); // curve points 1, 2
-    // Continue the same run to 5 steps from its checkpoint.
+                                                                             // Continue the same run to 5 steps from its checkpoint.
     let mut args = vec!["train", "--max-steps", "5", "--resume"];
     args.extend(common);
     let o = bayeslora(&args);
@@ -118,7 +118,8 @@ fn malformed_row_is_reported_or_skipped_by_flag() {
     let Some(model) = minilm() else { return };
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("train.tsv");
-    std::fs::write(&bad, "sentence\tlabel\ngood movie\t1\nbad movie\t0\nno label here\nfine film\t1\nawful\t0\n").unwrap();
+    std::fs::write(&bad, "sentence\tlabel\ngood movie\t1\nbad movie\t0\nno label here\nfine film\t1\nawful\t0\n")
+        .unwrap();
     let bad_s = bad.to_str().unwrap_or_default().to_string();
     let out = dir.path().join("run");
     let base = [

@@ -179,6 +179,12 @@ pub fn fit(
 impl LaplaceFit {
     /// The MC predictive of this posterior over `model` (which must be the fitted model).
     pub fn predictor<'a>(&self, model: &'a dyn Classifier, device: &Device, seed: u64) -> Result<ModelPredictor<'a>> {
-        ModelPredictor::gaussian(model, self.mean.clone(), posterior_std(&self.fisher, self.prior_precision), device, seed)
+        ModelPredictor::gaussian(
+            model,
+            self.mean.clone(),
+            posterior_std(&self.fisher, self.prior_precision),
+            device,
+            seed,
+        )
     }
 }

@@ -126,7 +126,7 @@ pub fn holdout(data: &EncodedDataset, fraction: f64, seed: u64) -> Result<(Encod
     }
     // Fisher–Yates with SplitMix64.
     let mut order: Vec<usize> = (0..n).collect();
-    let mut state = seed ^ 0x5EED_0F_4E1D_0057;
+    let mut state = seed ^ 0x005E_ED0F_4E1D_0057;
     for i in (1..n).rev() {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;

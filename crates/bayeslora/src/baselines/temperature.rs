@@ -115,7 +115,12 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let (n, k) = (40_000, 3);
         for t_true in [0.5, 2.5] {
-            let logits: Vec<f32> = (0..n * k).map(|_| 3.0 * StandardNormal.sample(&mut rng) as f32).collect();
+            let logits: Vec<f32> = (0..n * k)
+                .map(|_| {
+                    let e: f32 = StandardNormal.sample(&mut rng);
+                    3.0 * e
+                })
+                .collect();
             let labels: Vec<usize> = (0..n)
                 .map(|i| {
                     let z: Vec<f64> = logits[i * k..(i + 1) * k].iter().map(|&v| f64::from(v) / t_true).collect();

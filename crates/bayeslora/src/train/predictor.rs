@@ -73,6 +73,28 @@ impl<'a> ModelPredictor<'a> {
         Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: Some(std), seed, current: None })
     }
 
+    /// A posterior predictor from a stored posterior (e.g. `export::load_peft`'s sidecar):
+    /// `mean` and `std` (σ per element; `None`: point estimate) in `model.trainable()`'s flat
+    /// order. Sample k is drawn from `(seed, k)` as in [`Self::posterior`].
+    pub fn from_posterior(
+        model: &'a dyn Classifier,
+        mean: Vec<f32>,
+        std: Option<Vec<f32>>,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+        let numel: usize = vars.iter().map(|v| v.elem_count()).sum();
+        if mean.len() != numel || std.as_ref().is_some_and(|s| s.len() != numel) {
+            return Err(crate::Error::config(
+                "posterior",
+                format!("{} values", mean.len()),
+                format!("the model has {numel} trainable values"),
+            ));
+        }
+        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std, seed, current: None })
+    }
+
     fn write(&self, values: &[f32]) -> Result<()> {
         let mut offset = 0;
         for v in &self.vars {

@@ -1,8 +1,12 @@
 //! One file per subcommand; `run` dispatches.
 mod bench;
+mod compare;
 mod demo;
 mod eval;
+mod export;
+mod merge;
 mod pipeline;
+mod predict;
 mod train;
 
 use crate::args::{Cli, Command};
@@ -15,5 +19,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Predict(args) => predict::run(args),
     }
 }

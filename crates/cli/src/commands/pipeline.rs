@@ -135,8 +135,26 @@ pub fn train_and_eval(
     train_cfg.checkpoint_dir.get_or_insert_with(|| out.join("checkpoints"));
     let resume_dir = train_cfg.checkpoint_dir.clone().filter(|_| resume);
     let mut progress = TrainProgress::new(label);
-    let (summary, opt) =
-        train::run(&model, data.train.clone(), &train_cfg, &device, &mut progress, resume_dir.as_deref(), None)?;
+    // Periodic evaluation (`eval_every`): accuracy and NLL of the current mean on the eval set.
+    let eval_device = device.clone();
+    let eval_set = &data.eval;
+    let eval_batch = cfg.eval.batch_size;
+    let mut periodic = move |m: &dyn bayeslora::train::Classifier| -> bayeslora::Result<(f64, f64)> {
+        let mut p = ModelPredictor::point(m, &eval_device)?;
+        let quick = EvalConfig { method: "periodic".into(), num_samples: 0, batch_size: eval_batch, curve: vec![] };
+        let ev = eval::evaluate(&mut p, eval_set, &quick)?;
+        let m = ev.results.first().map(|r| r.metrics.clone()).unwrap_or_default();
+        Ok((m.acc.or(m.pearson).unwrap_or(f64::NAN), m.nll.or(m.mse).unwrap_or(f64::NAN)))
+    };
+    let (summary, opt) = train::run(
+        &model,
+        data.train.clone(),
+        &train_cfg,
+        &device,
+        &mut progress,
+        resume_dir.as_deref(),
+        Some(&mut periodic),
+    )?;
     append_jsonl(&out.join("metrics.jsonl"), &progress.log)?;
     if summary.interrupted {
         eprintln!("{label}: interrupted at step {}; resume with --resume", summary.steps);
@@ -174,6 +192,12 @@ pub fn train_and_eval(
         r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
     }
     write_json(&out.join("results.json"), &results)?;
+    // The trained adapter as a peft folder (+ the IVON posterior sidecar): `<output>/adapter/`.
+    let posterior = match &opt {
+        Optimizer::Ivon(ivon) => Some(ivon.posterior()),
+        _ => None,
+    };
+    super::export::write_adapter(&model, cfg, &model_path, posterior.as_ref(), &out.join("adapter"))?;
     Ok(RunOutcome {
         label: label.into(),
         results,

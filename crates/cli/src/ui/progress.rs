@@ -96,6 +96,7 @@ impl Observer for TrainProgress {
 
     fn eval(&mut self, step: usize, accuracy: f64, nll: f64) {
         self.evals.push((step, accuracy, nll));
+        self.log.push(serde_json::json!({ "run": self.label, "step": step, "eval_acc": accuracy, "eval_nll": nll }));
         self.bar.println(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
     }
 

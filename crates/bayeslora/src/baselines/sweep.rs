@@ -1,0 +1,555 @@
+//! Sweep bookkeeping: one result file per (task, method, seed) cell, resume by skipping cells
+//! whose file exists, and the aggregate over seeds (mean ± sample std) as Markdown, CSV and
+//! JSON tables, pooled reliability diagrams and accuracy/ECE-vs-K curves.
+//!
+//! Layout under a sweep's output folder `out`:
+//! - `cells/<task>/<method>/seed<k>.json` — a [`Cell`] (written atomically: a crash leaves no
+//!   half-written cell, so "the file exists" means "the cell is done");
+//! - `summary.{md,csv,json}`, `plots/reliability_<task>.{png,svg}`, `plots/k_curve_<task>.{png,svg}`.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::MethodKind;
+use crate::eval::metrics::ReliabilityBins;
+use crate::eval::{reliability_diagram, EvalResult, Panel};
+use crate::{Error, Result};
+
+/// Identifies one cell of a sweep.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CellKey {
+    pub task: String,
+    /// The method's label in the sweep (a config may define several variants of one kind).
+    pub method: String,
+    pub seed: u64,
+}
+
+impl CellKey {
+    pub fn new(task: &str, method: &str, seed: u64) -> Self {
+        CellKey { task: task.into(), method: method.into(), seed }
+    }
+
+    /// `<out>/cells/<task>/<method>/seed<k>.json`.
+    pub fn path(&self, out: &Path) -> PathBuf {
+        out.join("cells").join(&self.task).join(&self.method).join(format!("seed{}.json", self.seed))
+    }
+
+    /// Whether the cell is finished: its file exists and parses. A file that does not parse
+    /// (hand-edited, or from an incompatible version) is reported and counts as not done.
+    pub fn is_done(&self, out: &Path) -> bool {
+        let path = self.path(out);
+        if !path.exists() {
+            return false;
+        }
+        match Cell::read(&path) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("{e}; the cell will be run again");
+                false
+            }
+        }
+    }
+}
+
+/// The results of one (task, method, seed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    pub task: String,
+    pub method: String,
+    pub kind: MethodKind,
+    pub seed: u64,
+    /// K = 0 first, then the sample-count curve; the last is the headline (largest K).
+    pub results: Vec<EvalResult>,
+    /// Reliability bins (15, torchmetrics) of the headline predictive.
+    #[serde(default)]
+    pub reliability: Option<ReliabilityBins>,
+    /// Method hyper-parameters and fitted values (temperature, prior precision, members, …).
+    #[serde(default)]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub train_seconds: f64,
+    #[serde(default)]
+    pub eval_seconds: f64,
+}
+
+impl Cell {
+    pub fn key(&self) -> CellKey {
+        CellKey::new(&self.task, &self.method, self.seed)
+    }
+
+    /// The result at the largest K.
+    pub fn headline(&self) -> Option<&EvalResult> {
+        self.results.iter().max_by_key(|r| r.num_samples)
+    }
+
+    /// The result at K = 0 (the mean / point prediction).
+    pub fn at_mean(&self) -> Option<&EvalResult> {
+        self.results.iter().find(|r| r.num_samples == 0)
+    }
+
+    /// Writes the cell to its place under `out` (atomically); returns the path.
+    pub fn write(&self, out: &Path) -> Result<PathBuf> {
+        let path = self.key().path(out);
+        crate::atomic::write_json(&path, self)?;
+        Ok(path)
+    }
+
+    pub fn read(path: &Path) -> Result<Cell> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::BadFile { file: path.into(), reason: format!("not a sweep cell: {e}") })
+    }
+}
+
+/// Every cell under `<out>/cells`, sorted by (task, method, seed).
+pub fn read_cells(out: &Path) -> Result<Vec<Cell>> {
+    let root = out.join("cells");
+    let mut cells = Vec::new();
+    if !root.exists() {
+        return Ok(cells);
+    }
+    let list = |dir: &Path| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> =
+            std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        v.sort();
+        Ok(v)
+    };
+    for task in list(&root)?.into_iter().filter(|p| p.is_dir()) {
+        for method in list(&task)?.into_iter().filter(|p| p.is_dir()) {
+            for file in list(&method)? {
+                let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if name.starts_with("seed") && name.ends_with(".json") {
+                    cells.push(Cell::read(&file)?);
+                }
+            }
+        }
+    }
+    cells.sort_by_key(|c| c.key());
+    Ok(cells)
+}
+
+/// Mean and sample standard deviation (ddof = 1; 0 for a single seed) of one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std =
+            if n > 1 { (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+        Some(Stat { mean, std, n })
+    }
+}
+
+/// The metric columns of the tables: (key, header, shown in percent, higher is better).
+pub const COLUMNS: [(&str, &str, bool, bool); 7] = [
+    ("acc", "ACC", true, true),
+    ("f1", "F1", true, true),
+    ("mcc", "MCC", true, true),
+    ("ece15", "ECE-15", true, false),
+    ("ece10", "ECE-10", true, false),
+    ("nll", "NLL", false, false),
+    ("brier", "Brier", false, false),
+];
+
+fn metric(r: &EvalResult, key: &str) -> Option<f64> {
+    let m = &r.metrics;
+    match key {
+        "acc" => m.acc,
+        "f1" => m.f1,
+        "mcc" => m.mcc,
+        "ece15" => m.ece15,
+        "ece10" => m.ece10,
+        "nll" => m.nll,
+        "brier" => m.brier,
+        _ => None,
+    }
+}
+
+/// One row of the summary: a method on a task at one K, over seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SummaryRow {
+    pub task: String,
+    /// The method label; `<method>@mean` for IVON's K = 0 row.
+    pub method: String,
+    pub kind: MethodKind,
+    /// Samples K of the predictive (0: the mean / point estimate).
+    pub num_samples: usize,
+    pub seeds: Vec<u64>,
+    pub metrics: BTreeMap<String, Stat>,
+}
+
+/// The aggregate of a sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub rows: Vec<SummaryRow>,
+    /// Notes printed under the tables (conventions).
+    pub notes: Vec<String>,
+}
+
+/// Groups cells by (task, method) and averages each metric over seeds: the headline (largest K)
+/// row per method, plus a `@mean` (K = 0) row for methods whose mean is a model of its own
+/// (IVON). Rows are ordered by task, then method kind (`MethodKind::ALL` order), then label.
+pub fn aggregate(cells: &[Cell]) -> Summary {
+    let mut groups: BTreeMap<(String, MethodKind, String), Vec<&Cell>> = BTreeMap::new();
+    for c in cells {
+        groups.entry((c.task.clone(), c.kind, c.method.clone())).or_default().push(c);
+    }
+    let mut rows = Vec::new();
+    for ((task, kind, method), group) in groups {
+        let mut picks: Vec<(String, Vec<&EvalResult>)> = Vec::new();
+        if kind.has_distinct_mean() {
+            picks.push((format!("{method}@mean"), group.iter().filter_map(|c| c.at_mean()).collect()));
+        }
+        picks.push((method.clone(), group.iter().filter_map(|c| c.headline()).collect()));
+        for (label, results) in picks {
+            if results.is_empty() {
+                continue;
+            }
+            let mut metrics = BTreeMap::new();
+            for (key, ..) in COLUMNS {
+                let values: Vec<f64> = results.iter().filter_map(|r| metric(r, key)).collect();
+                if let Some(s) = Stat::of(&values) {
+                    metrics.insert(key.to_string(), s);
+                }
+            }
+            rows.push(SummaryRow {
+                task: task.clone(),
+                method: label,
+                kind,
+                num_samples: results.iter().map(|r| r.num_samples).max().unwrap_or(0),
+                seeds: group.iter().map(|c| c.seed).collect(),
+                metrics,
+            });
+        }
+    }
+    Summary {
+        rows,
+        notes: vec![
+            "mean ± sample std (ddof = 1) over seeds; ACC, F1, MCC, ECE in %".into(),
+            "ECE-15: torchmetrics CalibrationError(n_bins=15, norm=l1), bins [lo, hi); ECE-10: ivon-lora, bins (lo, hi]"
+                .into(),
+            "NLL: mean −ln p̄(y) per example; Brier: Σ_k (p̄_k − 1[y=k])², not divided by K".into(),
+            "K: samples averaged in probability space (0 = mean / point estimate)".into(),
+        ],
+    }
+}
+
+impl Summary {
+    /// The tasks in row order.
+    pub fn tasks(&self) -> Vec<String> {
+        let mut t: Vec<String> = Vec::new();
+        for r in &self.rows {
+            if !t.contains(&r.task) {
+                t.push(r.task.clone());
+            }
+        }
+        t
+    }
+
+    /// The columns that have a value in some row of `task`.
+    fn columns(&self, task: &str) -> Vec<(&'static str, &'static str, bool, bool)> {
+        COLUMNS
+            .iter()
+            .copied()
+            .filter(|(k, ..)| self.rows.iter().any(|r| r.task == task && r.metrics.contains_key(*k)))
+            .collect()
+    }
+
+    /// The best mean of column `key` on `task` (max or min per the column).
+    fn best(&self, task: &str, key: &str, higher: bool) -> Option<f64> {
+        let vals = self.rows.iter().filter(|r| r.task == task).filter_map(|r| r.metrics.get(key)).map(|s| s.mean);
+        if higher {
+            vals.fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))))
+        } else {
+            vals.fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.min(v))))
+        }
+    }
+
+    /// One Markdown table per task; the best mean of each column in bold (ties all bold).
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        for task in self.tasks() {
+            let cols = self.columns(&task);
+            s.push_str(&format!("### {task}\n\n| method | K | seeds |"));
+            for (_, h, ..) in &cols {
+                s.push_str(&format!(" {h} |"));
+            }
+            s.push_str("\n|---|---:|---:|");
+            s.push_str(&"---:|".repeat(cols.len()));
+            s.push('\n');
+            for r in self.rows.iter().filter(|r| r.task == task) {
+                s.push_str(&format!("| {} | {} | {} |", r.method, r.num_samples, r.seeds.len()));
+                for &(key, _, pct, higher) in &cols {
+                    let cell = match r.metrics.get(key) {
+                        None => "–".to_string(),
+                        Some(st) => {
+                            let text = fmt_stat(st, pct);
+                            let best = self.best(&task, key, higher);
+                            if best.is_some_and(|b| same(b, st.mean, pct)) {
+                                format!("**{text}**")
+                            } else {
+                                text
+                            }
+                        }
+                    };
+                    s.push_str(&format!(" {cell} |"));
+                }
+                s.push('\n');
+            }
+            s.push('\n');
+        }
+        for n in &self.notes {
+            s.push_str(&format!("- {n}\n"));
+        }
+        s
+    }
+
+    /// CSV: one line per row, `<metric>_mean,<metric>_std` for every column (fractions, not %).
+    pub fn csv(&self) -> String {
+        let mut s = String::from("task,method,num_samples,seeds");
+        for (k, ..) in COLUMNS {
+            s.push_str(&format!(",{k}_mean,{k}_std"));
+        }
+        s.push('\n');
+        for r in &self.rows {
+            let seeds: Vec<String> = r.seeds.iter().map(|x| x.to_string()).collect();
+            s.push_str(&format!("{},{},{},{}", r.task, r.method, r.num_samples, seeds.join(" ")));
+            for (k, ..) in COLUMNS {
+                match r.metrics.get(k) {
+                    Some(st) => s.push_str(&format!(",{},{}", st.mean, st.std)),
+                    None => s.push_str(",,"),
+                }
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Values equal as displayed (so that ties in the table are both bold).
+fn same(a: f64, b: f64, pct: bool) -> bool {
+    let scale = if pct { 1000.0 } else { 10000.0 };
+    (a * scale).round() == (b * scale).round()
+}
+
+fn fmt_stat(s: &Stat, pct: bool) -> String {
+    if pct {
+        format!("{:.1} ± {:.1}", s.mean * 100.0, s.std * 100.0)
+    } else {
+        format!("{:.3} ± {:.3}", s.mean, s.std)
+    }
+}
+
+/// Reliability bins summed over seeds (counts add; per-bin accuracy and confidence are
+/// count-weighted means). `None` if the cells have no bins or their binnings differ.
+pub fn pool_reliability(cells: &[&Cell]) -> Option<ReliabilityBins> {
+    let mut it = cells.iter().filter_map(|c| c.reliability.as_ref());
+    let first = it.next()?.clone();
+    let mut acc_sum: Vec<f64> = first.accuracy.iter().zip(&first.count).map(|(a, &n)| a * n as f64).collect();
+    let mut conf_sum: Vec<f64> = first.confidence.iter().zip(&first.count).map(|(c, &n)| c * n as f64).collect();
+    let mut pooled = first;
+    for b in it {
+        if b.binning != pooled.binning || b.count.len() != pooled.count.len() {
+            return None;
+        }
+        for i in 0..b.count.len() {
+            pooled.count[i] += b.count[i];
+            acc_sum[i] += b.accuracy[i] * b.count[i] as f64;
+            conf_sum[i] += b.confidence[i] * b.count[i] as f64;
+        }
+        pooled.total += b.total;
+    }
+    for i in 0..pooled.count.len() {
+        let n = pooled.count[i] as f64;
+        pooled.accuracy[i] = if n > 0.0 { acc_sum[i] / n } else { 0.0 };
+        pooled.confidence[i] = if n > 0.0 { conf_sum[i] / n } else { 0.0 };
+    }
+    Some(pooled)
+}
+
+/// Accuracy and ECE-15 against K for one method on one task, averaged over seeds (only the K
+/// that every seed reports).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KCurve {
+    pub method: String,
+    /// (K, mean accuracy, mean ECE-15), K ascending.
+    pub points: Vec<(usize, f64, f64)>,
+}
+
+/// The K curves of every method on `task`.
+pub fn k_curves(cells: &[Cell], task: &str) -> Vec<KCurve> {
+    let mut by_method: BTreeMap<(MethodKind, String), Vec<&Cell>> = BTreeMap::new();
+    for c in cells.iter().filter(|c| c.task == task) {
+        by_method.entry((c.kind, c.method.clone())).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    for ((_, method), group) in by_method {
+        let mut ks: Vec<usize> = group[0].results.iter().map(|r| r.num_samples).collect();
+        ks.retain(|k| group.iter().all(|c| c.results.iter().any(|r| r.num_samples == *k)));
+        ks.sort_unstable();
+        ks.dedup();
+        let points = ks
+            .into_iter()
+            .filter_map(|k| {
+                let rs: Vec<&EvalResult> =
+                    group.iter().filter_map(|c| c.results.iter().find(|r| r.num_samples == k)).collect();
+                let acc = Stat::of(&rs.iter().filter_map(|r| r.metrics.acc).collect::<Vec<_>>())?;
+                let ece = Stat::of(&rs.iter().filter_map(|r| r.metrics.ece15).collect::<Vec<_>>())?;
+                Some((k, acc.mean, ece.mean))
+            })
+            .collect();
+        out.push(KCurve { method, points });
+    }
+    out
+}
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
+}
+
+fn draw_k<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    curves: &[KCurve],
+    text: bool,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let body = if text { root.titled(title, ("sans-serif", 22))? } else { root.clone() };
+    let areas = body.split_evenly((1, 2));
+    let max_k = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)).max().unwrap_or(1).max(1);
+    for (panel, area) in areas.iter().enumerate() {
+        let value = |p: &(usize, f64, f64)| if panel == 0 { p.1 * 100.0 } else { p.2 * 100.0 };
+        let vals: Vec<f64> = curves.iter().flat_map(|c| c.points.iter().map(value)).collect();
+        let lo = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+        let pad = ((hi - lo) * 0.1).max(0.5);
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(14);
+        if text {
+            builder
+                .caption(if panel == 0 { "accuracy (%)" } else { "ECE-15 (%)" }, ("sans-serif", 18))
+                .x_label_area_size(35)
+                .y_label_area_size(50);
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..max_k as f64 + 0.5, (lo - pad)..(hi + pad))?;
+        if text {
+            chart.configure_mesh().x_desc("K (posterior samples / passes / members)").draw()?;
+        }
+        for (i, c) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let pts: Vec<(f64, f64)> = if c.points.len() == 1 {
+                // a single K (temperature scaling, AdamW): a flat reference line
+                let v = value(&c.points[0]);
+                vec![(0.0, v), (max_k as f64, v)]
+            } else {
+                c.points.iter().map(|p| (p.0 as f64, value(p))).collect()
+            };
+            let series = chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+            if text {
+                series
+                    .label(c.method.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            }
+            if c.points.len() > 1 {
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+        }
+        if text && panel == 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Writes `<stem>.png` and `<stem>.svg`: accuracy and ECE-15 against K, one line per method (a
+/// method evaluated at one K only is drawn as a flat reference line).
+pub fn k_curve_plot(stem: &Path, title: &str, curves: &[KCurve]) -> Result<Vec<PathBuf>> {
+    if curves.is_empty() {
+        return Err(Error::config("curves", 0, "give at least one method to plot"));
+    }
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    if let Some(dir) = png.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let (w, h) = (1100u32, 480u32);
+    for text in [true, false] {
+        let r = draw_k(&BitMapBackend::new(&png, (w, h)).into_drawing_area(), title, curves, text)
+            .map_err(|e| plot_err(&png, e));
+        match r {
+            Ok(()) => break,
+            Err(e) if !text => return Err(e),
+            Err(e) => tracing::warn!("{e}; drawing the K curves without text (no usable system font?)"),
+        }
+    }
+    for text in [true, false] {
+        let r = draw_k(&SVGBackend::new(&svg, (w, h)).into_drawing_area(), title, curves, text)
+            .map_err(|e| plot_err(&svg, e));
+        match r {
+            Ok(()) => break,
+            Err(e) if !text => return Err(e),
+            Err(e) => tracing::warn!("{e}; drawing the K curves without text"),
+        }
+    }
+    Ok(vec![png, svg])
+}
+
+/// Aggregates every cell under `out`: writes `summary.{md,csv,json}` and, per task, a pooled
+/// reliability diagram (one panel per method) and the K curves under `plots/`. `title` prefixes
+/// the plot titles (e.g. the model name). Returns the summary and the written paths.
+pub fn write_summary(out: &Path, title: &str) -> Result<(Summary, Vec<PathBuf>)> {
+    let cells = read_cells(out)?;
+    let summary = aggregate(&cells);
+    let mut written = Vec::new();
+    for (name, text) in [("summary.md", summary.markdown()), ("summary.csv", summary.csv())] {
+        let p = out.join(name);
+        crate::atomic::write(&p, text.as_bytes())?;
+        written.push(p);
+    }
+    let p = out.join("summary.json");
+    crate::atomic::write_json(&p, &summary)?;
+    written.push(p);
+    for task in summary.tasks() {
+        let mut named: Vec<(String, ReliabilityBins)> = Vec::new();
+        let mut groups: BTreeMap<(MethodKind, String), Vec<&Cell>> = BTreeMap::new();
+        for c in cells.iter().filter(|c| c.task == task) {
+            groups.entry((c.kind, c.method.clone())).or_default().push(c);
+        }
+        for ((_, method), group) in &groups {
+            if let Some(b) = pool_reliability(group) {
+                let k = group[0].headline().map_or(0, |r| r.num_samples);
+                named.push((format!("{method} (K={k})"), b));
+            }
+        }
+        let panels: Vec<Panel<'_>> = named.iter().map(|(n, b)| Panel { name: n, bins: b }).collect();
+        if !panels.is_empty() {
+            let stem = out.join("plots").join(format!("reliability_{task}"));
+            written.extend(reliability_diagram(&stem, &format!("{title} — {task} (pooled over seeds)"), &panels)?);
+        }
+        let curves = k_curves(&cells, &task);
+        if !curves.is_empty() {
+            let stem = out.join("plots").join(format!("k_curve_{task}"));
+            written.extend(k_curve_plot(&stem, &format!("{title} — {task}"), &curves)?);
+        }
+    }
+    Ok((summary, written))
+}

@@ -1,0 +1,557 @@
+//! `bayeslora compare --config configs/compare/NAME.toml`: methods × tasks × seeds from one TOML
+//! file. Each finished (task, method, seed) cell is written to
+//! `<out>/cells/<task>/<method>/seed<k>.json` and skipped when the sweep runs again, so a
+//! stopped sweep resumes where it stopped; the aggregate tables and plots are rewritten after each
+//! task (`bayeslora::baselines::sweep`).
+//!
+//! Within one (task, seed), every method built on AdamW (adamw, mc_dropout, temperature, laplace,
+//! ensemble member 0) shares one trained model when their resolved run settings agree, so the
+//! baselines cost one AdamW run plus their own post-processing; ensemble members 1..N are extra
+//! runs with seeds `seed + 1000·m`. All methods train on the same rows: the task's training
+//! set minus a fixed held-out split (`heldout_fraction`) that only temperature scaling and
+//! Laplace's prior precision look at.
+use super::pipeline;
+use crate::config::RunConfig;
+use crate::ui::progress::{eval_bar, TrainProgress};
+use anyhow::{bail, Context, Result};
+use bayeslora::baselines::sweep::{write_summary, Cell, CellKey};
+use bayeslora::baselines::{
+    collect_logits, fit_temperature, holdout, laplace, EnsemblePredictor, LaplaceConfig, McDropoutPredictor,
+    MethodKind, TemperaturePredictor,
+};
+use bayeslora::data::{EncodedDataset, TextEncoder};
+use bayeslora::eval::{self, metrics::Binning, EvalConfig, Evaluation, Predictor};
+use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, TaskModel};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The sweep file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareConfig {
+    /// A HF folder, a .gguf file, or the asset aliases `minilm` / `smollm2`.
+    pub model: String,
+    pub tasks: Vec<String>,
+    pub seeds: Vec<u64>,
+    /// Method labels: a kind's name (`adamw`, `ivon`, `mc_dropout`, `ensemble`, `temperature`,
+    /// `laplace`) or any label defined in `[method.<label>]` with a `kind`.
+    pub methods: Vec<String>,
+    /// Output folder of the sweep.
+    pub out: PathBuf,
+    pub train_limit: Option<usize>,
+    pub eval_limit: Option<usize>,
+    /// K for IVON, MC dropout and Laplace.
+    pub samples: usize,
+    /// Ensemble members N (its K).
+    pub members: usize,
+    /// Share of the training rows held out for temperature / Laplace tuning.
+    pub heldout_fraction: f64,
+    pub laplace: LaplaceConfig,
+    /// Settings of every cell, as in a `bayeslora train --config` file (`max_len`, `[lora]`,
+    /// `[train]`, `[eval]`, `device`); `model`, `task`, limits and `train.seed` come from here.
+    pub run: toml::Table,
+    /// Per-method overrides.
+    pub method: BTreeMap<String, MethodEntry>,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            model: "minilm".into(),
+            tasks: vec!["sst2".into()],
+            seeds: vec![0],
+            methods: MethodKind::ALL.iter().map(|m| m.name().to_string()).collect(),
+            out: PathBuf::from("runs/compare"),
+            train_limit: None,
+            eval_limit: None,
+            samples: 10,
+            members: 5,
+            heldout_fraction: 0.1,
+            laplace: LaplaceConfig::default(),
+            run: toml::Table::new(),
+            method: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[method.<label>]`: what a label means and what it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodEntry {
+    /// The method kind (default: the label itself).
+    pub kind: Option<MethodKind>,
+    /// Run settings merged over the sweep's `[run]` (e.g. `[method.ivon.run.train.ivon] lr = 0.05`).
+    /// Data settings (`max_len`, limits) stay the sweep's: the data are encoded once per task.
+    pub run: toml::Table,
+    pub samples: Option<usize>,
+    pub members: Option<usize>,
+    pub laplace: Option<LaplaceConfig>,
+}
+
+/// A resolved method of the sweep.
+#[derive(Debug, Clone)]
+struct Method {
+    label: String,
+    kind: MethodKind,
+    run: toml::Table,
+    samples: usize,
+    members: usize,
+    laplace: LaplaceConfig,
+}
+
+impl CompareConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: CompareConfig =
+            toml::from_str(&text).with_context(|| format!("invalid sweep file {}", path.display()))?;
+        cfg.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.tasks.is_empty() || self.seeds.is_empty() || self.methods.is_empty() {
+            bail!("tasks, seeds and methods must each list at least one entry");
+        }
+        if self.members == 0 {
+            bail!("members = 0: an ensemble needs at least one member");
+        }
+        for label in self.method.keys() {
+            if !self.methods.contains(label) {
+                eprintln!("note: [method.{label}] is defined but not in `methods`; it will not run");
+            }
+        }
+        self.resolved_methods()?;
+        Ok(())
+    }
+
+    fn resolved_methods(&self) -> Result<Vec<Method>> {
+        self.methods
+            .iter()
+            .map(|label| {
+                let entry = self.method.get(label).cloned().unwrap_or_default();
+                let kind = match entry.kind {
+                    Some(k) => k,
+                    None => MethodKind::from_name(label)
+                        .with_context(|| format!("method `{label}` needs `[method.{label}] kind = ...`"))?,
+                };
+                let laplace = entry.laplace.unwrap_or_else(|| self.laplace.clone());
+                laplace.validate()?;
+                Ok(Method {
+                    label: label.clone(),
+                    kind,
+                    run: entry.run,
+                    samples: entry.samples.unwrap_or(self.samples),
+                    members: entry.members.unwrap_or(self.members),
+                    laplace,
+                })
+            })
+            .collect()
+    }
+
+    /// The run settings of one training: `[run]`, then the method's `run`, then task, seed,
+    /// model and limits. AdamW-based kinds train with AdamW whatever the file says.
+    fn run_config(&self, task: &str, method: &Method, seed: u64) -> Result<RunConfig> {
+        let mut merged = toml::Value::try_from(RunConfig::default()).context("serializing defaults")?;
+        merge(&mut merged, toml::Value::Table(self.run.clone()));
+        merge(&mut merged, toml::Value::Table(method.run.clone()));
+        let mut cfg: RunConfig =
+            merged.try_into().with_context(|| format!("invalid run settings for method `{}`", method.label))?;
+        cfg.model = Some(PathBuf::from(&self.model));
+        cfg.task = task.into();
+        cfg.train_limit = self.train_limit;
+        cfg.eval_limit = self.eval_limit;
+        cfg.train.seed = seed;
+        cfg.train.batch.seed = seed;
+        cfg.train.optimizer = if method.kind.uses_ivon() { OptimizerKind::Ivon } else { OptimizerKind::Adamw };
+        cfg.train.checkpoint_dir = None;
+        cfg.train.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Recursively overlays `over` on `base` (tables merge, everything else replaces).
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// A trained model of the sweep, shared by the methods whose run settings match.
+struct Trained {
+    model: TaskModel,
+    opt: Optimizer,
+    seconds: f64,
+}
+
+/// Trained models of one (task, seed), keyed by their resolved run settings.
+struct Cache<'d> {
+    models: HashMap<String, Trained>,
+    train: Arc<EncodedDataset>,
+    data_eval: &'d EncodedDataset,
+}
+
+impl Cache<'_> {
+    /// Trains `cfg` unless an identical run is cached; returns its key.
+    fn ensure(&mut self, cfg: &RunConfig, label: &str) -> Result<String> {
+        let key = cfg.to_toml()?;
+        if self.models.contains_key(&key) {
+            return Ok(key);
+        }
+        let loaded = pipeline::load_model(cfg)?;
+        let device = pipeline::device(&cfg.device)?;
+        let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };
+        let model = TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, &device)?;
+        let mut progress = TrainProgress::new(label);
+        let t0 = Instant::now();
+        let (summary, opt) = train::run(&model, self.train.clone(), &cfg.train, &device, &mut progress, None, None)?;
+        if summary.interrupted {
+            bail!(
+                "{label}: interrupted at step {}; finished cells are kept, run the sweep again to resume",
+                summary.steps
+            );
+        }
+        self.models.insert(key.clone(), Trained { model, opt, seconds: t0.elapsed().as_secs_f64() });
+        Ok(key)
+    }
+
+    fn get(&self, key: &str) -> Result<&Trained> {
+        self.models.get(key).context("invariant: trained model was just cached")
+    }
+}
+
+/// Everything one cell's evaluation needs.
+struct TaskData {
+    train: Arc<EncodedDataset>,
+    heldout: EncodedDataset,
+    eval: EncodedDataset,
+}
+
+pub fn run(args: crate::args::CompareArgs) -> Result<ExitCode> {
+    let mut cfg = CompareConfig::load(&args.config)?;
+    if let Some(out) = &args.out {
+        cfg.out = out.clone();
+    }
+    if !args.aggregate_only {
+        sweep(&cfg)?;
+    }
+    let (summary, written) = write_summary(&cfg.out, &cfg.model)?;
+    println!("\n{}", summary.markdown());
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every missing cell of the sweep (the aggregate is written after each task).
+pub fn sweep(cfg: &CompareConfig) -> Result<()> {
+    let methods = cfg.resolved_methods()?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    std::fs::write(cfg.out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
+    for task in &cfg.tasks {
+        let todo: Vec<(u64, &Method)> = cfg
+            .seeds
+            .iter()
+            .flat_map(|&s| methods.iter().map(move |m| (s, m)))
+            .filter(|(s, m)| !CellKey::new(task, &m.label, *s).is_done(&cfg.out))
+            .collect();
+        let total = cfg.seeds.len() * methods.len();
+        eprintln!("{task}: {} of {total} cells to run ({} already done)", todo.len(), total - todo.len());
+        if todo.is_empty() {
+            continue;
+        }
+        // Data once per task, with the first method's settings (max_len, device).
+        let base = cfg.run_config(task, &methods[0], cfg.seeds[0])?;
+        let loaded = pipeline::load_model(&base)?;
+        let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), base.max_len)?;
+        let data = pipeline::load_data(&base, &encoder, &loaded)?;
+        drop(loaded);
+        let (train_rows, heldout) = holdout(&data.train, cfg.heldout_fraction, 0)?;
+        let td = TaskData { train: Arc::new(train_rows), heldout, eval: data.eval };
+        eprintln!("{task}: {} train / {} held-out / {} eval rows", td.train.len(), td.heldout.len(), td.eval.len());
+        for &seed in &cfg.seeds {
+            let mut cache = Cache { models: HashMap::new(), train: td.train.clone(), data_eval: &td.eval };
+            for (_, m) in todo.iter().filter(|(s, _)| *s == seed) {
+                let t0 = Instant::now();
+                let cell = run_cell(cfg, task, m, seed, &td, &mut cache)?;
+                let path = cell.write(&cfg.out)?;
+                eprintln!(
+                    "{task}/{}/seed{seed}: done in {:.0} s → {}",
+                    m.label,
+                    t0.elapsed().as_secs_f64(),
+                    path.display()
+                );
+            }
+        }
+        write_summary(&cfg.out, &cfg.model)?;
+    }
+    Ok(())
+}
+
+/// The AdamW run that AdamW-based methods of this (task, seed) share.
+fn adamw_key(cfg: &CompareConfig, task: &str, m: &Method, seed: u64, cache: &mut Cache<'_>) -> Result<(String, f64)> {
+    let run = cfg.run_config(task, m, seed)?;
+    let key = cache.ensure(&run, &format!("{}/s{seed}", m.label))?;
+    let secs = cache.get(&key)?.seconds;
+    Ok((key, secs))
+}
+
+fn run_cell(
+    cfg: &CompareConfig,
+    task: &str,
+    m: &Method,
+    seed: u64,
+    td: &TaskData,
+    cache: &mut Cache<'_>,
+) -> Result<Cell> {
+    let run = cfg.run_config(task, m, seed)?;
+    let device = pipeline::device(&run.device)?;
+    let eval_cfg = |k: usize| EvalConfig {
+        method: m.label.clone(),
+        num_samples: k,
+        batch_size: run.eval.batch_size,
+        ..Default::default()
+    };
+    let mut params = serde_json::json!({
+        "kind": m.kind,
+        "model": cfg.model,
+        "train": run.train,
+        "lora": run.lora,
+        "max_len": run.max_len,
+        "train_rows": td.train.len(),
+        "heldout_rows": td.heldout.len(),
+    });
+    let sample_seed = seed ^ 0xE7A1;
+    let (ev, train_seconds, eval_seconds) = match m.kind {
+        MethodKind::Adamw => {
+            let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
+            let t = cache.get(&key)?;
+            let mut p = ModelPredictor::point(&t.model, &device)?;
+            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(0)), secs)?
+        }
+        MethodKind::Ivon => {
+            let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
+            let t = cache.get(&key)?;
+            let Optimizer::Ivon(ivon) = &t.opt else { bail!("invariant: IVON cell trained with IVON") };
+            let mut p = ModelPredictor::posterior(&t.model, ivon, &device, sample_seed)?;
+            let r = timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?;
+            p.restore()?;
+            r
+        }
+        MethodKind::McDropout => {
+            let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
+            let t = cache.get(&key)?;
+            params["dropout"] = serde_json::json!({
+                "lora_dropout": run.lora.lora_dropout,
+                "backbone": "Ctx::train: BERT hidden/attention/classifier dropouts as in training (none for Llama)",
+            });
+            let mut p = McDropoutPredictor::new(&t.model, &device, sample_seed);
+            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?
+        }
+        MethodKind::Temperature => {
+            let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
+            let t = cache.get(&key)?;
+            let mut point = ModelPredictor::point(&t.model, &device)?;
+            let (logits, mask, labels) = collect_logits(&mut point, &td.heldout, run.eval.batch_size)?;
+            let temperature = fit_temperature(&logits, &mask, &labels, td.heldout.num_classes)?;
+            params["temperature"] = serde_json::json!(temperature);
+            let mut p = TemperaturePredictor { inner: point, temperature };
+            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(0)), secs)?
+        }
+        MethodKind::Laplace => {
+            let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
+            let t = cache.get(&key)?;
+            let t0 = Instant::now();
+            let fit = laplace::fit(&t.model, &td.train, &td.heldout, &m.laplace, &device, sample_seed)?;
+            eprintln!(
+                "{task}/{}/seed{seed}: Fisher on {} rows, prior precision {:e} (held-out NLL {:?}) in {:.0} s",
+                m.label,
+                fit.fisher_examples,
+                fit.prior_precision,
+                fit.heldout_nll,
+                t0.elapsed().as_secs_f64()
+            );
+            params["laplace"] = serde_json::to_value(&fit)?;
+            params["laplace_config"] = serde_json::to_value(&m.laplace)?;
+            params["laplace_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            let mut p = fit.predictor(&t.model, &device, sample_seed)?;
+            let r = timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?;
+            p.restore()?;
+            r
+        }
+        MethodKind::Ensemble => {
+            let mut keys = Vec::new();
+            let mut secs = 0.0;
+            let member_seeds: Vec<u64> = (0..m.members as u64).map(|i| seed.wrapping_add(1000 * i)).collect();
+            for &s in &member_seeds {
+                let (k, t) = adamw_key(cfg, task, m, s, cache)?;
+                keys.push(k);
+                secs += t;
+            }
+            params["member_seeds"] = serde_json::json!(member_seeds);
+            let r = {
+                let members: Vec<Box<dyn Predictor + '_>> = keys
+                    .iter()
+                    .map(|k| -> Result<Box<dyn Predictor + '_>> {
+                        Ok(Box::new(ModelPredictor::point(&cache.get(k)?.model, &device)?))
+                    })
+                    .collect::<Result<_>>()?;
+                let mut p = EnsemblePredictor::new(members)?;
+                timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.members)), secs)?
+            };
+            // Members 1.. are only the ensemble's: free them (member 0 is the shared AdamW run).
+            for k in keys.iter().skip(1) {
+                cache.models.remove(k);
+            }
+            r
+        }
+    };
+    let headline = ev.bayes.as_ref().or(ev.mean.as_ref());
+    let reliability = headline.map(|p| p.reliability(run.eval.bins, Binning::Torchmetrics)).transpose()?;
+    let mut results = ev.results;
+    for r in &mut results {
+        r.info.insert("model".into(), serde_json::json!(cfg.model));
+        r.info.insert("seed".into(), serde_json::json!(seed));
+        r.info.insert("method_kind".into(), serde_json::to_value(m.kind)?);
+        r.info.insert("dtype".into(), serde_json::json!("f32"));
+        r.info.insert("train_seconds".into(), serde_json::json!(train_seconds));
+        r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
+    }
+    Ok(Cell {
+        task: task.into(),
+        method: m.label.clone(),
+        kind: m.kind,
+        seed,
+        results,
+        reliability,
+        params,
+        train_seconds,
+        eval_seconds,
+    })
+}
+
+/// Runs an evaluation with a spinner and returns it with (train seconds, eval seconds).
+fn timed(f: impl FnOnce() -> bayeslora::Result<Evaluation>, train_seconds: f64) -> Result<(Evaluation, f64, f64)> {
+    let bar = eval_bar("eval", 1);
+    let t0 = Instant::now();
+    let ev = f()?;
+    bar.finish_and_clear();
+    Ok((ev, train_seconds, t0.elapsed().as_secs_f64()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWEEP: &str = r#"
+model = "minilm"
+tasks = ["sst2"]
+seeds = [0, 1]
+methods = ["adamw", "ivon_fast", "ensemble"]
+members = 3
+[run]
+max_len = 32
+[run.train]
+epochs = 1
+[run.train.adamw]
+lr = 1e-3
+[method.ivon_fast]
+kind = "ivon"
+samples = 4
+[method.ivon_fast.run.train.ivon]
+lr = 0.1
+"#;
+
+    #[test]
+    fn parses_and_resolves_methods_with_overrides() {
+        let cfg: CompareConfig = toml::from_str(SWEEP).unwrap();
+        cfg.validate().unwrap();
+        let ms = cfg.resolved_methods().unwrap();
+        assert_eq!(ms[1].kind, MethodKind::Ivon);
+        assert_eq!(ms[1].samples, 4);
+        assert_eq!(ms[2].members, 3);
+        let run = cfg.run_config("sst2", &ms[1], 7).unwrap();
+        assert_eq!(run.train.ivon.lr, 0.1);
+        assert_eq!(run.train.optimizer, OptimizerKind::Ivon);
+        assert_eq!((run.train.seed, run.train.batch.seed), (7, 7));
+        assert_eq!(run.max_len, 32);
+        let a = cfg.run_config("sst2", &ms[0], 7).unwrap();
+        assert_eq!(a.train.optimizer, OptimizerKind::Adamw);
+        assert_eq!(a.train.adamw.lr, 1e-3);
+        // the ensemble's member 0 is the AdamW run: same settings, same cache key
+        let e = cfg.run_config("sst2", &ms[2], 7).unwrap();
+        assert_eq!(a.to_toml().unwrap(), e.to_toml().unwrap());
+    }
+
+    #[test]
+    fn rejects_unknown_methods_and_keys() {
+        let mut cfg: CompareConfig = toml::from_str(SWEEP).unwrap();
+        cfg.methods.push("swag".into());
+        assert!(cfg.validate().is_err());
+        assert!(toml::from_str::<CompareConfig>("modle = \"x\"").is_err());
+    }
+
+    /// End to end on the real MiniLM (skipped when the asset is absent): 64 training rows, 3
+    /// steps, every method, then a second run that must skip every cell.
+    #[test]
+    fn tiny_sweep_on_minilm_runs_and_resumes() {
+        let model = crate::assets::dir().join(crate::assets::MINILM.dest).join(crate::assets::MINILM.inner);
+        if !model.exists() {
+            eprintln!("skipping: {} not found (run scripts/fetch-assets.sh)", model.display());
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg: CompareConfig = toml::from_str(
+            r#"
+tasks = ["rte"]
+seeds = [0]
+train_limit = 64
+eval_limit = 24
+samples = 2
+members = 2
+[laplace]
+prior_precisions = [1e2, 1e6]
+max_examples = 8
+tune_samples = 2
+[run]
+max_len = 48
+[run.lora]
+lora_dropout = 0.1
+[run.train]
+max_steps = 3
+[run.train.batch]
+batch_size = 8
+"#,
+        )
+        .unwrap();
+        cfg.model = model.display().to_string();
+        cfg.out = dir.path().to_path_buf();
+        sweep(&cfg).unwrap();
+        let cells = bayeslora::baselines::sweep::read_cells(dir.path()).unwrap();
+        assert_eq!(cells.len(), 6);
+        let ens = cells.iter().find(|c| c.kind == MethodKind::Ensemble).unwrap();
+        assert_eq!(ens.headline().unwrap().num_samples, 2);
+        let temp = cells.iter().find(|c| c.kind == MethodKind::Temperature).unwrap();
+        assert!(temp.params["temperature"].as_f64().unwrap() > 0.0);
+        // resume: nothing left to do, files untouched
+        let before = std::fs::metadata(ens.key().path(dir.path())).unwrap().modified().unwrap();
+        sweep(&cfg).unwrap();
+        let after = std::fs::metadata(ens.key().path(dir.path())).unwrap().modified().unwrap();
+        assert_eq!(before, after);
+        assert!(dir.path().join("summary.md").exists());
+        assert!(dir.path().join("plots/k_curve_rte.png").exists());
+    }
+}

@@ -1,0 +1,110 @@
+//! `bayeslora export RUN -o OUT`: a train run folder's newest checkpoint as a peft LoRA folder
+//! (+ the IVON posterior sidecar). Also the shared "open a run or an adapter" step of `merge`.
+use crate::args::ExportArgs;
+use crate::config::RunConfig;
+use anyhow::{bail, Context, Result};
+use bayeslora::export::{self, ExportOptions};
+use bayeslora::models::{Backbone, LoadedModel, SequenceClassificationHead};
+use bayeslora::train::{Checkpoint, OptimizerKind, TaskModel};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub fn run(args: ExportArgs) -> Result<ExitCode> {
+    let run = open_run(&args.run)?;
+    write_adapter(&run.model, &run.config, &run.base, run.posterior.as_ref(), &args.output)?;
+    eprintln!(
+        "wrote {} ({} adapted modules{})",
+        args.output.display(),
+        run.model.adapters.len(),
+        if run.posterior.is_some() { ", IVON posterior sidecar" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A trained model rebuilt from a run folder.
+pub struct Run {
+    pub config: RunConfig,
+    /// The base model folder.
+    pub base: PathBuf,
+    pub model: TaskModel,
+    /// The IVON posterior of the checkpoint (IVON runs only).
+    pub posterior: Option<ivon::Posterior>,
+}
+
+/// Reads `<run>/config.toml`, loads its model and the newest checkpoint's adapter (and head).
+pub fn open_run(run: &Path) -> Result<Run> {
+    let path = run.join("config.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}; is this a folder written by `bayeslora train`?", path.display()))?;
+    let config: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let ckpt_root = config.train.checkpoint_dir.clone().unwrap_or_else(|| run.join("checkpoints"));
+    let ckpt = Checkpoint::latest(&ckpt_root)
+        .with_context(|| format!("no checkpoint under {}; train the run first", ckpt_root.display()))?;
+    let device = super::pipeline::device(&config.device)?;
+    let loaded = super::pipeline::load_model(&config)?;
+    let base = loaded.dir.clone();
+    let file = ckpt.join("trainable.safetensors");
+    let saved = candle_core::safetensors::load(&file, &device).with_context(|| format!("reading {}", file.display()))?;
+    let num_labels = saved.get("classifier.weight").and_then(|t| t.dims().first().copied()).unwrap_or(1);
+    let model = TaskModel::build(loaded, &config.lora, num_labels, config.train.seed, &device)?;
+    for (name, var) in bayeslora::train::Classifier::trainable(&model) {
+        let t = saved.get(&name).with_context(|| format!("{}: tensor `{name}` is missing", file.display()))?;
+        if t.dims() != var.dims() {
+            bail!("{}: tensor `{name}` has shape {:?}, the model {:?}", file.display(), t.dims(), var.dims());
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    let posterior = if config.train.optimizer == OptimizerKind::Ivon {
+        let p = ckpt.join("optimizer.safetensors");
+        Some(ivon::Posterior::load(&p).with_context(|| format!("reading {}", p.display()))?)
+    } else {
+        None
+    };
+    Ok(Run { config, base, model, posterior })
+}
+
+/// A bare task model over `loaded` (no adapters; BERT gets a head of `num_labels`, from the
+/// checkpoint when it has one), ready for `export::load_peft`.
+pub fn bare_model(loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
+    let head = match &loaded.backbone {
+        Backbone::Bert(b) => {
+            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), num_labels, 0, device)?)
+        }
+        _ => None,
+    };
+    Ok(TaskModel { backbone: loaded.backbone, adapters: Default::default(), head })
+}
+
+/// The number of classes of an adapter folder's head (`classifier.weight` rows), if it has one.
+pub fn adapter_num_labels(dir: &Path) -> Result<Option<usize>> {
+    let file = dir.join(export::WEIGHTS_FILE);
+    let tensors =
+        candle_core::safetensors::load(&file, &Device::Cpu).with_context(|| format!("reading {}", file.display()))?;
+    let key = format!("{}classifier.weight", bayeslora::adapters::lora::PEFT_PREFIX);
+    Ok(tensors.get(&key).and_then(|t| t.dims().first().copied()))
+}
+
+/// Writes the adapter of a finished run into `dir` (used by `train` for `<output>/adapter/`).
+pub fn write_adapter(
+    model: &TaskModel,
+    cfg: &RunConfig,
+    base: &Path,
+    posterior: Option<&ivon::Posterior>,
+    dir: &Path,
+) -> Result<()> {
+    let mut opts = ExportOptions::new(cfg.lora.clone());
+    opts.base_model_name_or_path = Some(base.display().to_string());
+    let extras = [
+        ("task", serde_json::json!(cfg.task)),
+        ("optimizer", serde_json::to_value(cfg.train.optimizer)?),
+        ("seed", serde_json::json!(cfg.train.seed)),
+        ("max_len", serde_json::json!(cfg.max_len)),
+        ("eval_samples", serde_json::json!(cfg.eval.samples)),
+        ("code_version", serde_json::json!(env!("CARGO_PKG_VERSION"))),
+    ];
+    for (k, v) in extras {
+        opts.extras.insert(k.into(), v);
+    }
+    export::save_peft(dir, model, &opts, posterior).with_context(|| format!("exporting the adapter to {}", dir.display()))
+}
