@@ -6,8 +6,8 @@
 //! Data flows one way: `models` (load) → `adapters` (attach) → `data` → `train` → `eval` → `export`.
 
 pub mod adapters;
-pub mod baselines;
 mod atomic;
+pub mod baselines;
 pub mod data;
 mod error;
 pub mod eval;

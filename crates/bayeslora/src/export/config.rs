@@ -70,11 +70,7 @@ pub(crate) fn to_json(f: &ConfigFields<'_>) -> Value {
         (TaskType::SeqCls, None) => json!(["classifier", "score"]),
         _ => Value::Null,
     };
-    let alpha_pattern: Map<String, Value> = f
-        .alpha_pattern
-        .iter()
-        .map(|(k, &a)| (k.clone(), number(a)))
-        .collect();
+    let alpha_pattern: Map<String, Value> = f.alpha_pattern.iter().map(|(k, &a)| (k.clone(), number(a))).collect();
     let mut m = Map::new();
     let mut put = |k: &str, v: Value| {
         m.insert(k.to_string(), v);
@@ -139,56 +135,53 @@ pub struct AdapterConfig {
 
 /// PEFT methods other than LoRA that share the folder layout, for the error message.
 const OTHER_METHODS: &[&str] = &[
-    "ADALORA", "IA3", "VERA", "LOHA", "LOKR", "OFT", "BOFT", "FOURIERFT", "VBLORA", "XLORA",
-    "LN_TUNING", "HRA", "BONE", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING",
+    "ADALORA",
+    "IA3",
+    "VERA",
+    "LOHA",
+    "LOKR",
+    "OFT",
+    "BOFT",
+    "FOURIERFT",
+    "VBLORA",
+    "XLORA",
+    "LN_TUNING",
+    "HRA",
+    "BONE",
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "P_TUNING",
 ];
 
 /// Reads and checks `<dir>/adapter_config.json`.
 pub fn read(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-        file: path.clone(),
-        reason: format!("invalid JSON: {e}"),
-    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::BadFile { file: path.clone(), reason: format!("invalid JSON: {e}") })?;
     parse(&v, &path)
 }
 
 fn unsupported(path: &Path, what: &str) -> Error {
     Error::BadFile {
         file: path.to_path_buf(),
-        reason: format!(
-            "{what} is not supported yet; bayeslora loads plain LoRA adapters (peft_type \"LORA\")"
-        ),
+        reason: format!("{what} is not supported yet; bayeslora loads plain LoRA adapters (peft_type \"LORA\")"),
     }
 }
 
 /// Checks the method and builds the config from the parsed JSON (`path` names the file).
 pub(crate) fn parse(v: &Value, path: &Path) -> Result<AdapterConfig> {
-    let bad = |reason: String| Error::BadFile {
-        file: path.to_path_buf(),
-        reason,
-    };
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("adapter_config.json must hold a JSON object".into()))?;
+    let bad = |reason: String| Error::BadFile { file: path.to_path_buf(), reason };
+    let obj = v.as_object().ok_or_else(|| bad("adapter_config.json must hold a JSON object".into()))?;
     let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
     let set = |k: &str| obj.get(k).is_some_and(|x| !x.is_null());
     match obj.get("peft_type").and_then(Value::as_str) {
         Some("LORA") => {}
         Some(other) => {
-            let known = if OTHER_METHODS.contains(&other) {
-                "peft method"
-            } else {
-                "unknown peft method"
-            };
+            let known = if OTHER_METHODS.contains(&other) { "peft method" } else { "unknown peft method" };
             return Err(unsupported(path, &format!("{known} `{other}`")));
         }
-        None => {
-            return Err(bad(
-                "no `peft_type`; is this a peft adapter folder? (expected \"LORA\")".into(),
-            ))
-        }
+        None => return Err(bad("no `peft_type`; is this a peft adapter folder? (expected \"LORA\")".into())),
     }
     // LoRA variants that change the forward pass or the tensors on disk.
     for (key, name) in [
@@ -218,15 +211,10 @@ pub(crate) fn parse(v: &Value, path: &Path) -> Result<AdapterConfig> {
             return Err(unsupported(path, &format!("bias = \"{b}\"")));
         }
     }
-    let r = obj
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
+    let r = obj.get("r").and_then(Value::as_u64).ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
     let lora_alpha = match obj.get("lora_alpha") {
         None | Some(Value::Null) => 8.0, // peft's default
-        Some(x) => x
-            .as_f64()
-            .ok_or_else(|| bad(format!("`lora_alpha` = {x} is not a number")))?,
+        Some(x) => x.as_f64().ok_or_else(|| bad(format!("`lora_alpha` = {x} is not a number")))?,
     };
     let target_modules = match obj.get("target_modules") {
         Some(Value::String(s)) => TargetModules::Regex(s.clone()),
@@ -239,36 +227,24 @@ pub(crate) fn parse(v: &Value, path: &Path) -> Result<AdapterConfig> {
                 })
                 .collect::<Result<Vec<_>>>()?,
         ),
-        _ => {
-            return Err(bad(
-                "`target_modules` must be a list of module names or a regex".into(),
-            ))
-        }
+        _ => return Err(bad("`target_modules` must be a list of module names or a regex".into())),
     };
     let rank_pattern: BTreeMap<String, usize> = match obj.get("rank_pattern") {
         None | Some(Value::Null) => BTreeMap::new(),
-        Some(x) => serde_json::from_value(x.clone())
-            .map_err(|e| bad(format!("`rank_pattern`: {e}")))?,
+        Some(x) => serde_json::from_value(x.clone()).map_err(|e| bad(format!("`rank_pattern`: {e}")))?,
     };
     let alpha_pattern: BTreeMap<String, f64> = match obj.get("alpha_pattern") {
         None | Some(Value::Null) => BTreeMap::new(),
-        Some(x) => serde_json::from_value(x.clone())
-            .map_err(|e| bad(format!("`alpha_pattern`: {e}")))?,
+        Some(x) => serde_json::from_value(x.clone()).map_err(|e| bad(format!("`alpha_pattern`: {e}")))?,
     };
     let modules_to_save: Option<Vec<String>> = match obj.get("modules_to_save") {
         None | Some(Value::Null) => None,
-        Some(x) => Some(
-            serde_json::from_value(x.clone())
-                .map_err(|e| bad(format!("`modules_to_save`: {e}")))?,
-        ),
+        Some(x) => Some(serde_json::from_value(x.clone()).map_err(|e| bad(format!("`modules_to_save`: {e}")))?),
     };
     let lora = LoraConfig {
         r,
         lora_alpha,
-        lora_dropout: obj
-            .get("lora_dropout")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0) as f32,
+        lora_dropout: obj.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
         target_modules: Some(target_modules),
         use_rslora: flag("use_rslora"),
         bias: Default::default(),
@@ -277,21 +253,13 @@ pub(crate) fn parse(v: &Value, path: &Path) -> Result<AdapterConfig> {
         alpha_pattern,
     };
     lora.validate().map_err(|e| bad(e.to_string()))?;
-    let task_type_raw = obj
-        .get("task_type")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let task_type = task_type_raw
-        .as_deref()
-        .and_then(|t| serde_json::from_value(json!(t)).ok());
+    let task_type_raw = obj.get("task_type").and_then(Value::as_str).map(str::to_string);
+    let task_type = task_type_raw.as_deref().and_then(|t| serde_json::from_value(json!(t)).ok());
     Ok(AdapterConfig {
         lora,
         task_type,
         task_type_raw,
-        base_model_name_or_path: obj
-            .get("base_model_name_or_path")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        base_model_name_or_path: obj.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
     })
 }
 
@@ -312,11 +280,7 @@ mod tests {
 
     #[test]
     fn writes_what_it_reads() -> Result<()> {
-        let lora = LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            ..Default::default()
-        };
+        let lora = LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() };
         let v = to_json(&fields(&lora));
         assert_eq!(v["lora_alpha"], json!(8));
         assert_eq!(v["modules_to_save"], json!(["classifier", "score"]));
@@ -331,18 +295,11 @@ mod tests {
         let lora = LoraConfig::default();
         let mut v = to_json(&fields(&lora));
         v["use_dora"] = json!(true);
-        let msg = parse(&v, Path::new("a/adapter_config.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("DoRA") && msg.contains("not supported yet") && msg.contains("a/adapter"),
-            "{msg}"
-        );
+        let msg = parse(&v, Path::new("a/adapter_config.json")).unwrap_err().to_string();
+        assert!(msg.contains("DoRA") && msg.contains("not supported yet") && msg.contains("a/adapter"), "{msg}");
         v["use_dora"] = json!(false);
         v["peft_type"] = json!("VERA");
-        let msg = parse(&v, Path::new("a/adapter_config.json"))
-            .unwrap_err()
-            .to_string();
+        let msg = parse(&v, Path::new("a/adapter_config.json")).unwrap_err().to_string();
         assert!(msg.contains("`VERA`"), "{msg}");
     }
 }

@@ -13,13 +13,8 @@ use crate::train::TaskModel;
 use crate::{atomic, Error, Result};
 
 /// Files copied unchanged from the base folder when present.
-const COPIED: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "generation_config.json",
-];
+const COPIED: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "generation_config.json"];
 
 /// The safetensors files of a HF model folder: `model.safetensors`, or the shards of
 /// `model.safetensors.index.json`.
@@ -40,16 +35,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-        file: index.clone(),
-        reason: format!("invalid JSON: {e}"),
-    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::BadFile { file: index.clone(), reason: format!("invalid JSON: {e}") })?;
     let mut files: Vec<String> = v["weight_map"]
         .as_object()
-        .ok_or_else(|| Error::BadFile {
-            file: index.clone(),
-            reason: "no `weight_map` object".into(),
-        })?
+        .ok_or_else(|| Error::BadFile { file: index.clone(), reason: "no `weight_map` object".into() })?
         .values()
         .filter_map(|f| f.as_str().map(str::to_string))
         .collect();
@@ -67,20 +57,15 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
     let files = weight_files(base_dir)?;
     // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the files must
     // not be truncated or modified while we hold them.
-    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::BadFile {
-        file: files.first().cloned().unwrap_or_default(),
-        reason: e.to_string(),
-    })?;
+    let st = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::BadFile { file: files.first().cloned().unwrap_or_default(), reason: e.to_string() })?;
     let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
     names.sort();
     let file_of = |_: &str| files.first().cloned().unwrap_or_default();
 
     let bert = matches!(model.backbone, Backbone::Bert(_));
-    let src_prefix = if bert && names.iter().any(|n| n == "bert.embeddings.word_embeddings.weight") {
-        "bert."
-    } else {
-        ""
-    };
+    let src_prefix =
+        if bert && names.iter().any(|n| n == "bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
     let as_seq_cls = bert && model.head.is_some();
     // Source key → output key; with a head, only the encoder's own tensors carry over.
     let rename = |name: &str| -> Option<String> {
@@ -111,10 +96,9 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
         let Some(out_name) = rename(name) else {
             continue;
         };
-        let t = st.load(name, &Device::Cpu).map_err(|e| Error::BadFile {
-            file: file_of(name),
-            reason: format!("`{name}`: {e}"),
-        })?;
+        let t = st
+            .load(name, &Device::Cpu)
+            .map_err(|e| Error::BadFile { file: file_of(name), reason: format!("`{name}`: {e}") })?;
         let t = match deltas.get(name) {
             Some((s, a, b)) => {
                 let (a, b) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
@@ -136,10 +120,7 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
     }
     if merged != deltas.len() {
         let missing = deltas.keys().find(|k| !names.contains(k)).cloned().unwrap_or_default();
-        return Err(Error::MissingTensor {
-            file: file_of(&missing),
-            name: missing,
-        });
+        return Err(Error::MissingTensor { file: file_of(&missing), name: missing });
     }
     let (config_path, mut config) = crate::models::config::read_config_json(base_dir)?;
     if let (true, Some(head)) = (as_seq_cls, &model.head) {
@@ -152,15 +133,11 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
             reason: "config.json must hold a JSON object".into(),
         })?;
         obj.insert("architectures".into(), json!(["BertForSequenceClassification"]));
-        let sized = obj
-            .get("id2label")
-            .and_then(Value::as_object)
-            .is_some_and(|m| m.len() == k);
+        let sized = obj.get("id2label").and_then(Value::as_object).is_some_and(|m| m.len() == k);
         if !sized {
             let id2label: serde_json::Map<String, Value> =
                 (0..k).map(|i| (i.to_string(), json!(format!("LABEL_{i}")))).collect();
-            let label2id: serde_json::Map<String, Value> =
-                (0..k).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
+            let label2id: serde_json::Map<String, Value> = (0..k).map(|i| (format!("LABEL_{i}"), json!(i))).collect();
             obj.insert("id2label".into(), Value::Object(id2label));
             obj.insert("label2id".into(), Value::Object(label2id));
         }

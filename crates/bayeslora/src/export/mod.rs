@@ -64,10 +64,7 @@ pub struct ExportOptions {
 
 impl ExportOptions {
     pub fn new(lora: LoraConfig) -> Self {
-        ExportOptions {
-            lora,
-            ..Default::default()
-        }
+        ExportOptions { lora, ..Default::default() }
     }
 }
 
@@ -101,11 +98,7 @@ fn task_type(model: &TaskModel) -> TaskType {
 pub fn peft_named_vars(model: &TaskModel) -> Vec<(String, Var)> {
     let mut vars = model.adapters.named_vars_with_prefix(module_prefix(model));
     if let Some(h) = &model.head {
-        vars.extend(
-            h.named_vars()
-                .into_iter()
-                .map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v)),
-        );
+        vars.extend(h.named_vars().into_iter().map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v)));
     }
     vars
 }
@@ -121,16 +114,9 @@ pub fn save_peft(
     posterior: Option<&ivon::Posterior>,
 ) -> Result<()> {
     if model.adapters.is_empty() {
-        return Err(Error::config(
-            "adapters",
-            "[]",
-            "nothing to export: attach or load an adapter first",
-        ));
+        return Err(Error::config("adapters", "[]", "nothing to export: attach or load an adapter first"));
     }
-    let lora = options
-        .lora
-        .clone()
-        .with_default_targets(arch_of(&model.backbone));
+    let lora = options.lora.clone().with_default_targets(arch_of(&model.backbone));
     lora.validate()?;
     let prefix = module_prefix(model);
     let mut rank_pattern = BTreeMap::new();
@@ -163,12 +149,7 @@ pub fn save_peft(
         // modules in peft as it did in `attach`.
         Some(TargetModules::List(names)) => serde_json::json!(names),
         // A regex is matched against peft's names (with the prefix): write the modules instead.
-        _ => serde_json::json!(model
-            .adapters
-            .layers
-            .iter()
-            .map(|(m, _)| format!("{prefix}{m}"))
-            .collect::<Vec<_>>()),
+        _ => serde_json::json!(model.adapters.layers.iter().map(|(m, _)| format!("{prefix}{m}")).collect::<Vec<_>>()),
     };
     let fields = config::ConfigFields {
         lora: &lora,
@@ -232,10 +213,7 @@ impl PeftAdapter {
 }
 
 fn missing_file(path: PathBuf, hint: &str) -> Error {
-    Error::io(
-        path,
-        std::io::Error::new(std::io::ErrorKind::NotFound, hint.to_string()),
-    )
+    Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, hint.to_string()))
 }
 
 /// Loads the peft LoRA folder `dir` into `model`.
@@ -263,22 +241,13 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         };
         return Err(missing_file(file, hint));
     }
-    let saved = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::BadFile {
-        file: file.clone(),
-        reason: e.to_string(),
-    })?;
+    let saved = candle_core::safetensors::load(&file, &Device::Cpu)
+        .map_err(|e| Error::BadFile { file: file.clone(), reason: e.to_string() })?;
 
     // Which modules the file adapts, named as the backbone names them.
     let bert = matches!(model.backbone, Backbone::Bert(_));
-    let prefix = if bert && saved.keys().any(|k| k.starts_with(&format!("{PEFT_PREFIX}bert."))) {
-        "bert."
-    } else {
-        ""
-    };
-    let head_keys = [
-        format!("{PEFT_PREFIX}classifier.weight"),
-        format!("{PEFT_PREFIX}classifier.bias"),
-    ];
+    let prefix = if bert && saved.keys().any(|k| k.starts_with(&format!("{PEFT_PREFIX}bert."))) { "bert." } else { "" };
+    let head_keys = [format!("{PEFT_PREFIX}classifier.weight"), format!("{PEFT_PREFIX}classifier.bias")];
     let mut modules: BTreeMap<String, usize> = BTreeMap::new(); // module → rank
     let mut unexpected = Vec::new();
     for (key, t) in &saved {
@@ -304,10 +273,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         });
     }
     if modules.is_empty() {
-        return Err(Error::BadFile {
-            file: file.clone(),
-            reason: "holds no `*.lora_A.weight` tensor".into(),
-        });
+        return Err(Error::BadFile { file: file.clone(), reason: "holds no `*.lora_A.weight` tensor".into() });
     }
     let fc = &file_config.lora;
     let mut lora = LoraConfig {
@@ -349,10 +315,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         let key = |ab: &str| format!("{PEFT_PREFIX}{prefix}{module}.{ab}.weight");
         let get = |ab: &str, expected: &[usize]| -> Result<Tensor> {
             let name = key(ab);
-            let t = saved.get(&name).ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                name: name.clone(),
-            })?;
+            let t = saved.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
             if t.dims() != expected {
                 return Err(Error::TensorShape {
                     file: file.clone(),
@@ -372,10 +335,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
             return Err(Error::config(
                 "lora_alpha",
                 alpha,
-                format!(
-                    "{module}: the file's scaling {want} differs from the attached adapter's {}",
-                    layer.scaling()
-                ),
+                format!("{module}: the file's scaling {want} differs from the attached adapter's {}", layer.scaling()),
             ));
         }
     }
@@ -386,10 +346,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         })?;
         for (name, var) in head.named_vars() {
             let key = format!("{PEFT_PREFIX}{name}");
-            let t = saved.get(&key).ok_or_else(|| Error::MissingTensor {
-                file: file.clone(),
-                name: key.clone(),
-            })?;
+            let t = saved.get(&key).ok_or_else(|| Error::MissingTensor { file: file.clone(), name: key.clone() })?;
             if t.dims() != var.dims() {
                 return Err(Error::TensorShape {
                     file: file.clone(),
@@ -402,10 +359,8 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         }
     }
 
-    let keys: Vec<(String, Vec<usize>)> = peft_named_vars(model)
-        .into_iter()
-        .map(|(n, v)| (n, v.dims().to_vec()))
-        .collect();
+    let keys: Vec<(String, Vec<usize>)> =
+        peft_named_vars(model).into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
     let posterior = sidecar::read(dir, &keys)?;
     if let Some((_, p)) = &posterior {
         // μ is what peft loads: the adapter file and the sidecar must agree.
@@ -415,11 +370,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
             .map(|(_, v)| Ok(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
             .collect::<Result<Vec<_>>>()?
             .concat();
-        let worst = current
-            .iter()
-            .zip(&p.mean)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = current.iter().zip(&p.mean).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         if worst > 1e-6 {
             tracing::warn!(
                 "{}: the sidecar's mean differs from adapter_model.safetensors by up to {worst:e}; \
@@ -428,10 +379,5 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
             );
         }
     }
-    Ok(PeftAdapter {
-        dir: dir.to_path_buf(),
-        file_config,
-        lora,
-        posterior,
-    })
+    Ok(PeftAdapter { dir: dir.to_path_buf(), file_config, lora, posterior })
 }

@@ -81,10 +81,7 @@ pub(crate) fn write(
         return Err(Error::config(
             "posterior",
             format!("{} vars", posterior.params.len()),
-            format!(
-                "the model has {} trainable tensors; pass the optimizer of this model",
-                keys.len()
-            ),
+            format!("the model has {} trainable tensors; pass the optimizer of this model", keys.len()),
         ));
     }
     let mut tensors = HashMap::new();
@@ -98,20 +95,12 @@ pub(crate) fn write(
                 reason: "the posterior's layout is longer than its state".into(),
             });
         }
-        for (suffix, flat) in [
-            ("mean", &posterior.mean),
-            ("hess", &posterior.hess),
-            ("momentum", &posterior.momentum),
-        ] {
+        for (suffix, flat) in [("mean", &posterior.mean), ("hess", &posterior.hess), ("momentum", &posterior.momentum)]
+        {
             let t = Tensor::from_slice(&flat[offset..offset + n], p.shape.as_slice(), &Device::Cpu)?;
             tensors.insert(format!("{key}.{suffix}"), t);
         }
-        params.push(PosteriorParam {
-            key: key.clone(),
-            group: p.group,
-            shape: p.shape.clone(),
-            frozen: p.frozen,
-        });
+        params.push(PosteriorParam { key: key.clone(), group: p.group, shape: p.shape.clone(), frozen: p.frozen });
         offset += n;
     }
     let g0 = posterior.groups.first().copied().unwrap_or(posterior.config.defaults());
@@ -164,10 +153,8 @@ pub(crate) fn read(dir: &Path, keys: &[(String, Vec<usize>)]) -> Result<Option<(
         return Ok(None);
     }
     let text = std::fs::read_to_string(&jfile).map_err(|e| Error::io(&jfile, e))?;
-    let meta: PosteriorMeta = serde_json::from_str(&text).map_err(|e| Error::BadFile {
-        file: jfile.clone(),
-        reason: format!("invalid posterior sidecar: {e}"),
-    })?;
+    let meta: PosteriorMeta = serde_json::from_str(&text)
+        .map_err(|e| Error::BadFile { file: jfile.clone(), reason: format!("invalid posterior sidecar: {e}") })?;
     if meta.format_version != FORMAT_VERSION || meta.method != "ivon" {
         return Err(Error::BadFile {
             file: jfile,
@@ -177,12 +164,9 @@ pub(crate) fn read(dir: &Path, keys: &[(String, Vec<usize>)]) -> Result<Option<(
             ),
         });
     }
-    let tensors = candle_core::safetensors::load(&tfile, &Device::Cpu).map_err(|e| Error::BadFile {
-        file: tfile.clone(),
-        reason: e.to_string(),
-    })?;
-    let by_key: HashMap<&str, &PosteriorParam> =
-        meta.params.iter().map(|p| (p.key.as_str(), p)).collect();
+    let tensors = candle_core::safetensors::load(&tfile, &Device::Cpu)
+        .map_err(|e| Error::BadFile { file: tfile.clone(), reason: e.to_string() })?;
+    let by_key: HashMap<&str, &PosteriorParam> = meta.params.iter().map(|p| (p.key.as_str(), p)).collect();
     if let Some((missing, _)) = keys.iter().find(|(k, _)| !by_key.contains_key(k.as_str())) {
         tracing::warn!(
             "{}: the posterior does not cover `{missing}`; predicting with the mean adapter only",
@@ -203,10 +187,8 @@ pub(crate) fn read(dir: &Path, keys: &[(String, Vec<usize>)]) -> Result<Option<(
         }
         for (suffix, out) in [("mean", &mut mean), ("hess", &mut hess), ("momentum", &mut momentum)] {
             let name = format!("{key}.{suffix}");
-            let t = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
-                file: tfile.clone(),
-                name: name.clone(),
-            })?;
+            let t =
+                tensors.get(&name).ok_or_else(|| Error::MissingTensor { file: tfile.clone(), name: name.clone() })?;
             if t.dims() != shape.as_slice() {
                 return Err(Error::TensorShape {
                     file: tfile.clone(),
@@ -217,11 +199,7 @@ pub(crate) fn read(dir: &Path, keys: &[(String, Vec<usize>)]) -> Result<Option<(
             }
             out.extend(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
-        params.push(ivon::ParamLayout {
-            group: p.group,
-            shape: shape.clone(),
-            frozen: p.frozen,
-        });
+        params.push(ivon::ParamLayout { group: p.group, shape: shape.clone(), frozen: p.frozen });
     }
     let posterior = ivon::Posterior {
         config: meta.config,

@@ -507,6 +507,7 @@ lr = 0.1
     /// End to end on the real MiniLM (skipped when the asset is absent): 64 training rows, 3
     /// steps, every method, then a second run that must skip every cell.
     #[test]
+    #[ignore = "slow: trains MiniLM four times (~1 min on 2 cores); cargo test -p bayeslora-cli -- --ignored"]
     fn tiny_sweep_on_minilm_runs_and_resumes() {
         let model = crate::assets::dir().join(crate::assets::MINILM.dest).join(crate::assets::MINILM.inner);
         if !model.exists() {

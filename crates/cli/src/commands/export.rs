@@ -45,7 +45,8 @@ pub fn open_run(run: &Path) -> Result<Run> {
     let loaded = super::pipeline::load_model(&config)?;
     let base = loaded.dir.clone();
     let file = ckpt.join("trainable.safetensors");
-    let saved = candle_core::safetensors::load(&file, &device).with_context(|| format!("reading {}", file.display()))?;
+    let saved =
+        candle_core::safetensors::load(&file, &device).with_context(|| format!("reading {}", file.display()))?;
     let num_labels = saved.get("classifier.weight").and_then(|t| t.dims().first().copied()).unwrap_or(1);
     let model = TaskModel::build(loaded, &config.lora, num_labels, config.train.seed, &device)?;
     for (name, var) in bayeslora::train::Classifier::trainable(&model) {
@@ -106,5 +107,6 @@ pub fn write_adapter(
     for (k, v) in extras {
         opts.extras.insert(k.into(), v);
     }
-    export::save_peft(dir, model, &opts, posterior).with_context(|| format!("exporting the adapter to {}", dir.display()))
+    export::save_peft(dir, model, &opts, posterior)
+        .with_context(|| format!("exporting the adapter to {}", dir.display()))
 }

@@ -26,11 +26,8 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     let decoder = matches!(loaded.backbone, Backbone::Llama(_));
     let id2label = label_names(&loaded.config_json);
     let num_labels = adapter_num_labels(&args.adapter)?.unwrap_or(id2label.len().max(2));
-    let names: Vec<String> = if id2label.len() == num_labels {
-        id2label
-    } else {
-        (0..num_labels).map(|i| format!("LABEL_{i}")).collect()
-    };
+    let names: Vec<String> =
+        if id2label.len() == num_labels { id2label } else { (0..num_labels).map(|i| format!("LABEL_{i}")).collect() };
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), args.max_len)?;
     let mut model = bare_model(loaded, num_labels, &device)?;
     let adapter = export::load_peft(&args.adapter, &mut model, &device)
@@ -86,10 +83,8 @@ fn label_names(config: &Value) -> Vec<String> {
     let Some(map) = config.get("id2label").and_then(Value::as_object) else {
         return Vec::new();
     };
-    let mut pairs: Vec<(usize, String)> = map
-        .iter()
-        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
-        .collect();
+    let mut pairs: Vec<(usize, String)> =
+        map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
     pairs.sort();
     if pairs.iter().enumerate().all(|(i, (k, _))| *k == i) {
         pairs.into_iter().map(|(_, v)| v).collect()
