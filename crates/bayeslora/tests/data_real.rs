@@ -109,5 +109,5 @@ fn minilm_encodes_rte_dev_and_batches() {
     let b = &batches[0];
     let longest = b.indices.iter().map(|&i| enc.rows[i].ids.len()).max().unwrap();
     assert_eq!(b.seq_len, longest);
-    assert!(b.token_type_ids.iter().any(|&t| t == 1));
+    assert!(b.token_type_ids.contains(&1));
 }

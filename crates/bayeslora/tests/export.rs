@@ -209,7 +209,10 @@ fn peft_lora_without_task_type_loads() -> Result<()> {
 // bayeslora → peft: structure
 // ------------------------------------------------------------------------------------------------
 
-fn st_header(path: &Path) -> (HashMap<String, (String, Vec<usize>)>, HashMap<String, String>) {
+/// Tensor name → (dtype, shape), and the metadata, of a safetensors header.
+type Header = (HashMap<String, (String, Vec<usize>)>, HashMap<String, String>);
+
+fn st_header(path: &Path) -> Header {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors header");
     let tensors =

@@ -35,8 +35,9 @@ mod plot;
 mod predictive;
 mod report;
 
-pub use plot::{reliability_diagram, Panel};
+#[allow(unused_imports)] // used by the sweep plots
 pub(crate) use plot::register_fonts;
+pub use plot::{reliability_diagram, Panel};
 pub use predictive::{masked_softmax, Predictive, PredictiveAccumulator};
 pub use report::{ood_results, render_table, EvalResult, Metrics, OodResult, OodScore};
 

@@ -131,7 +131,7 @@ impl TrainConfig {
             return Err(Error::config("max_steps", 0, "train at least one step"));
         }
         if let Some(n) = self.max_grad_norm {
-            if !(n > 0.0) {
+            if n.is_nan() || n <= 0.0 {
                 return Err(Error::config("max_grad_norm", n, "must be positive"));
             }
         }
@@ -236,12 +236,12 @@ impl Optimizer {
                     }
                     groups.push(g);
                 }
-                let mut opt = Ivon::with_groups(groups, cfg.ivon.clone())?;
+                let mut opt = Ivon::with_groups(groups, cfg.ivon)?;
                 opt.set_seed(cfg.seed);
                 Optimizer::Ivon(Box::new(opt))
             }
             OptimizerKind::Adamw => Optimizer::Adamw(ivon::AdamW::new(vars, cfg.adamw)?),
-            OptimizerKind::Sgd => Optimizer::Sgd(ivon::Sgd::new(vars, cfg.sgd.clone())?),
+            OptimizerKind::Sgd => Optimizer::Sgd(ivon::Sgd::new(vars, cfg.sgd)?),
         })
     }
 
@@ -297,6 +297,9 @@ pub fn mask_choices(logits: &Tensor, batch: &BatchTensors) -> Result<Tensor> {
     }
 }
 
+/// Periodic evaluation hook of [`run`]: (accuracy, nll) of the model's current mean.
+pub type EvalFn<'a> = dyn FnMut(&dyn Classifier) -> Result<(f64, f64)> + 'a;
+
 /// Trains `model` on `train`, starting from `resume` if given. `evaluate` (if any) is called
 /// every `eval_every` steps and must return (accuracy, nll) of the mean prediction.
 pub fn run(
@@ -306,7 +309,7 @@ pub fn run(
     device: &Device,
     observer: &mut dyn Observer,
     resume: Option<&std::path::Path>,
-    evaluate: Option<&mut dyn FnMut(&dyn Classifier) -> Result<(f64, f64)>>,
+    evaluate: Option<&mut EvalFn<'_>>,
 ) -> Result<(TrainSummary, Optimizer)> {
     cfg.validate()?;
     let mut opt = Optimizer::new(model, cfg)?;
