@@ -111,6 +111,51 @@ fn tiny_real_run_trains_evaluates_and_resumes() {
     // The saved config re-evaluates the run.
     let o = bayeslora(&["eval", out.to_str().unwrap_or_default(), "--samples", "0"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The run ships a PEFT adapter with the IVON posterior sidecar.
+    let adapter = out.join("adapter");
+    for f in
+        ["adapter_config.json", "adapter_model.safetensors", "adapter_posterior.safetensors", "adapter_posterior.json"]
+    {
+        assert!(adapter.join(f).exists(), "{f} missing");
+    }
+    // Predict with uncertainty from a JSONL file.
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"a wonderful, moving film\"}\n{\"text\": \"dull and far too long\"}\n")
+        .unwrap();
+    let o = bayeslora(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--adapter",
+        adapter.to_str().unwrap_or_default(),
+        "--input",
+        input.to_str().unwrap_or_default(),
+        "--samples",
+        "3",
+        "--abstain-below",
+        "0.99",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSONL")).collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let text = r.to_string();
+        for key in ["confidence", "entropy", "mutual_information", "abstain"] {
+            assert!(text.contains(key), "{key} missing in {text}");
+        }
+    }
+    // Export and merge from the run folder.
+    let exported = dir.path().join("exported");
+    let o = bayeslora(&["export", out.to_str().unwrap_or_default(), "-o", exported.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(exported.join("adapter_model.safetensors").exists());
+    let merged = dir.path().join("merged");
+    let o = bayeslora(&["merge", out.to_str().unwrap_or_default(), "-o", merged.to_str().unwrap_or_default()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.join(f).exists(), "merged {f} missing");
+    }
 }
 
 #[test]
