@@ -50,7 +50,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
-    let scores = scores.to_dtype(DType::F32.max(dtype))?.broadcast_add(&mask.bias.to_dtype(DType::F32.max(dtype))?)?;
+    let scores =
+        scores.to_dtype(super::stats_dtype(dtype))?.broadcast_add(&mask.bias.to_dtype(super::stats_dtype(dtype))?)?;
     let probs = super::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }
@@ -59,20 +60,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
 fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     x.unsqueeze(2)?.broadcast_as((b, h, n, s, d))?.reshape((b, h * n, s, d))
-}
-
-/// DType ordering by width for the f32-or-wider promotion above.
-trait Wider {
-    fn max(self, other: DType) -> DType;
-}
-impl Wider for DType {
-    fn max(self, other: DType) -> DType {
-        if other == DType::F64 {
-            DType::F64
-        } else {
-            self
-        }
-    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,16 @@ pub use norm::{layer_norm, rms_norm};
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// The dtype for statistics and softmax: f32 for f32/bf16/f16 compute (bf16 sums lose too
+/// much), f64 when the inputs are f64 (the finite-difference tests).
+pub(crate) fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Softmax over the last dimension, `exp(x - max) / Σ exp(x - max)`. The max is detached: it is
 /// a constant shift, so its gradient contribution is exactly zero.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {

@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor, D};
 /// `x / sqrt(mean(x²) + eps) · weight` over the last dim; `x: [.., C]`, `weight: [C]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
+    let xf = x.to_dtype(super::stats_dtype(dtype))?;
     let rms = xf.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
     xf.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
@@ -13,24 +13,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim (biased variance, as torch).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32.max_precision(dtype))?;
+    let xf = x.to_dtype(super::stats_dtype(dtype))?;
     let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
     let std = centered.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
     centered.broadcast_div(&std)?.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
-}
-
-/// The wider of two float dtypes, so f64 tests stay f64 and bf16 compute gets f32 statistics.
-trait MaxPrecision {
-    fn max_precision(self, other: DType) -> DType;
-}
-impl MaxPrecision for DType {
-    fn max_precision(self, other: DType) -> DType {
-        if other == DType::F64 {
-            DType::F64
-        } else {
-            self
-        }
-    }
 }
 
 #[cfg(test)]
