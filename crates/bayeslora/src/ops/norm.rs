@@ -1,6 +1,6 @@
 //! RMSNorm (Llama) and LayerNorm (BERT), composed from candle primitives that have a backward.
 //! Statistics are computed in f32 (bf16 inputs are widened), as HF transformers does.
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 /// `x / sqrt(mean(x²) + eps) · weight` over the last dim; `x: [.., C]`, `weight: [C]`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
