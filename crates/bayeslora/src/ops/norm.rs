@@ -23,7 +23,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 mod tests {
     use super::*;
     use crate::ops::testing::check_grad;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn norms_have_correct_gradients() -> Result<()> {
