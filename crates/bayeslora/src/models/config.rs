@@ -18,6 +18,8 @@ use crate::{Error, Result};
 pub enum Architecture {
     /// BERT encoders (`bert.rs`): BertModel, BertForSequenceClassification, ... (MiniLM).
     Bert,
+    /// DeBERTa-v2/v3 encoders (`deberta_v2.rs`): DebertaV2Model, DebertaV2ForSequenceClassification.
+    DebertaV2,
     /// Llama-family decoders (`llama.rs`): Llama, Mistral, Qwen2.
     Llama,
 }
@@ -28,6 +30,9 @@ const ARCHITECTURE_NAMES: &[(&str, Architecture)] = &[
     ("BertForSequenceClassification", Architecture::Bert),
     ("BertForMaskedLM", Architecture::Bert),
     ("BertForPreTraining", Architecture::Bert),
+    ("DebertaV2Model", Architecture::DebertaV2),
+    ("DebertaV2ForSequenceClassification", Architecture::DebertaV2),
+    ("DebertaV2ForMaskedLM", Architecture::DebertaV2),
     ("LlamaForCausalLM", Architecture::Llama),
     ("MistralForCausalLM", Architecture::Llama),
     ("Qwen2ForCausalLM", Architecture::Llama),
@@ -36,6 +41,7 @@ const ARCHITECTURE_NAMES: &[(&str, Architecture)] = &[
 /// `model_type` values, the fallback when `architectures` is absent.
 const MODEL_TYPES: &[(&str, Architecture)] = &[
     ("bert", Architecture::Bert),
+    ("deberta-v2", Architecture::DebertaV2),
     ("llama", Architecture::Llama),
     ("mistral", Architecture::Llama),
     ("qwen2", Architecture::Llama),
@@ -65,6 +71,7 @@ impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Bert => "bert",
+            Architecture::DebertaV2 => "deberta-v2",
             Architecture::Llama => "llama",
         }
     }

@@ -15,6 +15,7 @@
 //! ```
 pub mod bert;
 pub mod config;
+pub mod deberta_v2;
 pub mod gguf;
 pub mod llama;
 pub mod load;
@@ -26,6 +27,7 @@ use tokenizers::Tokenizer;
 
 pub use bert::{Bert, BertConfig, SequenceClassificationHead};
 pub use config::{load_tokenizer, Architecture};
+pub use deberta_v2::{DebertaV2, DebertaV2Config};
 pub use llama::{Llama, LlamaConfig};
 pub use load::Weights;
 
@@ -52,6 +54,8 @@ impl Default for LoadOptions {
 #[non_exhaustive]
 pub enum Backbone {
     Bert(Bert),
+    /// DeBERTa-v2/v3 encoders.
+    DebertaV2(DebertaV2),
     /// Llama, Mistral and Qwen2.
     Llama(Llama),
 }
@@ -60,6 +64,7 @@ impl HasLinears for Backbone {
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         match self {
             Backbone::Bert(m) => m.linears_mut(),
+            Backbone::DebertaV2(m) => m.linears_mut(),
             Backbone::Llama(m) => m.linears_mut(),
         }
     }
@@ -109,6 +114,10 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
         Architecture::Bert => {
             let cfg = BertConfig::from_json(&config_json, &config_path)?;
             Backbone::Bert(Bert::load(&weights, &cfg, options.dtype, &options.device)?)
+        }
+        Architecture::DebertaV2 => {
+            let cfg = DebertaV2Config::from_json(&config_json, &config_path)?;
+            Backbone::DebertaV2(DebertaV2::load(&weights, &cfg, options.dtype, &options.device)?)
         }
         Architecture::Llama => {
             let cfg = LlamaConfig::from_json(&config_json.to_string(), &config_path)?;

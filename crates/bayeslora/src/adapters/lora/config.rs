@@ -96,6 +96,7 @@ impl Default for LoraConfig {
 pub fn default_target_modules(arch: Architecture) -> &'static [&'static str] {
     match arch {
         Architecture::Bert => &["query", "value"],
+        Architecture::DebertaV2 => &["query_proj", "value_proj"],
         Architecture::Llama => &["q_proj", "v_proj"],
     }
 }
