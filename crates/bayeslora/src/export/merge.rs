@@ -63,6 +63,13 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
     names.sort();
     let file_of = |_: &str| files.first().cloned().unwrap_or_default();
 
+    if matches!(model.backbone, Backbone::DebertaV2(_)) {
+        return Err(Error::config(
+            "model",
+            "DebertaV2",
+            "merging DeBERTa adapters is not supported yet; export the PEFT adapter instead",
+        ));
+    }
     let bert = matches!(model.backbone, Backbone::Bert(_));
     let src_prefix =
         if bert && names.iter().any(|n| n == "bert.embeddings.word_embeddings.weight") { "bert." } else { "" };

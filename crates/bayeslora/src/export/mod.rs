@@ -74,6 +74,7 @@ impl ExportOptions {
 fn module_prefix(model: &TaskModel) -> &'static str {
     match (&model.backbone, &model.head) {
         (Backbone::Bert(_), Some(_)) => "bert.",
+        (Backbone::DebertaV2(_), Some(_)) => "deberta.",
         _ => "",
     }
 }
@@ -81,14 +82,15 @@ fn module_prefix(model: &TaskModel) -> &'static str {
 fn arch_of(backbone: &Backbone) -> Architecture {
     match backbone {
         Backbone::Bert(_) => Architecture::Bert,
+        Backbone::DebertaV2(_) => Architecture::DebertaV2,
         _ => Architecture::Llama,
     }
 }
 
 fn task_type(model: &TaskModel) -> TaskType {
     match (&model.backbone, &model.head) {
-        (Backbone::Bert(_), Some(_)) => TaskType::SeqCls,
-        (Backbone::Bert(_), None) => TaskType::FeatureExtraction,
+        (Backbone::Bert(_) | Backbone::DebertaV2(_), Some(_)) => TaskType::SeqCls,
+        (Backbone::Bert(_) | Backbone::DebertaV2(_), None) => TaskType::FeatureExtraction,
         _ => TaskType::CausalLm,
     }
 }
@@ -245,8 +247,17 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         .map_err(|e| Error::BadFile { file: file.clone(), reason: e.to_string() })?;
 
     // Which modules the file adapts, named as the backbone names them.
-    let bert = matches!(model.backbone, Backbone::Bert(_));
-    let prefix = if bert && saved.keys().any(|k| k.starts_with(&format!("{PEFT_PREFIX}bert."))) { "bert." } else { "" };
+    // peft names an encoder's modules under its `*ForSequenceClassification` wrapper.
+    let wrapper = match model.backbone {
+        Backbone::Bert(_) => "bert.",
+        Backbone::DebertaV2(_) => "deberta.",
+        _ => "",
+    };
+    let prefix = if !wrapper.is_empty() && saved.keys().any(|k| k.starts_with(&format!("{PEFT_PREFIX}{wrapper}"))) {
+        wrapper
+    } else {
+        ""
+    };
     let head_keys = [format!("{PEFT_PREFIX}classifier.weight"), format!("{PEFT_PREFIX}classifier.bias")];
     let mut modules: BTreeMap<String, usize> = BTreeMap::new(); // module → rank
     let mut unexpected = Vec::new();

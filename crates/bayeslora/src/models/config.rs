@@ -71,7 +71,7 @@ impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Bert => "bert",
-            Architecture::DebertaV2 => "deberta-v2",
+            Architecture::DebertaV2 => "deberta_v2",
             Architecture::Llama => "llama",
         }
     }
@@ -136,6 +136,8 @@ mod tests {
         assert_eq!(Architecture::detect(&bert, f).ok(), Some(Architecture::Bert));
         let qwen = json!({"model_type": "qwen2"});
         assert_eq!(Architecture::detect(&qwen, f).ok(), Some(Architecture::Llama));
+        let deberta = json!({"model_type": "deberta-v2"});
+        assert_eq!(Architecture::detect(&deberta, f).ok(), Some(Architecture::DebertaV2));
         let gpt2 = json!({"architectures": ["GPT2LMHeadModel"]});
         let msg = Architecture::detect(&gpt2, f).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("GPT2LMHeadModel") && msg.contains("x/config.json") && msg.contains("BertModel"), "{msg}");

@@ -1,8 +1,9 @@
 //! The task model: a loaded backbone + LoRA adapters (+ a classification head for encoders),
 //! mapping a batch to class logits.
 //!
-//! Encoders (BERT) classify from the pooled [CLS] state through a trainable head
-//! (HF `BertForSequenceClassification`); decoders (Llama family) score the label words at each
+//! Encoders (BERT, DeBERTa-v2/v3) classify from the pooled [CLS] state through a trainable head
+//! (HF `BertForSequenceClassification`, `DebertaV2ForSequenceClassification`: `ContextPooler`
+//! then `classifier`); decoders (Llama family) score the label words at each
 //! row's last prompt token (the IVON-LoRA / Laplace-LoRA protocol), so no head is needed.
 use super::Classifier;
 use crate::adapters::lora::{attach, AttachedAdapters, LoraConfig};
@@ -42,6 +43,13 @@ impl TaskModel {
                 seed ^ 0x4EAD,
                 device,
             )?),
+            Backbone::DebertaV2(deberta) => Some(SequenceClassificationHead::load_or_init(
+                &weights,
+                &deberta.config().head_config(),
+                num_labels,
+                seed ^ 0x4EAD,
+                device,
+            )?),
             _ => None,
         };
         Ok(TaskModel { backbone, adapters, head })
@@ -54,6 +62,13 @@ impl Classifier for TaskModel {
             Backbone::Bert(bert) => {
                 let hidden = bert.forward(&batch.input_ids, Some(&batch.token_type_ids), &batch.attention_mask, ctx)?;
                 let pooled = bert.pooled(&hidden, ctx)?;
+                let head = self.head.as_ref().ok_or_else(|| Error::config("head", "none", "encoder needs a head"))?;
+                head.forward(&pooled, ctx)
+            }
+            Backbone::DebertaV2(deberta) => {
+                let hidden =
+                    deberta.forward(&batch.input_ids, Some(&batch.token_type_ids), &batch.attention_mask, ctx)?;
+                let pooled = deberta.pooled(&hidden, ctx)?;
                 let head = self.head.as_ref().ok_or_else(|| Error::config("head", "none", "encoder needs a head"))?;
                 head.forward(&pooled, ctx)
             }

@@ -63,6 +63,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let (decoder, vocab) = match &loaded.backbone {
             Backbone::Llama(m) => (true, m.config().vocab_size as u32),
             Backbone::Bert(m) => (false, m.config().vocab_size as u32),
+            Backbone::DebertaV2(m) => (false, m.config().vocab_size as u32),
             _ => (false, 30000),
         };
         let data = synthetic(cfg.train.batch.batch_size * (steps + warmup), cfg.max_len, vocab, decoder);

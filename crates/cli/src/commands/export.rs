@@ -72,6 +72,13 @@ pub fn bare_model(loaded: LoadedModel, num_labels: usize, device: &Device) -> Re
         Backbone::Bert(b) => {
             Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), num_labels, 0, device)?)
         }
+        Backbone::DebertaV2(d) => Some(SequenceClassificationHead::load_or_init(
+            &loaded.weights,
+            &d.config().head_config(),
+            num_labels,
+            0,
+            device,
+        )?),
         _ => None,
     };
     Ok(TaskModel { backbone: loaded.backbone, adapters: Default::default(), head })
