@@ -15,6 +15,7 @@ ap.add_argument("--seq", type=int, default=64)
 ap.add_argument("--steps", type=int, default=20)
 ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--device", default="cpu")
 ap.add_argument("--out", default=None)
 args = ap.parse_args()
 
@@ -39,7 +40,7 @@ def build():
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", torch_dtype=torch.float32)
         targets, task = ["q_proj", "v_proj"], "CAUSAL_LM"
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type=task))
-    return model
+    return model.to(args.device)
 
 
 def step_loss(model, ids, labels):
@@ -61,10 +62,12 @@ def run(opt_name):
                         clip_radius=1e-2, rescale_lr=False)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(1000, vocab, (args.batch, args.seq), generator=g), torch.arange(args.batch) % 2)
-               for _ in range(args.warmup + args.steps)]
+    batches = [(torch.randint(1000, vocab, (args.batch, args.seq), generator=g).to(args.device),
+                (torch.arange(args.batch) % 2).to(args.device)) for _ in range(args.warmup + args.steps)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for i, (ids, labels) in enumerate(batches):
         if i == args.warmup:
+            sync()
             t = time.perf_counter()
         if opt_name == "adamw":
             step_loss(model, ids, labels).backward()
@@ -73,11 +76,12 @@ def run(opt_name):
                 step_loss(model, ids, labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    sync()
     dt = (time.perf_counter() - t) / args.steps
     row = dict(stack="pytorch", optimizer=opt_name, model=args.model, batch_size=args.batch, seq_len=args.seq,
                steps=args.steps, tokens_per_second=args.batch * args.seq / dt, step_ms=dt * 1e3,
                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, threads=args.threads,
-               device="cpu", torch=torch.__version__)
+               device=args.device, torch=torch.__version__)
     print(json.dumps(row), flush=True)
     return row
 
