@@ -181,7 +181,7 @@ impl RunConfig {
 }
 
 /// Recursively overlays `over` on `base` (tables merge, everything else replaces).
-fn merge(base: &mut toml::Value, over: toml::Value) {
+pub(crate) fn merge(base: &mut toml::Value, over: toml::Value) {
     match (base, over) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {

@@ -11,7 +11,7 @@
 //! set minus a fixed held-out split (`heldout_fraction`) that only temperature scaling and
 //! Laplace's prior precision look at.
 use super::pipeline;
-use crate::config::RunConfig;
+use crate::config::{merge, RunConfig};
 use crate::ui::progress::{eval_bar, TrainProgress};
 use anyhow::{bail, Context, Result};
 use bayeslora::baselines::sweep::{write_summary, Cell, CellKey};
@@ -170,23 +170,6 @@ impl CompareConfig {
         cfg.train.checkpoint_dir = None;
         cfg.train.validate()?;
         Ok(cfg)
-    }
-}
-
-/// Recursively overlays `over` on `base` (tables merge, everything else replaces).
-fn merge(base: &mut toml::Value, over: toml::Value) {
-    match (base, over) {
-        (toml::Value::Table(b), toml::Value::Table(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
     }
 }
 
