@@ -4,6 +4,8 @@
 //! `meta.json`). The real-asset test reads all-MiniLM-L6-v2 from
 //! `${BAYESLORA_ASSETS:-~/.cache/bayeslora/assets}/minilm/` and skips with a note when it is absent
 //! (`scripts/fetch-assets.sh` downloads it).
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,7 @@ use bayeslora::adapters::Ctx;
 use bayeslora::models::{self, Backbone, Bert, LoadOptions, SequenceClassificationHead};
 use bayeslora::Result;
 use candle_core::{DType, Device, Tensor};
+use common::{check, load_io};
 
 const TOL: f32 = 1e-4;
 
@@ -20,28 +23,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn io() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixtures().join("io.safetensors"), &Device::Cpu)?)
+    load_io(&fixtures().join("io.safetensors"))
 }
 
 fn tensor<'a>(io: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
     io.get(name).unwrap_or_else(|| panic!("fixture io.safetensors lacks `{name}`; re-run make_bert_fixtures.py"))
-}
-
-/// Max |got − want| with the worst flat index; panics with both when above `tol`.
-fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let (mut worst, mut at) = (0f32, 0usize);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let d = (a - b).abs();
-        if d > worst || d.is_nan() {
-            (worst, at) = (d, i);
-        }
-    }
-    println!("{name}: max abs err {worst:.3e} at flat index {at} (shape {:?})", got.dims());
-    assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
-    Ok(worst)
 }
 
 fn load_bert(dir: &Path) -> Result<(Bert, models::LoadedModel)> {

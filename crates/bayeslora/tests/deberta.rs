@@ -3,6 +3,8 @@
 //!
 //! Fixtures: `tests/fixtures/deberta/`, made by `scripts/fixtures/make_deberta_fixtures.py`
 //! (versions in `meta.json`).
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,7 @@ use bayeslora::models::deberta_v2::log_bucket_position;
 use bayeslora::models::{self, Architecture, Backbone, DebertaV2, LoadOptions, SequenceClassificationHead};
 use bayeslora::Result;
 use candle_core::{DType, Device, Tensor};
+use common::{check, load_io};
 
 const TOL: f32 = 1e-4;
 
@@ -20,28 +23,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn io() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixtures().join("io.safetensors"), &Device::Cpu)?)
+    load_io(&fixtures().join("io.safetensors"))
 }
 
 fn tensor<'a>(io: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
     io.get(name).unwrap_or_else(|| panic!("fixture io.safetensors lacks `{name}`; re-run make_deberta_fixtures.py"))
-}
-
-/// Max |got − want| with the worst flat index; panics with both when above `tol`.
-fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let (mut worst, mut at) = (0f32, 0usize);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let d = (a - b).abs();
-        if d > worst || d.is_nan() {
-            (worst, at) = (d, i);
-        }
-    }
-    println!("{name}: max abs err {worst:.3e} at flat index {at} (shape {:?})", got.dims());
-    assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
-    Ok(worst)
 }
 
 fn load_tiny() -> Result<(DebertaV2, models::LoadedModel)> {

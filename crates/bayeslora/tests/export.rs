@@ -8,6 +8,8 @@
 //!   models) were written by the ignored test [`write_rust_fixtures`]; the script loaded them with
 //!   `PeftModel.from_pretrained` / `AutoModelFor*.from_pretrained` and stored the logits in
 //!   `rust_logits.safetensors`. To refresh: run the ignored test, then the script.
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,7 @@ use bayeslora::models::{self, Backbone, LoadOptions, SequenceClassificationHead}
 use bayeslora::train::{Classifier, Optimizer, TaskModel, TrainConfig};
 use bayeslora::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use common::{check, load_io};
 
 const TOL: f32 = 1e-4;
 const MERGE_TOL: f32 = 1e-5;
@@ -41,29 +44,11 @@ fn llama_dir() -> PathBuf {
 }
 
 fn io() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(peft_dir().join("io.safetensors"), &Device::Cpu)?)
+    load_io(&peft_dir().join("io.safetensors"))
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
     t.get(name).unwrap_or_else(|| panic!("fixture lacks `{name}`; re-run make_peft_fixtures.py"))
-}
-
-/// Max |got − want|; panics with the name and worst flat index past `tol` (llm.c's
-/// `check_tensor`).
-fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
-    assert_eq!(got.dims(), want.dims(), "{name}: shape");
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let (mut worst, mut at) = (0f32, 0usize);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let d = (a - b).abs();
-        if d > worst || d.is_nan() {
-            (worst, at) = (d, i);
-        }
-    }
-    println!("{name}: max abs err {worst:.3e} at flat index {at}");
-    assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
-    Ok(worst)
 }
 
 /// A task model over `dir` with no adapters yet (BERT: the checkpoint's 3-label head).

@@ -32,6 +32,10 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use super::config::parse_config;
+use super::encoder::{
+    hidden_states, maybe_dropout, prepare_inputs, salt, LayerBody, LayerNorm, Loader, DROPOUT_SALT, EMBEDDINGS,
+    LINEAR_SALT, POOLER,
+};
 use super::load::Weights;
 use crate::adapters::{Ctx, HasLinears, Linear};
 use crate::ops::{self, AttentionMask};
@@ -174,72 +178,6 @@ impl BertConfig {
     }
 }
 
-// Dropout and adapter seeds: each call site gets its own salt so masks never repeat across sites.
-// Linears use `LINEAR_SALT | layer << 8 | k`, dropouts `DROPOUT_SALT | layer << 8 | k`.
-const LINEAR_SALT: u64 = 1 << 40;
-const DROPOUT_SALT: u64 = 2 << 40;
-const EMBEDDINGS: u64 = 0xFF_FF;
-const POOLER: u64 = 0xFF_FE;
-
-fn salt(kind: u64, layer: u64, k: u64) -> u64 {
-    kind | (layer << 8) | k
-}
-
-/// Dropout when training, identity otherwise.
-fn maybe_dropout(x: &Tensor, p: f32, ctx: &Ctx, salt: u64) -> Result<Tensor> {
-    if ctx.train && p > 0.0 {
-        Ok(ops::dropout(x, p, ctx.seed_for(salt))?)
-    } else {
-        Ok(x.clone())
-    }
-}
-
-/// Where the tensors come from: the weights, the key prefix and the target dtype/device.
-struct Loader<'a> {
-    weights: &'a Weights,
-    prefix: &'a str,
-    dtype: DType,
-    device: &'a Device,
-}
-
-impl Loader<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.weights.get(&format!("{}{name}", self.prefix), shape, self.dtype, self.device)
-    }
-
-    /// `{name}.weight [out, in]` and `{name}.bias [out]` as a frozen [`Linear`].
-    fn linear(&self, name: &str, in_dim: usize, out_dim: usize, salt: u64) -> Result<Linear> {
-        let weight = self.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
-        let bias = self.get(&format!("{name}.bias"), &[out_dim])?;
-        Ok(Linear { salt, ..Linear::new(weight, Some(bias)) })
-    }
-
-    /// `{name}.weight`/`.bias`, or the TF-era `.gamma`/`.beta` of old checkpoints.
-    fn layer_norm(&self, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-        let old = !self.weights.contains(&format!("{}{name}.weight", self.prefix))
-            && self.weights.contains(&format!("{}{name}.gamma", self.prefix));
-        let (w, b) = if old { ("gamma", "beta") } else { ("weight", "bias") };
-        Ok(LayerNorm {
-            weight: self.get(&format!("{name}.{w}"), &[dim])?,
-            bias: self.get(&format!("{name}.{b}"), &[dim])?,
-            eps,
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
-    }
-}
-
 /// `embeddings.*`: word + absolute position + token type, then LayerNorm and dropout.
 #[derive(Debug, Clone)]
 struct Embeddings {
@@ -331,45 +269,26 @@ impl SelfAttention {
     }
 }
 
-/// `encoder.layer.{i}`: attention, `attention.output` (dense, dropout, residual, LayerNorm),
-/// `intermediate` (dense, GELU) and `output` (dense, dropout, residual, LayerNorm).
+/// `encoder.layer.{i}`: attention, then the shared [`LayerBody`] (`attention.output`,
+/// `intermediate`, `output`).
 #[derive(Debug, Clone)]
 struct Layer {
     attention_self: SelfAttention,
-    attention_output_dense: Linear,
-    attention_output_layer_norm: LayerNorm,
-    intermediate_dense: Linear,
-    output_dense: Linear,
-    output_layer_norm: LayerNorm,
-    dropout: f32,
-    index: u64,
+    body: LayerBody,
 }
 
 impl Layer {
     fn load(vb: &Loader, cfg: &BertConfig, i: usize) -> Result<Self> {
-        let p = format!("encoder.layer.{i}");
-        let (c, f, eps, l) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps, i as u64);
+        let (c, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         Ok(Self {
             attention_self: SelfAttention::load(vb, cfg, i)?,
-            attention_output_dense: vb.linear(&format!("{p}.attention.output.dense"), c, c, salt(LINEAR_SALT, l, 4))?,
-            attention_output_layer_norm: vb.layer_norm(&format!("{p}.attention.output.LayerNorm"), c, eps)?,
-            intermediate_dense: vb.linear(&format!("{p}.intermediate.dense"), c, f, salt(LINEAR_SALT, l, 5))?,
-            output_dense: vb.linear(&format!("{p}.output.dense"), f, c, salt(LINEAR_SALT, l, 6))?,
-            output_layer_norm: vb.layer_norm(&format!("{p}.output.LayerNorm"), c, eps)?,
-            dropout: cfg.hidden_dropout_prob,
-            index: l,
+            body: LayerBody::load(vb, i, c, f, eps, cfg.hidden_dropout_prob)?,
         })
     }
 
     fn forward(&self, x: &Tensor, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
         let a = self.attention_self.forward(x, mask, ctx)?;
-        let a = self.attention_output_dense.forward(&a, ctx)?;
-        let a = maybe_dropout(&a, self.dropout, ctx, salt(DROPOUT_SALT, self.index, 2))?;
-        let a = self.attention_output_layer_norm.forward(&a.add(x)?)?;
-        let h = ops::gelu(&self.intermediate_dense.forward(&a, ctx)?)?;
-        let h = self.output_dense.forward(&h, ctx)?;
-        let h = maybe_dropout(&h, self.dropout, ctx, salt(DROPOUT_SALT, self.index, 3))?;
-        self.output_layer_norm.forward(&h.add(&a)?)
+        self.body.forward(&a, x, ctx)
     }
 }
 
@@ -441,40 +360,13 @@ impl Bert {
         attention_mask: &Tensor,
         ctx: &Ctx,
     ) -> Result<Vec<Tensor>> {
-        let (b, t) = input_ids.dims2()?;
-        if t > self.config.max_position_embeddings {
-            return Err(Error::config(
-                "sequence length",
-                t,
-                format!(
-                    "exceeds max_position_embeddings = {}; truncate the inputs",
-                    self.config.max_position_embeddings
-                ),
-            ));
-        }
-        if attention_mask.dims() != [b, t] {
-            return Err(Error::config(
-                "attention_mask shape",
-                format!("{:?}", attention_mask.dims()),
-                format!("must be [B, T] = [{b}, {t}] like input_ids"),
-            ));
-        }
         let device = self.device();
-        let input_ids = input_ids.to_dtype(DType::U32)?.to_device(device)?;
-        let token_type_ids = match token_type_ids {
-            Some(tt) => tt.to_dtype(DType::U32)?.to_device(device)?,
-            None => Tensor::zeros((b, t), DType::U32, device)?,
-        };
+        let max_len = Some(self.config.max_position_embeddings);
+        let (input_ids, token_type_ids, b, t) =
+            prepare_inputs(input_ids, token_type_ids, attention_mask, max_len, device)?;
         let mask = AttentionMask::new(Some(&attention_mask.to_device(device)?), false, b, t, device)?;
-        let mut x = self.embeddings.forward(&input_ids, &token_type_ids, ctx)?;
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
-        for layer in &self.layers {
-            let next = layer.forward(&x, &mask, ctx)?;
-            states.push(x);
-            x = next;
-        }
-        states.push(x);
-        Ok(states)
+        let x = self.embeddings.forward(&input_ids, &token_type_ids, ctx)?;
+        hidden_states(x, &self.layers, |layer, x| layer.forward(x, &mask, ctx))
     }
 
     /// The pooler: `tanh(dense(hidden[:, 0]))`, `[B, T, C]` → `[B, C]`.
@@ -493,13 +385,11 @@ impl HasLinears for Bert {
         let mut out = Vec::with_capacity(self.layers.len() * 6 + 1);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("encoder.layer.{i}");
-            let Layer { attention_self, attention_output_dense, intermediate_dense, output_dense, .. } = layer;
+            let Layer { attention_self, body } = layer;
             out.push((format!("{p}.attention.self.query"), &mut attention_self.query));
             out.push((format!("{p}.attention.self.key"), &mut attention_self.key));
             out.push((format!("{p}.attention.self.value"), &mut attention_self.value));
-            out.push((format!("{p}.attention.output.dense"), attention_output_dense));
-            out.push((format!("{p}.intermediate.dense"), intermediate_dense));
-            out.push((format!("{p}.output.dense"), output_dense));
+            body.push_linears(&p, &mut out);
         }
         if let Some(pooler) = self.pooler.as_mut() {
             out.push(("pooler.dense".to_string(), pooler));

@@ -16,6 +16,7 @@
 pub mod bert;
 pub mod config;
 pub mod deberta_v2;
+mod encoder;
 pub mod gguf;
 pub mod llama;
 pub mod load;
