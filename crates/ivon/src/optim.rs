@@ -110,24 +110,26 @@ impl Default for AdamWConfig {
     }
 }
 
+/// `value >= 0` (NaN rejected), or an error naming the field and the value.
+fn non_negative(field: &str, value: f64) -> Result<()> {
+    if value.is_nan() || value < 0.0 {
+        return Err(invalid(field, value, "must be >= 0"));
+    }
+    Ok(())
+}
+
 impl AdamWConfig {
     /// Checks ranges (as torch does); the error names field and value.
     pub fn validate(&self) -> Result<()> {
-        if self.lr.is_nan() || self.lr < 0.0 {
-            return Err(invalid("lr", self.lr, "must be >= 0"));
-        }
+        non_negative("lr", self.lr)?;
         if !(0.0..1.0).contains(&self.beta1) {
             return Err(invalid("beta1", self.beta1, "must be in [0, 1)"));
         }
         if !(0.0..1.0).contains(&self.beta2) {
             return Err(invalid("beta2", self.beta2, "must be in [0, 1)"));
         }
-        if self.eps.is_nan() || self.eps < 0.0 {
-            return Err(invalid("eps", self.eps, "must be >= 0"));
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
-        }
+        non_negative("eps", self.eps)?;
+        non_negative("weight_decay", self.weight_decay)?;
         Ok(())
     }
 }
@@ -271,15 +273,9 @@ impl Default for SgdConfig {
 impl SgdConfig {
     /// Checks ranges; the error names field and value.
     pub fn validate(&self) -> Result<()> {
-        if self.lr.is_nan() || self.lr < 0.0 {
-            return Err(invalid("lr", self.lr, "must be >= 0"));
-        }
-        if self.momentum.is_nan() || self.momentum < 0.0 {
-            return Err(invalid("momentum", self.momentum, "must be >= 0"));
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            return Err(invalid("weight_decay", self.weight_decay, "must be >= 0"));
-        }
+        non_negative("lr", self.lr)?;
+        non_negative("momentum", self.momentum)?;
+        non_negative("weight_decay", self.weight_decay)?;
         Ok(())
     }
 }
