@@ -1,7 +1,8 @@
 //! Baselines: diagonal Laplace against a closed form on a tiny linear model, MC dropout on the tiny
 //! BERT fixture (differs from the mean pass, deterministic per seed), the ensemble averages member
 //! probabilities, temperature scaling through `evaluate`.
-use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+mod common;
+
 use bayeslora::adapters::Ctx;
 use bayeslora::baselines::laplace::{empirical_fisher, posterior_std};
 use bayeslora::baselines::{
@@ -9,10 +10,8 @@ use bayeslora::baselines::{
 };
 use bayeslora::data::{Batch, BatchTensors, Encoded, EncodedDataset, Format, Label, Task};
 use bayeslora::eval::{evaluate, masked_softmax, EvalConfig, Predictor};
-use bayeslora::models::{self, LoadOptions};
 use bayeslora::train::{Classifier, ModelPredictor, TaskModel};
 use candle_core::{DType, Device, Tensor, Var};
-use std::path::Path;
 
 /// logits = x Wᵀ with x = the row's two token ids as floats, W: [K = 2, D = 2].
 struct Linear {
@@ -103,16 +102,7 @@ fn laplace_fisher_and_variance_match_the_closed_form_of_a_linear_softmax_model()
 }
 
 fn tiny_bert(lora_dropout: f32) -> TaskModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = models::load(&dir, &LoadOptions::default()).expect("tiny BERT fixture loads");
-    let lora = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    TaskModel::build(loaded, &lora, 3, 1, &Device::Cpu).expect("LoRA attaches")
+    common::tiny_bert(1, lora_dropout)
 }
 
 fn token_rows(n: usize) -> EncodedDataset {

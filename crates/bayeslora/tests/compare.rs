@@ -1,19 +1,18 @@
 //! Sweep bookkeeping on fake cells (aggregation, bold best, CSV/JSON, resume, plots), and a tiny
 //! end-to-end comparison on the tiny BERT fixture with hand-encoded rows (no tokenizer needed):
 //! AdamW and IVON training, every baseline predictor, cells written and aggregated.
-use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+mod common;
+
 use bayeslora::baselines::sweep::{aggregate, k_curves, read_cells, write_summary, Cell, CellKey, Stat};
 use bayeslora::baselines::{
     collect_logits, fit_temperature, holdout, laplace, EnsemblePredictor, LaplaceConfig, McDropoutPredictor,
     MethodKind, TemperaturePredictor,
 };
-use bayeslora::data::{BatchConfig, Encoded, EncodedDataset, Format, Label, Task};
+use bayeslora::data::{BatchConfig, EncodedDataset};
 use bayeslora::eval::metrics::Binning;
 use bayeslora::eval::{evaluate, EvalConfig, EvalResult, Evaluation, Metrics, Predictor};
-use bayeslora::models::{self, LoadOptions};
 use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, Silent, TaskModel, TrainConfig};
 use candle_core::Device;
-use std::path::Path;
 use std::sync::Arc;
 
 fn result(method: &str, task: &str, k: usize, acc: f64, ece: f64, nll: f64) -> EvalResult {
@@ -121,46 +120,7 @@ fn cells_resume_and_aggregate_from_disk() {
 
 // ---- end to end on the tiny BERT fixture ----
 
-fn tiny(seed: u64, lora_dropout: f32) -> TaskModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = models::load(&dir, &LoadOptions::default()).expect("tiny BERT fixture loads");
-    let lora = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    TaskModel::build(loaded, &lora, 3, seed, &Device::Cpu).expect("LoRA attaches")
-}
-
-/// Class 1 rows contain token 7, class 0 rows token 9 (as in tests/train.rs).
-fn separable(n: usize, salt: u64) -> EncodedDataset {
-    let mut state = 12345u64 ^ salt;
-    let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let rows = (0..n)
-        .map(|i| {
-            let len = 4 + (next() % 5) as usize;
-            let mut ids: Vec<u32> = (0..len).map(|_| 20 + next() % 60).collect();
-            let class = i % 2;
-            ids[1 + (next() as usize % (len - 1))] = if class == 1 { 7 } else { 9 };
-            ids.insert(0, 1);
-            Encoded { type_ids: vec![0; ids.len()], ids, label: Label::Class(class), num_choices: 3 }
-        })
-        .collect();
-    EncodedDataset {
-        task: Task::Sst2,
-        format: Format::Encoder,
-        rows,
-        num_classes: 3,
-        label_token_ids: vec![],
-        pad_id: 0,
-        truncated: 0,
-    }
-}
+use common::{separable, tiny_bert as tiny};
 
 fn train_tiny(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, Optimizer) {
     let model = tiny(seed, 0.1);

@@ -1,57 +1,23 @@
 //! Training loop: it learns, it resumes bit for bit from a checkpoint (IVON and AdamW), it
 //! refuses a non-finite loss, and the posterior predictive averages probabilities.
 //! Uses the tiny random BERT of `fixtures/bert/tiny` and a synthetic separable task.
-use bayeslora::adapters::lora::{LoraConfig, TargetModules};
-use bayeslora::data::{BatchConfig, Encoded, EncodedDataset, Format, Label, Task};
+mod common;
+
+use bayeslora::data::{BatchConfig, EncodedDataset};
 use bayeslora::eval::{evaluate, EvalConfig};
-use bayeslora::models::{self, LoadOptions};
 use bayeslora::train::{
     self, Checkpoint, Classifier, ModelPredictor, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig,
 };
 use candle_core::Device;
 use std::ops::ControlFlow;
-use std::path::Path;
 use std::sync::Arc;
 
 fn tiny_model(seed: u64) -> TaskModel {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = models::load(&dir, &LoadOptions::default()).expect("tiny BERT fixture loads");
-    let lora = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    // The fixture checkpoint has a 3-way classifier; the synthetic task uses classes 0 and 1.
-    TaskModel::build(loaded, &lora, 3, seed, &Device::Cpu).expect("LoRA attaches")
+    common::tiny_bert(seed, 0.0)
 }
 
-/// Class 1 rows contain token 7, class 0 rows token 9; the rest is noise from a fixed LCG.
 fn separable(n: usize) -> Arc<EncodedDataset> {
-    let mut state = 12345u64;
-    let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let rows = (0..n)
-        .map(|i| {
-            let len = 4 + (next() % 5) as usize;
-            let mut ids: Vec<u32> = (0..len).map(|_| 20 + next() % 60).collect();
-            let class = i % 2;
-            ids[1 + (next() as usize % (len - 1))] = if class == 1 { 7 } else { 9 };
-            ids.insert(0, 1);
-            Encoded { type_ids: vec![0; ids.len()], ids, label: Label::Class(class), num_choices: 3 }
-        })
-        .collect();
-    Arc::new(EncodedDataset {
-        task: Task::Sst2,
-        format: Format::Encoder,
-        rows,
-        num_classes: 3,
-        label_token_ids: vec![],
-        pad_id: 0,
-        truncated: 0,
-    })
+    Arc::new(common::separable(n, 0))
 }
 
 fn config(kind: OptimizerKind, steps: usize) -> TrainConfig {

@@ -1,4 +1,5 @@
-//! Helpers shared by the golden tests (`bert.rs`, `deberta.rs`, `export.rs`).
+//! Helpers shared by the integration tests (each test binary uses a subset).
+#![allow(dead_code)]
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -26,4 +27,51 @@ pub fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
     println!("{name}: max abs err {worst:.3e} at flat index {at} (shape {:?})", got.dims());
     assert!(worst <= tol, "{name}: max abs err {worst:e} at flat index {at}: got {} want {}", g[at], w[at]);
     Ok(worst)
+}
+
+/// The tiny random BERT fixture (`fixtures/bert/tiny`, a 3-way classifier) with LoRA r 4 / α 8 on
+/// query and value, initialised from `seed`.
+pub fn tiny_bert(seed: u64, lora_dropout: f32) -> bayeslora::train::TaskModel {
+    use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let loaded = bayeslora::models::load(&dir, &Default::default()).expect("tiny BERT fixture loads");
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..Default::default()
+    };
+    // The fixture checkpoint has a 3-way classifier; the synthetic task uses classes 0 and 1.
+    bayeslora::train::TaskModel::build(loaded, &lora, 3, seed, &Device::Cpu).expect("LoRA attaches")
+}
+
+/// A separable synthetic task for the tiny BERT: class 1 rows contain token 7, class 0 rows token
+/// 9, the rest is noise from a fixed LCG (`salt` picks another stream).
+pub fn separable(n: usize, salt: u64) -> bayeslora::data::EncodedDataset {
+    use bayeslora::data::{Encoded, EncodedDataset, Format, Label, Task};
+    let mut state = 12345u64 ^ salt;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let rows = (0..n)
+        .map(|i| {
+            let len = 4 + (next() % 5) as usize;
+            let mut ids: Vec<u32> = (0..len).map(|_| 20 + next() % 60).collect();
+            let class = i % 2;
+            ids[1 + (next() as usize % (len - 1))] = if class == 1 { 7 } else { 9 };
+            ids.insert(0, 1);
+            Encoded { type_ids: vec![0; ids.len()], ids, label: Label::Class(class), num_choices: 3 }
+        })
+        .collect();
+    EncodedDataset {
+        task: Task::Sst2,
+        format: Format::Encoder,
+        rows,
+        num_classes: 3,
+        label_token_ids: vec![],
+        pad_id: 0,
+        truncated: 0,
+    }
 }
