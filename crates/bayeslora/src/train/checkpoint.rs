@@ -1,11 +1,12 @@
 //! Checkpoints that resume bit for bit on CPU: trainable variables, the optimizer's full state
 //! (IVON: μ, m, h, step, noise RNG; AdamW: moments), the data cursor and the run config.
 //!
-//! Layout: `<dir>/checkpoint-<step>/{trainable.safetensors, optimizer.safetensors, state.json}`
+//! Layout: `<dir>/checkpoint-<step>/{trainable.safetensors, optimizer.safetensors, state.json}`,
+//! plus `gates.safetensors` (the gate Adam) and `buffers.safetensors` (quantizer ranges) for B-LoRA,
 //! and `<dir>/latest` naming the newest one. Each checkpoint is written into a temporary
 //! folder that is renamed into place, and `latest` is replaced atomically afterwards, so an
 //! interrupted write never leaves a checkpoint that looks complete. The two newest are kept.
-use super::{Classifier, Optimizer, TrainConfig};
+use super::{Classifier, GateOptimizer, Optimizer, TrainConfig};
 use crate::data::{Batcher, Cursor};
 use crate::{atomic, Error, Result};
 use candle_core::Tensor;
@@ -33,6 +34,7 @@ impl Checkpoint {
         cfg: &TrainConfig,
         model: &dyn Classifier,
         opt: &Optimizer,
+        gates: Option<&GateOptimizer>,
         batcher: &Batcher,
     ) -> Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -45,6 +47,13 @@ impl Checkpoint {
         atomic::write_safetensors(&tmp.join("trainable.safetensors"), &vars, None)?;
         let opt_path = tmp.join("optimizer.safetensors");
         opt.as_ref_dyn().save_state(&opt_path)?;
+        if let Some(g) = gates {
+            ivon::Optimizer::save_state(&g.opt, &tmp.join("gates.safetensors"))?;
+        }
+        let buffers: HashMap<String, Tensor> = model.buffers()?.into_iter().collect();
+        if !buffers.is_empty() {
+            atomic::write_safetensors(&tmp.join("buffers.safetensors"), &buffers, None)?;
+        }
         let state = CheckpointState {
             step,
             cursor: batcher.cursor(),
@@ -73,6 +82,7 @@ impl Checkpoint {
         path: &Path,
         model: &dyn Classifier,
         opt: &mut Optimizer,
+        gates: Option<&mut GateOptimizer>,
         batcher: &mut Batcher,
     ) -> Result<CheckpointState> {
         let path = if path.join("state.json").exists() {
@@ -105,6 +115,15 @@ impl Checkpoint {
         }
         let opt_path = path.join("optimizer.safetensors");
         opt.as_dyn().load_state(&opt_path)?;
+        if let Some(g) = gates {
+            ivon::Optimizer::load_state(&mut g.opt, &path.join("gates.safetensors"))?;
+        }
+        let buffers_path = path.join("buffers.safetensors");
+        if buffers_path.exists() {
+            let saved = candle_core::safetensors::load(&buffers_path, &device)
+                .map_err(|e| Error::BadFile { file: buffers_path.clone(), reason: e.to_string() })?;
+            model.load_buffers(&saved)?;
+        }
         batcher.seek(state.cursor)?;
         Ok(state)
     }

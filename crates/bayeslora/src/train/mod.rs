@@ -42,6 +42,25 @@ pub trait Classifier {
     fn is_head(&self, _name: &str) -> bool {
         false
     }
+    /// Whether a trainable var is a gate logit (B-LoRA): trained by its own Adam
+    /// ([`TrainConfig::gates`]), never by IVON, and not part of the posterior.
+    fn is_gate(&self, _name: &str) -> bool {
+        false
+    }
+    /// A scalar added to the task loss of every micro-batch (B-LoRA's μ-weighted gate prior);
+    /// `None` for plain LoRA.
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// State that is not trained but must survive a resume (B-LoRA's quantizer ranges, fixed
+    /// at the first forward), with stable names; restored by [`Classifier::load_buffers`].
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// Restores what [`Classifier::buffers`] returned.
+    fn load_buffers(&self, _saved: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Which optimizer trains the adapter.
@@ -75,6 +94,9 @@ pub struct TrainConfig {
     /// AdamW (torch defaults; IVON-LoRA's baseline: lr 5e-5, weight_decay 0).
     pub adamw: ivon::AdamWConfig,
     pub sgd: ivon::SgdConfig,
+    /// Adam for B-LoRA's gate logits whatever trains the weights (Bayesian Bits: Adam, no weight
+    /// decay; B-LoRA's config: lr 1e-2). Follows the run's LR schedule, scaled by `lr / base_lr`.
+    pub gates: ivon::AdamWConfig,
     pub batch: BatchConfig,
     /// Passes over the training data (used when `max_steps` is unset).
     pub epochs: usize,
@@ -104,6 +126,7 @@ impl Default for TrainConfig {
             ivon_head: HeadGroup::default(),
             adamw: ivon::AdamWConfig::default(),
             sgd: ivon::SgdConfig::default(),
+            gates: ivon::AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..ivon::AdamWConfig::default() },
             batch: BatchConfig::default(),
             epochs: 1,
             max_steps: None,
@@ -207,7 +230,7 @@ impl std::fmt::Debug for Optimizer {
 impl Optimizer {
     /// Builds the optimizer over `model.trainable()`; with IVON a fresh head gets its own group.
     pub fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Self> {
-        let named = model.trainable();
+        let named: Vec<(String, Var)> = model.trainable().into_iter().filter(|(n, _)| !model.is_gate(n)).collect();
         if named.is_empty() {
             return Err(Error::config("target_modules", "[]", "no trainable variables: attach an adapter first"));
         }
@@ -313,11 +336,12 @@ pub fn run(
 ) -> Result<(TrainSummary, Optimizer)> {
     cfg.validate()?;
     let mut opt = Optimizer::new(model, cfg)?;
+    let mut gates = GateOptimizer::new(model, cfg)?;
     let mut batcher = Batcher::new(train, cfg.batch.clone())?;
     let total = cfg.total_steps(batcher.batches_per_epoch());
     let mut step = 0;
     if let Some(dir) = resume {
-        step = Checkpoint::load(dir, model, &mut opt, &mut batcher)?.step;
+        step = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?.step;
     }
     let mut evaluate = evaluate;
     let start = Instant::now();
@@ -326,11 +350,16 @@ pub fn run(
     while step < total {
         let lr = lr_at(cfg.base_lr(), cfg.schedule, step, total, cfg.warmup_steps);
         opt.set_lr(lr);
+        if let Some(g) = gates.as_mut() {
+            g.follow_schedule(lr / cfg.base_lr());
+        }
         let micro: Vec<Batch> = (0..cfg.grad_accum).map(|_| batcher.next_batch()).collect();
         let step_tokens: usize = micro.iter().map(|b| b.num_real_tokens).sum();
         let micro: Vec<BatchTensors> = micro.iter().map(|b| b.to_tensors(device)).collect::<Result<_>>()?;
         let t0 = Instant::now();
         let ctx_for = |i: usize| Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum + i) as u64));
+        // Gate gradients are averaged over every backward of the step (micro-batches × samples).
+        let mut gate_grads = gates.as_ref().map(|g| GradMean::new(&g.vars));
         let loss_value = match &mut opt {
             Optimizer::Ivon(o) => {
                 let mut sum = 0.0f32;
@@ -338,9 +367,13 @@ pub fn run(
                     sum += o.with_sample(|s| -> Result<f32> {
                         let mut acc = 0.0;
                         for (i, b) in micro.iter().enumerate() {
-                            let l = loss(&model.logits(b, &ctx_for(i))?, b)?;
-                            acc += l.to_scalar::<f32>()?;
-                            s.accumulate(&l.backward()?)?;
+                            let (objective, task) = objective(model, b, &ctx_for(i))?;
+                            acc += task;
+                            let grads = objective.backward()?;
+                            if let Some(g) = gate_grads.as_mut() {
+                                g.add(&grads)?;
+                            }
+                            s.accumulate(&grads)?;
                         }
                         Ok(acc / micro.len() as f32)
                     })?;
@@ -351,9 +384,22 @@ pub fn run(
                 mean
             }
             other => {
-                let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
-                let (grads, mean) = averaged_grads(model, &micro, &vars, &ctx_for)?;
+                let vars: Vec<Var> =
+                    model.trainable().into_iter().filter(|(n, _)| !model.is_gate(n)).map(|(_, v)| v).collect();
+                let mut weight_grads = GradMean::new(&vars);
+                let mut loss_sum = 0.0f32;
+                for (i, b) in micro.iter().enumerate() {
+                    let (objective, task) = objective(model, b, &ctx_for(i))?;
+                    loss_sum += task;
+                    let grads = objective.backward()?;
+                    if let Some(g) = gate_grads.as_mut() {
+                        g.add(&grads)?;
+                    }
+                    weight_grads.add(&grads)?;
+                }
+                let mean = loss_sum / micro.len() as f32;
                 check_finite(mean, step + 1)?;
+                let grads = weight_grads.finish()?;
                 let grads = match cfg.max_grad_norm {
                     Some(max) => clip_grad_norm(grads, &vars, max)?,
                     None => grads,
@@ -362,6 +408,9 @@ pub fn run(
                 mean
             }
         };
+        if let (Some(g), Some(grads)) = (gates.as_mut(), gate_grads) {
+            ivon::Optimizer::step(&mut g.opt, &grads.finish()?)?;
+        }
         step += 1;
         tokens += step_tokens;
         last_loss = loss_value;
@@ -384,7 +433,7 @@ pub fn run(
         let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
         if let Some(dir) = &cfg.checkpoint_dir {
             if periodic || stop || step == total {
-                let path = Checkpoint::save(dir, step, cfg, model, &opt, &batcher)?;
+                let path = Checkpoint::save(dir, step, cfg, model, &opt, gates.as_ref(), &batcher)?;
                 observer.checkpoint(step, &path);
             }
         }
@@ -405,56 +454,91 @@ pub fn run(
     Ok((summary, opt))
 }
 
+/// The training objective of one micro-batch (task loss + the model's regulariser, if any) and
+/// the task loss alone, which is what the run reports. A non-finite regulariser surfaces as a
+/// non-finite objective in the step's loss check.
+fn objective(model: &dyn Classifier, batch: &BatchTensors, ctx: &Ctx) -> Result<(Tensor, f32)> {
+    let task = loss(&model.logits(batch, ctx)?, batch)?;
+    let task_value = task.to_scalar::<f32>()?;
+    match model.regularizer()? {
+        Some(reg) => {
+            let reg_value = reg.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let value = if reg_value.is_finite() { task_value } else { f32::NAN };
+            Ok((task.add(&reg.to_dtype(task.dtype())?)?, value))
+        }
+        None => Ok((task, task_value)),
+    }
+}
+
+/// Adam over the gate logits of a B-LoRA model (none for plain LoRA).
+pub struct GateOptimizer {
+    pub vars: Vec<Var>,
+    pub opt: ivon::AdamW,
+    base_lr: f64,
+}
+
+impl GateOptimizer {
+    fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Option<Self>> {
+        let vars: Vec<Var> = model.trainable().into_iter().filter(|(n, _)| model.is_gate(n)).map(|(_, v)| v).collect();
+        if vars.is_empty() {
+            return Ok(None);
+        }
+        let opt = ivon::AdamW::new(vars.clone(), cfg.gates)?;
+        Ok(Some(GateOptimizer { vars, opt, base_lr: cfg.gates.lr }))
+    }
+
+    /// Scales the gate learning rate by the weights' schedule factor.
+    fn follow_schedule(&mut self, factor: f64) {
+        let lr = if factor.is_finite() { self.base_lr * factor } else { self.base_lr };
+        ivon::Optimizer::set_learning_rate(&mut self.opt, lr);
+    }
+}
+
+/// The running mean of the gradients of `vars` over several backward passes.
+struct GradMean {
+    vars: Vec<Var>,
+    sums: Vec<Option<Tensor>>,
+    count: usize,
+}
+
+impl GradMean {
+    fn new(vars: &[Var]) -> Self {
+        GradMean { vars: vars.to_vec(), sums: vec![None; vars.len()], count: 0 }
+    }
+
+    fn add(&mut self, grads: &GradStore) -> Result<()> {
+        self.count += 1;
+        for (v, sum) in self.vars.iter().zip(self.sums.iter_mut()) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                *sum = Some(match sum.take() {
+                    Some(prev) => prev.add(g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The mean as a [`GradStore`] keyed by the vars (a var without gradient is left out).
+    fn finish(self) -> Result<GradStore> {
+        let mut store = GradStore::default();
+        let n = self.count.max(1) as f64;
+        for (v, sum) in self.vars.iter().zip(self.sums) {
+            if let Some(g) = sum {
+                let g = if n > 1.0 { g.affine(1.0 / n, 0.0)? } else { g };
+                store.insert(v.as_tensor(), g);
+            }
+        }
+        Ok(store)
+    }
+}
+
 fn check_finite(loss: f32, step: usize) -> Result<()> {
     if loss.is_finite() {
         Ok(())
     } else {
         Err(Error::NonFiniteLoss { step, loss })
     }
-}
-
-/// Mean loss and mean gradient over the micro-batches (AdamW/SGD path).
-fn averaged_grads(
-    model: &dyn Classifier,
-    micro: &[BatchTensors],
-    vars: &[Var],
-    ctx_for: &dyn Fn(usize) -> Ctx,
-) -> Result<(GradStore, f32)> {
-    let n = micro.len() as f64;
-    let mut total: Option<GradStore> = None;
-    let mut loss_sum = 0.0f32;
-    for (i, b) in micro.iter().enumerate() {
-        let l = loss(&model.logits(b, &ctx_for(i))?, b)?;
-        loss_sum += l.to_scalar::<f32>()?;
-        let grads = l.backward()?;
-        match total.as_mut() {
-            None => {
-                let mut g = grads;
-                if n > 1.0 {
-                    for v in vars {
-                        if let Some(t) = g.remove(v.as_tensor()) {
-                            g.insert(v.as_tensor(), t.affine(1.0 / n, 0.0)?);
-                        }
-                    }
-                }
-                total = Some(g);
-            }
-            Some(acc) => {
-                for v in vars {
-                    if let Some(t) = grads.get(v.as_tensor()) {
-                        let scaled = t.affine(1.0 / n, 0.0)?;
-                        let sum = match acc.remove(v.as_tensor()) {
-                            Some(prev) => prev.add(&scaled)?,
-                            None => scaled,
-                        };
-                        acc.insert(v.as_tensor(), sum);
-                    }
-                }
-            }
-        }
-    }
-    let total = total.ok_or_else(|| Error::config("grad_accum", 0, "no micro-batch"))?;
-    Ok((total, loss_sum / micro.len() as f32))
 }
 
 /// Scales all gradients so that their global L2 norm is at most `max` (torch's
