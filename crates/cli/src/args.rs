@@ -143,6 +143,26 @@ pub struct BenchArgs {
     /// JSON output file.
     #[arg(long, default_value = "bench.json")]
     pub out: PathBuf,
+    /// A Llama-family config.json (e.g. configs/bench/llama2_7b.json): build that model with random
+    /// weights (std 0.02, seeded by --seed; no checkpoint, no tokenizer) instead of loading --model.
+    #[arg(long)]
+    pub shape: Option<PathBuf>,
+    /// Dtype of the frozen weights and activations: f32, bf16 or f16 (LoRA and optimizer state
+    /// stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Untimed steps before the --max-steps timed ones.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Training loss: causal-lm (next-token loss over all positions, as the PyTorch anchor) or
+    /// label-words (two label words at the last position, as `train`). Default: causal-lm with
+    /// --shape, label-words otherwise.
+    #[arg(long, value_enum)]
+    pub objective: Option<BenchObjective>,
+    /// Dense peak of the accelerator in TFLOP/s for the `mfu` field (989: H100/H200 SXM bf16);
+    /// `mfu_vs_989` always uses 989.
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -153,6 +173,15 @@ pub enum BenchWhat {
     Optim,
     /// Training tokens/s and peak memory on a model.
     Train,
+}
+
+/// The loss `bench train` trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchObjective {
+    /// Next-token cross-entropy over every position (logits [B, T, V]), as the PyTorch anchor.
+    CausalLm,
+    /// Cross-entropy over two label words at the last position (logits [B, 2]), as `train`.
+    LabelWords,
 }
 
 #[derive(Debug, Clone, Args)]
