@@ -6,6 +6,10 @@
 //! - `cells/<task>/<method>/seed<k>.json` — a [`Cell`] (written atomically: a crash leaves no
 //!   half-written cell, so "the file exists" means "the cell is done");
 //! - `summary.{md,csv,json}`, `plots/reliability_<task>.{png,svg}`, `plots/k_curve_<task>.{png,svg}`.
+//!
+//! A cell also holds the method's OOD detection against shifted test sets ([`OodEntry`]: the
+//! in-distribution test set vs e.g. ARC-C/ARC-E for a model trained on OBQA) and what its
+//! evaluation cost ([`CellCost`]: train, fit and eval seconds, and the K-sample cost ratio).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::MethodKind;
 use crate::eval::metrics::ReliabilityBins;
-use crate::eval::{reliability_diagram, EvalResult, Panel};
+use crate::eval::{
+    ood_results, reliability_diagram, EvalCost, EvalResult, Evaluation, Metrics, OodResult, OodScore, Panel,
+};
 use crate::{Error, Result};
 
 /// Identifies one cell of a sweep.
@@ -40,12 +46,25 @@ impl CellKey {
     /// Whether the cell is finished: its file exists and parses. A file that does not parse
     /// (hand-edited, or from an incompatible version) is reported and counts as not done.
     pub fn is_done(&self, out: &Path) -> bool {
+        self.is_done_with(out, &[])
+    }
+
+    /// [`Self::is_done`], and the cell has OOD results against every task in `ood_tasks` (a
+    /// sweep that gained `ood_tasks` after some cells were written runs those cells again).
+    pub fn is_done_with(&self, out: &Path, ood_tasks: &[String]) -> bool {
         let path = self.path(out);
         if !path.exists() {
             return false;
         }
         match Cell::read(&path) {
-            Ok(_) => true,
+            Ok(c) => {
+                let missing: Vec<&String> =
+                    ood_tasks.iter().filter(|t| !c.ood.iter().any(|o| &o.ood_task == *t)).collect();
+                if !missing.is_empty() {
+                    tracing::warn!("{} has no OOD results for {missing:?}; the cell will be run again", path.display());
+                }
+                missing.is_empty()
+            }
             Err(e) => {
                 tracing::warn!("{e}; the cell will be run again");
                 false
@@ -73,6 +92,74 @@ pub struct Cell {
     pub train_seconds: f64,
     #[serde(default)]
     pub eval_seconds: f64,
+    /// OOD detection of the method against each shifted test set (empty: none configured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ood: Vec<OodEntry>,
+    /// Timings of the cell (absent in cells written before they were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CellCost>,
+}
+
+/// OOD detection of one predictive: the in-distribution test set (negatives) against a shifted
+/// test set (positives), plus accuracy and calibration on the shifted set itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OodEntry {
+    /// The shifted task, e.g. `arc_challenge`.
+    pub ood_task: String,
+    /// K of the predictive (0: the mean / point model).
+    pub num_samples: usize,
+    pub id_examples: usize,
+    pub ood_examples: usize,
+    /// ACC, ECE, NLL, … of the predictive on the shifted set (its own labels).
+    pub shifted: Metrics,
+    /// AUROC / AUPR / FPR95 with the scores 1 − max p̄, H[p̄] and mutual information.
+    pub detection: Vec<OodResult>,
+}
+
+/// OOD entries of a method: for the mean (K = 0) predictive and, when there is one, the K-sample
+/// predictive, of `id` (the in-distribution test set) against `shifted` (the same predictor on
+/// the shifted set, evaluated with the same K).
+pub fn ood_entries(ood_task: &str, id: &Evaluation, shifted: &Evaluation) -> Result<Vec<OodEntry>> {
+    let mut out = Vec::new();
+    let k = shifted.bayes.as_ref().map_or(0, |p| p.num_samples);
+    for (k, a, b) in [(0, &id.mean, &shifted.mean), (k, &id.bayes, &shifted.bayes)] {
+        let (Some(a), Some(b)) = (a, b) else { continue };
+        if a.num_classes != b.num_classes {
+            return Err(Error::config(
+                "ood task",
+                ood_task,
+                format!("{} classes, the in-distribution task has {}", b.num_classes, a.num_classes),
+            ));
+        }
+        out.push(OodEntry {
+            ood_task: ood_task.into(),
+            num_samples: k,
+            id_examples: a.len(),
+            ood_examples: b.len(),
+            shifted: Metrics::classification(b, crate::data::Task::from_name(ood_task)?)?,
+            detection: ood_results(a, b)?,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::config("ood task", ood_task, "OOD detection needs a classification task"));
+    }
+    Ok(out)
+}
+
+/// What a cell cost, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CellCost {
+    /// Training the method needs (an AdamW run shared by several methods counts for each; the
+    /// ensemble's is the sum over members).
+    pub train_seconds: f64,
+    /// Post-hoc fitting: temperature search, Laplace Fisher + prior-precision grid.
+    pub fit_seconds: f64,
+    /// Evaluation on the in-distribution test set (mean pass + K sampled passes + metrics).
+    pub eval_seconds: f64,
+    /// Evaluation on the shifted sets (OOD), all of them.
+    pub ood_eval_seconds: f64,
+    /// The in-distribution evaluation's passes: single pass vs K sampled passes.
+    pub eval: EvalCost,
 }
 
 impl Cell {
@@ -188,6 +275,86 @@ pub struct SummaryRow {
     pub num_samples: usize,
     pub seeds: Vec<u64>,
     pub metrics: BTreeMap<String, Stat>,
+    /// Cost over seeds: `train_s`, `fit_s`, `eval_s`, `eval_ms_per_example`, `k_cost_ratio`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cost: BTreeMap<String, Stat>,
+    /// Per shifted task: `acc`, `ece15`, `nll` on the shifted set and `<score>_<metric>` of the
+    /// detection (e.g. `entropy_auroc`, `mutual_information_fpr95`), over seeds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ood: BTreeMap<String, BTreeMap<String, Stat>>,
+}
+
+/// The cost columns: (key, header).
+pub const COST_COLUMNS: [(&str, &str); 5] = [
+    ("train_s", "train s"),
+    ("fit_s", "fit s"),
+    ("eval_s", "eval s"),
+    ("eval_ms_per_example", "eval ms/example"),
+    ("k_cost_ratio", "K-pass cost / (K × 1 pass)"),
+];
+
+/// The OOD columns: (key, header, shown in percent, higher is better).
+pub const OOD_COLUMNS: [(&str, &str, bool, bool); 11] = [
+    ("acc", "ACC (shift)", true, true),
+    ("ece15", "ECE-15 (shift)", true, false),
+    ("one_minus_max_prob_auroc", "AUROC 1−max p", true, true),
+    ("entropy_auroc", "AUROC H", true, true),
+    ("mutual_information_auroc", "AUROC MI", true, true),
+    ("one_minus_max_prob_aupr", "AUPR 1−max p", true, true),
+    ("entropy_aupr", "AUPR H", true, true),
+    ("mutual_information_aupr", "AUPR MI", true, true),
+    ("one_minus_max_prob_fpr95", "FPR95 1−max p", true, false),
+    ("entropy_fpr95", "FPR95 H", true, false),
+    ("mutual_information_fpr95", "FPR95 MI", true, false),
+];
+
+fn score_name(s: OodScore) -> &'static str {
+    match s {
+        OodScore::OneMinusMaxProb => "one_minus_max_prob",
+        OodScore::Entropy => "entropy",
+        OodScore::MutualInformation => "mutual_information",
+    }
+}
+
+/// The flat OOD values of one entry, keyed as in [`OOD_COLUMNS`] (plus `nll`).
+fn ood_values(e: &OodEntry) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    for (k, x) in [("acc", e.shifted.acc), ("ece15", e.shifted.ece15), ("nll", e.shifted.nll)] {
+        if let Some(x) = x {
+            v.push((k.to_string(), x));
+        }
+    }
+    for r in &e.detection {
+        let s = score_name(r.score);
+        v.push((format!("{s}_auroc"), r.metrics.auroc));
+        v.push((format!("{s}_aupr"), r.metrics.aupr));
+        v.push((format!("{s}_fpr95"), r.metrics.fpr95));
+    }
+    v
+}
+
+/// The cost values of a cell at the summary row's K.
+fn cost_values(c: &Cell) -> Vec<(&'static str, f64)> {
+    let Some(cost) = &c.cost else {
+        return vec![("train_s", c.train_seconds), ("eval_s", c.eval_seconds)];
+    };
+    let mut v = vec![("train_s", cost.train_seconds), ("fit_s", cost.fit_seconds), ("eval_s", cost.eval_seconds)];
+    if cost.eval.num_examples > 0 {
+        v.push(("eval_ms_per_example", 1000.0 * cost.eval_seconds / cost.eval.num_examples as f64));
+    }
+    if let Some(r) = cost.eval.ratio() {
+        v.push(("k_cost_ratio", r));
+    }
+    v
+}
+
+/// Mean ± std over seeds of named values.
+fn stats<K: Into<String>>(values: impl IntoIterator<Item = (K, f64)>) -> BTreeMap<String, Stat> {
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (k, v) in values {
+        by.entry(k.into()).or_default().push(v);
+    }
+    by.into_iter().filter_map(|(k, v)| Stat::of(&v).map(|s| (k, s))).collect()
 }
 
 /// The aggregate of a sweep.
@@ -217,6 +384,23 @@ pub fn aggregate(cells: &[Cell]) -> Summary {
             if results.is_empty() {
                 continue;
             }
+            let k = results.iter().map(|r| r.num_samples).max().unwrap_or(0);
+            let is_mean_row = label.ends_with("@mean");
+            // Cost belongs to the method (its headline row); the @mean row shares the run.
+            let cost = if is_mean_row { BTreeMap::new() } else { stats(group.iter().flat_map(|c| cost_values(c))) };
+            let mut ood_tasks: Vec<&str> =
+                group.iter().flat_map(|c| c.ood.iter().map(|o| o.ood_task.as_str())).collect();
+            ood_tasks.sort_unstable();
+            ood_tasks.dedup();
+            let ood = ood_tasks
+                .into_iter()
+                .map(|t| {
+                    let entries =
+                        group.iter().flat_map(|c| c.ood.iter().filter(|o| o.ood_task == t && o.num_samples == k));
+                    (t.to_string(), stats(entries.flat_map(ood_values)))
+                })
+                .filter(|(_, m)| !m.is_empty())
+                .collect();
             let mut metrics = BTreeMap::new();
             for (key, ..) in COLUMNS {
                 let values: Vec<f64> = results.iter().filter_map(|r| metric(r, key)).collect();
@@ -228,9 +412,11 @@ pub fn aggregate(cells: &[Cell]) -> Summary {
                 task: task.clone(),
                 method: label,
                 kind,
-                num_samples: results.iter().map(|r| r.num_samples).max().unwrap_or(0),
+                num_samples: k,
                 seeds: group.iter().map(|c| c.seed).collect(),
                 metrics,
+                cost,
+                ood,
             });
         }
     }
@@ -242,6 +428,13 @@ pub fn aggregate(cells: &[Cell]) -> Summary {
                 .into(),
             "NLL: mean −ln p̄(y) per example; Brier: Σ_k (p̄_k − 1[y=k])², not divided by K".into(),
             "K: samples averaged in probability space (0 = mean / point estimate)".into(),
+            "OOD: in-distribution test set = negatives, shifted test set = positives; scores 1 − max p̄, entropy H[p̄], \
+             mutual information H[p̄] − mean_k H[p_k] (0 for K = 0); AUROC/AUPR (sklearn), FPR at 95 % TPR; in %"
+                .into(),
+            "cost: seconds (train: the training the method needs, a shared AdamW run counted for each method using it; \
+             fit: temperature / Laplace; eval: test set, all passes); K-pass cost ratio = time of the K sampled passes \
+             / (K × time of the single pass)"
+                .into(),
         ],
     }
 }
@@ -309,6 +502,7 @@ impl Summary {
                 s.push('\n');
             }
             s.push('\n');
+            self.extra_tables(&task, &mut s);
         }
         for n in &self.notes {
             s.push_str(&format!("- {n}\n"));
@@ -316,20 +510,119 @@ impl Summary {
         s
     }
 
-    /// CSV: one line per row, `<metric>_mean,<metric>_std` for every column (fractions, not %).
+    /// The cost table and one OOD table per shifted task of `task` (Markdown), when present.
+    fn extra_tables(&self, task: &str, s: &mut String) {
+        let rows: Vec<&SummaryRow> = self.rows.iter().filter(|r| r.task == task).collect();
+        let cost_cols: Vec<(&str, &str)> =
+            COST_COLUMNS.iter().copied().filter(|(k, _)| rows.iter().any(|r| r.cost.contains_key(*k))).collect();
+        if !cost_cols.is_empty() {
+            s.push_str(&format!("#### {task}: cost (seconds)\n\n| method | K |"));
+            for (_, h) in &cost_cols {
+                s.push_str(&format!(" {h} |"));
+            }
+            s.push_str("\n|---|---:|");
+            s.push_str(&"---:|".repeat(cost_cols.len()));
+            s.push('\n');
+            for r in rows.iter().filter(|r| !r.cost.is_empty()) {
+                s.push_str(&format!("| {} | {} |", r.method, r.num_samples));
+                for (k, _) in &cost_cols {
+                    let cell = match r.cost.get(*k) {
+                        Some(st) if *k == "k_cost_ratio" => format!("{:.2} ± {:.2}", st.mean, st.std),
+                        Some(st) => format!("{:.1} ± {:.1}", st.mean, st.std),
+                        None => "–".into(),
+                    };
+                    s.push_str(&format!(" {cell} |"));
+                }
+                s.push('\n');
+            }
+            s.push('\n');
+        }
+        for ood in self.ood_tasks(task) {
+            let n = |key: &str| rows.iter().filter_map(|r| r.ood.get(&ood)?.get(key)).count();
+            let cols: Vec<_> = OOD_COLUMNS.iter().copied().filter(|(k, ..)| n(k) > 0).collect();
+            s.push_str(&format!(
+                "#### OOD: trained on {task}, shifted test set {ood} (in-distribution: the {task} test set)\n\n| method | K |"
+            ));
+            for (_, h, ..) in &cols {
+                s.push_str(&format!(" {h} |"));
+            }
+            s.push_str("\n|---|---:|");
+            s.push_str(&"---:|".repeat(cols.len()));
+            s.push('\n');
+            let best = |key: &str, higher: bool| {
+                let vals = rows.iter().filter_map(|r| r.ood.get(&ood)?.get(key)).map(|st| st.mean);
+                if higher {
+                    vals.fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))))
+                } else {
+                    vals.fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.min(v))))
+                }
+            };
+            for r in rows.iter().filter(|r| r.ood.contains_key(&ood)) {
+                s.push_str(&format!("| {} | {} |", r.method, r.num_samples));
+                for &(key, _, pct, higher) in &cols {
+                    let cell = match r.ood.get(&ood).and_then(|m| m.get(key)) {
+                        None => "–".to_string(),
+                        Some(st) => {
+                            let text = fmt_stat(st, pct);
+                            if best(key, higher).is_some_and(|b| same(b, st.mean, pct)) {
+                                format!("**{text}**")
+                            } else {
+                                text
+                            }
+                        }
+                    };
+                    s.push_str(&format!(" {cell} |"));
+                }
+                s.push('\n');
+            }
+            s.push('\n');
+        }
+    }
+
+    /// The shifted tasks that some row of `task` reports.
+    pub fn ood_tasks(&self, task: &str) -> Vec<String> {
+        let mut t: Vec<String> =
+            self.rows.iter().filter(|r| r.task == task).flat_map(|r| r.ood.keys().cloned()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+
+    /// CSV: one line per row, `<metric>_mean,<metric>_std` for every column (fractions, not %),
+    /// then the cost columns and `ood_<shifted task>_<metric>` for every shifted task of the sweep.
     pub fn csv(&self) -> String {
+        let mut all_ood: Vec<String> = self.rows.iter().flat_map(|r| r.ood.keys().cloned()).collect();
+        all_ood.sort();
+        all_ood.dedup();
         let mut s = String::from("task,method,num_samples,seeds");
         for (k, ..) in COLUMNS {
             s.push_str(&format!(",{k}_mean,{k}_std"));
         }
+        for (k, _) in COST_COLUMNS {
+            s.push_str(&format!(",{k}_mean,{k}_std"));
+        }
+        for t in &all_ood {
+            for (k, ..) in OOD_COLUMNS {
+                s.push_str(&format!(",ood_{t}_{k}_mean,ood_{t}_{k}_std"));
+            }
+        }
         s.push('\n');
+        let put = |s: &mut String, st: Option<&Stat>| match st {
+            Some(st) => s.push_str(&format!(",{},{}", st.mean, st.std)),
+            None => s.push_str(",,"),
+        };
         for r in &self.rows {
             let seeds: Vec<String> = r.seeds.iter().map(|x| x.to_string()).collect();
             s.push_str(&format!("{},{},{},{}", r.task, r.method, r.num_samples, seeds.join(" ")));
             for (k, ..) in COLUMNS {
-                match r.metrics.get(k) {
-                    Some(st) => s.push_str(&format!(",{},{}", st.mean, st.std)),
-                    None => s.push_str(",,"),
+                put(&mut s, r.metrics.get(k));
+            }
+            for (k, _) in COST_COLUMNS {
+                put(&mut s, r.cost.get(k));
+            }
+            for t in &all_ood {
+                for (k, ..) in OOD_COLUMNS {
+                    put(&mut s, r.ood.get(t).and_then(|m| m.get(k)));
                 }
             }
             s.push('\n');

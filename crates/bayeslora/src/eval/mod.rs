@@ -25,6 +25,8 @@
 //! let bins = pred.reliability(15, Binning::Torchmetrics).unwrap();
 //! assert_eq!(bins.count.iter().sum::<usize>(), 2);
 //! ```
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Batch, EncodedDataset};
@@ -90,15 +92,60 @@ pub struct Evaluation {
     pub mean: Option<Predictive>,
     /// Predictive averaged over all K samples (classification with K > 0).
     pub bayes: Option<Predictive>,
+    /// Wall-clock seconds of each pass over the data (the predictor's forward passes and the
+    /// accumulation, not the metrics): `[0]` the mean / point pass, `[k]` sample k. The batches
+    /// are tokenized and collated once and reused by every pass.
+    pub pass_seconds: Vec<f64>,
+}
+
+impl Evaluation {
+    /// What the evaluation cost: the single pass against the K sampled passes.
+    pub fn cost(&self, num_examples: usize) -> EvalCost {
+        let single = self.pass_seconds.first().copied().unwrap_or(0.0);
+        let sampled: f64 = self.pass_seconds.iter().skip(1).sum();
+        EvalCost {
+            num_examples,
+            num_samples: self.pass_seconds.len().saturating_sub(1),
+            single_pass_seconds: single,
+            sample_passes_seconds: sampled,
+        }
+    }
+}
+
+/// The cost of a K-sample evaluation against one pass (the issue's "K samples must not cost
+/// more than K× the single pass").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalCost {
+    pub num_examples: usize,
+    /// K, the sampled passes (0: only the point prediction was evaluated).
+    pub num_samples: usize,
+    /// Seconds of the mean / point pass (K = 0).
+    pub single_pass_seconds: f64,
+    /// Seconds of the K sampled passes together (drawing the weights included).
+    pub sample_passes_seconds: f64,
+}
+
+impl EvalCost {
+    /// (seconds of the K sampled passes) / (K × seconds of the single pass); `None` for K = 0.
+    /// 1.0 means each sample costs exactly one plain forward pass over the data.
+    pub fn ratio(&self) -> Option<f64> {
+        (self.num_samples > 0 && self.single_pass_seconds > 0.0)
+            .then(|| self.sample_passes_seconds / (self.num_samples as f64 * self.single_pass_seconds))
+    }
 }
 
 /// Evaluates `predictor` on `data`: the mean prediction, then K posterior samples.
-pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &EvalConfig) -> Result<Evaluation> {
+pub fn evaluate<P: Predictor + ?Sized>(
+    predictor: &mut P,
+    data: &EncodedDataset,
+    cfg: &EvalConfig,
+) -> Result<Evaluation> {
     cfg.validate()?;
     let task = data.task;
     let n = data.len();
     let batches: Vec<Batch> = Batch::in_order(data, cfg.batch_size).collect::<Result<_>>()?;
     let mut results = Vec::new();
+    let mut pass_seconds = Vec::with_capacity(cfg.num_samples + 1);
     let passes = std::iter::once(None).chain((0..cfg.num_samples).map(Some));
 
     if let Some(labels) = data.class_labels() {
@@ -108,10 +155,12 @@ pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &Ev
         for sample in passes {
             let mut one = PredictiveAccumulator::new(n, k);
             let target = if sample.is_none() { &mut one } else { &mut acc };
+            let t0 = Instant::now();
             for b in &batches {
                 let logits = predictor.predict(b, sample)?;
                 target.add_logits(&b.indices, &logits, &b.class_mask)?;
             }
+            pass_seconds.push(t0.elapsed().as_secs_f64());
             let done = sample.map_or(0, |s| s + 1);
             if sample.is_none() || cfg.curve.contains(&done) || done == cfg.num_samples {
                 let pred = if sample.is_none() { one.predictive(&labels)? } else { acc.predictive(&labels)? };
@@ -123,13 +172,14 @@ pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &Ev
             }
         }
         let bayes = if cfg.num_samples > 0 { Some(acc.predictive(&labels)?) } else { None };
-        Ok(Evaluation { results, mean, bayes })
+        Ok(Evaluation { results, mean, bayes, pass_seconds })
     } else {
         // regression: average the predicted values over samples
         let targets: Vec<f64> = data.scores().unwrap_or_default().iter().map(|&s| f64::from(s)).collect();
         let mut sum = vec![0.0f64; n];
         for sample in passes {
             let mut cur = vec![0.0f64; n];
+            let t0 = Instant::now();
             for b in &batches {
                 let out = predictor.predict(b, sample)?;
                 if out.len() != b.batch_size {
@@ -143,6 +193,7 @@ pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &Ev
                     cur[i] = f64::from(v);
                 }
             }
+            pass_seconds.push(t0.elapsed().as_secs_f64());
             let done = sample.map_or(0, |s| s + 1);
             let shown: Vec<f64> = if sample.is_none() {
                 cur
@@ -155,7 +206,7 @@ pub fn evaluate<P: Predictor>(predictor: &mut P, data: &EncodedDataset, cfg: &Ev
                 results.push(EvalResult::new(&cfg.method, task.name(), done, n, m));
             }
         }
-        Ok(Evaluation { results, mean: None, bayes: None })
+        Ok(Evaluation { results, mean: None, bayes: None, pass_seconds })
     }
 }
 
@@ -205,5 +256,13 @@ mod tests {
         assert!(bayes.mutual_information()[0] > 0.3);
         assert_eq!(ev.mean.unwrap().num_samples, 1);
         assert!(ev.results[0].metrics.ece15.is_some());
+        // one timing per pass: the mean, then 4 samples
+        assert_eq!(ev.pass_seconds.len(), 5);
+        let cost = ev.cost(7);
+        assert_eq!((cost.num_samples, cost.num_examples), (4, 7));
+        assert!(cost.single_pass_seconds >= 0.0 && cost.sample_passes_seconds >= 0.0);
+        let c = EvalCost { num_examples: 7, num_samples: 4, single_pass_seconds: 0.5, sample_passes_seconds: 3.0 };
+        assert_eq!(c.ratio(), Some(1.5));
+        assert_eq!(EvalCost { num_samples: 0, ..c }.ratio(), None);
     }
 }

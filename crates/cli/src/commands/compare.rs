@@ -10,17 +10,28 @@
 //! runs with seeds `seed + 1000·m`. All methods train on the same rows: the task's training
 //! set minus a fixed held-out split (`heldout_fraction`) that only temperature scaling and
 //! Laplace's prior precision look at.
+//!
+//! `ood_tasks` (e.g. `["arc_challenge", "arc_easy"]` for a sweep on OBQA) scores every method's
+//! predictor on the shifted tasks' test sets too: OOD detection against the in-distribution test
+//! set (AUROC / AUPR / FPR95 with 1 − max p̄, entropy and mutual information) and accuracy and
+//! calibration under the shift. Multiple-choice shifted sets keep only the rows with as many
+//! choices as the in-distribution task (ARC: the 4-choice rows, ivon-lora's protocol), so both
+//! sets share one label set and the entropy scores have one scale.
+//!
+//! Each method is one arm of [`run_cell`]: build its predictor (from the shared trained models),
+//! then [`score`] it; a new method is a new [`MethodKind`] and a new arm.
 use super::pipeline;
 use crate::config::{merge, RunConfig};
 use crate::ui::progress::{eval_bar, TrainProgress};
 use anyhow::{bail, Context, Result};
-use bayeslora::baselines::sweep::{write_summary, Cell, CellKey};
+use bayeslora::baselines::sweep::{ood_entries, write_summary, Cell, CellCost, CellKey, OodEntry};
 use bayeslora::baselines::{
     collect_logits, fit_temperature, holdout, laplace, EnsemblePredictor, LaplaceConfig, McDropoutPredictor,
     MethodKind, TemperaturePredictor,
 };
-use bayeslora::data::{EncodedDataset, TextEncoder};
+use bayeslora::data::{self, ChoiceFilter, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
 use bayeslora::eval::{self, metrics::Binning, EvalConfig, Evaluation, Predictor};
+use bayeslora::models::Backbone;
 use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, TaskModel};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +54,11 @@ pub struct CompareConfig {
     /// Output folder of the sweep.
     pub out: PathBuf,
     pub train_limit: Option<usize>,
+    /// Rows of each test set (the task's and the shifted ones); `None`: all.
     pub eval_limit: Option<usize>,
+    /// Shifted test sets (their dev split) every method is also scored on, for OOD detection
+    /// against the in-distribution test set, e.g. `["arc_challenge", "arc_easy"]` after OBQA.
+    pub ood_tasks: Vec<String>,
     /// K for IVON, MC dropout and Laplace.
     pub samples: usize,
     /// Ensemble members N (its K).
@@ -68,6 +83,7 @@ impl Default for CompareConfig {
             out: PathBuf::from("runs/compare"),
             train_limit: None,
             eval_limit: None,
+            ood_tasks: Vec::new(),
             samples: 10,
             members: 5,
             heldout_fraction: 0.1,
@@ -118,6 +134,9 @@ impl CompareConfig {
         }
         if self.members == 0 {
             bail!("members = 0: an ensemble needs at least one member");
+        }
+        for t in self.tasks.iter().chain(&self.ood_tasks) {
+            Task::from_name(t).with_context(|| format!("unknown task `{t}` in the sweep file"))?;
         }
         for label in self.method.keys() {
             if !self.methods.contains(label) {
@@ -221,6 +240,81 @@ struct TaskData {
     train: Arc<EncodedDataset>,
     heldout: EncodedDataset,
     eval: EncodedDataset,
+    /// The shifted test sets, by task name.
+    ood: Vec<(String, EncodedDataset)>,
+}
+
+/// One predictor scored on the test set and the shifted sets.
+struct Scored {
+    ev: Evaluation,
+    ood: Vec<OodEntry>,
+    eval_seconds: f64,
+    ood_seconds: f64,
+}
+
+/// Evaluates `p` on the task's test set, then (same K) on each shifted set for OOD detection.
+fn score<P: Predictor + ?Sized>(p: &mut P, td: &TaskData, cfg: &EvalConfig) -> Result<Scored> {
+    let bar = eval_bar("eval", 1);
+    let t0 = Instant::now();
+    let ev = eval::evaluate(p, &td.eval, cfg)?;
+    let eval_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut ood = Vec::new();
+    let quiet = EvalConfig { curve: Vec::new(), ..cfg.clone() };
+    for (name, set) in &td.ood {
+        let shifted = eval::evaluate(p, set, &quiet)?;
+        ood.extend(ood_entries(name, &ev, &shifted)?);
+    }
+    bar.finish_and_clear();
+    Ok(Scored { ev, ood, eval_seconds, ood_seconds: t1.elapsed().as_secs_f64() })
+}
+
+/// The shifted test sets of `ood_tasks` for an in-distribution set `id` (dev splits, prompt
+/// format for decoders, multiple-choice rows with `id`'s choice count).
+fn load_ood(
+    cfg: &CompareConfig,
+    run: &RunConfig,
+    encoder: &TextEncoder,
+    decoder: bool,
+    id: &EncodedDataset,
+) -> Result<Vec<(String, EncodedDataset)>> {
+    let mut out = Vec::new();
+    for name in cfg.ood_tasks.iter().filter(|t| t.as_str() != id.task.name()) {
+        let task = Task::from_name(name)?;
+        let mut spec = DataSpec::standard(task, Split::Dev, &pipeline::data_dir())?;
+        spec.limit = cfg.eval_limit;
+        if run.skip_bad_rows {
+            spec.on_bad_row = OnBadRow::Skip;
+        }
+        if decoder {
+            spec.format = Some(Format::Prompt);
+        }
+        if task.is_multiple_choice() && id.task.is_multiple_choice() {
+            spec.choices = ChoiceFilter::Exactly(id.num_classes);
+        }
+        let set = data::load(&spec).with_context(|| format!("loading the shifted test set `{name}`"))?;
+        let enc = encoder.encode_dataset(&set)?;
+        if enc.num_classes != id.num_classes || enc.task.is_regression() {
+            bail!(
+                "shifted test set `{name}` ({}) has {} classes, the in-distribution task `{}` has {}; \
+                 OOD detection needs one label set",
+                spec.path.display(),
+                enc.num_classes,
+                id.task.name(),
+                id.num_classes
+            );
+        }
+        if set.filtered > 0 {
+            eprintln!(
+                "{name}: kept the {} rows with {} choices ({} others left out)",
+                enc.len(),
+                id.num_classes,
+                set.filtered
+            );
+        }
+        out.push((name.clone(), enc));
+    }
+    Ok(out)
 }
 
 pub fn run(args: crate::args::CompareArgs) -> Result<ExitCode> {
@@ -249,7 +343,7 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
             .seeds
             .iter()
             .flat_map(|&s| methods.iter().map(move |m| (s, m)))
-            .filter(|(s, m)| !CellKey::new(task, &m.label, *s).is_done(&cfg.out))
+            .filter(|(s, m)| !CellKey::new(task, &m.label, *s).is_done_with(&cfg.out, &ood_for(cfg, task)))
             .collect();
         let total = cfg.seeds.len() * methods.len();
         eprintln!("{task}: {} of {total} cells to run ({} already done)", todo.len(), total - todo.len());
@@ -261,10 +355,15 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
         let loaded = pipeline::load_model(&base)?;
         let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), base.max_len)?;
         let data = pipeline::load_data(&base, &encoder, &loaded)?;
+        let decoder = matches!(loaded.backbone, Backbone::Llama(_));
         drop(loaded);
+        let ood = load_ood(cfg, &base, &encoder, decoder, &data.eval)?;
         let (train_rows, heldout) = holdout(&data.train, cfg.heldout_fraction, 0)?;
-        let td = TaskData { train: Arc::new(train_rows), heldout, eval: data.eval };
+        let td = TaskData { train: Arc::new(train_rows), heldout, eval: data.eval, ood };
         eprintln!("{task}: {} train / {} held-out / {} eval rows", td.train.len(), td.heldout.len(), td.eval.len());
+        for (name, set) in &td.ood {
+            eprintln!("{task}: shifted test set {name}: {} rows", set.len());
+        }
         for &seed in &cfg.seeds {
             let mut cache = Cache { models: HashMap::new(), train: td.train.clone(), data_eval: &td.eval };
             for (_, m) in todo.iter().filter(|(s, _)| *s == seed) {
@@ -282,6 +381,11 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
         write_summary(&cfg.out, &cfg.model)?;
     }
     Ok(())
+}
+
+/// The shifted tasks scored for `task` (all of `ood_tasks` but the task itself).
+fn ood_for(cfg: &CompareConfig, task: &str) -> Vec<String> {
+    cfg.ood_tasks.iter().filter(|t| t.as_str() != task).cloned().collect()
 }
 
 /// The AdamW run that AdamW-based methods of this (task, seed) share.
@@ -318,62 +422,62 @@ fn run_cell(
         "heldout_rows": td.heldout.len(),
     });
     let sample_seed = seed ^ 0xE7A1;
-    let (ev, train_seconds, eval_seconds) = match m.kind {
+    // Each arm builds the method's predictor and scores it; returns (scores, train s, fit s).
+    let (scored, train_seconds, fit_seconds) = match m.kind {
         MethodKind::Adamw => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
-            let t = cache.get(&key)?;
-            let mut p = ModelPredictor::point(&t.model, &device)?;
-            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(0)), secs)?
+            let mut p = ModelPredictor::point(&cache.get(&key)?.model, &device)?;
+            (score(&mut p, td, &eval_cfg(0))?, secs, 0.0)
         }
         MethodKind::Ivon => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
             let t = cache.get(&key)?;
             let Optimizer::Ivon(ivon) = &t.opt else { bail!("invariant: IVON cell trained with IVON") };
             let mut p = ModelPredictor::posterior(&t.model, ivon, &device, sample_seed)?;
-            let r = timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?;
+            let r = score(&mut p, td, &eval_cfg(m.samples))?;
             p.restore()?;
-            r
+            (r, secs, 0.0)
         }
         MethodKind::McDropout => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
-            let t = cache.get(&key)?;
             params["dropout"] = serde_json::json!({
                 "lora_dropout": run.lora.lora_dropout,
                 "backbone": "Ctx::train: BERT hidden/attention/classifier dropouts as in training (none for Llama)",
             });
-            let mut p = McDropoutPredictor::new(&t.model, &device, sample_seed);
-            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?
+            if run.lora.lora_dropout <= 0.0 && td.eval.format == Format::Prompt {
+                bail!("mc_dropout on a decoder samples only the LoRA dropout; set [run.lora] lora_dropout > 0");
+            }
+            let mut p = McDropoutPredictor::new(&cache.get(&key)?.model, &device, sample_seed);
+            (score(&mut p, td, &eval_cfg(m.samples))?, secs, 0.0)
         }
         MethodKind::Temperature => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
-            let t = cache.get(&key)?;
-            let mut point = ModelPredictor::point(&t.model, &device)?;
+            let t0 = Instant::now();
+            let mut point = ModelPredictor::point(&cache.get(&key)?.model, &device)?;
             let (logits, mask, labels) = collect_logits(&mut point, &td.heldout, run.eval.batch_size)?;
             let temperature = fit_temperature(&logits, &mask, &labels, td.heldout.num_classes)?;
+            let fit = t0.elapsed().as_secs_f64();
             params["temperature"] = serde_json::json!(temperature);
             let mut p = TemperaturePredictor { inner: point, temperature };
-            timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(0)), secs)?
+            (score(&mut p, td, &eval_cfg(0))?, secs, fit)
         }
         MethodKind::Laplace => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
             let t = cache.get(&key)?;
             let t0 = Instant::now();
             let fit = laplace::fit(&t.model, &td.train, &td.heldout, &m.laplace, &device, sample_seed)?;
+            let fit_seconds = t0.elapsed().as_secs_f64();
             eprintln!(
-                "{task}/{}/seed{seed}: Fisher on {} rows, prior precision {:e} (held-out NLL {:?}) in {:.0} s",
-                m.label,
-                fit.fisher_examples,
-                fit.prior_precision,
-                fit.heldout_nll,
-                t0.elapsed().as_secs_f64()
+                "{task}/{}/seed{seed}: Fisher on {} rows, prior precision {:e} (held-out NLL {:?}) in {fit_seconds:.0} s",
+                m.label, fit.fisher_examples, fit.prior_precision, fit.heldout_nll,
             );
             params["laplace"] = serde_json::to_value(&fit)?;
             params["laplace_config"] = serde_json::to_value(&m.laplace)?;
-            params["laplace_seconds"] = serde_json::json!(t0.elapsed().as_secs_f64());
+            params["laplace_seconds"] = serde_json::json!(fit_seconds);
             let mut p = fit.predictor(&t.model, &device, sample_seed)?;
-            let r = timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.samples)), secs)?;
+            let r = score(&mut p, td, &eval_cfg(m.samples))?;
             p.restore()?;
-            r
+            (r, secs, fit_seconds)
         }
         MethodKind::Ensemble => {
             let mut keys = Vec::new();
@@ -393,15 +497,29 @@ fn run_cell(
                     })
                     .collect::<Result<_>>()?;
                 let mut p = EnsemblePredictor::new(members)?;
-                timed(|| eval::evaluate(&mut p, &td.eval, &eval_cfg(m.members)), secs)?
+                score(&mut p, td, &eval_cfg(m.members))?
             };
             // Members 1.. are only the ensemble's: free them (member 0 is the shared AdamW run).
             for k in keys.iter().skip(1) {
                 cache.models.remove(k);
             }
-            r
+            (r, secs, 0.0)
         }
     };
+    let Scored { ev, ood, eval_seconds, ood_seconds } = scored;
+    let cost = CellCost {
+        train_seconds,
+        fit_seconds,
+        eval_seconds,
+        ood_eval_seconds: ood_seconds,
+        eval: ev.cost(td.eval.len()),
+    };
+    if let Some(r) = cost.eval.ratio() {
+        eprintln!(
+            "{task}/{}/seed{seed}: single pass {:.2} s, {} sampled passes {:.2} s (ratio {r:.2} of K × single)",
+            m.label, cost.eval.single_pass_seconds, cost.eval.num_samples, cost.eval.sample_passes_seconds
+        );
+    }
     let headline = ev.bayes.as_ref().or(ev.mean.as_ref());
     let reliability = headline.map(|p| p.reliability(run.eval.bins, Binning::Torchmetrics)).transpose()?;
     let mut results = ev.results;
@@ -423,16 +541,9 @@ fn run_cell(
         params,
         train_seconds,
         eval_seconds,
+        ood,
+        cost: Some(cost),
     })
-}
-
-/// Runs an evaluation with a spinner and returns it with (train seconds, eval seconds).
-fn timed(f: impl FnOnce() -> bayeslora::Result<Evaluation>, train_seconds: f64) -> Result<(Evaluation, f64, f64)> {
-    let bar = eval_bar("eval", 1);
-    let t0 = Instant::now();
-    let ev = f()?;
-    bar.finish_and_clear();
-    Ok((ev, train_seconds, t0.elapsed().as_secs_f64()))
 }
 
 #[cfg(test)]
