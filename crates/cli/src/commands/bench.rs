@@ -231,6 +231,18 @@ pub fn random_llama(cfg: &LlamaConfig, dtype: DType, device: &Device, seed: u64)
     Ok((model, count))
 }
 
+/// The number of frozen parameters of a Llama-family model (embeddings, every projection with its
+/// biases, norms, and the lm_head unless tied), as `sum(p.numel())` over a transformers model.
+pub fn frozen_param_count(cfg: &LlamaConfig) -> usize {
+    let (v, c, i) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let bias = |on: bool, n: usize| if on { n } else { 0 };
+    let attn = 2 * c * q + 2 * c * kv + bias(cfg.qkv_bias, q + 2 * kv) + bias(cfg.o_bias, c);
+    let mlp = 3 * c * i + bias(cfg.mlp_bias, 2 * i + c);
+    let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
+    heads * v * c + cfg.num_hidden_layers * (attn + mlp + 2 * c) + c
+}
+
 /// Loads `--shape` as a random-weight model (see [`random_llama`]).
 fn random_model(path: &Path, dtype: DType, device: &Device, seed: u64) -> Result<(LoadedModel, usize)> {
     let cfg = LlamaConfig::from_file(path).with_context(|| format!("reading {}", path.display()))?;
@@ -500,6 +512,8 @@ mod tests {
             // 256·64 (embed) + 256·64 (lm_head) + 2 · (64·64 + 2·32·64 + 64·64 + 3·64·128 + 2·64) + 64.
             let expect = 2 * 256 * 64 + 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64) + 64;
             assert_eq!(r["n_frozen_params"], expect);
+            let cfg = LlamaConfig::from_json(TINY, Path::new("tiny.json"))?;
+            assert_eq!(frozen_param_count(&cfg), expect);
             assert!(r["final_loss"].as_f64().is_some_and(|l| l.is_finite()), "{r}");
         }
         Ok(())
@@ -518,6 +532,22 @@ mod tests {
         assert_eq!(rows[0]["targets"], "all-linear");
         assert_eq!(rows[0]["lora"]["target_modules"].as_array().map(|a| a.len()), Some(7));
         assert_eq!(rows[0]["objective"], "label-words");
+        Ok(())
+    }
+
+    #[test]
+    fn shipped_shapes_have_the_published_sizes() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench");
+        // transformers' `sum(p.numel() for p in model.parameters())` of each architecture.
+        for (file, params) in [
+            ("llama2_7b.json", 6_738_415_616usize),
+            ("llama3_8b.json", 8_030_261_248),
+            ("qwen2_7b.json", 7_615_616_512),
+            ("smollm2_135m.json", 134_515_008),
+        ] {
+            let cfg = LlamaConfig::from_file(&dir.join(file))?;
+            assert_eq!(frozen_param_count(&cfg), params, "{file}");
+        }
         Ok(())
     }
 
