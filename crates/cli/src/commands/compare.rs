@@ -71,6 +71,17 @@ pub struct CompareConfig {
     pub run: toml::Table,
     /// Per-method overrides.
     pub method: BTreeMap<String, MethodEntry>,
+    /// Per-task data limits, e.g. `[task.rte] train_limit = 600` (pairs cost ~3× a sentence).
+    pub task: BTreeMap<String, TaskEntry>,
+}
+
+/// `[task.<name>]`: data limits of one task (over the sweep's `train_limit` / `eval_limit`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskEntry {
+    pub train_limit: Option<usize>,
+    /// Rows of the task's test set and of the shifted sets scored against it.
+    pub eval_limit: Option<usize>,
 }
 
 impl Default for CompareConfig {
@@ -90,6 +101,7 @@ impl Default for CompareConfig {
             laplace: LaplaceConfig::default(),
             run: toml::Table::new(),
             method: BTreeMap::new(),
+            task: BTreeMap::new(),
         }
     }
 }
@@ -138,6 +150,11 @@ impl CompareConfig {
         for t in self.tasks.iter().chain(&self.ood_tasks) {
             Task::from_name(t).with_context(|| format!("unknown task `{t}` in the sweep file"))?;
         }
+        for name in self.task.keys() {
+            if !self.tasks.contains(name) {
+                eprintln!("note: [task.{name}] is defined but not in `tasks`; it will not run");
+            }
+        }
         for label in self.method.keys() {
             if !self.methods.contains(label) {
                 eprintln!("note: [method.{label}] is defined but not in `methods`; it will not run");
@@ -181,8 +198,9 @@ impl CompareConfig {
             merged.try_into().with_context(|| format!("invalid run settings for method `{}`", method.label))?;
         cfg.model = Some(PathBuf::from(&self.model));
         cfg.task = task.into();
-        cfg.train_limit = self.train_limit;
-        cfg.eval_limit = self.eval_limit;
+        let limits = self.task.get(task).cloned().unwrap_or_default();
+        cfg.train_limit = limits.train_limit.or(self.train_limit);
+        cfg.eval_limit = limits.eval_limit.or(self.eval_limit);
         cfg.train.seed = seed;
         cfg.train.batch.seed = seed;
         cfg.train.optimizer = if method.kind.uses_ivon() { OptimizerKind::Ivon } else { OptimizerKind::Adamw };
@@ -282,7 +300,7 @@ fn load_ood(
     for name in cfg.ood_tasks.iter().filter(|t| t.as_str() != id.task.name()) {
         let task = Task::from_name(name)?;
         let mut spec = DataSpec::standard(task, Split::Dev, &pipeline::data_dir())?;
-        spec.limit = cfg.eval_limit;
+        spec.limit = run.eval_limit;
         if run.skip_bad_rows {
             spec.on_bad_row = OnBadRow::Skip;
         }
@@ -588,6 +606,23 @@ lr = 0.1
         // the ensemble's member 0 is the AdamW run: same settings, same cache key
         let e = cfg.run_config("sst2", &ms[2], 7).unwrap();
         assert_eq!(a.to_toml().unwrap(), e.to_toml().unwrap());
+    }
+
+    #[test]
+    fn ood_tasks_and_per_task_limits() {
+        let mut cfg: CompareConfig = toml::from_str(&format!(
+            "ood_tasks = [\"arc_challenge\", \"arc_easy\"]\ntrain_limit = 100\neval_limit = 50\n{SWEEP}\n[task.sst2]\ntrain_limit = 30\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let ms = cfg.resolved_methods().unwrap();
+        let run = cfg.run_config("sst2", &ms[0], 0).unwrap();
+        assert_eq!((run.train_limit, run.eval_limit), (Some(30), Some(50)));
+        let other = cfg.run_config("rte", &ms[0], 0).unwrap();
+        assert_eq!((other.train_limit, other.eval_limit), (Some(100), Some(50)));
+        assert_eq!(ood_for(&cfg, "arc_easy"), vec!["arc_challenge".to_string()]);
+        cfg.ood_tasks.push("arc_hard".into());
+        assert!(cfg.validate().is_err(), "unknown shifted task");
     }
 
     #[test]
