@@ -7,8 +7,10 @@
 //! # Adding a method
 //! Implement [`Adapter`] (the forward delta and the trainable vars, named as on disk), give it a
 //! config with PEFT's field names, and an `attach`-style function in its own folder (`lora/`).
+pub mod blora;
 pub mod lora;
 
+pub use blora::{attach_blora, BLoraConfig};
 pub use lora::{attach, LoraConfig};
 
 use crate::Result;
@@ -53,6 +55,28 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn named_vars(&self) -> Vec<(String, Var)>;
     /// The method's name as PEFT spells it (`LORA`).
     fn peft_type(&self) -> &'static str;
+    /// The whole layer output `y` for `x: [.., in]` when the adapter also changes the base path
+    /// (B-LoRA's `quantize_base` quantizes W0 and x); `None` (the default) keeps the frozen base
+    /// plus [`Adapter::forward`].
+    fn forward_with_base(
+        &self,
+        _x: &Tensor,
+        _weight: &Tensor,
+        _bias: Option<&Tensor>,
+        _ctx: &Ctx,
+        _salt: u64,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
+    /// The adapter's own prior term for the loss (scalar, without the method's strength μ);
+    /// `None` for methods without one (LoRA).
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Gate logits, trained by their own optimizer (B-LoRA: Adam at `gate_lr`); empty for LoRA.
+    fn named_gate_vars(&self) -> Vec<(String, Var)> {
+        vec![]
+    }
     /// Downcasting hook for exporters.
     fn as_any(&self) -> &dyn std::any::Any;
 }
@@ -82,6 +106,11 @@ impl Linear {
     }
     /// `x: [.., in]` → `[.., out]`; the base path never computes dW.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let Some(y) =
+            self.adapter.as_ref().and_then(|a| a.forward_with_base(x, &self.weight, self.bias.as_ref(), ctx, self.salt))
+        {
+            return y;
+        }
         let y = crate::ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
         match &self.adapter {
             Some(a) => Ok(y.add(&a.forward(x, ctx, self.salt)?.to_dtype(y.dtype())?)?),

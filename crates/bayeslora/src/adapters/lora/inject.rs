@@ -122,7 +122,7 @@ pub fn attach(model: &mut dyn HasLinears, config: &LoraConfig, seed: u64, device
 
 /// Each listed target (or the regex) must select at least one linear; PEFT only fails when
 /// nothing at all matches, which hides a typo in one of several names.
-fn check_every_target_matches(targets: &TargetModules, names: &[String]) -> Result<()> {
+pub(crate) fn check_every_target_matches(targets: &TargetModules, names: &[String]) -> Result<()> {
     let unmatched: Option<String> = match targets {
         TargetModules::List(list) => {
             list.iter().find(|t| !names.iter().any(|n| super::config::matches_name(n, t))).cloned()

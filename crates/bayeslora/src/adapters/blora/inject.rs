@@ -1,0 +1,244 @@
+//! [`attach_blora`]: puts a [`BLoraLayer`] on every linear whose HF module name `target_modules`
+//! selects, as [`crate::adapters::attach`] does for LoRA (the base layer is never replaced).
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+
+use super::config::BLoraConfig;
+use super::layer::{BLoraLayer, LearnedLayer};
+use crate::adapters::lora::inject::check_every_target_matches;
+use crate::adapters::lora::PEFT_PREFIX;
+use crate::adapters::{Adapter, Ctx, HasLinears, Linear};
+use crate::{Error, Result};
+
+/// The B-LoRA layers [`attach_blora`] installed, in the model's module order.
+#[derive(Debug, Clone, Default)]
+pub struct AttachedBLora {
+    /// `(HF module name, layer)`; the same `Arc` sits in the model's [`Linear`].
+    pub layers: Vec<(String, Arc<BLoraLayer>)>,
+}
+
+impl AttachedBLora {
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// The layer on one module, by its full name.
+    pub fn get(&self, module: &str) -> Option<&Arc<BLoraLayer>> {
+        self.layers.iter().find(|(m, _)| m == module).map(|(_, l)| l)
+    }
+
+    fn named(&self, prefix: &str, vars: impl Fn(&BLoraLayer) -> Vec<(String, Var)>) -> Vec<(String, Var)> {
+        self.layers
+            .iter()
+            .flat_map(|(m, l)| vars(l).into_iter().map(move |(s, v)| (format!("{PEFT_PREFIX}{prefix}{m}.{s}"), v)))
+            .collect()
+    }
+
+    /// A, E, B of every layer in PEFT's key form, `base_model.model.{prefix}{module}.lora_A.weight`
+    /// (`prefix`: `bert.` when PEFT wraps `BertForSequenceClassification`): the weights for the
+    /// main optimizer.
+    pub fn named_weight_vars_with_prefix(&self, prefix: &str) -> Vec<(String, Var)> {
+        self.named(prefix, BLoraLayer::weight_vars)
+    }
+
+    /// The gate logits, `base_model.model.{prefix}{module}.blora_gates.rank` etc.: for the gate
+    /// optimizer (Adam at `gate_lr`, no weight decay).
+    pub fn named_gate_vars_with_prefix(&self, prefix: &str) -> Vec<(String, Var)> {
+        self.named(prefix, BLoraLayer::gate_vars)
+    }
+
+    /// Every layer's full state (weights, gates, ranges) under the same keys, for checkpoints.
+    pub fn named_state_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (m, l) in &self.layers {
+            for (s, t) in l.named_state()? {
+                out.push((format!("{PEFT_PREFIX}{prefix}{m}.{s}"), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores [`Self::named_state_with_prefix`].
+    pub fn set_state_with_prefix(&self, prefix: &str, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for (m, l) in &self.layers {
+            let head = format!("{PEFT_PREFIX}{prefix}{m}.");
+            let mine = state.iter().filter_map(|(k, t)| k.strip_prefix(&head).map(|s| (s.to_string(), t.clone())));
+            l.set_state(&mine.collect())?;
+        }
+        Ok(())
+    }
+
+    /// The summed gate prior of every layer (μ not included; scalar): `None` when no layer has
+    /// gates.
+    pub fn regularizer(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for (_, l) in &self.layers {
+            if let Some(r) = l.regularizer()? {
+                total = Some(match total {
+                    Some(t) => t.add(&r)?,
+                    None => r,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    /// Learned rank and bits per module (deterministic gates).
+    pub fn learned(&self) -> Result<Vec<(String, LearnedLayer)>> {
+        self.layers.iter().map(|(m, l)| Ok((m.clone(), l.learned()?))).collect()
+    }
+}
+
+/// Attaches a fresh [`BLoraLayer`] to every linear of `model` that `config.target_modules`
+/// selects. Layer k (in the model's module order) draws its A, B (and E) from
+/// `Ctx { seed }.seed_for(k)`; vars are created on `device`. The `bops` prior of every layer is
+/// normalised by the mean over the adapted layers of their BOPs with every gate on.
+///
+/// Fails, before changing anything, when the config is invalid, `target_modules` is unset (fill
+/// it with [`BLoraConfig::with_default_targets`]), a listed target matches no linear (the error
+/// lists the available names), or a selected linear already carries an adapter.
+pub fn attach_blora(
+    model: &mut dyn HasLinears,
+    config: &BLoraConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<AttachedBLora> {
+    config.validate()?;
+    let targets = config.target_modules.as_ref().ok_or_else(|| {
+        Error::config(
+            "target_modules",
+            "null",
+            "set it (e.g. [\"query\", \"key\", \"value\"]) or call BLoraConfig::with_default_targets(arch)",
+        )
+    })?;
+    let mut linears = model.linears_mut();
+    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
+    check_every_target_matches(targets, &names)?;
+    let mut selected: Vec<(String, &mut Linear)> = Vec::new();
+    for (name, linear) in linears.iter_mut() {
+        if targets.matches(name)? {
+            if linear.adapter.is_some() {
+                return Err(Error::config(
+                    "target_modules",
+                    name.as_str(),
+                    "this module already carries an adapter; attach once per model",
+                ));
+            }
+            selected.push((name.clone(), &mut **linear));
+        }
+    }
+    // Build every layer before installing any, so an error leaves the model untouched.
+    let mut built = Vec::with_capacity(selected.len());
+    for (k, (_, linear)) in selected.iter().enumerate() {
+        let layer_seed = Ctx { train: false, seed }.seed_for(k as u64);
+        built.push(BLoraLayer::new(linear.in_features(), linear.out_features(), config, layer_seed, device)?);
+    }
+    let norm = built.iter().map(BLoraLayer::full_bops).sum::<f64>() / built.len().max(1) as f64;
+    let mut attached = AttachedBLora::default();
+    for ((name, linear), mut layer) in selected.into_iter().zip(built) {
+        layer.set_bops_norm(norm)?;
+        let layer = Arc::new(layer);
+        linear.adapter = Some(layer.clone() as Arc<dyn Adapter>);
+        attached.layers.push((name, layer));
+    }
+    Ok(attached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::lora::TargetModules;
+    use candle_core::DType;
+
+    struct Toy {
+        layers: Vec<Linear>,
+    }
+
+    impl HasLinears for Toy {
+        fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+            self.layers
+                .iter_mut()
+                .enumerate()
+                .map(|(i, l)| (format!("layers.{}.{}", i / 2, if i % 2 == 0 { "q_proj" } else { "v_proj" }), l))
+                .collect()
+        }
+    }
+
+    fn toy() -> Result<Toy> {
+        let layers = (0..4)
+            .map(|i| Ok(Linear::new(Tensor::ones((3 + i, 5), DType::F32, &Device::Cpu)?, None)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Toy { layers })
+    }
+
+    fn cfg(targets: &[&str]) -> BLoraConfig {
+        BLoraConfig {
+            r: 2,
+            target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
+            ..BLoraConfig::default()
+        }
+    }
+
+    #[test]
+    fn attaches_names_and_sums_priors() -> Result<()> {
+        let mut m = toy()?;
+        let a = attach_blora(&mut m, &cfg(&["q_proj"]), 1, &Device::Cpu)?;
+        assert_eq!(a.len(), 2);
+        assert!(m.layers[0].adapter.is_some() && m.layers[1].adapter.is_none());
+        let w: Vec<String> = a.named_weight_vars_with_prefix("bert.").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(w[0], "base_model.model.bert.layers.0.q_proj.lora_A.weight");
+        assert_eq!(w[1], "base_model.model.bert.layers.0.q_proj.lora_E");
+        let g: Vec<String> = a.named_gate_vars_with_prefix("").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(g[0], "base_model.model.layers.0.q_proj.blora_gates.rank");
+        // Gates at 6: every prior ≈ its all-on value; two same-shaped layers of norm 1 each → ≈ 2·(≈1).
+        let prior = a.regularizer()?.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or_default();
+        assert!(prior > 1.5 && prior <= 2.0 + 1e-5, "{prior}");
+        let learned = a.learned()?;
+        assert_eq!(learned[1].0, "layers.1.q_proj");
+        assert_eq!((learned[1].1.rank, learned[1].1.out_features), (2, 5));
+        // The model's forward goes through the adapter (E = 0: output unchanged at init).
+        let x = Tensor::ones((1, 5), DType::F32, &Device::Cpu)?;
+        assert_eq!(m.layers[0].forward(&x, &Ctx::train(0))?.to_vec2::<f32>()?, vec![vec![5f32; 3]]);
+        // A second attach on the same modules is refused.
+        assert!(attach_blora(&mut m, &cfg(&["q_proj"]), 1, &Device::Cpu).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn errors_leave_the_model_untouched() -> Result<()> {
+        let mut m = toy()?;
+        let msg = attach_blora(&mut m, &cfg(&["q_proj", "qproj"]), 0, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("\"qproj\"") && msg.contains("layers.*.q_proj, layers.*.v_proj"), "{msg}");
+        assert!(m.layers.iter().all(|l| l.adapter.is_none()), "nothing attached on error");
+        let unset = BLoraConfig::default();
+        assert!(attach_blora(&mut m, &unset, 0, &Device::Cpu).is_err());
+        let bad = BLoraConfig { r: 0, ..cfg(&["q_proj"]) };
+        assert!(attach_blora(&mut m, &bad, 0, &Device::Cpu).is_err());
+        assert!(m.layers.iter().all(|l| l.adapter.is_none()));
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips_through_prefixed_keys() -> Result<()> {
+        let mut m = toy()?;
+        let a = attach_blora(&mut m, &cfg(&["v_proj"]), 4, &Device::Cpu)?;
+        let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu)?;
+        m.layers[1].forward(&x, &Ctx::train(0))?;
+        let state: std::collections::HashMap<String, Tensor> = a.named_state_with_prefix("")?.into_iter().collect();
+        assert!(state.contains_key("base_model.model.layers.0.v_proj.blora_ranges.lora_A.x_max"));
+        let mut m2 = toy()?;
+        let b = attach_blora(&mut m2, &cfg(&["v_proj"]), 5, &Device::Cpu)?;
+        b.set_state_with_prefix("", &state)?;
+        assert_eq!(b.layers[0].1.ranges()?, a.layers[0].1.ranges()?);
+        assert_eq!(b.layers[0].1.lora_a().to_vec2::<f32>()?, a.layers[0].1.lora_a().to_vec2::<f32>()?);
+        Ok(())
+    }
+}

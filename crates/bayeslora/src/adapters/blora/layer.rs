@@ -1,0 +1,715 @@
+//! [`BLoraLayer`]: the gated, quantized adapter `ΔW·x = s · B·diag(z_rank ⊙ Q(E))·A·dropout(x)`,
+//! s = α/r (AdaLoRA's SVD form with B-LoRA's gates; `specs/blora.md` "Layer").
+//!
+//! Shapes: x `[.., in]`, A `[r, in]`, E `[r, 1]` (AdaLoRA's `lora_E`), B `[out, r]`; all f32
+//! [`Var`]s whatever the base dtype. The adapter path, per row of x:
+//!
+//! ```text
+//! h = Q_actA(dropout(x)·Q_A(A)ᵀ)          [N, r]
+//! g = Q_actE(h ⊙ (z_rank ⊙ Q_E(E)))       [N, r]
+//! u = Q_actB(g·Q_B(B)ᵀ)                   [N, out]    output: s·u
+//! ```
+//!
+//! With `quantize_base` the layer also computes the base as `Q_x(x)·Q_W0(W0)ᵀ + b` (through
+//! [`Adapter::forward_with_base`]) and feeds `Q_x(x)` to the adapter path too. The base bias stays
+//! f32 (the fork quantizes it with W0's quantizer; bias adds are not counted in BOPs).
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use super::config::{BLoraConfig, GateCost, InitE};
+use super::gates;
+use super::quantizer::{Quantizer, Range, Slot};
+use crate::adapters::{Adapter, Ctx};
+use crate::{ops, Error, Result};
+
+/// Mixed into the layer's salt for the adapter-input dropout.
+const DROPOUT_SALT: u64 = 0xB1_0A_D0_00_00_00_00_00;
+/// Mixed into the layer's salt for the gates' uniform noise (plus the slot's index).
+const GATE_SALT: u64 = 0xB1_6A_7E_00_00_00_00_00;
+/// The rank gates' noise index after the eight quantizer slots.
+const RANK_NOISE: u64 = 9;
+/// Bits counted for tensors that are not quantized (f32 compute).
+const FULL_BITS: f64 = 32.0;
+
+/// What training learned for one layer: its rank and each quantized tensor's bit-width, from
+/// the deterministic test-time gates.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedLayer {
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Initial rank.
+    pub r: usize,
+    /// Learned rank r′ (1 + the open prefix of rank gates; `r` without rank gates).
+    pub rank: usize,
+    /// Bits (2, 4, 8, 16, 32) of every quantized tensor; a tensor that is absent is not quantized.
+    pub bits: BTreeMap<Slot, u32>,
+    /// Whether the base weight and input are quantized (then `bits` holds `x` and `base`).
+    pub quantize_base: bool,
+}
+
+impl LearnedLayer {
+    pub fn bits(&self, slot: Slot) -> Option<u32> {
+        self.bits.get(&slot).copied()
+    }
+}
+
+/// Test-time adapter weights with gates applied: what the exports write.
+#[derive(Debug, Clone)]
+pub struct EvalWeights {
+    /// Q_A(A), `[r, in]`.
+    pub a: Tensor,
+    /// Q_E(E), `[r]` (before the rank mask).
+    pub e: Tensor,
+    /// The rank mask, `[r]` (0/1; all ones without rank gates).
+    pub rank_mask: Tensor,
+    /// Q_B(B), `[out, r]`.
+    pub b: Tensor,
+}
+
+/// One B-LoRA adapter on one linear layer.
+#[derive(Debug)]
+pub struct BLoraLayer {
+    in_features: usize,
+    out_features: usize,
+    r: usize,
+    scaling: f64,
+    dropout: f32,
+    /// `[r, in]`, f32.
+    lora_a: Var,
+    /// `[r, 1]`, f32.
+    lora_e: Var,
+    /// `[out, r]`, f32.
+    lora_b: Var,
+    /// log α of the rank gates of components 2..r, `[r − 1]` (`prune_rank` and r > 1).
+    rank_logits: Option<Var>,
+    /// One per quantized tensor, in [`Slot`] order.
+    quantizers: Vec<Quantizer>,
+    quantize_base: bool,
+    cost: GateCost,
+    /// The BOPs that normalise the `bops` prior (see [`GateCost::Bops`]).
+    bops_norm: f64,
+}
+
+impl BLoraLayer {
+    /// A fresh layer: A, B ~ N(0, 0.02²), E zero or N(0, 1) (`init_e`), all drawn from `seed`;
+    /// gates at `rank_gate_init` / `bit_gate_init`; ranges unset (set by the first training
+    /// forward). The `bops` prior is normalised by this layer's own BOPs with every gate on until
+    /// [`super::attach_blora`] sets the mean over the adapted layers.
+    pub fn new(in_features: usize, out_features: usize, cfg: &BLoraConfig, seed: u64, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        if in_features == 0 || out_features == 0 {
+            return Err(Error::config(
+                "in_features",
+                in_features,
+                format!("a B-LoRA layer needs in, out ≥ 1 (out = {out_features})"),
+            ));
+        }
+        let r = cfg.r;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal =
+            |std: f32| rand_distr::Normal::new(0f32, std).map_err(|e| Error::config("init", std, e.to_string()));
+        let small = normal(0.02)?;
+        let a: Vec<f32> = (0..r * in_features).map(|_| small.sample(&mut rng)).collect();
+        let b: Vec<f32> = (0..out_features * r).map(|_| small.sample(&mut rng)).collect();
+        let e: Vec<f32> = match cfg.init_e {
+            InitE::Zero => vec![0.0; r],
+            InitE::Normal => {
+                let unit = normal(1.0)?;
+                (0..r).map(|_| unit.sample(&mut rng)).collect()
+            }
+        };
+        let lora_a = Var::from_tensor(&Tensor::from_vec(a, (r, in_features), device)?)?;
+        let lora_b = Var::from_tensor(&Tensor::from_vec(b, (out_features, r), device)?)?;
+        let lora_e = Var::from_tensor(&Tensor::from_vec(e, (r, 1), device)?)?;
+        let rank_logits = if cfg.prune_rank && r > 1 {
+            Some(Var::from_tensor(&Tensor::full(cfg.rank_gate_init as f32, r - 1, device)?)?)
+        } else {
+            None
+        };
+        let slots: Vec<Slot> = Slot::ALL
+            .into_iter()
+            .filter(|s| {
+                cfg.quantize
+                    && match s {
+                        Slot::Input | Slot::Base => cfg.quantize_base,
+                        Slot::ActA | Slot::ActE | Slot::ActB => cfg.quantize_activations,
+                        Slot::LoraA | Slot::LoraE | Slot::LoraB => true,
+                    }
+            })
+            .collect();
+        let quantizers =
+            slots.into_iter().map(|s| Quantizer::new(s, cfg.bit_gate_init, device)).collect::<Result<Vec<_>>>()?;
+        let mut layer = BLoraLayer {
+            in_features,
+            out_features,
+            r,
+            scaling: cfg.scaling(),
+            dropout: cfg.lora_dropout,
+            lora_a,
+            lora_e,
+            lora_b,
+            rank_logits,
+            quantizers,
+            quantize_base: cfg.quantize && cfg.quantize_base,
+            cost: cfg.cost,
+            bops_norm: 1.0,
+        };
+        layer.bops_norm = layer.full_bops();
+        Ok(layer)
+    }
+
+    /// Sets the normaliser of the `bops` prior (positive; [`super::attach_blora`] passes the mean
+    /// of [`Self::full_bops`] over the adapted layers, so big layers cost more than small ones).
+    pub fn set_bops_norm(&mut self, norm: f64) -> Result<()> {
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(Error::config("bops_norm", norm, "must be a positive number"));
+        }
+        self.bops_norm = norm;
+        Ok(())
+    }
+
+    /// BOPs per token of the gated matmuls with every gate on (32 bits, full rank): the adapter's
+    /// three, plus the base with `quantize_base`.
+    pub fn full_bops(&self) -> f64 {
+        let (i, o, r) = (self.in_features as f64, self.out_features as f64, self.r as f64);
+        let base = if self.quantize_base { i * o } else { 0.0 };
+        (base + r * (i + 1.0 + o)) * FULL_BITS * FULL_BITS
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The initial rank r.
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+
+    /// `lora_alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    pub fn lora_a(&self) -> &Var {
+        &self.lora_a
+    }
+
+    pub fn lora_e(&self) -> &Var {
+        &self.lora_e
+    }
+
+    pub fn lora_b(&self) -> &Var {
+        &self.lora_b
+    }
+
+    /// A, E, B with PEFT AdaLoRA's names: the weights for the main optimizer (IVON or AdamW).
+    pub fn weight_vars(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A.weight".into(), self.lora_a.clone()),
+            ("lora_E".into(), self.lora_e.clone()),
+            ("lora_B.weight".into(), self.lora_b.clone()),
+        ]
+    }
+
+    /// Gate logits for the gate optimizer (Adam at `gate_lr`): `blora_gates.rank` `[r − 1]` and
+    /// `blora_gates.<slot>.bits` `[4]` (4-, 8-, 16-, 32-bit gates).
+    pub fn gate_vars(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> =
+            self.rank_logits.iter().map(|l| ("blora_gates.rank".to_string(), l.clone())).collect();
+        v.extend(self.quantizers.iter().map(|q| (format!("blora_gates.{}.bits", q.slot.name()), q.logits.clone())));
+        v
+    }
+
+    pub(crate) fn quantizer(&self, slot: Slot) -> Option<&Quantizer> {
+        self.quantizers.iter().find(|q| q.slot == slot)
+    }
+
+    /// The quantized slots, in [`Slot`] order.
+    pub fn slots(&self) -> Vec<Slot> {
+        self.quantizers.iter().map(|q| q.slot).collect()
+    }
+
+    /// Every quantizer's range (unset ranges are all-zero).
+    pub fn ranges(&self) -> Result<BTreeMap<Slot, Range>> {
+        self.quantizers.iter().map(|q| Ok((q.slot, q.range()?))).collect()
+    }
+
+    pub fn set_range(&self, slot: Slot, range: Range) -> Result<()> {
+        let q = self
+            .quantizer(slot)
+            .ok_or_else(|| Error::config("blora range", slot.name(), "this layer does not quantize that tensor"))?;
+        q.set_range(range)
+    }
+
+    fn noise_seed(ctx: &Ctx, salt: u64, index: u64) -> u64 {
+        ctx.seed_for(salt ^ GATE_SALT ^ (index + 1).wrapping_mul(0x1_0000_0001))
+    }
+
+    fn quant(&self, slot: Slot, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
+        match self.quantizer(slot) {
+            Some(q) => q.forward(x, ctx.train, Self::noise_seed(ctx, salt, slot as u64)),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training) or the
+    /// deterministic prefix (test time); `None` without rank gates.
+    fn rank_multiplier(&self, ctx: &Ctx, salt: u64) -> Result<Option<Tensor>> {
+        let Some(logits) = &self.rank_logits else { return Ok(None) };
+        let dev = logits.device();
+        if ctx.train {
+            let n = self.r - 1;
+            let noise = Tensor::from_vec(gates::logistic_noise(n, Self::noise_seed(ctx, salt, RANK_NOISE)), n, dev)?;
+            let z = gates::sample(logits.as_tensor(), &noise)?;
+            let m = gates::nested_prefix(&z)?;
+            Ok(Some(Tensor::cat(&[&Tensor::ones(1, DType::F32, dev)?, &m], 0)?))
+        } else {
+            let rank = self.learned_rank()?;
+            let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
+            Ok(Some(Tensor::from_vec(m, self.r, dev)?))
+        }
+    }
+
+    fn learned_rank(&self) -> Result<usize> {
+        match &self.rank_logits {
+            Some(l) => Ok(1 + gates::open_prefix(&l.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            None => Ok(self.r),
+        }
+    }
+
+    /// The adapter path on `x: [N, in]` (f32, already through Q_x when the base is quantized).
+    fn delta(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
+        let x = if ctx.train && self.dropout > 0.0 {
+            ops::dropout(x, self.dropout, ctx.seed_for(salt ^ DROPOUT_SALT))?
+        } else {
+            x.clone()
+        };
+        let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), ctx, salt)?;
+        let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, ctx, salt)?;
+        let mut e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), ctx, salt)?.reshape(self.r)?;
+        if let Some(m) = self.rank_multiplier(ctx, salt)? {
+            e = e.mul(&m)?;
+        }
+        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, ctx, salt)?;
+        let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), ctx, salt)?;
+        let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, ctx, salt)?;
+        Ok(u.affine(self.scaling, 0.0)?)
+    }
+
+    /// `x: [.., in]` → (`[N, in]` f32, the output dims with `out` last).
+    fn flatten(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / self.in_features;
+        if dims.last() != Some(&self.in_features) {
+            return Err(Error::config(
+                "input",
+                format!("{dims:?}"),
+                format!("the adapted layer expects {} input features", self.in_features),
+            ));
+        }
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features;
+        }
+        Ok((x.to_dtype(DType::F32)?.reshape((rows, self.in_features))?, dims))
+    }
+
+    /// Test-time weights (deterministic gates, frozen ranges), for the exports.
+    pub fn eval_weights(&self) -> Result<EvalWeights> {
+        let ctx = Ctx::eval();
+        let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), &ctx, 0)?;
+        let e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), &ctx, 0)?.reshape(self.r)?;
+        let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), &ctx, 0)?;
+        let rank_mask = match self.rank_multiplier(&ctx, 0)? {
+            Some(m) => m,
+            None => Tensor::ones(self.r, DType::F32, self.lora_e.device())?,
+        };
+        Ok(EvalWeights { a, e, rank_mask, b })
+    }
+
+    /// What the deterministic gates give: the learned rank and every quantized tensor's bits.
+    pub fn learned(&self) -> Result<LearnedLayer> {
+        Ok(LearnedLayer {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            r: self.r,
+            rank: self.learned_rank()?,
+            bits: self.quantizers.iter().map(|q| Ok((q.slot, q.bits()?))).collect::<Result<_>>()?,
+            quantize_base: self.quantize_base,
+        })
+    }
+
+    /// Expected bits of a slot's tensor, `[1]`: from its gates, or 32 when it is not quantized.
+    fn expected_bits(&self, slot: Slot, dev: &Device) -> Result<Tensor> {
+        match self.quantizer(slot) {
+            Some(q) => gates::expected_bits(&q.prob_open()?),
+            None => Ok(Tensor::new(&[FULL_BITS as f32], dev)?),
+        }
+    }
+
+    /// The layer's gate prior (μ not included), a scalar differentiable in the gate logits:
+    /// `Σ_g cost(g) · P(g and every lower gate on)`.
+    ///
+    /// - [`GateCost::Bops`]: the expected BOPs per token of the gated matmuls (under independent
+    ///   gates E[r′·b·b′] = E[r′]·E[b]·E[b′]), `E[r′]·(in·b_x·b_A + b_actA·b_E + out·b_actE·b_B)`
+    ///   plus `in·out·b_x·b_W0` with `quantize_base`, over the normaliser (unquantized tensors
+    ///   count 32 bits; `act_B` feeds no matmul of this layer and costs nothing).
+    /// - [`GateCost::Const`]: the expected number of open gates over the number of gates.
+    ///
+    /// Rank gates enter through the cumulative product, as the forward uses them (the fork's prior
+    /// uses each rank gate's own marginal instead).
+    pub fn regularizer_with(&self, cost: GateCost) -> Result<Tensor> {
+        let dev = self.lora_a.device().clone();
+        let rank_q = match &self.rank_logits {
+            Some(l) => Some(gates::prob_open(l.as_tensor())?),
+            None => None,
+        };
+        match cost {
+            GateCost::Bops => {
+                let b = |s| self.expected_bits(s, &dev);
+                let rank = match &rank_q {
+                    Some(q) => gates::expected_open(q)?.affine(1.0, 1.0)?,
+                    None => Tensor::new(&[self.r as f32], &dev)?,
+                };
+                let (i, o) = (self.in_features as f64, self.out_features as f64);
+                let bx = b(Slot::Input)?;
+                let per_rank = bx
+                    .mul(&b(Slot::LoraA)?)?
+                    .affine(i, 0.0)?
+                    .add(&b(Slot::ActA)?.mul(&b(Slot::LoraE)?)?)?
+                    .add(&b(Slot::ActE)?.mul(&b(Slot::LoraB)?)?.affine(o, 0.0)?)?;
+                let mut total = rank.mul(&per_rank)?;
+                if self.quantize_base {
+                    total = total.add(&bx.mul(&b(Slot::Base)?)?.affine(i * o, 0.0)?)?;
+                }
+                Ok(total.affine(1.0 / self.bops_norm, 0.0)?.squeeze(0)?)
+            }
+            GateCost::Const => {
+                let mut open = Tensor::zeros(1, DType::F32, &dev)?;
+                let mut count = 0usize;
+                if let Some(q) = &rank_q {
+                    open = open.add(&gates::expected_open(q)?)?;
+                    count += self.r - 1;
+                }
+                for q in &self.quantizers {
+                    open = open.add(&gates::expected_open(&q.prob_open()?)?)?;
+                    count += 4;
+                }
+                Ok(open.affine(1.0 / count.max(1) as f64, 0.0)?.squeeze(0)?)
+            }
+        }
+    }
+
+    /// Every tensor of the adapter's state, named: the weights, the gate logits and each
+    /// quantizer's range (`blora_ranges.<slot>.x_min` / `.x_max`, `[1]`). Enough to resume or
+    /// reload the layer exactly.
+    pub fn named_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> =
+            self.weight_vars().into_iter().chain(self.gate_vars()).map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        for q in &self.quantizers {
+            let r = q.range()?;
+            let dev = self.lora_a.device();
+            out.push((format!("blora_ranges.{}.x_min", q.slot.name()), Tensor::new(&[r.x_min], dev)?));
+            out.push((format!("blora_ranges.{}.x_max", q.slot.name()), Tensor::new(&[r.x_max], dev)?));
+        }
+        Ok(out)
+    }
+
+    /// Restores [`Self::named_state`]; every name must be present with its shape.
+    pub fn set_state(&self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |name: &str, dims: &[usize]| -> Result<Tensor> {
+            let t =
+                state.get(name).ok_or_else(|| Error::config(name, "missing", "the B-LoRA state lacks this tensor"))?;
+            if t.dims() != dims {
+                return Err(Error::config(name, format!("{:?}", t.dims()), format!("expected shape {dims:?}")));
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        for (name, var) in self.weight_vars().into_iter().chain(self.gate_vars()) {
+            var.set(&get(&name, var.dims())?.to_device(var.device())?)?;
+        }
+        for q in &self.quantizers {
+            let lo = get(&format!("blora_ranges.{}.x_min", q.slot.name()), &[1])?.to_vec1::<f32>()?;
+            let hi = get(&format!("blora_ranges.{}.x_max", q.slot.name()), &[1])?.to_vec1::<f32>()?;
+            q.set_range(Range { x_min: lo[0], x_max: hi[0] })?;
+        }
+        Ok(())
+    }
+}
+
+impl Adapter for BLoraLayer {
+    /// `x: [.., in]` → `s·u`, `[.., out]`, f32 (the adapter path only; x goes through Q_x first
+    /// when the base is quantized).
+    fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
+        let (x2, dims) = self.flatten(x)?;
+        let x2 = self.quant(Slot::Input, &x2, ctx, salt)?;
+        Ok(self.delta(&x2, ctx, salt)?.reshape(dims)?)
+    }
+
+    /// With `quantize_base`: `Q_x(x)·Q_W0(W0)ᵀ + b + s·u`, x quantized once for both paths, in
+    /// x's dtype. The base matmul is a plain (differentiable) matmul so that W0's bit gates get
+    /// their gradient.
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &Ctx,
+        salt: u64,
+    ) -> Option<Result<Tensor>> {
+        if !self.quantize_base {
+            return None;
+        }
+        Some((|| {
+            let (x2, dims) = self.flatten(x)?;
+            let xq = self.quant(Slot::Input, &x2, ctx, salt)?;
+            let w = self.quant(Slot::Base, &weight.to_dtype(DType::F32)?, ctx, salt)?;
+            let mut y = xq.matmul(&w.t()?)?;
+            if let Some(b) = bias {
+                y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+            }
+            let y = y.add(&self.delta(&xq, ctx, salt)?)?;
+            Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
+        })())
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        self.weight_vars()
+    }
+
+    fn named_gate_vars(&self) -> Vec<(String, Var)> {
+        self.gate_vars()
+    }
+
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        if self.rank_logits.is_none() && self.quantizers.is_empty() {
+            return Ok(None);
+        }
+        self.regularizer_with(self.cost).map(Some)
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "BLORA"
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BLoraConfig {
+        BLoraConfig { r: 4, lora_dropout: 0.0, init_e: InitE::Normal, ..BLoraConfig::default() }
+    }
+
+    fn set_logits(v: &Var, vals: &[f32]) -> Result<()> {
+        Ok(v.set(&Tensor::new(vals, v.device())?)?)
+    }
+
+    #[test]
+    fn init_and_names() -> Result<()> {
+        let l = BLoraLayer::new(16, 8, &BLoraConfig::default(), 3, &Device::Cpu)?;
+        assert_eq!(l.lora_e().as_tensor().sum_all()?.to_scalar::<f32>()?, 0.0, "E zero by default");
+        let a = l.lora_a().flatten_all()?.to_vec1::<f32>()?;
+        let std = (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
+        assert!((0.012..0.03).contains(&std), "{std}");
+        let names: Vec<String> = l.gate_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["rank", "lora_A.bits", "lora_E.bits", "lora_B.bits", "act_A.bits", "act_E.bits", "act_B.bits"]
+                .map(|s| format!("blora_gates.{s}"))
+        );
+        assert_eq!(l.weight_vars()[1].0, "lora_E");
+        // E = 0: the adapter starts at zero output.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &Device::Cpu)?;
+        let y = l.forward(&x, &Ctx::train(0), 0)?;
+        assert_eq!(y.dims(), &[2, 3, 8]);
+        assert_eq!(y.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn eval_matches_hand_computation_with_gates() -> Result<()> {
+        let dev = Device::Cpu;
+        let l = BLoraLayer::new(6, 5, &cfg(), 1, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (7, 6), &dev)?;
+        l.forward(&x, &Ctx::train(1), 0)?; // sets every range
+        let (_, rank) = l.gate_vars().into_iter().next().ok_or_else(|| Error::config("t", "", ""))?;
+        set_logits(&rank, &[3.0, -3.0, 3.0])?; // [on, off, on] → rank 2
+        for (slot, bits) in [(Slot::LoraA, [3f32, -1.0, 0., 0.]), (Slot::LoraB, [3.0, 3.0, 3.0, -5.0])] {
+            set_logits(&l.quantizer(slot).map(|q| q.logits.clone()).ok_or_else(|| Error::config("t", "", ""))?, &bits)?;
+        }
+        let learned = l.learned()?;
+        assert_eq!(learned.rank, 2);
+        assert_eq!(
+            (learned.bits(Slot::LoraA), learned.bits(Slot::LoraB), learned.bits(Slot::LoraE)),
+            (Some(4), Some(16), Some(32))
+        );
+        let y = l.forward(&x, &Ctx::eval(), 0)?;
+        // By hand: A, B, E at their bits, rank mask [1, 1, 0, 0], activations at 32 bits (clip only).
+        let w = l.eval_weights()?;
+        let ra = l.quantizer(Slot::LoraA).map(|q| q.range()).transpose()?.unwrap_or_default();
+        let a_ref = super::super::quantizer::quantize_fixed(l.lora_a().as_tensor(), &ra, 4)?;
+        assert_eq!(w.a.to_vec2::<f32>()?, a_ref.to_vec2::<f32>()?);
+        let clip = |s: Slot, t: Tensor| -> Result<Tensor> {
+            let r = l.quantizer(s).map(|q| q.range()).transpose()?.unwrap_or_default();
+            Ok(t.clamp(r.x_min, r.x_max)?)
+        };
+        let h = clip(Slot::ActA, x.matmul(&w.a.t()?)?)?;
+        let g = clip(Slot::ActE, h.broadcast_mul(&w.e.mul(&w.rank_mask)?)?)?;
+        let want = clip(Slot::ActB, g.matmul(&w.b.t()?)?)?.affine(l.scaling(), 0.0)?;
+        assert_eq!(w.rank_mask.to_vec1::<f32>()?, vec![1., 1., 0., 0.]);
+        assert_eq!(y.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn training_forward_is_reproducible_and_reaches_gates() -> Result<()> {
+        let dev = Device::Cpu;
+        let l = BLoraLayer::new(6, 5, &BLoraConfig { lora_dropout: 0.1, ..cfg() }, 1, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (7, 6), &dev)?;
+        for (_, v) in l.gate_vars() {
+            v.set(&Tensor::zeros(v.dims(), DType::F32, &dev)?)?; // gates mid-way: samples are soft
+        }
+        let y1 = l.forward(&x, &Ctx::train(5), 3)?;
+        let y2 = l.forward(&x, &Ctx::train(5), 3)?;
+        assert_eq!(y1.to_vec2::<f32>()?, y2.to_vec2::<f32>()?);
+        assert_ne!(y1.to_vec2::<f32>()?, l.forward(&x, &Ctx::train(6), 3)?.to_vec2::<f32>()?);
+        // A clamped sample (z = 0 or 1) passes no gradient to its logit: sum over a few steps.
+        let vars: Vec<(String, Var)> = l.gate_vars().into_iter().chain(l.weight_vars()).collect();
+        let mut seen = vec![0f32; vars.len()];
+        for step in 0..8 {
+            let grads = l.forward(&x, &Ctx::train(step), 3)?.sqr()?.sum_all()?.backward()?;
+            for ((_, v), s) in vars.iter().zip(seen.iter_mut()) {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    *s += g.abs()?.sum_all()?.to_scalar::<f32>()?;
+                }
+            }
+        }
+        for ((name, _), s) in vars.iter().zip(&seen) {
+            assert!(*s > 0.0, "{name} gets a gradient");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_base_replaces_the_base_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = BLoraConfig { quantize_base: true, ..cfg() };
+        let l = BLoraLayer::new(6, 5, &c, 1, &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 6), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 6), &dev)?;
+        let y = l
+            .forward_with_base(&x, &w, None, &Ctx::train(0), 0)
+            .transpose()?
+            .ok_or_else(|| Error::config("t", "", ""))?;
+        assert_eq!(y.dims(), &[2, 7, 5]);
+        let bits: Vec<(Slot, u32)> = l.learned()?.bits.into_iter().collect();
+        assert_eq!(bits.len(), 8);
+        // 32-bit eval: base = clip(x)·clip(W0)ᵀ, W0 within its own range.
+        let y_eval = l
+            .forward_with_base(&x, &w, None, &Ctx::eval(), 0)
+            .transpose()?
+            .ok_or_else(|| Error::config("t", "", ""))?;
+        let delta = l.forward(&x, &Ctx::eval(), 0)?;
+        let want = x.broadcast_matmul(&w.t()?)?.add(&delta)?;
+        let err = y_eval.sub(&want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        let plain = BLoraLayer::new(6, 5, &cfg(), 1, &dev)?;
+        assert!(plain.forward_with_base(&x, &w, None, &Ctx::eval(), 0).is_none());
+        Ok(())
+    }
+
+    /// d(prior)/d(log α) by central differences in f32, for every gate logit of the layer.
+    fn check_prior_gradient(cost: GateCost, c: &BLoraConfig) -> Result<()> {
+        let l = BLoraLayer::new(12, 10, c, 2, &Device::Cpu)?;
+        // Logits spread around the threshold so every derivative is large, none hard-off.
+        for (k, (_, v)) in l.gate_vars().into_iter().enumerate() {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|i| 1.5 * ((k * 5 + i * 3) % 7) as f32 / 7.0 - 0.5).collect();
+            v.set(&Tensor::from_vec(vals, n, &Device::Cpu)?)?;
+        }
+        let prior = l.regularizer_with(cost)?;
+        assert_eq!(prior.dims(), &[] as &[usize]);
+        let grads = prior.backward()?;
+        let eps = 1e-2f32;
+        for (name, v) in l.gate_vars() {
+            // act_B feeds no matmul of the layer: no BOPs, no gradient.
+            let g = match grads.get(v.as_tensor()) {
+                Some(g) => g.to_vec1::<f32>()?,
+                None => vec![0.0; v.elem_count()],
+            };
+            let x0 = v.as_tensor().to_vec1::<f32>()?;
+            for i in 0..x0.len() {
+                let eval = |d: f32| -> Result<f32> {
+                    let mut x = x0.clone();
+                    x[i] += d;
+                    v.set(&Tensor::from_vec(x, x0.len(), &Device::Cpu)?)?;
+                    Ok(l.regularizer_with(cost)?.to_scalar::<f32>()?)
+                };
+                let fd = (eval(eps)? - eval(-eps)?) / (2.0 * eps);
+                v.set(&Tensor::from_vec(x0.clone(), x0.len(), &Device::Cpu)?)?;
+                let scale = fd.abs().max(g[i].abs()).max(1e-3);
+                assert!((fd - g[i]).abs() / scale < 2e-2, "{cost:?} {name}[{i}]: fd {fd} vs backprop {}", g[i]);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn prior_gradient_matches_finite_differences() -> Result<()> {
+        check_prior_gradient(GateCost::Bops, &cfg())?;
+        check_prior_gradient(GateCost::Const, &cfg())?;
+        check_prior_gradient(GateCost::Bops, &BLoraConfig { quantize_base: true, ..cfg() })?;
+        Ok(())
+    }
+
+    #[test]
+    fn prior_values_at_the_extremes() -> Result<()> {
+        let l = BLoraLayer::new(12, 10, &cfg(), 2, &Device::Cpu)?;
+        for (_, v) in l.gate_vars() {
+            v.set(&Tensor::full(30f32, v.dims(), &Device::Cpu)?)?;
+        }
+        // Every gate on: the bops prior is 1 (normalised by the layer's own full BOPs).
+        assert!((l.regularizer_with(GateCost::Bops)?.to_scalar::<f32>()? - 1.0).abs() < 1e-5);
+        assert!((l.regularizer_with(GateCost::Const)?.to_scalar::<f32>()? - 1.0).abs() < 1e-5);
+        for (_, v) in l.gate_vars() {
+            v.set(&Tensor::full(-30f32, v.dims(), &Device::Cpu)?)?;
+        }
+        // Every gate off: rank 1, 2 bits on A, E, B and activations (x at 32).
+        let bops = (12.0 * 32.0 * 2.0 + 2.0 * 2.0 + 10.0 * 2.0 * 2.0) / l.full_bops();
+        assert!((l.regularizer_with(GateCost::Bops)?.to_scalar::<f32>()? as f64 - bops).abs() < 1e-6);
+        assert!(l.regularizer_with(GateCost::Const)?.to_scalar::<f32>()?.abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips() -> Result<()> {
+        let dev = Device::Cpu;
+        let l = BLoraLayer::new(6, 5, &cfg(), 1, &dev)?;
+        l.forward(&Tensor::randn(0f32, 1.0, (3, 6), &dev)?, &Ctx::train(0), 0)?;
+        let state: HashMap<String, Tensor> = l.named_state()?.into_iter().collect();
+        let fresh = BLoraLayer::new(6, 5, &cfg(), 9, &dev)?;
+        fresh.set_state(&state)?;
+        assert_eq!(fresh.ranges()?, l.ranges()?);
+        let x = Tensor::randn(0f32, 1.0, (3, 6), &dev)?;
+        assert_eq!(
+            fresh.forward(&x, &Ctx::eval(), 0)?.to_vec2::<f32>()?,
+            l.forward(&x, &Ctx::eval(), 0)?.to_vec2::<f32>()?
+        );
+        let mut partial = state.clone();
+        partial.remove("blora_ranges.act_B.x_max");
+        let msg = fresh.set_state(&partial).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("blora_ranges.act_B.x_max"), "{msg}");
+        Ok(())
+    }
+}
