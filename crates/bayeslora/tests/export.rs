@@ -60,7 +60,7 @@ fn bare(dir: &Path) -> Result<TaskModel> {
         }
         _ => None,
     };
-    Ok(TaskModel { backbone: loaded.backbone, adapters: Default::default(), head })
+    Ok(TaskModel::bare(loaded.backbone, head))
 }
 
 fn bert_batch(io: &HashMap<String, Tensor>) -> Result<BatchTensors> {

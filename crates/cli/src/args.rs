@@ -92,7 +92,13 @@ pub struct RunArgs {
     /// Truncate sequences to this many tokens.
     #[arg(long)]
     pub max_len: Option<usize>,
-    /// LoRA rank.
+    /// lora (default) or blora (learned rank and bit-widths; settings in the `[blora]` table).
+    #[arg(long, value_enum)]
+    pub method: Option<crate::config::Method>,
+    /// B-LoRA prior strength μ (loss = task + μ · Σ gate priors).
+    #[arg(long)]
+    pub mu: Option<f64>,
+    /// LoRA rank (B-LoRA: the initial rank).
     #[arg(long = "lora-r")]
     pub lora_r: Option<usize>,
     #[arg(long)]

@@ -2,6 +2,7 @@
 //! configs. Every run writes its resolved config next to its outputs (`config.toml`).
 use crate::args::{OptimizerArg, RunArgs};
 use anyhow::{Context, Result};
+use bayeslora::adapters::blora::BLoraConfig;
 use bayeslora::adapters::lora::LoraConfig;
 use bayeslora::train::{OptimizerKind, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,18 @@ impl Default for EvalSettings {
     }
 }
 
+/// Which adapter a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Plain LoRA (`[lora]`).
+    #[default]
+    Lora,
+    /// B-LoRA: learned rank and bit-widths (`[blora]`; `--lora-r`, `--lora-alpha` and
+    /// `--target-modules` set its r, alpha and targets).
+    Blora,
+}
+
 /// Everything one `bayeslora train` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,7 +51,9 @@ pub struct RunConfig {
     pub max_len: usize,
     pub output: PathBuf,
     pub device: String,
+    pub method: Method,
     pub lora: LoraConfig,
+    pub blora: BLoraConfig,
     pub train: TrainConfig,
     pub eval: EvalSettings,
 }
@@ -80,7 +95,9 @@ impl Default for RunConfig {
             max_len: 128,
             output: PathBuf::from("runs/latest"),
             device: "cpu".into(),
+            method: Method::Lora,
             lora: LoraConfig::default(),
+            blora: BLoraConfig::default(),
             train: lora_train_defaults(),
             eval: EvalSettings::default(),
         }
@@ -148,14 +165,24 @@ impl RunConfig {
         if let Some(v) = args.max_len {
             cfg.max_len = v;
         }
+        if let Some(v) = args.method {
+            cfg.method = v;
+        }
         if let Some(v) = args.lora_r {
             cfg.lora.r = v;
+            cfg.blora.r = v;
         }
         if let Some(v) = args.lora_alpha {
             cfg.lora.lora_alpha = v;
+            cfg.blora.lora_alpha = v;
         }
         if let Some(v) = &args.target_modules {
-            cfg.lora.target_modules = Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
+            let targets = Some(bayeslora::adapters::lora::TargetModules::List(v.clone()));
+            cfg.lora.target_modules = targets.clone();
+            cfg.blora.target_modules = targets;
+        }
+        if let Some(v) = args.mu {
+            cfg.blora.mu = v;
         }
         if let Some(v) = args.samples {
             cfg.eval.samples = v;
@@ -170,7 +197,12 @@ impl RunConfig {
         if let Some(v) = &args.device {
             cfg.device = v.clone();
         }
+        // One source for the gate learning rate: `[blora] gate_lr`.
+        cfg.train.gates.lr = cfg.blora.gate_lr;
         cfg.train.validate()?;
+        if cfg.method == Method::Blora {
+            cfg.blora.validate()?;
+        }
         Ok(cfg)
     }
 

@@ -6,21 +6,31 @@
 //! then `classifier`); decoders (Llama family) score the label words at each
 //! row's last prompt token (the IVON-LoRA / Laplace-LoRA protocol), so no head is needed.
 use super::Classifier;
+use crate::adapters::blora::{attach_blora, AttachedBLora, BLoraConfig};
 use crate::adapters::lora::{attach, AttachedAdapters, LoraConfig};
 use crate::adapters::Ctx;
 use crate::data::BatchTensors;
 use crate::models::bert::SequenceClassificationHead;
-use crate::models::{Backbone, LoadedModel};
+use crate::models::{Backbone, LoadedModel, Weights};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
+use std::collections::HashMap;
 
 /// A backbone with adapters attached, ready to train and evaluate.
 pub struct TaskModel {
     pub backbone: Backbone,
+    /// LoRA adapters (empty for a B-LoRA model).
     pub adapters: AttachedAdapters,
+    /// B-LoRA adapters (empty for a LoRA model).
+    pub blora: AttachedBLora,
+    /// B-LoRA's prior strength μ (the loss adds μ · Σ layer priors).
+    pub blora_mu: f64,
     /// Encoders only.
     pub head: Option<SequenceClassificationHead>,
 }
+
+/// The gate logits' key marker: `….blora_gates.rank`, `….blora_gates.A.bits`.
+const GATE_MARK: &str = ".blora_gates.";
 
 impl TaskModel {
     /// Attaches LoRA per `lora` (its default targets if none are given) and, for encoders, a
@@ -35,25 +45,59 @@ impl TaskModel {
         let LoadedModel { arch, mut backbone, weights, .. } = loaded;
         let lora = lora.clone().with_default_targets(arch);
         let adapters = attach(&mut backbone, &lora, seed, device)?;
-        let head = match &backbone {
-            Backbone::Bert(bert) => Some(SequenceClassificationHead::load_or_init(
-                &weights,
-                bert.config(),
-                num_labels,
-                seed ^ 0x4EAD,
-                device,
-            )?),
-            Backbone::DebertaV2(deberta) => Some(SequenceClassificationHead::load_or_init(
-                &weights,
-                &deberta.config().head_config(),
-                num_labels,
-                seed ^ 0x4EAD,
-                device,
-            )?),
-            _ => None,
-        };
-        Ok(TaskModel { backbone, adapters, head })
+        let head = head_for(&backbone, &weights, num_labels, seed ^ 0x4EAD, device)?;
+        Ok(TaskModel { adapters, ..TaskModel::bare(backbone, head) })
     }
+
+    /// As [`TaskModel::build`] with B-LoRA adapters (gated rank and bit-widths) per `blora`.
+    pub fn build_blora(
+        loaded: LoadedModel,
+        blora: &BLoraConfig,
+        num_labels: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let LoadedModel { arch, mut backbone, weights, .. } = loaded;
+        let cfg = blora.clone().with_default_targets(arch);
+        let attached = attach_blora(&mut backbone, &cfg, seed, device)?;
+        let head = head_for(&backbone, &weights, num_labels, seed ^ 0x4EAD, device)?;
+        Ok(TaskModel { blora: attached, blora_mu: cfg.mu, ..TaskModel::bare(backbone, head) })
+    }
+
+    /// A backbone without adapters (attach later, e.g. by `export::load_peft`).
+    pub fn bare(backbone: Backbone, head: Option<SequenceClassificationHead>) -> Self {
+        TaskModel {
+            backbone,
+            adapters: AttachedAdapters::default(),
+            blora: AttachedBLora::default(),
+            blora_mu: 0.0,
+            head,
+        }
+    }
+}
+
+/// The classification head of an encoder (`num_labels` outputs, from the checkpoint when it has
+/// one); decoders score label words and need none.
+pub fn head_for(
+    backbone: &Backbone,
+    weights: &Weights,
+    num_labels: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Option<SequenceClassificationHead>> {
+    Ok(match backbone {
+        Backbone::Bert(bert) => {
+            Some(SequenceClassificationHead::load_or_init(weights, bert.config(), num_labels, seed, device)?)
+        }
+        Backbone::DebertaV2(deberta) => Some(SequenceClassificationHead::load_or_init(
+            weights,
+            &deberta.config().head_config(),
+            num_labels,
+            seed,
+            device,
+        )?),
+        _ => None,
+    })
 }
 
 impl Classifier for TaskModel {
@@ -86,6 +130,8 @@ impl Classifier for TaskModel {
 
     fn trainable(&self) -> Vec<(String, Var)> {
         let mut vars = self.adapters.named_vars();
+        vars.extend(self.blora.named_weight_vars_with_prefix(""));
+        vars.extend(self.blora.named_gate_vars_with_prefix(""));
         if let Some(h) = &self.head {
             vars.extend(h.named_vars());
         }
@@ -94,5 +140,25 @@ impl Classifier for TaskModel {
 
     fn is_head(&self, name: &str) -> bool {
         name.starts_with("classifier.")
+    }
+
+    fn is_gate(&self, name: &str) -> bool {
+        name.contains(GATE_MARK)
+    }
+
+    fn regularizer(&self) -> Result<Option<Tensor>> {
+        match self.blora.regularizer()? {
+            Some(prior) if self.blora_mu != 0.0 => Ok(Some(prior.affine(self.blora_mu, 0.0)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The B-LoRA state (weights, gates and the quantizer ranges fixed at the first forward).
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        self.blora.named_state_with_prefix("")
+    }
+
+    fn load_buffers(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        self.blora.set_state_with_prefix("", saved)
     }
 }

@@ -15,7 +15,7 @@ mod predictor;
 mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointState};
-pub use classifier::TaskModel;
+pub use classifier::{head_for, TaskModel};
 pub use predictor::ModelPredictor;
 pub use schedule::{lr_at, Schedule};
 

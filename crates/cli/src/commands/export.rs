@@ -48,13 +48,19 @@ pub fn open_run(run: &Path) -> Result<Run> {
     let saved =
         candle_core::safetensors::load(&file, &device).with_context(|| format!("reading {}", file.display()))?;
     let num_labels = saved.get("classifier.weight").and_then(|t| t.dims().first().copied()).unwrap_or(1);
-    let model = TaskModel::build(loaded, &config.lora, num_labels, config.train.seed, &device)?;
+    let model = super::pipeline::build_model(&config, loaded, num_labels, &device)?;
     for (name, var) in bayeslora::train::Classifier::trainable(&model) {
         let t = saved.get(&name).with_context(|| format!("{}: tensor `{name}` is missing", file.display()))?;
         if t.dims() != var.dims() {
             bail!("{}: tensor `{name}` has shape {:?}, the model {:?}", file.display(), t.dims(), var.dims());
         }
         var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    let buffers = ckpt.join("buffers.safetensors");
+    if buffers.exists() {
+        let saved = candle_core::safetensors::load(&buffers, &device)
+            .with_context(|| format!("reading {}", buffers.display()))?;
+        bayeslora::train::Classifier::load_buffers(&model, &saved)?;
     }
     let posterior = if config.train.optimizer == OptimizerKind::Ivon {
         let p = ckpt.join("optimizer.safetensors");
@@ -81,7 +87,7 @@ pub fn bare_model(loaded: LoadedModel, num_labels: usize, device: &Device) -> Re
         )?),
         _ => None,
     };
-    Ok(TaskModel { backbone: loaded.backbone, adapters: Default::default(), head })
+    Ok(TaskModel::bare(loaded.backbone, head))
 }
 
 /// The number of classes of an adapter folder's head (`classifier.weight` rows), if it has one.

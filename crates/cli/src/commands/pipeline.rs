@@ -1,6 +1,6 @@
 //! The steps `train` and `demo` share: load the model and data, attach LoRA, train with a
 //! progress bar, evaluate the mean and the posterior predictive, write every output.
-use crate::config::RunConfig;
+use crate::config::{Method, RunConfig};
 use crate::ui::progress::{eval_bar, TrainProgress};
 use anyhow::{bail, Context, Result};
 use bayeslora::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
@@ -116,6 +116,14 @@ pub struct RunOutcome {
 }
 
 /// Trains and evaluates one configuration; writes into `cfg.output`.
+/// The task model of a run: LoRA or B-LoRA adapters per `cfg.method`.
+pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
+    Ok(match cfg.method {
+        Method::Lora => TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, device)?,
+        Method::Blora => TaskModel::build_blora(loaded, &cfg.blora, num_labels, cfg.train.seed, device)?,
+    })
+}
+
 pub fn train_and_eval(
     cfg: &RunConfig,
     label: &str,
@@ -126,7 +134,7 @@ pub fn train_and_eval(
     let device = device(&cfg.device)?;
     let model_path = loaded.dir.clone();
     let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };
-    let model = TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, &device)?;
+    let model = build_model(cfg, loaded, num_labels, &device)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
