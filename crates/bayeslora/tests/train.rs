@@ -162,3 +162,80 @@ fn posterior_predictive_restores_the_mean_and_differs_from_it() {
         assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9);
     }
 }
+
+/// The tiny BERT with B-LoRA (r 4, rank and bit gates, μ 0.05) on query and value.
+fn tiny_blora(seed: u64) -> TaskModel {
+    use bayeslora::adapters::blora::BLoraConfig;
+    use bayeslora::adapters::lora::TargetModules;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let loaded = bayeslora::models::load(&dir, &Default::default()).unwrap();
+    let cfg = BLoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        mu: 0.05,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..Default::default()
+    };
+    TaskModel::build_blora(loaded, &cfg, 3, seed, &Device::Cpu).unwrap()
+}
+
+fn gate_values(model: &TaskModel) -> Vec<f32> {
+    model
+        .trainable()
+        .iter()
+        .filter(|(n, _)| model.is_gate(n))
+        .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
+}
+
+#[test]
+fn blora_learns_moves_its_gates_and_adds_the_prior() {
+    let data = separable(64);
+    for kind in [OptimizerKind::Adamw, OptimizerKind::Ivon] {
+        let model = tiny_blora(0);
+        assert!(model.regularizer().unwrap().is_some(), "μ > 0 and gates on: the loss has a prior");
+        let gates_before = gate_values(&model);
+        assert!(!gates_before.is_empty());
+        let mut losses = Losses(Vec::new());
+        // E starts at zero and A, B at N(0, 0.02²) (AdaLoRA's init), so B-LoRA starts slower than LoRA.
+        let mut cfg = config(kind, 150);
+        cfg.gates.lr = 0.05;
+        train::run(&model, data.clone(), &cfg, &Device::Cpu, &mut losses, None, None).unwrap();
+        let first: f32 = losses.0[..8].iter().sum::<f32>() / 8.0;
+        let last: f32 = losses.0[losses.0.len() - 8..].iter().sum::<f32>() / 8.0;
+        assert!(last < 0.5 * first, "{kind:?}: task loss {first} -> {last}");
+        let gates_after = gate_values(&model);
+        // The prior pushes every gate logit down; the gate Adam must have moved them.
+        let moved = gates_before.iter().zip(&gates_after).filter(|(a, b)| a != b).count();
+        assert!(moved > gates_before.len() / 2, "{kind:?}: {moved} of {} gate logits moved", gates_before.len());
+        let mean_before: f32 = gates_before.iter().sum::<f32>() / gates_before.len() as f32;
+        let mean_after: f32 = gates_after.iter().sum::<f32>() / gates_after.len() as f32;
+        assert!(mean_after < mean_before, "{kind:?}: gate logits {mean_before} -> {mean_after}");
+    }
+}
+
+#[test]
+fn blora_resume_is_bit_identical_with_gates_and_ranges() {
+    let data = separable(40);
+    for kind in [OptimizerKind::Ivon, OptimizerKind::Adamw] {
+        let dir = tempfile::tempdir().unwrap();
+        let straight = tiny_blora(5);
+        train::run(&straight, data.clone(), &config(kind, 8), &Device::Cpu, &mut train::Silent, None, None).unwrap();
+        let mut cfg = config(kind, 8);
+        cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+        let first = tiny_blora(5);
+        train::run(&first, data.clone(), &cfg, &Device::Cpu, &mut StopAt(3), None, None).unwrap();
+        let resumed = tiny_blora(99);
+        train::run(&resumed, data.clone(), &cfg, &Device::Cpu, &mut train::Silent, Some(dir.path()), None).unwrap();
+        assert_eq!(snapshot(&straight), snapshot(&resumed), "{kind:?}: resumed weights/gates differ");
+        let state = |m: &TaskModel| -> Vec<Vec<u32>> {
+            m.buffers()
+                .unwrap()
+                .iter()
+                .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(state(&straight), state(&resumed), "{kind:?}: quantizer ranges differ after resume");
+    }
+}
