@@ -1,0 +1,57 @@
+# Side-by-side Markdown table of `bayeslora bench train` rows and PyTorch anchor rows (JSON lines or
+# JSON arrays, as scripts/bench/device_bench.sh writes them), matched on shape, batch, sequence
+# length, LoRA targets and optimizer.
+#
+#   python3 scripts/bench/table.py bench-out/bayeslora.jsonl bench-out/pytorch.jsonl
+import json, os, sys
+
+
+def rows(path):
+    if not os.path.exists(path):
+        return []
+    text = open(path).read().strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def key(r):
+    shape = os.path.splitext(os.path.basename(r.get("shape") or r.get("model") or "?"))[0]
+    t = r.get("targets")
+    targets = "all-linear" if t == "all-linear" else ",".join(m.replace("_proj", "") for m in (t or []))
+    return (shape, r.get("bsz"), r.get("seq"), targets, r.get("opt"))
+
+
+def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def main(ours_path, theirs_path):
+    ours, theirs = {}, {}
+    for r in rows(ours_path):
+        ours[key(r)] = r
+    for r in rows(theirs_path):
+        theirs[key(r)] = r
+    keys = list(dict.fromkeys(list(ours) + list(theirs)))
+    device = next((r.get("device_name") for r in list(ours.values()) + list(theirs.values()) if r.get("device_name")), "?")
+    print(f"device: {device}\n")
+    print("| shape | B × T | LoRA | opt | bayeslora tok/s | PyTorch tok/s | ratio | bayeslora step ms | PyTorch step ms "
+          "| bayeslora peak GiB (device) | PyTorch peak GiB (allocated / device) | MFU ours / PyTorch |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in keys:
+        a, b = ours.get(k, {}), theirs.get(k, {})
+        ta, tb = a.get("tokens_per_s"), b.get("tokens_per_s")
+        ratio = f"{ta / tb:.2f}×" if ta and tb else "—"
+        cell_a = a.get("error") or fmt(ta, ",.0f")
+        cell_b = b.get("error") or fmt(tb, ",.0f")
+        peak_b = f"{fmt(b.get('peak_gib'), '.1f')} / {fmt(b.get('peak_device_gib'), '.1f')}"
+        mfu = f"{fmt(a.get('mfu_vs_989'), '.3f')} / {fmt(b.get('mfu_vs_989'), '.3f')}"
+        print(f"| {k[0]} | {k[1]} × {k[2]} | {k[3]} | {k[4]} | {cell_a} | {cell_b} | {ratio} "
+              f"| {fmt(a.get('step_ms'), '.1f')} | {fmt(b.get('step_ms'), '.1f')} | {fmt(a.get('peak_gib'), '.1f')} "
+              f"| {peak_b} | {mfu} |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

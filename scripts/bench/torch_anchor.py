@@ -1,0 +1,114 @@
+# PyTorch anchor for the performance area: LoRA finetuning throughput of transformers+peft with
+# AdamW and with IVON (ivon-opt), on a randomly initialised Llama-family model, bf16, on one GPU.
+#
+# A copy of ../shared/bench/torch_anchor.py (same model build, optimizers, loss, timing and fields),
+# adapted only to take the model shape from a config.json (configs/bench/*.json, the files
+# `bayeslora bench train --shape` reads), to take the list of runs on the command line, and to
+# append each result as one JSON line to --out. Added fields: stack, shape, device_name, dtype,
+# steps, warmup, n_frozen_params, peak_device_gib (max of total - free from cudaMemGetInfo after
+# every step, the measure bayeslora's peak_gib uses on CUDA), versions; a failed run (OOM, no
+# ivon-opt) writes a row with "error" instead of the timings.
+#
+#   python3 scripts/bench/torch_anchor.py --out pytorch.jsonl \
+#       --run configs/bench/llama2_7b.json:4:512:q_proj,v_proj:adamw \
+#       --run configs/bench/llama2_7b.json:8:1024:all-linear:ivon
+#   python3 scripts/bench/torch_anchor.py --out pytorch.jsonl      # the original anchor's six runs
+#
+# --run is SHAPE:BSZ:SEQ:TARGETS:OPT with TARGETS a comma-separated module list or all-linear.
+import argparse, json, os, sys, time
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+import peft
+from peft import LoraConfig, get_peft_model
+
+try:
+    import ivon
+except ImportError:  # ivon-opt is not installed on the GPU machine; scripts/bench/device_bench.sh carries it
+    ivon = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LLAMA2 = os.path.join(HERE, "..", "..", "configs", "bench", "llama2_7b.json")
+
+
+def load_config(path):
+    with open(path) as f:
+        d = json.load(f)
+    model_type = d.pop("model_type", "llama")
+    d = {k: v for k, v in d.items() if not k.startswith("_")}
+    cfg = AutoConfig.for_model(model_type, **d)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def run(shape, opt_name, targets, bsz, seq, steps=8, warm=3, out=None):
+    base = dict(stack="pytorch", opt=opt_name, targets=targets, bsz=bsz, seq=seq, shape=os.path.relpath(shape),
+                device_name=torch.cuda.get_device_name(), dtype="bf16", steps=steps, warmup=warm,
+                version=dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                             ivon=getattr(ivon, "__version__", None)))
+    if opt_name == "ivon" and ivon is None:
+        return emit(dict(base, error="ivon-opt not installed: IVON row skipped"), out)
+    torch.manual_seed(0)
+    cfg = load_config(shape)
+    model = opt = None
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+        params = [p for p in model.parameters() if p.requires_grad]
+        if opt_name == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-4)
+        else:
+            opt = ivon.IVON(params, lr=0.03, ess=10000, hess_init=3e-4, beta2=0.99999, weight_decay=1e-6, mc_samples=1)
+        ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        peak_dev = 0
+        for i in range(warm + steps):
+            if i == warm:
+                torch.cuda.synchronize(); t = time.time()
+            if opt_name == "adamw":
+                loss = model(input_ids=ids, labels=ids).loss; loss.backward()
+            else:
+                with opt.sampled_params(train=True):
+                    loss = model(input_ids=ids, labels=ids).loss; loss.backward()
+            opt.step(); opt.zero_grad(set_to_none=True)
+            free, total = torch.cuda.mem_get_info()
+            peak_dev = max(peak_dev, total - free)
+        torch.cuda.synchronize(); dt = (time.time() - t) / steps
+        n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        tok_s = bsz * seq / dt
+        # LoRA step FLOPs ~ 4 * N_frozen per token (forward + input-gradient backward; no weight gradients)
+        mfu = 4 * n_base * tok_s / 989e12
+        r = dict(opt=opt_name, targets=targets, bsz=bsz, seq=seq, step_ms=round(dt * 1e3, 1), tokens_per_s=round(tok_s),
+                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_vs_989=round(mfu, 3))
+        r = dict(base, **r, n_frozen_params=n_base, peak_device_gib=round(peak_dev / 2**30, 2),
+                 final_loss=float(loss.item()))
+    except torch.OutOfMemoryError as e:
+        r = dict(base, error=f"OOM: {str(e).splitlines()[0]}")
+    del model, opt
+    torch.cuda.empty_cache()
+    return emit(r, out)
+
+
+def emit(r, out):
+    print(json.dumps(r), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(r) + "\n")
+    return r
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", default=[], help="SHAPE:BSZ:SEQ:TARGETS:OPT")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    args = ap.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    runs = args.run or [f"{LLAMA2}:{b}:{s}:q_proj,v_proj:{o}" for b, s in [(4, 512), (8, 1024)] for o in ["adamw", "ivon"]] \
+        + [f"{LLAMA2}:8:1024:all-linear:adamw", f"{LLAMA2}:8:1024:all-linear:ivon"]
+    for spec in runs:
+        shape, bsz, seq, targets, opt = spec.rsplit(":", 4)
+        targets = targets if targets == "all-linear" else targets.split(",")
+        run(shape, opt, targets, int(bsz), int(seq), args.steps, args.warmup, args.out)
