@@ -8,7 +8,8 @@
 //! - [`gates`]: hard-concrete sampling, P(z > 0), the deterministic test rule, nested rank gates;
 //! - [`quantizer`]: the Bayesian Bits residual quantizer (2/4/8/16/32 bits) and its range;
 //! - [`layer`]: [`BLoraLayer`], the [`crate::adapters::Adapter`], its prior and learned table;
-//! - [`inject`]: [`attach_blora`] and [`AttachedBLora`].
+//! - [`inject`]: [`attach_blora`] and [`AttachedBLora`];
+//! - [`bops`]: BOPs of the learned layers against LoRA of the same initial rank ([`BopsReport`]).
 //!
 //! Training: loss = task + `mu` · [`AttachedBLora::regularizer`]; the weights
 //! ([`AttachedBLora::named_weight_vars_with_prefix`]) go to IVON or AdamW, the gate logits
@@ -34,12 +35,14 @@
 //! # let _ = loss;
 //! # Ok::<(), bayeslora::Error>(())
 //! ```
+pub mod bops;
 pub mod config;
 pub mod gates;
 pub mod inject;
 pub mod layer;
 pub mod quantizer;
 
+pub use bops::{bops_report, render_table, BopsReport, BopsRow, BopsTotals};
 pub use config::{default_target_modules, BLoraConfig, GateCost, InitE};
 pub use inject::{attach_blora, AttachedBLora};
 pub use layer::{BLoraLayer, EvalWeights, LearnedLayer};
