@@ -251,10 +251,10 @@ mod tests {
         let ev = evaluate(&mut Fixed, &data(7), &cfg).unwrap();
         let ks: Vec<usize> = ev.results.iter().map(|r| r.num_samples).collect();
         assert_eq!(ks, vec![0, 1, 2, 4]);
-        let bayes = ev.bayes.unwrap();
+        let bayes = ev.bayes.clone().unwrap();
         assert!((bayes.probs[0] - 0.5).abs() < 1e-12);
         assert!(bayes.mutual_information()[0] > 0.3);
-        assert_eq!(ev.mean.unwrap().num_samples, 1);
+        assert_eq!(ev.mean.as_ref().unwrap().num_samples, 1);
         assert!(ev.results[0].metrics.ece15.is_some());
         // one timing per pass: the mean, then 4 samples
         assert_eq!(ev.pass_seconds.len(), 5);
