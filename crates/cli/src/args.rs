@@ -36,6 +36,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Merge a run's (or an adapter folder's) mean adapter into a full model folder.
     Merge(MergeArgs),
+    /// Reports on a trained run: `bops` (B-LoRA: learned ranks and bits, bit operations against
+    /// LoRA of the same rank, heat map).
+    Report(ReportArgs),
     /// Predict labels with probabilities, entropy and mutual information for JSONL or stdin
     /// input, from a base model and an adapter folder.
     Predict(PredictArgs),
@@ -201,6 +204,32 @@ pub struct CompareArgs {
     /// Only rebuild the tables and plots from the finished cells.
     #[arg(long)]
     pub aggregate_only: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// What to report.
+    #[arg(value_enum)]
+    pub what: ReportWhat,
+    /// A folder written by `bayeslora train --method blora`.
+    pub run: PathBuf,
+    /// Bits counted for tensors B-LoRA does not quantize and for the LoRA reference: 32 (an fp32
+    /// model) or 16 (bf16).
+    #[arg(long, default_value_t = 32)]
+    pub precision: u32,
+    /// Multiply per-token BOPs by this many tokens (1: per token).
+    #[arg(long, default_value_t = 1.0)]
+    pub tokens: f64,
+    /// Output stem: writes STEM.json, STEM.txt and the heat map STEM_learned.{png,svg}
+    /// (default: RUN/bops).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportWhat {
+    /// Bit operations per layer and in total, learned ranks and bit-widths.
+    Bops,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -285,12 +285,16 @@ pub struct SummaryRow {
 }
 
 /// The cost columns: (key, header).
-pub const COST_COLUMNS: [(&str, &str); 5] = [
+pub const COST_COLUMNS: [(&str, &str); 9] = [
     ("train_s", "train s"),
     ("fit_s", "fit s"),
     ("eval_s", "eval s"),
     ("eval_ms_per_example", "eval ms/example"),
     ("k_cost_ratio", "K-pass cost / (K × 1 pass)"),
+    ("bops_pct", "BOPs % of LoRA"),
+    ("adapter_bops_pct", "adapter BOPs % of LoRA"),
+    ("mean_rank", "mean rank"),
+    ("mean_bits", "mean bits"),
 ];
 
 /// The OOD columns: (key, header, shown in percent, higher is better).
@@ -344,6 +348,26 @@ fn cost_values(c: &Cell) -> Vec<(&'static str, f64)> {
     }
     if let Some(r) = cost.eval.ratio() {
         v.push(("k_cost_ratio", r));
+    }
+    v.extend(compression_values(&c.params));
+    v
+}
+
+/// B-LoRA cells (`params.bops`, written by `compare`): BOPs against LoRA of the same initial rank
+/// in percent (whole adapted layers, and the adapter matmuls alone), the mean learned rank and
+/// the mean learned bit-width over every quantized tensor.
+fn compression_values(params: &serde_json::Value) -> Vec<(&'static str, f64)> {
+    let b = &params["bops"];
+    let mut v = Vec::new();
+    for (key, field, scale) in
+        [("bops_pct", "ratio", 100.0), ("adapter_bops_pct", "adapter_ratio", 100.0), ("mean_rank", "mean_rank", 1.0)]
+    {
+        if let Some(x) = b[field].as_f64() {
+            v.push((key, scale * x));
+        }
+    }
+    if let Some(x) = b["mean_bits"].as_f64() {
+        v.push(("mean_bits", x));
     }
     v
 }
@@ -516,7 +540,7 @@ impl Summary {
         let cost_cols: Vec<(&str, &str)> =
             COST_COLUMNS.iter().copied().filter(|(k, _)| rows.iter().any(|r| r.cost.contains_key(*k))).collect();
         if !cost_cols.is_empty() {
-            s.push_str(&format!("#### {task}: cost (seconds)\n\n| method | K |"));
+            s.push_str(&format!("#### {task}: cost (seconds; B-LoRA: BOPs, learned rank and bits)\n\n| method | K |"));
             for (_, h) in &cost_cols {
                 s.push_str(&format!(" {h} |"));
             }

@@ -234,7 +234,7 @@ impl Cache<'_> {
         let loaded = pipeline::load_model(cfg)?;
         let device = pipeline::device(&cfg.device)?;
         let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };
-        let model = TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, &device)?;
+        let model = pipeline::build_model(cfg, loaded, num_labels, &device)?;
         let mut progress = TrainProgress::new(label);
         let t0 = Instant::now();
         let (summary, opt) = train::run(&model, self.train.clone(), &cfg.train, &device, &mut progress, None, None)?;
@@ -251,6 +251,28 @@ impl Cache<'_> {
     fn get(&self, key: &str) -> Result<&Trained> {
         self.models.get(key).context("invariant: trained model was just cached")
     }
+}
+
+/// What a B-LoRA model learned, for the cell: BOPs against LoRA of the same initial rank (fp32
+/// base; `bayeslora::adapters::blora::bops` lists the counting assumptions), mean learned rank and
+/// mean bit-width over every quantized tensor, and the per-layer table.
+fn blora_summary(model: &TaskModel) -> Result<serde_json::Value> {
+    let learned = model.blora.learned()?;
+    let report = bayeslora::adapters::blora::bops_report(&learned, 32, 1.0)?;
+    let n = learned.len().max(1) as f64;
+    let mean_rank = learned.iter().map(|(_, l)| l.rank as f64).sum::<f64>() / n;
+    let bits: Vec<f64> = learned.iter().flat_map(|(_, l)| l.bits.values().map(|&b| f64::from(b))).collect();
+    let mean_bits = (!bits.is_empty()).then(|| bits.iter().sum::<f64>() / bits.len() as f64);
+    Ok(serde_json::json!({
+        "ratio": report.ratio,
+        "adapter_ratio": report.adapter_ratio,
+        "reduction_percent": report.reduction_percent,
+        "adapter_reduction_percent": report.adapter_reduction_percent,
+        "mean_rank": mean_rank,
+        "mean_bits": mean_bits,
+        "totals": report.totals,
+        "learned": learned,
+    }))
 }
 
 /// Everything one cell's evaluation needs.
@@ -434,6 +456,7 @@ fn run_cell(
         "kind": m.kind,
         "model": cfg.model,
         "train": run.train,
+        "method": run.method,
         "lora": run.lora,
         "max_len": run.max_len,
         "train_rows": td.train.len(),
@@ -524,6 +547,10 @@ fn run_cell(
             (r, secs, 0.0)
         }
     };
+    if run.method == crate::config::Method::Blora {
+        let (key, _) = adamw_key(cfg, task, m, seed, cache)?;
+        params["bops"] = blora_summary(&cache.get(&key)?.model)?;
+    }
     let Scored { ev, ood, eval_seconds, ood_seconds } = scored;
     let cost = CellCost {
         train_seconds,

@@ -1,7 +1,7 @@
 //! `bayeslora export RUN -o OUT`: a train run folder's newest checkpoint as a peft LoRA folder
 //! (+ the IVON posterior sidecar). Also the shared "open a run or an adapter" step of `merge`.
 use crate::args::ExportArgs;
-use crate::config::RunConfig;
+use crate::config::{Method, RunConfig};
 use anyhow::{bail, Context, Result};
 use bayeslora::export::{self, ExportOptions};
 use bayeslora::models::{Backbone, LoadedModel, SequenceClassificationHead};
@@ -13,12 +13,10 @@ use std::process::ExitCode;
 pub fn run(args: ExportArgs) -> Result<ExitCode> {
     let run = open_run(&args.run)?;
     write_adapter(&run.model, &run.config, &run.base, run.posterior.as_ref(), &args.output)?;
-    eprintln!(
-        "wrote {} ({} adapted modules{})",
-        args.output.display(),
-        run.model.adapters.len(),
-        if run.posterior.is_some() { ", IVON posterior sidecar" } else { "" }
-    );
+    let n = run.model.adapters.len() + run.model.blora.len();
+    let sidecar =
+        if run.posterior.is_some() && run.config.method == Method::Lora { ", IVON posterior sidecar" } else { "" };
+    eprintln!("wrote {} ({n} adapted modules{sidecar})", args.output.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -100,6 +98,10 @@ pub fn adapter_num_labels(dir: &Path) -> Result<Option<usize>> {
 }
 
 /// Writes the adapter of a finished run into `dir` (used by `train` for `<output>/adapter/`).
+/// B-LoRA: `dir` gets the PEFT LoRA at the learned ranks (`rank_pattern`) and `dir/compressed/`
+/// the integer-coded adapter that reproduces the gated model's logits exactly; the sizes on disk
+/// go to `dir/sizes.json`. (The IVON posterior sidecar is written for LoRA only: the PEFT form
+/// folds E into B, which changes the parameterisation the posterior is over.)
 pub fn write_adapter(
     model: &TaskModel,
     cfg: &RunConfig,
@@ -107,6 +109,17 @@ pub fn write_adapter(
     posterior: Option<&ivon::Posterior>,
     dir: &Path,
 ) -> Result<()> {
+    if cfg.method == Method::Blora {
+        let base_name = base.display().to_string();
+        let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(&base_name))
+            .with_context(|| format!("exporting the B-LoRA adapter to {}", dir.display()))?;
+        let compressed_dir = dir.join("compressed");
+        let compressed = export::save_compressed(&compressed_dir, model, &model.blora, &cfg.blora)
+            .with_context(|| format!("exporting the compressed adapter to {}", compressed_dir.display()))?;
+        let sizes = serde_json::json!({ "peft": peft, "compressed": compressed });
+        super::pipeline::write_json(&dir.join("sizes.json"), &sizes)?;
+        return Ok(());
+    }
     let mut opts = ExportOptions::new(cfg.lora.clone());
     opts.base_model_name_or_path = Some(base.display().to_string());
     let extras = [

@@ -7,6 +7,7 @@ mod export;
 mod merge;
 mod pipeline;
 mod predict;
+mod report;
 mod train;
 
 use crate::args::{Cli, Command};
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => export::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Report(args) => report::run(args),
     }
 }

@@ -194,7 +194,11 @@ pub fn train_and_eval(
         r.info.insert("seed".into(), serde_json::json!(cfg.train.seed));
         r.info.insert("optimizer".into(), serde_json::to_value(cfg.train.optimizer)?);
         r.info.insert("train".into(), serde_json::to_value(&cfg.train)?);
-        r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?);
+        r.info.insert("method".into(), serde_json::to_value(cfg.method)?);
+        match cfg.method {
+            Method::Lora => r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?),
+            Method::Blora => r.info.insert("blora".into(), serde_json::to_value(&cfg.blora)?),
+        };
         r.info.insert("dtype".into(), serde_json::json!("f32"));
         r.info.insert("train_seconds".into(), serde_json::json!(summary.seconds));
         r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
@@ -206,6 +210,18 @@ pub fn train_and_eval(
         _ => None,
     };
     super::export::write_adapter(&model, cfg, &model_path, posterior.as_ref(), &out.join("adapter"))?;
+    if cfg.method == Method::Blora {
+        // The learned ranks and bits, and the bit operations against LoRA of the same rank.
+        let (report, _) = super::report::write_bops(&model.blora, &out.join("bops"), 32, 1.0)?;
+        eprintln!("{}", bayeslora::adapters::blora::render_table(&report));
+        for r in &mut results {
+            r.info.insert("bops".into(), serde_json::to_value(&report.totals)?);
+            r.info.insert("bops_ratio".into(), serde_json::json!(report.ratio));
+            r.info.insert("adapter_bops_ratio".into(), serde_json::json!(report.adapter_ratio));
+            r.info.insert("learned".into(), serde_json::to_value(model.blora.learned()?)?);
+        }
+        write_json(&out.join("results.json"), &results)?;
+    }
     Ok(RunOutcome {
         label: label.into(),
         results,
