@@ -29,6 +29,7 @@
 //! export::save_peft("runs/rte/adapter".as_ref(), model, &opts, Some(&ivon.posterior()))?;
 //! # Ok(()) }
 //! ```
+pub mod blora;
 pub mod config;
 mod merge;
 pub mod sidecar;
@@ -43,6 +44,7 @@ use crate::models::{Architecture, Backbone};
 use crate::train::{Classifier, ModelPredictor, TaskModel};
 use crate::{atomic, Error, Result};
 
+pub use blora::{load_compressed, plot_learned, save_blora_peft, save_bops_report, save_compressed, ExportSizes};
 pub use config::{AdapterConfig, TaskType, CONFIG_FILE};
 pub use merge::merge;
 pub use sidecar::{PosteriorMeta, PosteriorParam, POSTERIOR_JSON, POSTERIOR_TENSORS};

@@ -1,0 +1,692 @@
+//! B-LoRA out and back in (`specs/blora.md` "After training"): a plain PEFT LoRA at the learned
+//! ranks, a compressed adapter (integer codes at the learned bits) that reloads bit for bit, the
+//! BOPs report as JSON, and the learned ranks/bits as a heat map.
+//!
+//! - [`save_blora_peft`]: `A′ = Q(A)[:r′]`, `B′ = Q(B)[:, :r′]·diag(s·z_rank⊙Q(E))[:r′]`, written
+//!   as a PEFT LoRA folder with `r` = the largest r′, `rank_pattern` {module: r′} and
+//!   `alpha_pattern` {module: r′}, so PEFT's scaling α/r′ is 1 everywhere. It loads in HF peft and
+//!   in [`super::load_peft`]. A LoRA cannot quantize activations (nor the base), so its logits match
+//!   the gated model up to float error only when `quantize_activations` and `quantize_base` are off;
+//!   otherwise they differ by the activation quantization error (a warning says so).
+//! - [`save_compressed`] / [`load_compressed`]: `blora_compressed.safetensors` holds, per module,
+//!   A[:r′], E[:r′], B[:, :r′] as integer codes at each tensor's learned bits (i8/u8 up to 8 bits,
+//!   i16/u16 at 16; one code per byte, not bit-packed; f32 at 32 bits or when the tensor is not
+//!   quantized), every gate logit and range (f32, exact), and the head; `blora_compressed.json`
+//!   describes it. The loader reattaches the layers and sets A = k·s_b through the same
+//!   dequantisation as the test-time forward, so the logits are identical to the gated model's.
+//! - [`save_bops_report`], [`plot_learned`]: the report as JSON + text, and a PNG/SVG heat map.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::config::{self, CONFIG_FILE};
+use super::{module_prefix, sidecar, task_type, WEIGHTS_FILE};
+use crate::adapters::blora::quantizer::{self, Range, Slot};
+use crate::adapters::blora::{attach_blora, render_table, AttachedBLora, BLoraConfig, BopsReport, LearnedLayer};
+use crate::adapters::lora::{LoraConfig, TargetModules, PEFT_PREFIX};
+use crate::train::TaskModel;
+use crate::{atomic, Error, Result};
+
+/// `blora_compressed.safetensors`.
+pub const COMPRESSED_TENSORS: &str = "blora_compressed.safetensors";
+/// `blora_compressed.json`.
+pub const COMPRESSED_JSON: &str = "blora_compressed.json";
+/// The `format` field of [`COMPRESSED_JSON`].
+pub const COMPRESSED_FORMAT: &str = "bayeslora-blora-compressed/1";
+
+/// Sizes on disk of an export.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportSizes {
+    /// Every file written, with its size in bytes.
+    pub files: Vec<(PathBuf, u64)>,
+    pub total_bytes: u64,
+    /// A, E, B at the initial rank in f32: what the adapter takes uncompressed.
+    pub adapter_f32_bytes: u64,
+    /// A, E, B as stored (compressed export: codes at learned ranks; PEFT: A′, B′ in f32).
+    pub adapter_bytes: u64,
+    /// `adapter_bytes` if the codes were bit-packed at their bit-widths.
+    pub adapter_packed_bytes: u64,
+}
+
+fn sizes_of(files: &[PathBuf]) -> Result<(Vec<(PathBuf, u64)>, u64)> {
+    let mut out = Vec::new();
+    for f in files {
+        let n = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
+        out.push((f.clone(), n));
+    }
+    let total = out.iter().map(|(_, n)| n).sum();
+    Ok((out, total))
+}
+
+fn f32_bytes(blora: &AttachedBLora) -> u64 {
+    blora.layers.iter().map(|(_, l)| 4 * (l.rank() * (l.in_features() + 1 + l.out_features())) as u64).sum()
+}
+
+/// The PEFT-form tensors of one layer at its learned rank: `A′ [r′, in]`, `B′ [out, r′]`.
+fn folded(layer: &crate::adapters::blora::BLoraLayer) -> Result<(Tensor, Tensor, usize)> {
+    let rank = layer.learned()?.rank;
+    let w = layer.eval_weights()?;
+    let e = w.e.mul(&w.rank_mask)?.affine(layer.scaling(), 0.0)?.narrow(0, 0, rank)?;
+    let a = w.a.narrow(0, 0, rank)?.contiguous()?;
+    let b = w.b.narrow(1, 0, rank)?.broadcast_mul(&e.unsqueeze(0)?)?.contiguous()?;
+    Ok((a, b, rank))
+}
+
+/// Writes `blora` (on `model`'s backbone, with `model`'s head) as a plain PEFT LoRA folder at the
+/// learned ranks (see the module doc). `config` is the one the layers were attached with;
+/// `base_model_name_or_path` goes into `adapter_config.json`.
+pub fn save_blora_peft(
+    dir: &Path,
+    model: &TaskModel,
+    blora: &AttachedBLora,
+    config: &BLoraConfig,
+    base_model_name_or_path: Option<&str>,
+) -> Result<ExportSizes> {
+    if blora.is_empty() {
+        return Err(Error::config("adapters", "[]", "nothing to export: attach or load B-LoRA first"));
+    }
+    if config.quantize && (config.quantize_activations || config.quantize_base) {
+        tracing::warn!(
+            "{}: a PEFT LoRA cannot quantize activations or the base; its logits differ from the gated B-LoRA \
+             model by that quantization error (the compressed export reproduces them exactly)",
+            dir.display()
+        );
+    }
+    let prefix = module_prefix(model);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut ranks = BTreeMap::new();
+    let mut adapter_bytes = 0u64;
+    for (m, layer) in &blora.layers {
+        let (a, b, rank) = folded(layer)?;
+        adapter_bytes += 4 * (a.elem_count() + b.elem_count()) as u64;
+        tensors.insert(format!("{PEFT_PREFIX}{prefix}{m}.lora_A.weight"), a.to_device(&Device::Cpu)?);
+        tensors.insert(format!("{PEFT_PREFIX}{prefix}{m}.lora_B.weight"), b.to_device(&Device::Cpu)?);
+        ranks.insert(m.clone(), rank);
+    }
+    let r_max = ranks.values().copied().max().unwrap_or(1);
+    // α = r′ for every module: PEFT's scaling α/r′ is 1, the scale lives in B′.
+    let rank_pattern: BTreeMap<String, usize> =
+        ranks.iter().filter(|(_, &r)| r != r_max).map(|(m, &r)| (m.clone(), r)).collect();
+    let alpha_pattern: BTreeMap<String, f64> = rank_pattern.iter().map(|(m, &r)| (m.clone(), r as f64)).collect();
+    let lora = LoraConfig {
+        r: r_max,
+        lora_alpha: r_max as f64,
+        lora_dropout: config.lora_dropout,
+        target_modules: config.target_modules.clone(),
+        rank_pattern: rank_pattern.clone(),
+        alpha_pattern: alpha_pattern.clone(),
+        ..LoraConfig::default()
+    };
+    let target_modules = match &config.target_modules {
+        Some(TargetModules::List(names)) => serde_json::json!(names),
+        _ => serde_json::json!(blora.layers.iter().map(|(m, _)| format!("{prefix}{m}")).collect::<Vec<_>>()),
+    };
+    if let Some(h) = &model.head {
+        for (n, v) in h.named_vars() {
+            tensors.insert(format!("{PEFT_PREFIX}{n}"), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        }
+    }
+    let fields = config::ConfigFields {
+        lora: &lora,
+        target_modules,
+        rank_pattern,
+        alpha_pattern,
+        task_type: task_type(model),
+        base_model_name_or_path,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let files = [dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE)];
+    atomic::write_safetensors(&files[0], &tensors, Some(metadata))?;
+    atomic::write_json(&files[1], &config::to_json(&fields))?;
+    sidecar::remove_stale(dir)?;
+    let (files, total_bytes) = sizes_of(&files)?;
+    Ok(ExportSizes {
+        files,
+        total_bytes,
+        adapter_f32_bytes: f32_bytes(blora),
+        adapter_bytes,
+        adapter_packed_bytes: adapter_bytes,
+    })
+}
+
+/// How one tensor is stored in [`COMPRESSED_TENSORS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    I8,
+    U8,
+    I16,
+    U16,
+    /// Raw f32: 32 bits, or a tensor without a quantizer or with an unset range.
+    F32,
+}
+
+impl Encoding {
+    fn dtype(self) -> Dtype {
+        match self {
+            Encoding::I8 => Dtype::I8,
+            Encoding::U8 => Dtype::U8,
+            Encoding::I16 => Dtype::I16,
+            Encoding::U16 => Dtype::U16,
+            Encoding::F32 => Dtype::F32,
+        }
+    }
+
+    fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            Encoding::I8 => v.iter().map(|&x| (x as i8) as u8).collect(),
+            Encoding::U8 => v.iter().map(|&x| x as u8).collect(),
+            Encoding::I16 => v.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect(),
+            Encoding::U16 => v.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect(),
+            Encoding::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    fn decode(self, b: &[u8]) -> Vec<f32> {
+        match self {
+            Encoding::I8 => b.iter().map(|&x| f32::from(x as i8)).collect(),
+            Encoding::U8 => b.iter().map(|&x| f32::from(x)).collect(),
+            Encoding::I16 => b.chunks_exact(2).map(|c| f32::from(i16::from_le_bytes([c[0], c[1]]))).collect(),
+            Encoding::U16 => b.chunks_exact(2).map(|c| f32::from(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            Encoding::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        }
+    }
+}
+
+/// One stored tensor in [`CompressedMeta`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredTensor {
+    pub encoding: Encoding,
+    /// The grid's bit-width (32 for raw f32).
+    pub bits: u32,
+    /// The stored shape (the learned rank, not the initial one).
+    pub shape: Vec<usize>,
+    /// The grid step s_b (the value is code·s_b); 0 for raw f32.
+    pub step: f64,
+}
+
+/// One module in [`CompressedMeta`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompressedModule {
+    pub module: String,
+    pub learned: LearnedLayer,
+    /// `lora_A`, `lora_E`, `lora_B`.
+    pub tensors: BTreeMap<String, StoredTensor>,
+    /// Every quantizer's range, for reading (the exact values are in the safetensors file).
+    pub ranges: BTreeMap<Slot, Range>,
+}
+
+/// [`COMPRESSED_JSON`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompressedMeta {
+    pub format: String,
+    pub config: BLoraConfig,
+    /// The module-name prefix of the keys (`bert.` for a BERT classifier).
+    pub module_prefix: String,
+    pub modules: Vec<CompressedModule>,
+    pub sizes: ExportSizes,
+}
+
+fn weight_slot(name: &str) -> Slot {
+    match name {
+        "lora_A" => Slot::LoraA,
+        "lora_E" => Slot::LoraE,
+        _ => Slot::LoraB,
+    }
+}
+
+/// The var name in [`crate::adapters::blora::BLoraLayer::named_state`].
+fn var_name(name: &str) -> String {
+    if name == "lora_E" {
+        name.to_string()
+    } else {
+        format!("{name}.weight")
+    }
+}
+
+/// Writes the compressed adapter (see the module doc) into `dir`, with `model`'s head.
+pub fn save_compressed(
+    dir: &Path,
+    model: &TaskModel,
+    blora: &AttachedBLora,
+    config: &BLoraConfig,
+) -> Result<ExportSizes> {
+    if blora.is_empty() {
+        return Err(Error::config("adapters", "[]", "nothing to export: attach or load B-LoRA first"));
+    }
+    let prefix = module_prefix(model);
+    let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut modules = Vec::new();
+    let (mut adapter_bytes, mut packed_bits) = (0u64, 0u64);
+    for (m, layer) in &blora.layers {
+        let key = format!("{PEFT_PREFIX}{prefix}{m}");
+        let learned = layer.learned()?;
+        let rank = learned.rank;
+        let ranges = layer.ranges()?;
+        let mut tensors = BTreeMap::new();
+        for (name, var, dim) in
+            [("lora_A", layer.lora_a(), 0), ("lora_E", layer.lora_e(), 0), ("lora_B", layer.lora_b(), 1)]
+        {
+            let slot = weight_slot(name);
+            let t = var.as_tensor().narrow(dim, 0, rank)?.contiguous()?;
+            let range = ranges.get(&slot).copied().filter(Range::is_set);
+            let bits = learned.bits(slot).unwrap_or(32);
+            let (encoding, values, step) = match range {
+                Some(r) if bits < 32 => {
+                    let enc = match (bits <= 8, r.signed()) {
+                        (true, true) => Encoding::I8,
+                        (true, false) => Encoding::U8,
+                        (false, true) => Encoding::I16,
+                        (false, false) => Encoding::U16,
+                    };
+                    (enc, quantizer::codes(&t, &r, bits)?, r.step(bits))
+                }
+                // 32 bits: the clipped f32 value, as the test-time forward uses it.
+                Some(r) => (Encoding::F32, t.clamp(r.x_min, r.x_max)?, 0.0),
+                None => (Encoding::F32, t, 0.0),
+            };
+            let stored_bits = if encoding == Encoding::F32 { 32 } else { bits };
+            let v = values.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let bytes = encoding.encode(&v);
+            adapter_bytes += bytes.len() as u64;
+            packed_bits += v.len() as u64 * u64::from(stored_bits);
+            tensors.insert(
+                name.to_string(),
+                StoredTensor { encoding, bits: stored_bits, shape: values.dims().to_vec(), step },
+            );
+            blobs.push((format!("{key}.{name}.codes"), encoding.dtype(), values.dims().to_vec(), bytes));
+        }
+        // Gate logits and ranges, f32 and exact.
+        for (n, t) in layer.named_state()? {
+            if n.starts_with("blora_gates.") || n.starts_with("blora_ranges.") {
+                let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                blobs.push((format!("{key}.{n}"), Dtype::F32, t.dims().to_vec(), Encoding::F32.encode(&v)));
+            }
+        }
+        modules.push(CompressedModule { module: m.clone(), learned, tensors, ranges });
+    }
+    if let Some(h) = &model.head {
+        for (n, v) in h.named_vars() {
+            let t = v.as_tensor().to_dtype(DType::F32)?;
+            let vals = t.flatten_all()?.to_vec1::<f32>()?;
+            blobs.push((format!("{PEFT_PREFIX}{n}"), Dtype::F32, t.dims().to_vec(), Encoding::F32.encode(&vals)));
+        }
+    }
+    let views = blobs
+        .iter()
+        .map(|(k, dt, shape, bytes)| {
+            TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::BadFile { file: dir.join(COMPRESSED_TENSORS), reason: e.to_string() })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), COMPRESSED_FORMAT.to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::BadFile { file: dir.join(COMPRESSED_TENSORS), reason: e.to_string() })?;
+    let tensors_path = dir.join(COMPRESSED_TENSORS);
+    atomic::write(&tensors_path, &bytes)?;
+    let mut meta = CompressedMeta {
+        format: COMPRESSED_FORMAT.to_string(),
+        config: config.clone(),
+        module_prefix: prefix.to_string(),
+        modules,
+        sizes: ExportSizes {
+            adapter_f32_bytes: f32_bytes(blora),
+            adapter_bytes,
+            adapter_packed_bytes: packed_bits.div_ceil(8),
+            ..ExportSizes::default()
+        },
+    };
+    // The JSON's own size is part of the total: write it, measure, write again with the sizes.
+    let json_path = dir.join(COMPRESSED_JSON);
+    atomic::write_json(&json_path, &meta)?;
+    let (files, total_bytes) = sizes_of(&[tensors_path.clone(), json_path.clone()])?;
+    meta.sizes.files = files;
+    meta.sizes.total_bytes = total_bytes;
+    atomic::write_json(&json_path, &meta)?;
+    let (files, total_bytes) = sizes_of(&[tensors_path, json_path])?;
+    Ok(ExportSizes { files, total_bytes, ..meta.sizes })
+}
+
+/// Reads a [`save_compressed`] folder into `model`: attaches the file's B-LoRA layers to the
+/// backbone (which must carry no adapter on those modules), sets A, E, B from their codes, the
+/// gates and ranges, and the head; `model.blora` (and `blora_mu`) become the file's. Returns the
+/// attached layers.
+///
+/// Errors: [`Error::Io`] naming a missing file, [`Error::BadFile`] for a foreign or inconsistent
+/// file, [`Error::MissingTensor`] / [`Error::TensorShape`] naming the file and tensor.
+pub fn load_compressed(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<AttachedBLora> {
+    let json_path = dir.join(COMPRESSED_JSON);
+    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let meta: CompressedMeta = serde_json::from_str(&text).map_err(|e| Error::BadFile {
+        file: json_path.clone(),
+        reason: format!("not a compressed B-LoRA description: {e}"),
+    })?;
+    if meta.format != COMPRESSED_FORMAT {
+        return Err(Error::BadFile {
+            file: json_path,
+            reason: format!("format `{}`, expected `{COMPRESSED_FORMAT}`", meta.format),
+        });
+    }
+    let file = dir.join(COMPRESSED_TENSORS);
+    let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::BadFile { file: file.clone(), reason: e.to_string() })?;
+    let read = |name: &str, expected: Option<&[usize]>| -> Result<(Encoding, Vec<usize>, Vec<f32>)> {
+        let v = st.tensor(name).map_err(|_| Error::MissingTensor { file: file.clone(), name: name.to_string() })?;
+        let enc = match v.dtype() {
+            Dtype::I8 => Encoding::I8,
+            Dtype::U8 => Encoding::U8,
+            Dtype::I16 => Encoding::I16,
+            Dtype::U16 => Encoding::U16,
+            Dtype::F32 => Encoding::F32,
+            other => {
+                return Err(Error::BadFile {
+                    file: file.clone(),
+                    reason: format!("tensor `{name}` has dtype {other:?}"),
+                })
+            }
+        };
+        if let Some(want) = expected {
+            if v.shape() != want {
+                return Err(Error::TensorShape {
+                    file: file.clone(),
+                    name: name.to_string(),
+                    expected: want.to_vec(),
+                    got: v.shape().to_vec(),
+                });
+            }
+        }
+        Ok((enc, v.shape().to_vec(), enc.decode(v.data())))
+    };
+
+    let mut cfg = meta.config.clone();
+    cfg.target_modules = Some(TargetModules::List(meta.modules.iter().map(|m| m.module.clone()).collect()));
+    let prefix = meta.module_prefix.clone();
+    let attached = attach_blora(&mut model.backbone, &cfg, 0, device)?;
+    for cm in &meta.modules {
+        let layer = attached.get(&cm.module).ok_or_else(|| Error::BadFile {
+            file: json_path.clone(),
+            reason: format!("module `{}` not attached", cm.module),
+        })?;
+        let key = format!("{PEFT_PREFIX}{prefix}{}", cm.module);
+        let mut state: HashMap<String, Tensor> = HashMap::new();
+        for (n, t) in layer.named_state()? {
+            if n.starts_with("blora_gates.") || n.starts_with("blora_ranges.") {
+                let (_, shape, v) = read(&format!("{key}.{n}"), Some(t.dims()))?;
+                state.insert(n, Tensor::from_vec(v, shape, device)?);
+            }
+        }
+        let range_of = |slot: Slot| -> Result<Range> {
+            let get = |end: &str| -> Result<f32> {
+                let name = format!("blora_ranges.{}.{end}", slot.name());
+                let t = state.get(&name).ok_or_else(|| Error::MissingTensor { file: file.clone(), name })?;
+                Ok(t.to_vec1::<f32>()?.first().copied().unwrap_or(0.0))
+            };
+            Ok(Range { x_min: get("x_min")?, x_max: get("x_max")? })
+        };
+        let rank = cm.learned.rank;
+        let mut weights = Vec::with_capacity(3);
+        for (name, var, dim) in
+            [("lora_A", layer.lora_a(), 0), ("lora_E", layer.lora_e(), 0), ("lora_B", layer.lora_b(), 1)]
+        {
+            let stored = cm.tensors.get(name).ok_or_else(|| Error::BadFile {
+                file: json_path.clone(),
+                reason: format!("{}: no entry for {name}", cm.module),
+            })?;
+            let mut shape = var.dims().to_vec();
+            shape[dim] = rank;
+            let (enc, _, v) = read(&format!("{key}.{name}.codes"), Some(&shape))?;
+            let t = Tensor::from_vec(v, shape.clone(), device)?;
+            // The same k·s_b as the test-time forward, so the values are the gated model's floats.
+            let values = if enc == Encoding::F32 {
+                t
+            } else {
+                quantizer::dequantize(&t, &range_of(weight_slot(name))?, stored.bits)?
+            };
+            let full = var.dims()[dim];
+            let values = if rank < full {
+                let mut pad = shape.clone();
+                pad[dim] = full - rank;
+                Tensor::cat(&[&values, &Tensor::zeros(pad, DType::F32, device)?], dim)?
+            } else {
+                values
+            };
+            weights.push((var_name(name), values));
+        }
+        state.extend(weights);
+        layer.set_state(&state)?;
+        let learned = layer.learned()?;
+        if learned != cm.learned {
+            return Err(Error::BadFile {
+                file: file.clone(),
+                reason: format!("{}: the gates give {learned:?}, the description says {:?}", cm.module, cm.learned),
+            });
+        }
+    }
+    let head_key = format!("{PEFT_PREFIX}classifier.weight");
+    if st.names().iter().any(|n| **n == head_key) {
+        let head = model.head.as_ref().ok_or_else(|| Error::BadFile {
+            file: file.clone(),
+            reason: "holds a classification head (classifier.*) but the model has none".into(),
+        })?;
+        for (n, var) in head.named_vars() {
+            let (_, shape, v) = read(&format!("{PEFT_PREFIX}{n}"), Some(var.dims()))?;
+            var.set(&Tensor::from_vec(v, shape, var.device())?.to_dtype(var.dtype())?)?;
+        }
+    }
+    model.blora = attached.clone();
+    model.blora_mu = meta.config.mu;
+    Ok(attached)
+}
+
+/// Writes `report` as `<stem>.json` and its table as `<stem>.txt`; returns the paths.
+pub fn save_bops_report(stem: &Path, report: &BopsReport) -> Result<Vec<PathBuf>> {
+    let json = stem.with_extension("json");
+    let txt = stem.with_extension("txt");
+    atomic::write_json(&json, report)?;
+    atomic::write(&txt, render_table(report).as_bytes())?;
+    Ok(vec![json, txt])
+}
+
+/// `(layer index, module kind)` from an HF module name: the first all-digit component and what
+/// follows it (`encoder.layer.3.attention.self.query` → (3, `attention.self.query`)).
+fn layer_and_kind(module: &str) -> (usize, String) {
+    let parts: Vec<&str> = module.split('.').collect();
+    match parts.iter().position(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())) {
+        Some(i) => (parts[i].parse().unwrap_or(0), parts[i + 1..].join(".")),
+        None => (0, module.to_string()),
+    }
+}
+
+/// Viridis at t ∈ [0, 1] (five anchors, linear in between).
+fn viridis(t: f64) -> RGBColor {
+    const ANCHORS: [(u8, u8, u8); 5] = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)];
+    let x = t.clamp(0.0, 1.0) * 4.0;
+    let i = (x.floor() as usize).min(3);
+    let f = x - i as f64;
+    let mix = |a: u8, b: u8| (f64::from(a) + (f64::from(b) - f64::from(a)) * f).round() as u8;
+    let (a, b) = (ANCHORS[i], ANCHORS[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// One panel: a title, and per (layer, kind) cell a value and its colour position in [0, 1].
+struct Panel {
+    title: String,
+    cells: BTreeMap<(usize, usize), (String, f64)>,
+}
+
+fn panels(learned: &[(String, LearnedLayer)]) -> (Vec<usize>, Vec<String>, Vec<Panel>) {
+    let mut layers: Vec<usize> = Vec::new();
+    let mut kinds: Vec<String> = Vec::new();
+    let mut pos = Vec::new();
+    for (m, _) in learned {
+        let (l, k) = layer_and_kind(m);
+        if !layers.contains(&l) {
+            layers.push(l);
+        }
+        if !kinds.contains(&k) {
+            kinds.push(k.clone());
+        }
+        pos.push((l, k));
+    }
+    layers.sort_unstable();
+    // Short kind labels (`query`) when the last name component is unique among the kinds.
+    let short: Vec<String> = kinds.iter().map(|k| k.rsplit('.').next().unwrap_or(k).to_string()).collect();
+    let unique = short.iter().all(|s| short.iter().filter(|t| *t == s).count() == 1);
+    let index = |l: usize, k: &str| {
+        (layers.iter().position(|&x| x == l).unwrap_or(0), kinds.iter().position(|x| x == k).unwrap_or(0))
+    };
+    let r_max = learned.iter().map(|(_, l)| l.r).max().unwrap_or(1).max(1);
+    let mut out = vec![Panel { title: format!("learned rank (of {r_max})"), cells: BTreeMap::new() }];
+    for ((_, l), (li, k)) in learned.iter().zip(&pos) {
+        out[0].cells.insert(index(*li, k), (l.rank.to_string(), l.rank as f64 / r_max as f64));
+    }
+    for slot in Slot::ALL {
+        if !learned.iter().any(|(_, l)| l.bits(slot).is_some()) {
+            continue;
+        }
+        let mut p = Panel { title: format!("bits {}", slot.name()), cells: BTreeMap::new() };
+        for ((_, l), (li, k)) in learned.iter().zip(&pos) {
+            if let Some(b) = l.bits(slot) {
+                p.cells.insert(index(*li, k), (b.to_string(), (f64::from(b).log2() - 1.0) / 4.0));
+            }
+        }
+        out.push(p);
+    }
+    (layers, if unique { short } else { kinds }, out)
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    layers: &[usize],
+    kinds: &[String],
+    panels: &[Panel],
+    text: bool,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    root.fill(&WHITE)?;
+    let body =
+        if text { root.titled("B-LoRA: learned rank and bits per layer", ("sans-serif", 22))? } else { root.clone() };
+    let areas = body.split_evenly((1, panels.len().max(1)));
+    let (nc, nr) = (kinds.len() as f64, layers.len() as f64);
+    let label = |h, v| ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(h, v));
+    for (area, panel) in areas.iter().zip(panels) {
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(8).margin_left(if text { 56 } else { 8 }).margin_bottom(if text { 30 } else { 8 });
+        if text {
+            builder.caption(&panel.title, ("sans-serif", 16));
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..nc, 0f64..nr)?;
+        chart.draw_series(panel.cells.iter().map(|(&(r, c), (_, t))| {
+            let (c, r) = (c as f64, r as f64);
+            Rectangle::new([(c, r), (c + 1.0, r + 1.0)], viridis(*t).filled())
+        }))?;
+        if !text {
+            continue;
+        }
+        chart.draw_series(panel.cells.iter().map(|(&(r, c), (value, t))| {
+            let color: &'static RGBColor = if *t < 0.6 { &WHITE } else { &BLACK };
+            Text::new(value.clone(), (c as f64 + 0.5, r as f64 + 0.5), label(HPos::Center, VPos::Center).color(color))
+        }))?;
+        // Axis labels in pixels, outside the plotting area: module kinds below, layers left.
+        for (c, kind) in kinds.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(c as f64 + 0.5, 0.0));
+            root.draw(&Text::new(kind.clone(), (x, y + 6), label(HPos::Center, VPos::Top)))?;
+        }
+        for (r, layer) in layers.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(0.0, r as f64 + 0.5));
+            root.draw(&Text::new(format!("layer {layer}"), (x - 6, y), label(HPos::Right, VPos::Center)))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
+}
+
+/// Writes `<stem>.png` and `<stem>.svg`: one heat map per quantity (learned rank, then the bits
+/// of each quantized tensor), layers × module kind, with the value in each cell; returns the
+/// paths. Text falls back to none if the font fails, as the reliability diagrams do.
+pub fn plot_learned(stem: &Path, learned: &[(String, LearnedLayer)]) -> Result<Vec<PathBuf>> {
+    if learned.is_empty() {
+        return Err(Error::config("layers", 0, "nothing to plot; attach B-LoRA first"));
+    }
+    crate::eval::register_fonts();
+    let (layers, kinds, panels) = panels(learned);
+    let longest = kinds.iter().map(|k| k.chars().count()).max().unwrap_or(1) as u32;
+    let w = (kinds.len() as u32 * (longest * 8 + 16).max(56) + 80).max(220) * panels.len() as u32 + 20;
+    let h = layers.len() as u32 * 36 + 130;
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    if let Some(dir) = png.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    // PNG: plotters writes the file itself; draw into a temporary name and rename.
+    let tmp = stem.with_extension(format!("tmp{}.png", std::process::id()));
+    let mut drawn = Err(plot_err(&png, "not drawn"));
+    for text in [true, false] {
+        drawn = {
+            let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
+            draw(&root, &layers, &kinds, &panels, text).map_err(|e| plot_err(&png, e))
+        };
+        match &drawn {
+            Ok(()) => break,
+            Err(e) if text => tracing::warn!("{e}; drawing the heat map without text"),
+            Err(_) => {}
+        }
+    }
+    if let Err(e) = drawn.and_then(|()| std::fs::rename(&tmp, &png).map_err(|e| Error::io(&png, e))) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let mut text_svg = String::new();
+    for text in [true, false] {
+        text_svg.clear();
+        let result = {
+            let root = SVGBackend::with_string(&mut text_svg, (w, h)).into_drawing_area();
+            draw(&root, &layers, &kinds, &panels, text).map_err(|e| plot_err(&svg, e))
+        };
+        match result {
+            Ok(()) => break,
+            Err(e) if !text => return Err(e),
+            Err(e) => tracing::warn!("{e}; drawing the heat map without text"),
+        }
+    }
+    atomic::write(&svg, text_svg.as_bytes())?;
+    Ok(vec![png, svg])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_split_into_layer_and_kind() {
+        assert_eq!(layer_and_kind("encoder.layer.3.attention.self.query"), (3, "attention.self.query".into()));
+        assert_eq!(layer_and_kind("model.layers.12.self_attn.q_proj"), (12, "self_attn.q_proj".into()));
+        assert_eq!(layer_and_kind("q_proj"), (0, "q_proj".into()));
+        assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
+        assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
+    }
+
+    #[test]
+    fn encodings_round_trip() {
+        for (enc, v) in [
+            (Encoding::I8, vec![-127f32, 0., 5., 127.]),
+            (Encoding::U8, vec![0., 255.]),
+            (Encoding::I16, vec![-32767., 1., 32767.]),
+            (Encoding::U16, vec![0., 65535.]),
+            (Encoding::F32, vec![1.5e-7, -3.25]),
+        ] {
+            assert_eq!(enc.decode(&enc.encode(&v)), v, "{enc:?}");
+        }
+    }
+}

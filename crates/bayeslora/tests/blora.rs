@@ -1,0 +1,218 @@
+//! B-LoRA on the tiny BERT fixture: a training step reaches weights and gates, the PEFT export
+//! reloads through `load_peft` with the gated model's logits, the compressed export reloads bit
+//! for bit, and the BOPs report and heat map are written.
+mod common;
+
+use std::path::Path;
+
+use bayeslora::adapters::blora::{attach_blora, bops_report, render_table, AttachedBLora, BLoraConfig, InitE, Slot};
+use bayeslora::adapters::lora::TargetModules;
+use bayeslora::adapters::Ctx;
+use bayeslora::data::{Batch, BatchTensors};
+use bayeslora::export;
+use bayeslora::models::{self, Backbone, LoadOptions, SequenceClassificationHead};
+use bayeslora::train::{Classifier, TaskModel};
+use bayeslora::{Error, Result};
+use candle_core::{Device, Tensor};
+
+/// The tiny BERT classifier with no adapters (its checkpoint's 3-label head).
+fn bare() -> Result<TaskModel> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let loaded = models::load(&dir, &LoadOptions::default())?;
+    let head = match &loaded.backbone {
+        Backbone::Bert(b) => {
+            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), 3, 0, &Device::Cpu)?)
+        }
+        _ => None,
+    };
+    Ok(TaskModel::bare(loaded.backbone, head))
+}
+
+fn batch(n: usize, salt: u64) -> Result<BatchTensors> {
+    let data = common::separable(n, salt);
+    Batch::collate(&data, &(0..n).collect::<Vec<_>>())?.to_tensors(&Device::Cpu)
+}
+
+fn config() -> BLoraConfig {
+    BLoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        init_e: InitE::Normal,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..BLoraConfig::default()
+    }
+}
+
+fn set(t: &candle_core::Var, v: &[f32]) -> Result<()> {
+    Ok(t.set(&Tensor::new(v, t.device())?)?)
+}
+
+/// A model with B-LoRA attached, ranges set by two training forwards, and gates set by hand so
+/// that ranks and bits differ between layers and tensors.
+fn gated(cfg: &BLoraConfig) -> Result<(TaskModel, AttachedBLora)> {
+    let mut model = bare()?;
+    let blora = attach_blora(&mut model.backbone, cfg, 3, &Device::Cpu)?;
+    model.blora = blora.clone();
+    for step in 0..2 {
+        model.logits(&batch(6, step)?, &Ctx::train(step))?;
+    }
+    let bits = [[3f32, -3., 0., 0.], [3., 3., -3., 0.], [3., 3., 3., -3.], [3., 3., 3., 3.]];
+    for (k, (_, layer)) in blora.layers.iter().enumerate() {
+        for (j, (name, var)) in layer.gate_vars().into_iter().enumerate() {
+            if name == "blora_gates.rank" {
+                // Ranks 2, 3, 4, 1: the first closed gate ends the prefix.
+                let ranks = [[3f32, -3., 3.], [3., 3., -3.], [3., 3., 3.], [-3., 3., 3.]];
+                set(&var, &ranks[k % 4])?;
+            } else {
+                set(&var, &bits[(k + j) % 4])?;
+            }
+        }
+    }
+    Ok((model, blora))
+}
+
+#[test]
+fn a_training_step_reaches_weights_and_gates() -> Result<()> {
+    let mut model = bare()?;
+    let cfg = BLoraConfig { init_e: InitE::Zero, ..config() };
+    let blora = attach_blora(&mut model.backbone, &cfg, 0, &Device::Cpu)?;
+    let b = batch(6, 0)?;
+    // E = 0: the adapted model equals the base at init.
+    let before = model.logits(&b, &Ctx::eval())?;
+    let mut plain = bare()?;
+    let base = plain.logits(&b, &Ctx::eval())?;
+    common::check("init logits", &before, &base, 0.0)?;
+    let _ = &mut plain;
+    for (_, layer) in &blora.layers {
+        // Gates mid-way so the samples are soft and E moves: the task loss reaches the gates.
+        for (_, v) in layer.gate_vars() {
+            v.set(&Tensor::full(0.5f32, v.dims(), &Device::Cpu)?)?;
+        }
+        layer.lora_e().set(&Tensor::full(0.3f32, (4, 1), &Device::Cpu)?)?;
+    }
+    let logits = model.logits(&b, &Ctx::train(1))?;
+    let prior = blora.regularizer()?.ok_or_else(|| Error::config("prior", "none", "gates are on"))?;
+    let loss = bayeslora::ops::cross_entropy(&logits, &b.labels)?.add(&prior.affine(cfg.mu, 0.0)?)?;
+    let grads = loss.backward()?;
+    let mut reached = (0, 0);
+    for (name, v) in blora.named_weight_vars_with_prefix("bert.") {
+        assert!(grads.get(v.as_tensor()).is_some(), "{name} has no gradient");
+        reached.0 += 1;
+    }
+    for (name, v) in blora.named_gate_vars_with_prefix("bert.") {
+        let g = grads.get(v.as_tensor()).map(|g| g.abs()?.sum_all()?.to_scalar::<f32>()).transpose()?.unwrap_or(0.0);
+        // act_B feeds no counted matmul: no prior gradient, and no task gradient when its 4-bit
+        // sample is clamped to 0. Every other gate var gets the prior's gradient at least.
+        assert!(g > 0.0 || name.ends_with("act_B.bits"), "{name} has no gradient");
+        reached.1 += usize::from(g > 0.0);
+    }
+    assert_eq!(reached.0, 3 * 4, "A, E, B of 4 layers");
+    assert!(reached.1 >= 6 * 4, "{}", reached.1);
+    Ok(())
+}
+
+#[test]
+fn peft_export_reloads_with_load_peft() -> Result<()> {
+    // A LoRA cannot quantize activations: with them off the folded export is the gated model.
+    let cfg = BLoraConfig { quantize_activations: false, ..config() };
+    let (model, blora) = gated(&cfg)?;
+    let learned = blora.learned()?;
+    let ranks: Vec<usize> = learned.iter().map(|(_, l)| l.rank).collect();
+    assert_eq!(ranks, vec![2, 3, 4, 1]);
+    let b = batch(5, 9)?;
+    let want = model.logits(&b, &Ctx::eval())?;
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let sizes = export::save_blora_peft(dir.path(), &model, &blora, &cfg, Some("tiny-bert"))?;
+    assert_eq!(sizes.files.len(), 2);
+    let conf: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("adapter_config.json")).map_err(|e| Error::io(dir.path(), e))?,
+    )
+    .map_err(|e| Error::config("json", "", e.to_string()))?;
+    assert_eq!(conf["r"], 4);
+    assert_eq!(conf["rank_pattern"]["encoder.layer.0.attention.self.query"], 2);
+    assert_eq!(conf["alpha_pattern"]["encoder.layer.1.attention.self.value"], 1);
+    assert!(conf["rank_pattern"].get("encoder.layer.1.attention.self.query").is_none(), "r′ = r = 4");
+    let mut loaded = bare()?;
+    let adapter = export::load_peft(dir.path(), &mut loaded, &Device::Cpu)?;
+    assert_eq!(adapter.lora.rank_for("encoder.layer.0.attention.self.value")?, 3);
+    let got = loaded.logits(&b, &Ctx::eval())?;
+    common::check("peft logits", &got, &want, 1e-5)?;
+    // The adapter changes the logits (the check is not vacuous).
+    let base = bare()?.logits(&b, &Ctx::eval())?;
+    assert!(want.sub(&base)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-4);
+    Ok(())
+}
+
+fn compressed_round_trip(cfg: &BLoraConfig) -> Result<()> {
+    let (model, blora) = gated(cfg)?;
+    let b = batch(5, 11)?;
+    let want = model.logits(&b, &Ctx::eval())?.to_vec2::<f32>()?;
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let sizes = export::save_compressed(dir.path(), &model, &blora, cfg)?;
+    assert!(sizes.adapter_bytes < sizes.adapter_f32_bytes, "{sizes:?}");
+    assert!(sizes.adapter_packed_bytes <= sizes.adapter_bytes);
+    let on_disk: u64 = sizes.files.iter().map(|(_, n)| n).sum();
+    assert_eq!(on_disk, sizes.total_bytes);
+    let mut loaded = bare()?;
+    let reloaded = export::load_compressed(dir.path(), &mut loaded, &Device::Cpu)?;
+    assert_eq!(reloaded.learned()?, blora.learned()?);
+    assert_eq!(loaded.blora.len(), blora.len(), "the task model holds the loaded layers");
+    let got = loaded.logits(&b, &Ctx::eval())?.to_vec2::<f32>()?;
+    assert_eq!(got, want, "the compressed adapter reproduces the gated logits bit for bit");
+    // Loading twice into the same model is refused (the modules already carry adapters).
+    assert!(export::load_compressed(dir.path(), &mut loaded, &Device::Cpu).is_err());
+    Ok(())
+}
+
+#[test]
+fn compressed_export_reloads_bit_exact() -> Result<()> {
+    compressed_round_trip(&config())?;
+    compressed_round_trip(&BLoraConfig { quantize_base: true, ..config() })?;
+    compressed_round_trip(&BLoraConfig { quantize: false, quantize_activations: false, ..config() })
+}
+
+#[test]
+fn compressed_export_names_missing_files() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let mut model = bare()?;
+    let msg =
+        export::load_compressed(dir.path(), &mut model, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("blora_compressed.json"), "{msg}");
+    let (m, blora) = gated(&config())?;
+    export::save_compressed(dir.path(), &m, &blora, &config())?;
+    std::fs::remove_file(dir.path().join("blora_compressed.safetensors")).map_err(|e| Error::io(dir.path(), e))?;
+    let msg =
+        export::load_compressed(dir.path(), &mut model, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("blora_compressed.safetensors"), "{msg}");
+    Ok(())
+}
+
+#[test]
+fn bops_report_and_heat_map() -> Result<()> {
+    let (_, blora) = gated(&config())?;
+    let learned = blora.learned()?;
+    // Layer k, gate var j (0 is the rank) gets bits pattern (k + j) % 4: A of layer 0 → 8 bits.
+    assert_eq!((learned[0].1.bits(Slot::LoraA), learned[1].1.bits(Slot::LoraB)), (Some(8), Some(4)));
+    let report = bops_report(&learned, 32, 128.0)?;
+    assert!(report.adapter_ratio < 1.0 && report.ratio < 1.0, "{}", render_table(&report));
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let written = export::save_bops_report(&dir.path().join("bops"), &report)?;
+    let plots = export::plot_learned(&dir.path().join("learned"), &learned)?;
+    for p in written.iter().chain(&plots) {
+        let n = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
+        assert!(n > 100, "{} is {n} bytes", p.display());
+    }
+    let svg = std::fs::read_to_string(&plots[1]).map_err(|e| Error::io(&plots[1], e))?;
+    assert!(svg.contains("query") && svg.contains("bits lora_A") && svg.contains("layer 1"), "labels are drawn");
+    Ok(())
+}
+
+#[test]
+fn attach_names_unknown_targets() -> Result<()> {
+    let mut model = bare()?;
+    let cfg = BLoraConfig { target_modules: Some(TargetModules::List(vec!["quary".into()])), ..config() };
+    let msg = attach_blora(&mut model.backbone, &cfg, 0, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("\"quary\"") && msg.contains("attention.self.query"), "{msg}");
+    Ok(())
+}
