@@ -7,10 +7,10 @@
 //! - P(z > 0) = σ(log α − β ln(−γ/ζ)) = σ(log α + 1.5986).
 //! - Test time: z = 1 iff P(z > 0) > 0.66, i.e. log α > −0.9353 ([`test_threshold`]).
 //! - Bit gates are nested (the 8-bit gate counts only when the 4-bit one is on, …) and a bit gate
-//!   with log α ≤ −2 is off for good, with every higher one ([`bit_mask`]), in training and at
+//!   with log α ≤ −2 is off for good, with every higher one (`bit_mask`), in training and at
 //!   test time alike (Bayesian Bits' `get_gates`).
 //! - Rank gates are nested too: component i + 1 is on only if components 2..i are
-//!   ([`nested_prefix`]: straight-through round of the cumulative product).
+//!   (`nested_prefix`: straight-through round of the cumulative product).
 //!
 //! Every tensor here is a small vector (`[4]` bit gates, `[r − 1]` rank gates), f32 on the
 //! logits' device; the uniform noise comes from a seeded generator so a step is reproducible.

@@ -357,7 +357,7 @@ impl BLoraLayer {
     /// `Σ_g cost(g) · P(g and every lower gate on)`.
     ///
     /// - [`GateCost::Bops`]: the expected BOPs per token of the gated matmuls (under independent
-    ///   gates E[r′·b·b′] = E[r′]·E[b]·E[b′]), `E[r′]·(in·b_x·b_A + b_actA·b_E + out·b_actE·b_B)`
+    ///   gates `E[r′·b·b′] = E[r′]·E[b]·E[b′]`), `E[r′]·(in·b_x·b_A + b_actA·b_E + out·b_actE·b_B)`
     ///   plus `in·out·b_x·b_W0` with `quantize_base`, over the normaliser (unquantized tensors
     ///   count 32 bits; `act_B` feeds no matmul of this layer and costs nothing).
     /// - [`GateCost::Const`]: the expected number of open gates over the number of gates.

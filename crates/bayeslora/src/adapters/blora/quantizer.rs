@@ -22,7 +22,7 @@
 //!   init (and the activations after it), to nothing. A range stays unset while the tensor is all
 //!   zero (E before its first update), and an unset quantizer passes values through.
 //! - **Test time.** With deterministic gates the b-bit value is computed directly as
-//!   `k·s_b`, `k = clamp(⌊clip(x)/s_b⌉)` ([`codes`], [`dequantize`]): the residual sum's value
+//!   `k·s_b`, `k = clamp(⌊clip(x)/s_b⌉)` (`codes`, `dequantize`): the residual sum's value
 //!   in exact arithmetic (except at exact ties between two grid points), and exactly what the compressed export stores, so a reload reproduces the
 //!   logits bit for bit.
 //! - **32 bits.** s₃₂ ≈ 7·10⁻¹⁰·s₂ is below f32 resolution for most values, so the 32-bit
