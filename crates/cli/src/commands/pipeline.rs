@@ -215,7 +215,7 @@ pub fn train_and_eval(
         let (report, _) = super::report::write_bops(&model.blora, &out.join("bops"), 32, 1.0)?;
         eprintln!("{}", bayeslora::adapters::blora::render_table(&report));
         for r in &mut results {
-            r.info.insert("bops".into(), serde_json::to_value(&report.totals)?);
+            r.info.insert("bops".into(), serde_json::to_value(report.totals)?);
             r.info.insert("bops_ratio".into(), serde_json::json!(report.ratio));
             r.info.insert("adapter_bops_ratio".into(), serde_json::json!(report.adapter_ratio));
             r.info.insert("learned".into(), serde_json::to_value(model.blora.learned()?)?);
