@@ -94,7 +94,7 @@ pub struct BLoraLayer {
 }
 
 impl BLoraLayer {
-    /// A fresh layer: A, B ~ N(0, 0.02²), E zero or N(0, 1) (`init_e`), all drawn from `seed`;
+    /// A fresh layer initialised per `init_e` (LoRA's, AdaLoRA's or the fork's), drawn from `seed`;
     /// gates at `rank_gate_init` / `bit_gate_init`; ranges unset (set by the first training
     /// forward). The `bops` prior is normalised by this layer's own BOPs with every gate on until
     /// [`super::attach_blora`] sets the mean over the adapted layers.
@@ -112,13 +112,25 @@ impl BLoraLayer {
         let normal =
             |std: f32| rand_distr::Normal::new(0f32, std).map_err(|e| Error::config("init", std, e.to_string()));
         let small = normal(0.02)?;
-        let a: Vec<f32> = (0..r * in_features).map(|_| small.sample(&mut rng)).collect();
-        let b: Vec<f32> = (0..out_features * r).map(|_| small.sample(&mut rng)).collect();
-        let e: Vec<f32> = match cfg.init_e {
-            InitE::Zero => vec![0.0; r],
-            InitE::Normal => {
-                let unit = normal(1.0)?;
-                (0..r).map(|_| unit.sample(&mut rng)).collect()
+        let (a, b, e): (Vec<f32>, Vec<f32>, Vec<f32>) = match cfg.init_e {
+            InitE::Lora => {
+                let bound = 1.0 / (in_features as f32).sqrt();
+                let uniform = rand_distr::Uniform::new_inclusive(-bound, bound)
+                    .map_err(|e| Error::config("in_features", in_features, e.to_string()))?;
+                let a = (0..r * in_features).map(|_| uniform.sample(&mut rng)).collect();
+                (a, vec![0.0; out_features * r], vec![1.0; r])
+            }
+            InitE::Zero | InitE::Normal => {
+                let a = (0..r * in_features).map(|_| small.sample(&mut rng)).collect();
+                let b = (0..out_features * r).map(|_| small.sample(&mut rng)).collect();
+                let e = match cfg.init_e {
+                    InitE::Normal => {
+                        let unit = normal(1.0)?;
+                        (0..r).map(|_| unit.sample(&mut rng)).collect()
+                    }
+                    _ => vec![0.0; r],
+                };
+                (a, b, e)
             }
         };
         let lora_a = Var::from_tensor(&Tensor::from_vec(a, (r, in_features), device)?)?;
@@ -517,11 +529,19 @@ mod tests {
 
     #[test]
     fn init_and_names() -> Result<()> {
-        let l = BLoraLayer::new(16, 8, &BLoraConfig::default(), 3, &Device::Cpu)?;
-        assert_eq!(l.lora_e().as_tensor().sum_all()?.to_scalar::<f32>()?, 0.0, "E zero by default");
-        let a = l.lora_a().flatten_all()?.to_vec1::<f32>()?;
+        // AdaLoRA's init: A, B ~ N(0, 0.02²), E = 0.
+        let z =
+            BLoraLayer::new(16, 8, &BLoraConfig { init_e: InitE::Zero, ..BLoraConfig::default() }, 3, &Device::Cpu)?;
+        assert_eq!(z.lora_e().as_tensor().sum_all()?.to_scalar::<f32>()?, 0.0);
+        let a = z.lora_a().flatten_all()?.to_vec1::<f32>()?;
         let std = (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
         assert!((0.012..0.03).contains(&std), "{std}");
+        // The default, LoRA's init: A Kaiming-uniform (|a| ≤ 1/√16), B = 0, E = 1.
+        let l = BLoraLayer::new(16, 8, &BLoraConfig::default(), 3, &Device::Cpu)?;
+        assert_eq!(l.lora_e().as_tensor().flatten_all()?.to_vec1::<f32>()?, vec![1.0; 8]);
+        assert_eq!(l.lora_b().as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let a = l.lora_a().flatten_all()?.to_vec1::<f32>()?;
+        assert!(a.iter().all(|v| v.abs() <= 0.25) && a.iter().any(|v| v.abs() > 0.2), "uniform on ±1/√in");
         let names: Vec<String> = l.gate_vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
@@ -529,7 +549,7 @@ mod tests {
                 .map(|s| format!("blora_gates.{s}"))
         );
         assert_eq!(l.weight_vars()[1].0, "lora_E");
-        // E = 0: the adapter starts at zero output.
+        // B = 0: the adapter starts at zero output.
         let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &Device::Cpu)?;
         let y = l.forward(&x, &Ctx::train(0), 0)?;
         assert_eq!(y.dims(), &[2, 3, 8]);
