@@ -6,9 +6,9 @@ use candle_core::{Device, Tensor, Var};
 
 use super::config::BLoraConfig;
 use super::layer::{BLoraLayer, LearnedLayer};
-use crate::adapters::lora::inject::check_every_target_matches;
+use crate::adapters::lora::inject::select_targets;
 use crate::adapters::lora::PEFT_PREFIX;
-use crate::adapters::{Adapter, Ctx, HasLinears, Linear};
+use crate::adapters::{Adapter, Ctx, HasLinears};
 use crate::{Error, Result};
 
 /// The B-LoRA layers [`attach_blora`] installed, in the model's module order.
@@ -116,22 +116,7 @@ pub fn attach_blora(
             "set it (e.g. [\"query\", \"key\", \"value\"]) or call BLoraConfig::with_default_targets(arch)",
         )
     })?;
-    let mut linears = model.linears_mut();
-    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    check_every_target_matches(targets, &names)?;
-    let mut selected: Vec<(String, &mut Linear)> = Vec::new();
-    for (name, linear) in linears.iter_mut() {
-        if targets.matches(name)? {
-            if linear.adapter.is_some() {
-                return Err(Error::config(
-                    "target_modules",
-                    name.as_str(),
-                    "this module already carries an adapter; attach once per model",
-                ));
-            }
-            selected.push((name.clone(), &mut **linear));
-        }
-    }
+    let selected = select_targets(model, targets)?;
     // Build every layer before installing any, so an error leaves the model untouched.
     let mut built = Vec::with_capacity(selected.len());
     for (k, (_, linear)) in selected.iter().enumerate() {
@@ -152,6 +137,7 @@ pub fn attach_blora(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::Linear;
     use crate::adapters::lora::TargetModules;
     use candle_core::DType;
 

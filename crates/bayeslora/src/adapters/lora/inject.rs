@@ -77,23 +77,7 @@ pub fn attach(model: &mut dyn HasLinears, config: &LoraConfig, seed: u64, device
             "set it (e.g. [\"q_proj\", \"v_proj\"]) or call LoraConfig::with_default_targets(arch)",
         )
     })?;
-    let mut linears = model.linears_mut();
-    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
-    check_every_target_matches(targets, &names)?;
-
-    let mut selected: Vec<(String, &mut Linear)> = Vec::new();
-    for (name, linear) in linears.iter_mut() {
-        if targets.matches(name)? {
-            if linear.adapter.is_some() {
-                return Err(Error::config(
-                    "target_modules",
-                    name.as_str(),
-                    "this module already carries an adapter; attach once per model",
-                ));
-            }
-            selected.push((name.clone(), &mut **linear));
-        }
-    }
+    let selected = select_targets(model, targets)?;
 
     // Build every layer before installing any, so an error leaves the model untouched.
     let mut built = Vec::with_capacity(selected.len());
@@ -118,6 +102,31 @@ pub fn attach(model: &mut dyn HasLinears, config: &LoraConfig, seed: u64, device
         attached.layers.push((name, layer));
     }
     Ok(attached)
+}
+
+/// The linears `targets` selects, in the model's module order. Fails when a listed target matches
+/// nothing or a selected linear already carries an adapter (one adapter per model).
+pub(crate) fn select_targets<'m>(
+    model: &'m mut dyn HasLinears,
+    targets: &TargetModules,
+) -> Result<Vec<(String, &'m mut Linear)>> {
+    let linears = model.linears_mut();
+    let names: Vec<String> = linears.iter().map(|(n, _)| n.clone()).collect();
+    check_every_target_matches(targets, &names)?;
+    let mut selected = Vec::new();
+    for (name, linear) in linears {
+        if targets.matches(&name)? {
+            if linear.adapter.is_some() {
+                return Err(Error::config(
+                    "target_modules",
+                    name.as_str(),
+                    "this module already carries an adapter; attach once per model",
+                ));
+            }
+            selected.push((name, linear));
+        }
+    }
+    Ok(selected)
 }
 
 /// Each listed target (or the regex) must select at least one linear; PEFT only fails when
