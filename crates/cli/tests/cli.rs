@@ -194,3 +194,92 @@ fn malformed_row_is_reported_or_skipped_by_flag() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("skipped 1 malformed"), "{}", stderr(&o));
 }
+
+#[test]
+fn blora_run_reports_bops_and_exports_both_forms() {
+    let Some(model) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("blora");
+    let common = [
+        "--method",
+        "blora",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--task",
+        "sst2",
+        "--train-limit",
+        "32",
+        "--eval-limit",
+        "16",
+        "--batch-size",
+        "8",
+        "--samples",
+        "0",
+        "--optimizer",
+        "adamw",
+        "--target-modules",
+        "query,value",
+        "-o",
+        out.to_str().unwrap_or_default(),
+    ];
+    let mut args = vec!["train", "--max-steps", "2"];
+    args.extend(common);
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The run writes the BOPs report, the learned ranks/bits heat map and both adapter forms.
+    for f in ["bops.json", "bops.txt", "bops_learned.png", "bops_learned.svg", "results.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let adapter = out.join("adapter");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "sizes.json", "compressed/blora_compressed.json"] {
+        assert!(adapter.join(f).exists(), "adapter/{f} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("bops.json")).unwrap()).unwrap();
+    assert_eq!(report["rows"].as_array().map(Vec::len), Some(12), "query and value of 6 layers");
+    assert!(report["ratio"].as_f64().is_some_and(|r| r > 0.0 && r.is_finite()));
+    // `report bops` recomputes it from the checkpoint, here at bf16 precision.
+    let stem = dir.path().join("again");
+    let o = bayeslora(&[
+        "report",
+        "bops",
+        out.to_str().unwrap_or_default(),
+        "--precision",
+        "16",
+        "-o",
+        stem.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("assumptions"));
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stem.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(again["precision"], 16);
+    // Resume continues the B-LoRA run (gates and quantizer ranges come from the checkpoint).
+    let mut args = vec!["train", "--max-steps", "3", "--resume"];
+    args.extend(common);
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // `report bops` on a LoRA run says what is wrong.
+    let lora = dir.path().join("lora");
+    let o = bayeslora(&[
+        "train",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--train-limit",
+        "16",
+        "--eval-limit",
+        "8",
+        "--max-steps",
+        "1",
+        "--samples",
+        "0",
+        "-o",
+        lora.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bayeslora(&["report", "bops", lora.to_str().unwrap_or_default()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a B-LoRA run"), "{}", stderr(&o));
+}
