@@ -137,8 +137,8 @@ pub fn attach_blora(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapters::Linear;
     use crate::adapters::lora::TargetModules;
+    use crate::adapters::Linear;
     use candle_core::DType;
 
     struct Toy {
