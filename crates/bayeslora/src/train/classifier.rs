@@ -153,12 +153,12 @@ impl Classifier for TaskModel {
         }
     }
 
-    /// The B-LoRA state (weights, gates and the quantizer ranges fixed at the first forward).
+    /// B-LoRA's quantizer ranges (its weights and gates are vars, saved with `trainable`).
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.blora.named_state_with_prefix("")
+        self.blora.named_ranges_with_prefix("")
     }
 
     fn load_buffers(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
-        self.blora.set_state_with_prefix("", saved)
+        self.blora.set_ranges_with_prefix("", saved)
     }
 }

@@ -1,5 +1,6 @@
 //! [`attach_blora`]: puts a [`BLoraLayer`] on every linear whose HF module name `target_modules`
 //! selects, as [`crate::adapters::attach`] does for LoRA (the base layer is never replaced).
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
@@ -52,23 +53,50 @@ impl AttachedBLora {
         self.named(prefix, BLoraLayer::gate_vars)
     }
 
-    /// Every layer's full state (weights, gates, ranges) under the same keys, for checkpoints.
+    /// Every layer's full state (weights, gates, ranges) under the same keys.
     pub fn named_state_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        self.collect(prefix, BLoraLayer::named_state)
+    }
+
+    /// Restores [`Self::named_state_with_prefix`].
+    pub fn set_state_with_prefix(&self, prefix: &str, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.restore(prefix, state, BLoraLayer::set_state)
+    }
+
+    /// Every quantizer's range under the same keys: what a checkpoint needs besides the vars.
+    pub fn named_ranges_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        self.collect(prefix, BLoraLayer::named_ranges)
+    }
+
+    /// Restores [`Self::named_ranges_with_prefix`].
+    pub fn set_ranges_with_prefix(&self, prefix: &str, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.restore(prefix, state, BLoraLayer::set_ranges)
+    }
+
+    fn collect(
+        &self,
+        prefix: &str,
+        tensors: impl Fn(&BLoraLayer) -> Result<Vec<(String, Tensor)>>,
+    ) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (m, l) in &self.layers {
-            for (s, t) in l.named_state()? {
+            for (s, t) in tensors(l)? {
                 out.push((format!("{PEFT_PREFIX}{prefix}{m}.{s}"), t));
             }
         }
         Ok(out)
     }
 
-    /// Restores [`Self::named_state_with_prefix`].
-    pub fn set_state_with_prefix(&self, prefix: &str, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+    fn restore(
+        &self,
+        prefix: &str,
+        state: &HashMap<String, Tensor>,
+        set: impl Fn(&BLoraLayer, &HashMap<String, Tensor>) -> Result<()>,
+    ) -> Result<()> {
         for (m, l) in &self.layers {
             let head = format!("{PEFT_PREFIX}{prefix}{m}.");
             let mine = state.iter().filter_map(|(k, t)| k.strip_prefix(&head).map(|s| (s.to_string(), t.clone())));
-            l.set_state(&mine.collect())?;
+            set(l, &mine.collect())?;
         }
         Ok(())
     }
@@ -218,7 +246,7 @@ mod tests {
         let a = attach_blora(&mut m, &cfg(&["v_proj"]), 4, &Device::Cpu)?;
         let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu)?;
         m.layers[1].forward(&x, &Ctx::train(0))?;
-        let state: std::collections::HashMap<String, Tensor> = a.named_state_with_prefix("")?.into_iter().collect();
+        let state: HashMap<String, Tensor> = a.named_state_with_prefix("")?.into_iter().collect();
         assert!(state.contains_key("base_model.model.layers.0.v_proj.blora_ranges.lora_A.x_max"));
         let mut m2 = toy()?;
         let b = attach_blora(&mut m2, &cfg(&["v_proj"]), 5, &Device::Cpu)?;

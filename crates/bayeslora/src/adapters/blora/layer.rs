@@ -424,9 +424,17 @@ impl BLoraLayer {
     pub fn named_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> =
             self.weight_vars().into_iter().chain(self.gate_vars()).map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        out.extend(self.named_ranges()?);
+        Ok(out)
+    }
+
+    /// Each quantizer's range as `blora_ranges.<slot>.x_min` / `.x_max` (`[1]`): the state that
+    /// is not a var (fixed while training, read at test time).
+    pub fn named_ranges(&self) -> Result<Vec<(String, Tensor)>> {
+        let dev = self.lora_a.device();
+        let mut out = Vec::with_capacity(2 * self.quantizers.len());
         for q in &self.quantizers {
             let r = q.range()?;
-            let dev = self.lora_a.device();
             out.push((format!("blora_ranges.{}.x_min", q.slot.name()), Tensor::new(&[r.x_min], dev)?));
             out.push((format!("blora_ranges.{}.x_max", q.slot.name()), Tensor::new(&[r.x_max], dev)?));
         }
@@ -435,24 +443,30 @@ impl BLoraLayer {
 
     /// Restores [`Self::named_state`]; every name must be present with its shape.
     pub fn set_state(&self, state: &HashMap<String, Tensor>) -> Result<()> {
-        let get = |name: &str, dims: &[usize]| -> Result<Tensor> {
-            let t =
-                state.get(name).ok_or_else(|| Error::config(name, "missing", "the B-LoRA state lacks this tensor"))?;
-            if t.dims() != dims {
-                return Err(Error::config(name, format!("{:?}", t.dims()), format!("expected shape {dims:?}")));
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
         for (name, var) in self.weight_vars().into_iter().chain(self.gate_vars()) {
-            var.set(&get(&name, var.dims())?.to_device(var.device())?)?;
+            var.set(&state_tensor(state, &name, var.dims())?.to_device(var.device())?)?;
         }
+        self.set_ranges(state)
+    }
+
+    /// Restores [`Self::named_ranges`]; every name must be present.
+    pub fn set_ranges(&self, state: &HashMap<String, Tensor>) -> Result<()> {
         for q in &self.quantizers {
-            let lo = get(&format!("blora_ranges.{}.x_min", q.slot.name()), &[1])?.to_vec1::<f32>()?;
-            let hi = get(&format!("blora_ranges.{}.x_max", q.slot.name()), &[1])?.to_vec1::<f32>()?;
+            let lo = state_tensor(state, &format!("blora_ranges.{}.x_min", q.slot.name()), &[1])?.to_vec1::<f32>()?;
+            let hi = state_tensor(state, &format!("blora_ranges.{}.x_max", q.slot.name()), &[1])?.to_vec1::<f32>()?;
             q.set_range(Range { x_min: lo[0], x_max: hi[0] })?;
         }
         Ok(())
     }
+}
+
+/// `state[name]` as f32, which must have shape `dims`.
+fn state_tensor(state: &HashMap<String, Tensor>, name: &str, dims: &[usize]) -> Result<Tensor> {
+    let t = state.get(name).ok_or_else(|| Error::config(name, "missing", "the B-LoRA state lacks this tensor"))?;
+    if t.dims() != dims {
+        return Err(Error::config(name, format!("{:?}", t.dims()), format!("expected shape {dims:?}")));
+    }
+    Ok(t.to_dtype(DType::F32)?)
 }
 
 impl Adapter for BLoraLayer {
