@@ -253,28 +253,6 @@ impl Cache<'_> {
     }
 }
 
-/// What a B-LoRA model learned, for the cell: BOPs against LoRA of the same initial rank (fp32
-/// base; `bayeslora::adapters::blora::bops` lists the counting assumptions), mean learned rank and
-/// mean bit-width over every quantized tensor, and the per-layer table.
-fn blora_summary(model: &TaskModel) -> Result<serde_json::Value> {
-    let learned = model.blora.learned()?;
-    let report = bayeslora::adapters::blora::bops_report(&learned, 32, 1.0)?;
-    let n = learned.len().max(1) as f64;
-    let mean_rank = learned.iter().map(|(_, l)| l.rank as f64).sum::<f64>() / n;
-    let bits: Vec<f64> = learned.iter().flat_map(|(_, l)| l.bits.values().map(|&b| f64::from(b))).collect();
-    let mean_bits = (!bits.is_empty()).then(|| bits.iter().sum::<f64>() / bits.len() as f64);
-    Ok(serde_json::json!({
-        "ratio": report.ratio,
-        "adapter_ratio": report.adapter_ratio,
-        "reduction_percent": report.reduction_percent,
-        "adapter_reduction_percent": report.adapter_reduction_percent,
-        "mean_rank": mean_rank,
-        "mean_bits": mean_bits,
-        "totals": report.totals,
-        "learned": learned,
-    }))
-}
-
 /// Everything one cell's evaluation needs.
 struct TaskData {
     train: Arc<EncodedDataset>,
@@ -549,7 +527,10 @@ fn run_cell(
     };
     if run.method == crate::config::Method::Blora {
         let (key, _) = adamw_key(cfg, task, m, seed, cache)?;
-        params["bops"] = blora_summary(&cache.get(&key)?.model)?;
+        // BOPs at an fp32 base, as `bayeslora report bops` prints by default.
+        let learned = cache.get(&key)?.model.blora.learned()?;
+        let report = bayeslora::adapters::blora::bops_report(&learned, 32, 1.0)?;
+        params["bops"] = super::report::summary(&report, &learned);
     }
     let Scored { ev, ood, eval_seconds, ood_seconds } = scored;
     let cost = CellCost {

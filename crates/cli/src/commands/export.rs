@@ -4,7 +4,7 @@ use crate::args::ExportArgs;
 use crate::config::{Method, RunConfig};
 use anyhow::{bail, Context, Result};
 use bayeslora::export::{self, ExportOptions};
-use bayeslora::models::{Backbone, LoadedModel, SequenceClassificationHead};
+use bayeslora::models::LoadedModel;
 use bayeslora::train::{Checkpoint, OptimizerKind, TaskModel};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -72,19 +72,7 @@ pub fn open_run(run: &Path) -> Result<Run> {
 /// A bare task model over `loaded` (no adapters; BERT gets a head of `num_labels`, from the
 /// checkpoint when it has one), ready for `export::load_peft`.
 pub fn bare_model(loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
-    let head = match &loaded.backbone {
-        Backbone::Bert(b) => {
-            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), num_labels, 0, device)?)
-        }
-        Backbone::DebertaV2(d) => Some(SequenceClassificationHead::load_or_init(
-            &loaded.weights,
-            &d.config().head_config(),
-            num_labels,
-            0,
-            device,
-        )?),
-        _ => None,
-    };
+    let head = bayeslora::train::head_for(&loaded.backbone, &loaded.weights, num_labels, 0, device)?;
     Ok(TaskModel::bare(loaded.backbone, head))
 }
 

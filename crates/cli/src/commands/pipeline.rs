@@ -188,8 +188,20 @@ pub fn train_and_eval(
     predictor.restore()?;
     drop(predictor);
     bar.finish_and_clear();
+    // B-LoRA: the learned ranks and bits, and the bit operations against LoRA of the same rank.
+    let bops = match cfg.method {
+        Method::Blora => {
+            let b = super::report::write_bops(&model.blora, &out.join("bops"), 32, 1.0)?;
+            eprintln!("{}", bayeslora::adapters::blora::render_table(&b.report));
+            Some(super::report::summary(&b.report, &b.learned))
+        }
+        Method::Lora => None,
+    };
     let mut results = evaluation.results;
     for r in &mut results {
+        if let Some(b) = &bops {
+            r.info.insert("bops".into(), b.clone());
+        }
         r.info.insert("model".into(), serde_json::json!(model_path.display().to_string()));
         r.info.insert("seed".into(), serde_json::json!(cfg.train.seed));
         r.info.insert("optimizer".into(), serde_json::to_value(cfg.train.optimizer)?);
@@ -210,18 +222,6 @@ pub fn train_and_eval(
         _ => None,
     };
     super::export::write_adapter(&model, cfg, &model_path, posterior.as_ref(), &out.join("adapter"))?;
-    if cfg.method == Method::Blora {
-        // The learned ranks and bits, and the bit operations against LoRA of the same rank.
-        let (report, _) = super::report::write_bops(&model.blora, &out.join("bops"), 32, 1.0)?;
-        eprintln!("{}", bayeslora::adapters::blora::render_table(&report));
-        for r in &mut results {
-            r.info.insert("bops".into(), serde_json::to_value(report.totals)?);
-            r.info.insert("bops_ratio".into(), serde_json::json!(report.ratio));
-            r.info.insert("adapter_bops_ratio".into(), serde_json::json!(report.adapter_ratio));
-            r.info.insert("learned".into(), serde_json::to_value(model.blora.learned()?)?);
-        }
-        write_json(&out.join("results.json"), &results)?;
-    }
     Ok(RunOutcome {
         label: label.into(),
         results,
