@@ -23,8 +23,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::config::{self, CONFIG_FILE};
-use super::{module_prefix, sidecar, task_type, WEIGHTS_FILE};
+use super::config;
+use super::{module_prefix, sidecar, task_type};
 use crate::adapters::blora::quantizer::{self, Range, Slot};
 use crate::adapters::blora::{attach_blora, render_table, AttachedBLora, BLoraConfig, BopsReport, LearnedLayer};
 use crate::adapters::lora::{LoraConfig, TargetModules, PEFT_PREFIX};
@@ -121,10 +121,8 @@ pub fn save_blora_peft(
         alpha_pattern: alpha_pattern.clone(),
         ..LoraConfig::default()
     };
-    let target_modules = match &config.target_modules {
-        Some(TargetModules::List(names)) => serde_json::json!(names),
-        _ => serde_json::json!(blora.layers.iter().map(|(m, _)| format!("{prefix}{m}")).collect::<Vec<_>>()),
-    };
+    let target_modules =
+        super::target_modules_json(config.target_modules.as_ref(), prefix, blora.layers.iter().map(|(m, _)| m));
     if let Some(h) = &model.head {
         for (n, v) in h.named_vars() {
             tensors.insert(format!("{PEFT_PREFIX}{n}"), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
@@ -138,11 +136,7 @@ pub fn save_blora_peft(
         task_type: task_type(model),
         base_model_name_or_path,
     };
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let files = [dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE)];
-    atomic::write_safetensors(&files[0], &tensors, Some(metadata))?;
-    atomic::write_json(&files[1], &config::to_json(&fields))?;
+    let files = super::write_peft_files(dir, &tensors, &fields)?;
     sidecar::remove_stale(dir)?;
     let (files, total_bytes) = sizes_of(&files)?;
     Ok(ExportSizes {

@@ -148,13 +148,8 @@ pub fn save_peft(
             alpha_pattern.insert(module.clone(), alpha);
         }
     }
-    let target_modules = match &lora.target_modules {
-        // Suffix matching does not depend on the `bert.` prefix: the list selects the same
-        // modules in peft as it did in `attach`.
-        Some(TargetModules::List(names)) => serde_json::json!(names),
-        // A regex is matched against peft's names (with the prefix): write the modules instead.
-        _ => serde_json::json!(model.adapters.layers.iter().map(|(m, _)| format!("{prefix}{m}")).collect::<Vec<_>>()),
-    };
+    let target_modules =
+        target_modules_json(lora.target_modules.as_ref(), prefix, model.adapters.layers.iter().map(|(m, _)| m));
     let fields = config::ConfigFields {
         lora: &lora,
         target_modules,
@@ -163,15 +158,12 @@ pub fn save_peft(
         task_type: task_type(model),
         base_model_name_or_path: options.base_model_name_or_path.as_deref(),
     };
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let named = peft_named_vars(model);
     let tensors: HashMap<String, Tensor> = named
         .iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    atomic::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(metadata))?;
-    atomic::write_json(&dir.join(CONFIG_FILE), &config::to_json(&fields))?;
+    write_peft_files(dir, &tensors, &fields)?;
     match posterior {
         Some(p) => {
             let keys: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
@@ -189,6 +181,36 @@ pub fn save_peft(
         }
         None => sidecar::remove_stale(dir),
     }
+}
+
+/// `target_modules` of `adapter_config.json`. A list is written as given: suffix matching does
+/// not depend on the `bert.` prefix, so it selects the same modules in peft as in `attach`. A
+/// regex is matched against peft's names (with the prefix), so the adapted `modules` are written
+/// instead, prefixed.
+pub(crate) fn target_modules_json<'a>(
+    targets: Option<&TargetModules>,
+    prefix: &str,
+    modules: impl Iterator<Item = &'a String>,
+) -> serde_json::Value {
+    match targets {
+        Some(TargetModules::List(names)) => serde_json::json!(names),
+        _ => serde_json::json!(modules.map(|m| format!("{prefix}{m}")).collect::<Vec<_>>()),
+    }
+}
+
+/// Writes `adapter_model.safetensors` (metadata `{"format": "pt"}`, as peft saves it) and
+/// `adapter_config.json` into `dir` (created), each atomically; returns the two paths.
+pub(crate) fn write_peft_files(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    fields: &config::ConfigFields<'_>,
+) -> Result<[PathBuf; 2]> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let files = [dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE)];
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    atomic::write_safetensors(&files[0], tensors, Some(metadata))?;
+    atomic::write_json(&files[1], &config::to_json(fields))?;
+    Ok(files)
 }
 
 /// An adapter folder as [`load_peft`] read it.
