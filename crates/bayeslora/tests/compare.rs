@@ -127,10 +127,20 @@ fn cells_resume_and_aggregate_from_disk() {
 use common::{separable, tiny_bert as tiny};
 
 fn train_tiny(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, Optimizer) {
-    let model = tiny(seed, 0.1);
+    train_short(tiny(seed, 0.1), kind, seed, 3, data)
+}
+
+/// A few steps with settings that move a tiny model (AdamW lr 1e-2; IVON lr 0.1, ess 1e4).
+fn train_short(
+    model: TaskModel,
+    kind: OptimizerKind,
+    seed: u64,
+    steps: usize,
+    data: &Arc<EncodedDataset>,
+) -> (TaskModel, Optimizer) {
     let mut cfg = TrainConfig {
         optimizer: kind,
-        max_steps: Some(3),
+        max_steps: Some(steps),
         batch: BatchConfig { batch_size: 8, seed, ..Default::default() },
         seed,
         ..Default::default()
@@ -436,22 +446,7 @@ fn prompts(n: usize, salt: u64, shifted: bool) -> EncodedDataset {
 }
 
 fn train_llama(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, Optimizer) {
-    let model = tiny_llama(seed, 0.1);
-    let mut cfg = TrainConfig {
-        optimizer: kind,
-        max_steps: Some(4),
-        batch: BatchConfig { batch_size: 8, seed, ..Default::default() },
-        seed,
-        ..Default::default()
-    };
-    cfg.adamw.lr = 1e-2;
-    cfg.ivon.lr = 0.1;
-    cfg.ivon.ess = 1e4;
-    cfg.ivon.hess_init = 1e-2;
-    cfg.ivon.clip_radius = 0.2;
-    cfg.ivon.rescale_lr = false;
-    let (_, opt) = train::run(&model, data.clone(), &cfg, &Device::Cpu, &mut Silent, None, None).unwrap();
-    (model, opt)
+    train_short(tiny_llama(seed, 0.1), kind, seed, 4, data)
 }
 
 /// What `bayeslora compare` does per cell: the test set, then the shifted set with the same K.
