@@ -8,11 +8,17 @@
 //!   models) were written by the ignored test [`write_rust_fixtures`]; the script loaded them with
 //!   `PeftModel.from_pretrained` / `AutoModelFor*.from_pretrained` and stored the logits in
 //!   `rust_logits.safetensors`. To refresh: run the ignored test, then the script.
+//! - B-LoRA → peft: `rust_blora_seqcls/` is a B-LoRA model (learned ranks 2, 4, 1, 3; weights
+//!   quantized at 4–32 bits, activations not) exported by `export::save_blora_peft`;
+//!   `rust_blora_gated.safetensors` holds the gated model's own logits and, in its metadata, the
+//!   learned ranks. Both are written by [`write_rust_fixtures`]; the script asserts peft built
+//!   lora_A at those ranks and stores peft's logits as `rust_blora_seqcls.logits`.
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use bayeslora::adapters::blora::{BLoraConfig, Range, Slot};
 use bayeslora::adapters::lora::{LoraConfig, TargetModules};
 use bayeslora::adapters::Ctx;
 use bayeslora::data::BatchTensors;
@@ -26,6 +32,9 @@ use common::{check, load_io};
 
 const TOL: f32 = 1e-4;
 const MERGE_TOL: f32 = 1e-5;
+/// Our gated B-LoRA logits vs peft's on the folded export: f32 reassociation only
+/// (`x·Q(A)ᵀ ⊙ s·e · Q(B)ᵀ` against `x·A′ᵀ·B′ᵀ`), through two BERT layers.
+const BLORA_TOL: f32 = 5e-5;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -353,10 +362,155 @@ fn rust_model(name: &str) -> Result<(TaskModel, LoraConfig, PathBuf)> {
     Ok((adapted(&dir, &lora)?, lora, dir))
 }
 
+// ------------------------------------------------------------------------------------------------
+// B-LoRA → peft (committed fixtures)
+// ------------------------------------------------------------------------------------------------
+
+const BLORA_ADAPTER: &str = "rust_blora_seqcls";
+const BLORA_GATED: &str = "rust_blora_gated.safetensors";
+/// Learned ranks of the four adapted modules (of r = 4), in module order.
+const BLORA_RANKS: [(&str, usize); 4] = [
+    ("encoder.layer.0.attention.self.query", 2),
+    ("encoder.layer.0.attention.self.value", 4),
+    ("encoder.layer.1.attention.self.query", 1),
+    ("encoder.layer.1.attention.self.value", 3),
+];
+
+/// Weights quantized, activations and base not: the only setting in which a plain LoRA (the
+/// PEFT export) computes what the gated model computes (`export::save_blora_peft`).
+fn blora_config() -> BLoraConfig {
+    BLoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        quantize: true,
+        quantize_activations: false,
+        quantize_base: false,
+        ..BLoraConfig::default()
+    }
+}
+
+/// Gate logits with the first `open` of `n` gates on: log α ±3, far from the test threshold
+/// (−0.94).
+fn gates_open(n: usize, open: usize) -> Vec<f32> {
+    (0..n).map(|i| if i < open { 3.0 } else { -3.0 }).collect()
+}
+
+/// The tiny BERT with B-LoRA (seed 7) and everything set by hand: A, E, B and the head to
+/// deterministic non-zero patterns, each weight's range to ±0.9·max|x| (so the largest values
+/// clip), the rank gates to [`BLORA_RANKS`], and the bit gates of A, E, B of layer k to
+/// 4/8/16/32 bits rotating with k.
+fn blora_model() -> Result<TaskModel> {
+    let loaded = models::load(&bert_dir(), &LoadOptions::default())?;
+    let model = TaskModel::build_blora(loaded, &blora_config(), 3, 7, &Device::Cpu)?;
+    assert_eq!(model.blora.len(), BLORA_RANKS.len());
+    for (k, ((m, layer), (want_m, rank))) in model.blora.layers.iter().zip(BLORA_RANKS).enumerate() {
+        assert_eq!(m, want_m, "module order");
+        for (j, (var, slot, scale)) in
+            [(layer.lora_a(), Slot::LoraA, 0.3), (layer.lora_e(), Slot::LoraE, 1.0), (layer.lora_b(), Slot::LoraB, 0.3)]
+                .into_iter()
+                .enumerate()
+        {
+            let v = pattern(var.dims(), 100 + 10 * k + j, scale)?;
+            let m = 0.9 * v.abs()?.max_all()?.to_scalar::<f32>()?;
+            var.set(&v)?;
+            layer.set_range(slot, Range { x_min: -m, x_max: m })?;
+        }
+        for (j, (name, var)) in layer.gate_vars().into_iter().enumerate() {
+            let v = if name == "blora_gates.rank" { gates_open(3, rank - 1) } else { gates_open(4, 1 + (k + j) % 4) };
+            var.set(&Tensor::new(v.as_slice(), &Device::Cpu)?)?;
+        }
+    }
+    if let Some(h) = &model.head {
+        for (k, (_, v)) in h.named_vars().iter().enumerate() {
+            v.set(&pattern(v.dims(), 60 + k, 0.4)?)?;
+        }
+    }
+    Ok(model)
+}
+
+/// Writes `rust_blora_seqcls/` (the PEFT export) and `rust_blora_gated.safetensors` (the gated
+/// model's logits `rust_blora_seqcls.gated_logits`; metadata `learned_ranks`, JSON).
+fn write_blora_fixture(base: &str) -> Result<()> {
+    let io = io()?;
+    let model = blora_model()?;
+    export::save_blora_peft(&peft_dir().join(BLORA_ADAPTER), &model, &model.blora, &blora_config(), Some(base))?;
+    let gated = logits(&model, &io)?.contiguous()?;
+    let ranks: serde_json::Map<String, serde_json::Value> =
+        model.blora.learned()?.into_iter().map(|(m, l)| (m, serde_json::json!(l.rank))).collect();
+    let bytes: Vec<u8> = gated.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, gated.dims().to_vec(), &bytes).expect("f32 view");
+    let metadata = HashMap::from([("learned_ranks".to_string(), serde_json::Value::Object(ranks).to_string())]);
+    let path = peft_dir().join(BLORA_GATED);
+    safetensors::serialize_to_file([(format!("{BLORA_ADAPTER}.gated_logits"), view)], Some(metadata), &path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Ok(())
+}
+
+#[test]
+fn rust_blora_export_matches_peft_logits() -> Result<()> {
+    let io = io()?;
+    let model = blora_model()?;
+    let learned: Vec<(String, usize)> = model.blora.learned()?.into_iter().map(|(m, l)| (m, l.rank)).collect();
+    let want_ranks: Vec<(String, usize)> = BLORA_RANKS.iter().map(|&(m, r)| (m.to_string(), r)).collect();
+    assert_eq!(learned, want_ranks, "learned ranks");
+    let gated = logits(&model, &io)?;
+
+    // The committed adapter_config.json: r = the largest learned rank; rank_pattern and
+    // alpha_pattern list every other module at its rank (α = r′, so peft's scaling is 1).
+    let dir = peft_dir().join(BLORA_ADAPTER);
+    let conf = json(&dir.join(export::CONFIG_FILE));
+    assert_eq!((conf["r"].as_u64(), conf["lora_alpha"].as_f64()), (Some(4), Some(4.0)), "r, lora_alpha");
+    let pattern = serde_json::json!({
+        "encoder.layer.0.attention.self.query": 2,
+        "encoder.layer.1.attention.self.query": 1,
+        "encoder.layer.1.attention.self.value": 3,
+    });
+    assert_eq!(conf["rank_pattern"], pattern, "rank_pattern");
+    assert_eq!(conf["alpha_pattern"], pattern, "alpha_pattern");
+    assert_eq!((conf["peft_type"].as_str(), conf["task_type"].as_str()), (Some("LORA"), Some("SEQ_CLS")));
+    let (tensors, _) = st_header(&dir.join(export::WEIGHTS_FILE));
+    for (m, r) in BLORA_RANKS {
+        let key = format!("base_model.model.bert.{m}.lora_A.weight");
+        assert_eq!(tensors.get(&key).map(|(_, s)| s.clone()), Some(vec![r, 32]), "{key}");
+    }
+    // Layer 1 value's A has 4 bits: the exported A′ lies on the signed 4-bit grid (≤ 15 values).
+    let bits = model.blora.get("encoder.layer.1.attention.self.value").expect("module").learned()?.bits(Slot::LoraA);
+    assert_eq!(bits, Some(4));
+    let weights = candle_core::safetensors::load(dir.join(export::WEIGHTS_FILE), &Device::Cpu)?;
+    let a = get(&weights, "base_model.model.bert.encoder.layer.1.attention.self.value.lora_A.weight");
+    let mut values = a.flatten_all()?.to_vec1::<f32>()?;
+    values.sort_by(f32::total_cmp);
+    values.dedup();
+    assert!((2..=15).contains(&values.len()), "{} distinct values in a 4-bit A′", values.len());
+
+    // The gated model still gives the logits the fixture was made from (else: regenerate).
+    let gated_file = candle_core::safetensors::load(peft_dir().join(BLORA_GATED), &Device::Cpu)?;
+    let committed = get(&gated_file, "rust_blora_seqcls.gated_logits");
+    check("rust_blora_seqcls: gated model vs committed gated logits", &gated, committed, 1e-6)?;
+    // Our loader reads the committed export back to the gated model's logits.
+    let mut fresh = bare(&bert_dir())?;
+    export::load_peft(&dir, &mut fresh, &Device::Cpu)?;
+    check("rust_blora_seqcls: committed export (load_peft) vs gated", &logits(&fresh, &io)?, &gated, 1e-5)?;
+
+    // HF peft's logits on the committed export.
+    let want = candle_core::safetensors::load(peft_dir().join("rust_logits.safetensors"), &Device::Cpu)?;
+    let peft = get(&want, "rust_blora_seqcls.logits");
+    check("rust_blora_seqcls: gated B-LoRA vs peft", &gated, peft, BLORA_TOL)?;
+    // Not vacuous: the adapter and the head move the logits well beyond the tolerance.
+    let base = logits(&bare(&bert_dir())?, &io)?;
+    let moved = peft.sub(&base)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(moved > 1e-2, "peft's logits are {moved:e} from the base model's");
+    Ok(())
+}
+
 /// Writes the `rust_*` fixtures; then run `make_peft_fixtures.py` for peft's logits.
 #[test]
 #[ignore = "writes tests/fixtures/peft/rust_*; run before scripts/fixtures/make_peft_fixtures.py"]
 fn write_rust_fixtures() -> Result<()> {
+    write_blora_fixture("crates/bayeslora/tests/fixtures/bert/tiny")?;
     for (name, adapter, merged) in
         [("bert", "rust_bert_seqcls", "rust_bert_merged"), ("llama", "rust_llama_causal", "rust_llama_merged")]
     {
