@@ -544,12 +544,21 @@ fn check_finite(loss: f32, step: usize) -> Result<()> {
 /// Scales all gradients so that their global L2 norm is at most `max` (torch's
 /// `clip_grad_norm_`, with its 1e-6 epsilon).
 fn clip_grad_norm(mut grads: GradStore, vars: &[Var], max: f64) -> Result<GradStore> {
-    let mut sq = 0.0f64;
+    // Summed on the device, read once: a read per var would stall the GPU once per var.
+    let mut total: Option<Tensor> = None;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            let s = g.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => t.add(&s)?,
+                None => s,
+            });
         }
     }
+    let sq = match total {
+        Some(t) => t.to_scalar::<f64>()?,
+        None => 0.0,
+    };
     let coef = max / (sq.sqrt() + 1e-6);
     if coef < 1.0 {
         for v in vars {

@@ -30,12 +30,28 @@ pub fn device(name: &str) -> Result<Device> {
         n if n.starts_with("cuda") => {
             let ordinal =
                 n.strip_prefix("cuda:").map(str::parse).transpose().context("device cuda:N needs a number")?;
-            Device::new_cuda(ordinal.unwrap_or(0))
-                .with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))
+            let dev = Device::new_cuda(ordinal.unwrap_or(0))
+                .with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))?;
+            single_stream(&dev);
+            Ok(dev)
         }
         other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
     }
 }
+
+/// Turns off candle's per-tensor CUDA event tracking: it guards tensors shared between streams,
+/// and everything here runs on the device's one stream, while the events cost host time on
+/// every op (B-LoRA's quantizers are hundreds of small ops a step).
+#[cfg(feature = "cuda")]
+fn single_stream(dev: &Device) {
+    if let Device::Cuda(d) = dev {
+        // SAFETY: no tensor of this device is used on another stream.
+        unsafe { d.disable_event_tracking() }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn single_stream(_dev: &Device) {}
 
 /// Loads the run's model (a HF folder or a .gguf file) on the run's device. `minilm` and
 /// `smollm2` name the bundled real assets (fetched once with pip).

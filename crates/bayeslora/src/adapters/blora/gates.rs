@@ -7,7 +7,7 @@
 //! - P(z > 0) = σ(log α − β ln(−γ/ζ)) = σ(log α + 1.5986).
 //! - Test time: z = 1 iff P(z > 0) > 0.66, i.e. log α > −0.9353 ([`test_threshold`]).
 //! - Bit gates are nested (the 8-bit gate counts only when the 4-bit one is on, …) and a bit gate
-//!   with log α ≤ −2 is off for good, with every higher one (`bit_mask`), in training and at
+//!   with log α ≤ −2 is off for good, with every higher one (`hard_off_mask`), in training and at
 //!   test time alike (Bayesian Bits' `get_gates`).
 //! - Rank gates are nested too: component i + 1 is on only if components 2..i are
 //!   (`nested_prefix`: straight-through round of the cumulative product).
@@ -104,17 +104,10 @@ pub(crate) fn nested_prefix(z: &Tensor) -> Result<Tensor> {
     ste_round(&cumprod(z)?)
 }
 
-/// Which bit gates may be on, from their logits (4, 8, 16, 32 bits): all up to the first with
-/// log α ≤ −2, none after.
-pub(crate) fn bit_mask(log_alpha: &[f32]) -> [bool; 4] {
-    let mut mask = [false; 4];
-    for (m, &a) in mask.iter_mut().zip(log_alpha) {
-        if f64::from(a) <= HARD_OFF {
-            break;
-        }
-        *m = true;
-    }
-    mask
+/// Which bit gates may be on (4, 8, 16, 32 bits) as 0/1 `[4]` on the logits' device: all up to
+/// the first with log α ≤ −2, none after. Computed on the device (no host read in a step).
+pub(crate) fn hard_off_mask(log_alpha: &Tensor) -> Result<Tensor> {
+    cumprod(&log_alpha.gt(HARD_OFF)?.to_dtype(log_alpha.dtype())?)
 }
 
 /// How many leading deterministic gates are on.
@@ -145,17 +138,21 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     #[test]
-    fn threshold_and_probabilities_match_the_reference() {
+    fn threshold_and_probabilities_match_the_reference() -> Result<()> {
         assert!((test_threshold() + 0.935303).abs() < 1e-5, "{}", test_threshold());
         assert!((prob_open_f64(6.0) - 0.99950).abs() < 1e-5);
         assert!((prob_open_f64(2.0) - 0.97337).abs() < 1e-5);
         assert!((prob_open_f64(-6.0) - 0.01211).abs() < 1e-5);
         assert!(is_open(-0.93) && !is_open(-0.94));
-        assert_eq!(bit_mask(&[3.0, -2.0, 5.0, 5.0]), [true, false, false, false]);
-        assert_eq!(bit_mask(&[3.0, 1.0, -1.99, 5.0]), [true, true, true, true]);
+        let mask = |v: &[f32]| -> Result<Vec<f32>> {
+            Ok(hard_off_mask(&Tensor::new(v, &candle_core::Device::Cpu)?)?.to_vec1::<f32>()?)
+        };
+        assert_eq!(mask(&[3.0, -2.0, 5.0, 5.0])?, vec![1., 0., 0., 0.]);
+        assert_eq!(mask(&[3.0, 1.0, -1.99, 5.0])?, vec![1., 1., 1., 1.]);
         assert_eq!(bits_from_open(open_prefix(&[1.0, 0.0, -1.0, 4.0])), 8);
         assert_eq!(bits_from_open(0), 2);
         assert_eq!(bits_from_open(4), 32);
+        Ok(())
     }
 
     #[test]

@@ -118,13 +118,10 @@ impl Range {
         }
     }
 
-    /// s₂, s₄, s₈, s₁₆, s₃₂ in f64.
+    /// s₂, s₄, s₈, s₁₆, s₃₂ in f64: (x_max − x_min)/[`DIVISORS`].
     pub fn steps(&self) -> [f64; 5] {
-        let s2 = (f64::from(self.x_max) - f64::from(self.x_min)) / 3.0;
-        let s4 = s2 / 5.0;
-        let s8 = s4 / 17.0;
-        let s16 = s8 / 257.0;
-        [s2, s4, s8, s16, s16 / 65537.0]
+        let width = f64::from(self.x_max) - f64::from(self.x_min);
+        DIVISORS.map(|d| width / d)
     }
 
     /// The grid step of the b-bit grid (b ∈ {2, 4, 8, 16, 32}).
@@ -144,6 +141,11 @@ impl Range {
     }
 }
 
+/// The grid divisors: s_b = (x_max − x_min)/D_b with D = 3, 15, 255, 65535, 2³² − 1
+/// (s₄ = s₂/5, s₈ = s₄/17, …), one IEEE division each, so the device's steps (training) and the
+/// host's (test time, exports) are the same floats.
+const DIVISORS: [f64; 5] = [3.0, 15.0, 255.0, 65535.0, 4_294_967_295.0];
+
 /// 2 → 0, 4 → 1, 8 → 2, 16 → 3, 32 → 4.
 fn level(bits: u32) -> usize {
     match bits {
@@ -158,33 +160,230 @@ fn level(bits: u32) -> usize {
 /// Residual level codes are within ±2^{b/2 − 1}: (x − lower sum)/s_b ∈ [−(s_{b/2}/s_b)/2, …].
 const RESIDUAL_BOUND: [f32; 4] = [2.0, 8.0, 128.0, 32768.0];
 
-/// The training-time quantizer: residual decomposition with straight-through rounding, gated by
-/// `z: [4]` (the 4-, 8-, 16-, 32-bit gates, each in [0, 1]). Shape and dtype of `x` are kept.
-pub(crate) fn quantize_residual(x: &Tensor, range: &Range, z: &Tensor) -> Result<Tensor> {
-    let s = range.steps();
-    let xc = x.clamp(range.x_min, range.x_max)?;
-    let (lo2, hi2) = if range.signed() { (-1f32, 1f32) } else { (0f32, 3f32) };
-    let x2 = gates::ste_round(&xc.affine(1.0 / s[0], 0.0)?)?.clamp(lo2, hi2)?.affine(s[0], 0.0)?;
-    let mut rest = xc.sub(&x2)?;
-    let mut eps = Vec::with_capacity(4);
-    for (i, k) in RESIDUAL_BOUND.iter().enumerate() {
-        let e = gates::ste_round(&rest.affine(1.0 / s[i + 1], 0.0)?)?.clamp(-k, *k)?.affine(s[i + 1], 0.0)?;
-        rest = rest.sub(&e)?;
-        eps.push(e);
+/// The ladder's parameters, `[14]`: x_min, x_max, the 2-bit code bounds (−1, 1 signed; 0, 3
+/// unsigned), s₂…s₃₂, 1/s₂…1/s₃₂; f64 arithmetic, then x's dtype. Built from a host [`Range`]
+/// here and from a [`DeviceRange`] on the device, to the same floats.
+const PARAMS: usize = 14;
+
+impl Range {
+    /// [`PARAMS`] of this range as a tensor of `dtype` on `device` (the tests' reference for
+    /// [`DeviceRange::params`]).
+    #[cfg(test)]
+    pub(crate) fn params(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let s = self.steps();
+        let (lo2, hi2) = if self.signed() { (-1.0, 1.0) } else { (0.0, 3.0) };
+        let mut v = vec![f64::from(self.x_min), f64::from(self.x_max), lo2, hi2];
+        v.extend(s);
+        v.extend(s.map(|x| 1.0 / x));
+        Ok(Tensor::from_vec(v, PARAMS, device)?.to_dtype(dtype)?)
     }
-    let z = z.to_dtype(x.dtype())?;
+}
+
+/// A range held on the device as two detached `[1]` f32 scalars: the training forward widens it
+/// and derives the ladder's parameters there, so a step never waits on a device→host read.
+#[derive(Debug, Clone)]
+struct DeviceRange {
+    x_min: Tensor,
+    x_max: Tensor,
+}
+
+impl DeviceRange {
+    fn new(r: &Range, device: &Device) -> Result<Self> {
+        Ok(DeviceRange { x_min: Tensor::new(&[r.x_min], device)?, x_max: Tensor::new(&[r.x_max], device)? })
+    }
+
+    /// One device→host read of both ends.
+    fn to_host(&self) -> Result<Range> {
+        let v = Tensor::cat(&[&self.x_min, &self.x_max], 0)?.to_vec1::<f32>()?;
+        Ok(Range { x_min: v[0], x_max: v[1] })
+    }
+
+    /// [`Range::widen`] by `x`'s extremes, on the device: symmetric ±max(|old|, |x|) once a
+    /// negative value was seen, else [0, max(old, x)]; non-finite extremes are ignored.
+    fn widen(&self, x: &Tensor) -> Result<Self> {
+        // Rows first, then the row extremes: a whole-tensor reduction is one CUDA block.
+        let x = x.detach();
+        let rows = match x.dims().last() {
+            Some(&d) if x.rank() > 1 && d > 0 => x.reshape((x.elem_count() / d, d))?,
+            _ => x.flatten_all()?,
+        };
+        let (lo, hi) = if rows.rank() == 2 {
+            (rows.min_keepdim(1)?.min_all()?, rows.max_keepdim(1)?.max_all()?)
+        } else {
+            (rows.min_all()?, rows.max_all()?)
+        };
+        let lo = lo.to_dtype(DType::F32)?.reshape(1)?;
+        let hi = hi.to_dtype(DType::F32)?.reshape(1)?;
+        let m = self.x_max.maximum(&self.x_min.neg()?)?.maximum(&hi)?.maximum(&lo.neg()?)?;
+        let signed = self.x_min.minimum(&lo)?.lt(0f32)?;
+        let x_min = signed.where_cond(&m.neg()?, &m.zeros_like()?)?;
+        let finite = hi.sub(&lo)?.abs()?.lt(f32::INFINITY)?;
+        Ok(DeviceRange { x_min: finite.where_cond(&x_min, &self.x_min)?, x_max: finite.where_cond(&m, &self.x_max)? })
+    }
+
+    /// [`PARAMS`] computed on the device, the same floats as [`Range::params`].
+    fn params(&self, dtype: DType) -> Result<Tensor> {
+        let dev = self.x_min.device();
+        let (lo, hi) = (self.x_min.to_dtype(DType::F64)?, self.x_max.to_dtype(DType::F64)?);
+        let s = hi.sub(&lo)?.broadcast_div(&Tensor::new(&DIVISORS, dev)?)?;
+        let signed = lo.lt(0f64)?.to_dtype(DType::F64)?;
+        let parts = [&lo, &hi, &signed.affine(-1.0, 0.0)?, &signed.affine(-2.0, 3.0)?, &s, &s.recip()?];
+        Ok(Tensor::cat(&parts, 0)?.to_dtype(dtype)?)
+    }
+}
+
+/// The residual ladder `[x₂, ε₄, ε₈, ε₁₆, ε₃₂]` of `clip(x)` (values only, no gradient), each
+/// of x's shape. On the CPU one fused pass ([`LadderOp`]); elsewhere the same arithmetic as
+/// tensor ops (same floats: the fused pass mirrors each op).
+pub(crate) fn ladder(x: &Tensor, params: &Tensor) -> Result<[Tensor; 5]> {
+    let x = x.detach();
+    let stacked = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op2_no_bwd(&params.contiguous()?, &LadderOp)?
+    } else {
+        ladder_ops(&x, params)?
+    };
+    let level = |i: usize| -> Result<Tensor> { Ok(stacked.get(i)?) };
+    Ok([level(0)?, level(1)?, level(2)?, level(3)?, level(4)?])
+}
+
+/// [`ladder`] as tensor ops, stacked `[5, ..]`.
+fn ladder_ops(x: &Tensor, params: &Tensor) -> Result<Tensor> {
+    let p = |i: usize| params.narrow(0, i, 1);
+    let xc = x.broadcast_maximum(&p(0)?)?.broadcast_minimum(&p(1)?)?;
+    let x2 = xc
+        .broadcast_mul(&p(9)?)?
+        .round()?
+        .broadcast_maximum(&p(2)?)?
+        .broadcast_minimum(&p(3)?)?
+        .broadcast_mul(&p(4)?)?;
+    let mut rest = xc.sub(&x2)?;
+    let mut levels = vec![x2];
+    for (i, k) in RESIDUAL_BOUND.iter().enumerate() {
+        let e = rest.broadcast_mul(&p(10 + i)?)?.round()?.clamp(-k, *k)?.broadcast_mul(&p(5 + i)?)?;
+        rest = rest.sub(&e)?;
+        levels.push(e);
+    }
+    Ok(Tensor::stack(&levels, 0)?)
+}
+
+/// The CPU ladder: for each x one pass over the five levels, op for op as [`ladder`]'s tensor
+/// path (max then min, ×1/s, round half away from zero, clamp, ×s, subtract).
+struct LadderOp;
+
+/// The float types [`LadderOp`] runs on.
+trait LadderFloat: Copy + PartialOrd + std::ops::Mul<Output = Self> + std::ops::Sub<Output = Self> {
+    fn round(self) -> Self;
+    fn from_f32(v: f32) -> Self;
+    /// candle's `maximum`/`minimum` on the CPU: the left value unless the right one wins.
+    fn max_c(self, o: Self) -> Self {
+        if self >= o {
+            self
+        } else {
+            o
+        }
+    }
+    fn min_c(self, o: Self) -> Self {
+        if self <= o {
+            self
+        } else {
+            o
+        }
+    }
+}
+
+impl LadderFloat for f32 {
+    fn round(self) -> Self {
+        f32::round(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl LadderFloat for f64 {
+    fn round(self) -> Self {
+        f64::round(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f64::from(v)
+    }
+}
+
+fn ladder_cpu<T: LadderFloat>(x: &[T], p: &[T]) -> Vec<T> {
+    let n = x.len();
+    // Level-major: [x₂ of every x, ε₄ of every x, …].
+    let mut out = vec![p[0]; 5 * n];
+    for (j, &v) in x.iter().enumerate() {
+        let xc = v.max_c(p[0]).min_c(p[1]);
+        let x2 = (xc * p[9]).round().max_c(p[2]).min_c(p[3]) * p[4];
+        out[j] = x2;
+        let mut rest = xc - x2;
+        for (i, &k) in RESIDUAL_BOUND.iter().enumerate() {
+            let e = (rest * p[10 + i]).round().max_c(T::from_f32(-k)).min_c(T::from_f32(k)) * p[5 + i];
+            rest = rest - e;
+            out[(i + 1) * n + j] = e;
+        }
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for LadderOp {
+    fn name(&self) -> &'static str {
+        "blora-ladder"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ps: &candle_core::CpuStorage,
+        pl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (Some((x0, x1)), Some((p0, p1))) = (xl.contiguous_offsets(), pl.contiguous_offsets()) else {
+            candle_core::bail!("blora-ladder: inputs must be contiguous")
+        };
+        if p1 - p0 != PARAMS {
+            candle_core::bail!("blora-ladder: {} parameters, expected {PARAMS}", p1 - p0)
+        }
+        let mut dims = vec![5];
+        dims.extend_from_slice(xl.dims());
+        let out = match (xs, ps) {
+            (S::F32(x), S::F32(p)) => S::F32(ladder_cpu(&x[x0..x1], &p[p0..p1])),
+            (S::F64(x), S::F64(p)) => S::F64(ladder_cpu(&x[x0..x1], &p[p0..p1])),
+            _ => candle_core::bail!("blora-ladder: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, candle_core::Shape::from(dims)))
+    }
+}
+
+/// The gated sum `x₂ + z₄(ε₄ + z₈(ε₈ + z₁₆(ε₁₆ + z₃₂ ε₃₂)))` for gates `z: [4]` of the
+/// levels' dtype, differentiable in z.
+fn mix(levels: &[Tensor; 5], z: &Tensor) -> Result<Tensor> {
     let mut acc: Option<Tensor> = None;
-    for (i, e) in eps.iter().enumerate().rev() {
+    for i in (0..4).rev() {
         let inner = match acc {
-            Some(a) => e.add(&a)?,
-            None => e.clone(),
+            Some(a) => levels[i + 1].add(&a)?,
+            None => levels[i + 1].clone(),
         };
         acc = Some(inner.broadcast_mul(&z.narrow(0, i, 1)?)?);
     }
     Ok(match acc {
-        Some(a) => x2.add(&a)?,
-        None => x2,
+        Some(a) => levels[0].add(&a)?,
+        None => levels[0].clone(),
     })
+}
+
+/// The training-time quantizer: the gated residual sum of `x` under `params` ([`PARAMS`]) and
+/// gates `z: [4]` (4-, 8-, 16-, 32-bit, each in [0, 1]), differentiable in z and straight-through
+/// in x (gradient 1 inside the range, 0 outside). Shape and dtype of `x` are kept.
+pub(crate) fn quantize_residual(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor> {
+    let q = mix(&ladder(x, params)?, &z.to_dtype(x.dtype())?)?;
+    if !x.track_op() {
+        return Ok(q);
+    }
+    let xc = x.broadcast_maximum(&params.narrow(0, 0, 1)?)?.broadcast_minimum(&params.narrow(0, 1, 1)?)?;
+    Ok(q.add(&xc.sub(&xc.detach())?)?)
 }
 
 /// The integer codes `k = clamp(⌊clip(x)/s_b⌉)` of the b-bit grid (b < 32), as floats of x's
@@ -209,13 +408,30 @@ pub(crate) fn quantize_fixed(x: &Tensor, range: &Range, bits: u32) -> Result<Ten
     dequantize(&codes(x, range, bits)?, range, bits)
 }
 
+/// Elements up to which a frozen base weight's ladder is cached (5 f32 copies: 80 MiB at this
+/// size); bigger weights recompute it every step.
+const FROZEN_LADDER_MAX_ELEMS: usize = 1 << 22;
+
 /// One tensor's quantizer: its bit-gate logits (a trainable [`Var`], `[4]`) and its range.
 #[derive(Debug)]
 pub(crate) struct Quantizer {
     pub slot: Slot,
     /// log α of the 4-, 8-, 16-, 32-bit gates, f32 `[4]`.
     pub logits: Var,
-    range: Mutex<Range>,
+    state: Mutex<RangeState>,
+}
+
+/// Where a quantizer's range lives: the host copy (test time, checkpoints) and, while training,
+/// the device copy that each forward widens without a device→host read.
+#[derive(Debug, Default)]
+struct RangeState {
+    /// Current unless `device_ahead`.
+    host: Range,
+    device: Option<DeviceRange>,
+    /// The device copy was widened since `host` was last read back.
+    device_ahead: bool,
+    /// The frozen base weight's ladder: W0 never changes, so neither do its range and levels.
+    frozen_ladder: Option<std::sync::Arc<[Tensor; 5]>>,
 }
 
 impl Quantizer {
@@ -224,30 +440,29 @@ impl Quantizer {
         Ok(Quantizer {
             slot,
             logits: Var::from_tensor(&Tensor::from_vec(v, 4, device)?)?,
-            range: Mutex::new(Range::default()),
+            state: Mutex::new(RangeState::default()),
         })
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Range>> {
-        self.range.lock().map_err(|_| Error::config("blora range", self.slot.name(), "lock poisoned by a panic"))
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, RangeState>> {
+        self.state.lock().map_err(|_| Error::config("blora range", self.slot.name(), "lock poisoned by a panic"))
     }
 
+    /// The current range (one device→host read after training forwards widened it).
     pub fn range(&self) -> Result<Range> {
-        Ok(*self.lock()?)
+        let mut st = self.lock()?;
+        if st.device_ahead {
+            if let Some(d) = &st.device {
+                st.host = d.to_host()?;
+            }
+            st.device_ahead = false;
+        }
+        Ok(st.host)
     }
 
     pub fn set_range(&self, range: Range) -> Result<()> {
-        *self.lock()? = range;
+        *self.lock()? = RangeState { host: range, ..RangeState::default() };
         Ok(())
-    }
-
-    /// Widens the range to cover `x` (one device→host read of its min and max).
-    fn observe(&self, x: &Tensor) -> Result<Range> {
-        let lo = x.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let hi = x.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let mut r = self.lock()?;
-        *r = r.widen(lo, hi);
-        Ok(*r)
     }
 
     pub fn logits_host(&self) -> Result<Vec<f32>> {
@@ -259,37 +474,59 @@ impl Quantizer {
         Ok(gates::bits_from_open(gates::open_prefix(&self.logits_host()?)))
     }
 
-    /// The hard-off mask as a `[4]` f32 tensor on the logits' device.
-    fn mask(&self, logits: &[f32]) -> Result<Tensor> {
-        let m: Vec<f32> = gates::bit_mask(logits).iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
-        Ok(Tensor::from_vec(m, 4, self.logits.device())?)
-    }
-
     /// P(gate open) of the four bit gates, zero where hard-off, differentiable: `[4]`.
     pub fn prob_open(&self) -> Result<Tensor> {
-        let mask = self.mask(&self.logits_host()?)?;
-        Ok(gates::prob_open(self.logits.as_tensor())?.mul(&mask)?)
+        Ok(gates::prob_open(self.logits.as_tensor())?.mul(&gates::hard_off_mask(self.logits.as_tensor())?)?)
+    }
+
+    /// Sampled bit gates `[4]` (zero where hard-off) from logistic noise of `noise_seed`.
+    fn sample_gates(&self, noise_seed: u64) -> Result<Tensor> {
+        let logits = self.logits.as_tensor();
+        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, logits.device())?;
+        Ok(gates::sample(logits, &noise)?.mul(&gates::hard_off_mask(logits)?)?)
     }
 
     /// Quantizes `x`: while training (range widened first, gates sampled with `noise_seed`) the
     /// gated residual sum; otherwise the fixed test-time grid. Unset ranges pass `x` through.
+    /// A training forward reads nothing back from the device once the range is set.
     pub fn forward(&self, x: &Tensor, train: bool, noise_seed: u64) -> Result<Tensor> {
-        if train {
-            let range = self.observe(x)?;
-            if !range.is_set() {
-                return Ok(x.clone());
-            }
-            let logits = self.logits_host()?;
-            let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
-            let z = gates::sample(self.logits.as_tensor(), &noise)?.mul(&self.mask(&logits)?)?;
-            quantize_residual(x, &range, &z)
-        } else {
+        if !train {
             let range = self.range()?;
             if !range.is_set() {
                 return Ok(x.clone());
             }
-            quantize_fixed(x, &range, self.bits()?)
+            return quantize_fixed(x, &range, self.bits()?);
         }
+        let mut st = self.lock()?;
+        if let Some(levels) = st.frozen_ladder.clone() {
+            drop(st);
+            return mix(&levels, &self.sample_gates(noise_seed)?.to_dtype(x.dtype())?);
+        }
+        let current = match &st.device {
+            Some(d) => d.clone(),
+            None => DeviceRange::new(&st.host, x.device())?,
+        };
+        let widened = current.widen(x)?;
+        st.device = Some(widened.clone());
+        st.device_ahead = true;
+        if !st.host.is_set() {
+            // Until the tensor was seen non-zero (B at LoRA's init), one read per forward.
+            st.host = widened.to_host()?;
+            st.device_ahead = false;
+            if !st.host.is_set() {
+                return Ok(x.clone());
+            }
+        }
+        let params = widened.params(x.dtype())?;
+        let z = self.sample_gates(noise_seed)?;
+        if self.slot == Slot::Base && x.elem_count() <= FROZEN_LADDER_MAX_ELEMS {
+            let levels = std::sync::Arc::new(ladder(x, &params)?);
+            st.frozen_ladder = Some(levels.clone());
+            drop(st);
+            return mix(&levels, &z.to_dtype(x.dtype())?);
+        }
+        drop(st);
+        quantize_residual(x, &params, &z)
     }
 }
 
@@ -359,9 +596,9 @@ mod tests {
         // Hand-made values, s₂ = 1: x₂ ∈ {−1, 0, 1}, s₄ = 0.2, s₈ = 0.2/17, …
         let r = Range { x_min: -1.5, x_max: 1.5 };
         let x = Tensor::new(&[0.0f64, 0.3, -0.7, 1.49, -1.5, 1.5, 0.85, 0.123456789, -2.0, 7.0], &Device::Cpu)?;
-        let two = quantize_residual(&x, &r, &gates_for(2)?)?.to_vec1::<f64>()?;
+        let two = quantize_residual(&x, &r.params(x.dtype(), x.device())?, &gates_for(2)?)?.to_vec1::<f64>()?;
         assert_eq!(two, vec![0.0, 0.0, -1.0, 1.0, -1.0, 1.0, 1.0, 0.0, -1.0, 1.0]);
-        let four = quantize_residual(&x, &r, &gates_for(4)?)?.to_vec1::<f64>()?;
+        let four = quantize_residual(&x, &r.params(x.dtype(), x.device())?, &gates_for(4)?)?.to_vec1::<f64>()?;
         // 0.3 → 0 + 0.2·round(1.5) = 0.4; −0.7 → −1 + 0.2·round(1.5) = −0.6; ±1.5 clip → ±1.4.
         let want4 = [0.0, 0.4, -0.6, 1.4, -1.4, 1.4, 0.8, 0.2, -1.4, 1.4];
         for (g, w) in four.iter().zip(want4) {
@@ -375,13 +612,13 @@ mod tests {
         // Off ties (random values) the residual sum is the nearest b-bit grid point.
         let x = Tensor::randn(0f64, 0.7, 5000, &Device::Cpu)?;
         for bits in [2, 4, 8, 16] {
-            let res = quantize_residual(&x, &r, &gates_for(bits)?)?.to_vec1::<f64>()?;
+            let res = quantize_residual(&x, &r.params(x.dtype(), x.device())?, &gates_for(bits)?)?.to_vec1::<f64>()?;
             let direct = quantize_fixed(&x, &r, bits)?.to_vec1::<f64>()?;
             let worst = res.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
             assert!(worst < 1e-6 * r.step(bits), "{bits} bits: {worst}");
         }
         // 32 bits in f64: within s₃₂/2 of the clipped input.
-        let res = quantize_residual(&x, &r, &gates_for(32)?)?;
+        let res = quantize_residual(&x, &r.params(x.dtype(), x.device())?, &gates_for(32)?)?;
         let err = res.sub(&x.clamp(-1.5f64, 1.5f64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(err <= 0.5 * r.step(32) + 1e-15, "{err}");
         Ok(())
@@ -392,7 +629,7 @@ mod tests {
         let r = Range { x_min: -1.5, x_max: 1.5 };
         let x = Var::new(&[0.3f64, 2.0], &Device::Cpu)?;
         let z = Var::new(&[0.5f64, 0.0, 0.0, 0.0], &Device::Cpu)?;
-        let q = quantize_residual(x.as_tensor(), &r, z.as_tensor())?;
+        let q = quantize_residual(x.as_tensor(), &r.params(DType::F64, &Device::Cpu)?, z.as_tensor())?;
         assert!((q.to_vec1::<f64>()?[0] - 0.2).abs() < 1e-12, "x₂ + ½ε₄ = 0 + ½·0.4");
         let g = q.sum_all()?.backward()?;
         let gx = g.get(x.as_tensor()).map(|t| t.to_vec1::<f64>()).transpose()?.unwrap_or_default();
@@ -421,6 +658,59 @@ mod tests {
         let out = q.forward(&big, false, 0)?.to_vec1::<f32>()?[0];
         assert!((out - 127.0 * (1.0 / 85.0) as f32).abs() < 1e-6, "{out}");
         assert_eq!(q.range()?.x_max, 1.5);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_ladder_equals_the_tensor_ops_to_the_bit() -> Result<()> {
+        let x = Tensor::randn(0f32, 0.8, (37, 19), &Device::Cpu)?;
+        for r in
+            [Range { x_min: -1.5, x_max: 1.5 }, Range { x_min: 0.0, x_max: 0.7 }, Range { x_min: -3e-4, x_max: 3e-4 }]
+        {
+            let p = r.params(DType::F32, &Device::Cpu)?;
+            let fused = Tensor::stack(&ladder(&x, &p)?, 0)?.flatten_all()?.to_vec1::<f32>()?;
+            let ops = ladder_ops(&x, &p)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(fused.iter().zip(&ops).all(|(a, b)| a.to_bits() == b.to_bits()), "{r:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn device_range_widens_and_parametrises_like_the_host() -> Result<()> {
+        let dev = Device::Cpu;
+        let (mut host, mut device) = (Range::default(), DeviceRange::new(&Range::default(), &dev)?);
+        let batches: [&[f32]; 6] =
+            [&[0.0, 0.0], &[0.2, 2.0], &[0.5, 1.0], &[-3.0, 1.0], &[f32::NAN, 9.0], &[-0.5, 4.25]];
+        for b in batches {
+            let lo = b.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            host = host.widen(if b.iter().any(|v| v.is_nan()) { f32::NAN } else { lo }, hi);
+            device = device.widen(&Tensor::new(b, &dev)?)?;
+            assert_eq!(device.to_host()?, host, "after {b:?}");
+            if host.is_set() {
+                let want = host.params(DType::F32, &dev)?.to_vec1::<f32>()?;
+                let got = device.params(DType::F32)?.to_vec1::<f32>()?;
+                assert_eq!(got, want);
+            }
+        }
+        assert_eq!(host, Range { x_min: -4.25, x_max: 4.25 });
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_base_ladder_is_reused_and_reset_with_the_range() -> Result<()> {
+        let q = Quantizer::new(Slot::Base, [6.0, 6.0, 6.0, -6.0], &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 0.1, (8, 6), &Device::Cpu)?;
+        let first = q.forward(&w, true, 3)?;
+        // The cached ladder ignores what is passed next: W0 never changes while training.
+        let again = q.forward(&w.affine(2.0, 0.0)?, true, 3)?;
+        assert_eq!(first.flatten_all()?.to_vec1::<f32>()?, again.flatten_all()?.to_vec1::<f32>()?);
+        let r = q.range()?;
+        q.set_range(Range { x_min: 2.0 * r.x_min, x_max: 2.0 * r.x_max })?;
+        let rebuilt = q.forward(&w.affine(2.0, 0.0)?, true, 3)?;
+        let want = first.affine(2.0, 0.0)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = rebuilt.flatten_all()?.to_vec1::<f32>()?;
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1e-3)), "{got:?} {want:?}");
         Ok(())
     }
 }
