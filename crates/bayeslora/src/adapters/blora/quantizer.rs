@@ -271,9 +271,13 @@ fn ladder_ops(x: &Tensor, params: &Tensor) -> Result<Tensor> {
 struct LadderOp;
 
 /// The float types [`LadderOp`] runs on.
-trait LadderFloat: Copy + PartialOrd + std::ops::Mul<Output = Self> + std::ops::Sub<Output = Self> {
+trait LadderFloat:
+    Copy + PartialOrd + std::ops::Mul<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Add<Output = Self>
+{
     fn round(self) -> Self;
     fn from_f32(v: f32) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
     /// candle's `maximum`/`minimum` on the CPU: the left value unless the right one wins.
     fn max_c(self, o: Self) -> Self {
         if self >= o {
@@ -298,6 +302,12 @@ impl LadderFloat for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
 }
 
 impl LadderFloat for f64 {
@@ -307,6 +317,26 @@ impl LadderFloat for f64 {
     fn from_f32(v: f32) -> Self {
         f64::from(v)
     }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// One value's clipped input and ladder `[x₂, ε₄, ε₈, ε₁₆, ε₃₂]` under [`PARAMS`] `p`.
+fn levels_of<T: LadderFloat>(v: T, p: &[T]) -> [T; 5] {
+    let xc = v.max_c(p[0]).min_c(p[1]);
+    let x2 = (xc * p[9]).round().max_c(p[2]).min_c(p[3]) * p[4];
+    let mut levels = [x2; 5];
+    let mut rest = xc - x2;
+    for (i, &k) in RESIDUAL_BOUND.iter().enumerate() {
+        let e = (rest * p[10 + i]).round().max_c(T::from_f32(-k)).min_c(T::from_f32(k)) * p[5 + i];
+        rest = rest - e;
+        levels[i + 1] = e;
+    }
+    levels
 }
 
 fn ladder_cpu<T: LadderFloat>(x: &[T], p: &[T]) -> Vec<T> {
@@ -314,17 +344,150 @@ fn ladder_cpu<T: LadderFloat>(x: &[T], p: &[T]) -> Vec<T> {
     // Level-major: [x₂ of every x, ε₄ of every x, …].
     let mut out = vec![p[0]; 5 * n];
     for (j, &v) in x.iter().enumerate() {
-        let xc = v.max_c(p[0]).min_c(p[1]);
-        let x2 = (xc * p[9]).round().max_c(p[2]).min_c(p[3]) * p[4];
-        out[j] = x2;
-        let mut rest = xc - x2;
-        for (i, &k) in RESIDUAL_BOUND.iter().enumerate() {
-            let e = (rest * p[10 + i]).round().max_c(T::from_f32(-k)).min_c(T::from_f32(k)) * p[5 + i];
-            rest = rest - e;
-            out[(i + 1) * n + j] = e;
+        for (i, e) in levels_of(v, p).into_iter().enumerate() {
+            out[i * n + j] = e;
         }
     }
     out
+}
+
+/// The nested sums of one value's ladder under gates z: `a₁ = ε₄ + z₈a₂`, `a₂ = ε₈ + z₁₆a₃`,
+/// `a₃ = ε₁₆ + z₃₂ε₃₂` (each product in [`mix`]'s order), and q = x₂ + z₄a₁.
+fn nested<T: LadderFloat>(l: &[T; 5], z: &[T]) -> (T, [T; 3]) {
+    let a3 = l[3] + l[4] * z[3];
+    let a2 = l[2] + a3 * z[2];
+    let a1 = l[1] + a2 * z[1];
+    (l[0] + a1 * z[0], [a1, a2, a3])
+}
+
+/// Straight-through factor of the clip: candle's max/min backward (1 inside, ½ at a bound, 0 out).
+fn clip_factor<T: LadderFloat>(v: T, lo: T, hi: T) -> T {
+    let side = |inside: bool, tie: bool| {
+        if inside {
+            1.0
+        } else if tie {
+            0.5
+        } else {
+            0.0
+        }
+    };
+    T::from_f64(side(v > lo, v == lo) * side(v < hi, v == hi))
+}
+
+fn quantize_cpu<T: LadderFloat>(x: &[T], p: &[T], z: &[T]) -> Vec<T> {
+    x.iter().map(|&v| nested(&levels_of(v, p), z).0).collect()
+}
+
+/// `[dL/dx (n values), dL/dz (4)]` for upstream gradient `g`.
+fn quantize_grad_cpu<T: LadderFloat>(x: &[T], p: &[T], z: &[T], g: &[T]) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len() + 4);
+    let mut dz = [0f64; 4];
+    let (z0, z1, z2) = (z[0].to_f64(), z[1].to_f64(), z[2].to_f64());
+    let weights = [1.0, z0, z0 * z1, z0 * z1 * z2];
+    for (&v, &gj) in x.iter().zip(g) {
+        let l = levels_of(v, p);
+        let (_, [a1, a2, a3]) = nested(&l, z);
+        let gd = gj.to_f64();
+        for (d, (w, t)) in dz.iter_mut().zip(weights.iter().zip([a1, a2, a3, l[4]])) {
+            *d += gd * w * t.to_f64();
+        }
+        out.push(gj * clip_factor(v, p[0], p[1]));
+    }
+    out.extend(dz.map(T::from_f64));
+    out
+}
+
+/// The CPU training quantizer in one pass: forward the gated residual sum (the same float ops in
+/// the same order as [`mix`] over [`ladder`]), backward straight-through in x and exact in the
+/// gates, recomputing the ladder instead of keeping five copies of x for the backward.
+struct QuantizeOp;
+
+/// [`QuantizeOp`]'s backward: inputs x, [`PARAMS`] ++ z (`[18]`), the upstream gradient.
+struct QuantizeGradOp;
+
+fn contiguous_slices<'a, T>(parts: [(&'a [T], &candle_core::Layout); 3]) -> candle_core::Result<[&'a [T]; 3]> {
+    let mut out: [&[T]; 3] = [&[], &[], &[]];
+    for (o, (data, layout)) in out.iter_mut().zip(parts) {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("blora-quantize: inputs must be contiguous")
+        };
+        *o = &data[a..b];
+    }
+    Ok(out)
+}
+
+impl candle_core::CustomOp3 for QuantizeOp {
+    fn name(&self) -> &'static str {
+        "blora-quantize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ps: &candle_core::CpuStorage,
+        pl: &candle_core::Layout,
+        zs: &candle_core::CpuStorage,
+        zl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let out = match (xs, ps, zs) {
+            (S::F32(x), S::F32(p), S::F32(z)) => {
+                let [x, p, z] = contiguous_slices([(x, xl), (p, pl), (z, zl)])?;
+                S::F32(quantize_cpu(x, p, z))
+            }
+            (S::F64(x), S::F64(p), S::F64(z)) => {
+                let [x, p, z] = contiguous_slices([(x, xl), (p, pl), (z, zl)])?;
+                S::F64(quantize_cpu(x, p, z))
+            }
+            _ => candle_core::bail!("blora-quantize: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        z: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let pz = Tensor::cat(&[params, z], 0)?;
+        let out = x.apply_op3_no_bwd(&pz, &grad.contiguous()?, &QuantizeGradOp)?;
+        let n = x.elem_count();
+        Ok((Some(out.narrow(0, 0, n)?.reshape(x.shape())?), None, Some(out.narrow(0, n, 4)?)))
+    }
+}
+
+impl candle_core::CustomOp3 for QuantizeGradOp {
+    fn name(&self) -> &'static str {
+        "blora-quantize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ps: &candle_core::CpuStorage,
+        pl: &candle_core::Layout,
+        gs: &candle_core::CpuStorage,
+        gl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let out = match (xs, ps, gs) {
+            (S::F32(x), S::F32(p), S::F32(g)) => {
+                let [x, p, g] = contiguous_slices([(x, xl), (p, pl), (g, gl)])?;
+                S::F32(quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g))
+            }
+            (S::F64(x), S::F64(p), S::F64(g)) => {
+                let [x, p, g] = contiguous_slices([(x, xl), (p, pl), (g, gl)])?;
+                S::F64(quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g))
+            }
+            _ => candle_core::bail!("blora-quantize-grad: f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, candle_core::Shape::from(xl.shape().elem_count() + 4)))
+    }
 }
 
 impl candle_core::CustomOp2 for LadderOp {
@@ -378,6 +541,20 @@ fn mix(levels: &[Tensor; 5], z: &Tensor) -> Result<Tensor> {
 /// gates `z: [4]` (4-, 8-, 16-, 32-bit, each in [0, 1]), differentiable in z and straight-through
 /// in x (gradient 1 inside the range, 0 outside). Shape and dtype of `x` are kept.
 pub(crate) fn quantize_residual(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor> {
+    if is_fused(x) {
+        let z = z.to_dtype(x.dtype())?.contiguous()?;
+        return Ok(x.contiguous()?.apply_op3(&params.contiguous()?, &z, QuantizeOp)?);
+    }
+    quantize_residual_ops(x, params, z)
+}
+
+/// Whether [`QuantizeOp`] runs `x` (CPU, f32 or f64).
+fn is_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// [`quantize_residual`] as tensor ops (every device; the reference of the fused CPU op).
+fn quantize_residual_ops(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor> {
     let q = mix(&ladder(x, params)?, &z.to_dtype(x.dtype())?)?;
     if !x.track_op() {
         return Ok(q);
@@ -408,8 +585,8 @@ pub(crate) fn quantize_fixed(x: &Tensor, range: &Range, bits: u32) -> Result<Ten
     dequantize(&codes(x, range, bits)?, range, bits)
 }
 
-/// Elements up to which a frozen base weight's ladder is cached (5 f32 copies: 80 MiB at this
-/// size); bigger weights recompute it every step.
+/// Elements up to which a frozen base weight's ladder is cached off the CPU (5 f32 copies: 80 MiB
+/// at this size); bigger weights, and the CPU's fused op, recompute it every step.
 const FROZEN_LADDER_MAX_ELEMS: usize = 1 << 22;
 
 /// One tensor's quantizer: its bit-gate logits (a trainable [`Var`], `[4]`) and its range.
@@ -519,7 +696,7 @@ impl Quantizer {
         }
         let params = widened.params(x.dtype())?;
         let z = self.sample_gates(noise_seed)?;
-        if self.slot == Slot::Base && x.elem_count() <= FROZEN_LADDER_MAX_ELEMS {
+        if self.slot == Slot::Base && !is_fused(x) && x.elem_count() <= FROZEN_LADDER_MAX_ELEMS {
             let levels = std::sync::Arc::new(ladder(x, &params)?);
             st.frozen_ladder = Some(levels.clone());
             drop(st);
@@ -699,18 +876,54 @@ mod tests {
 
     #[test]
     fn frozen_base_ladder_is_reused_and_reset_with_the_range() -> Result<()> {
+        // bf16 takes the tensor-op path (the fused CPU op is f32/f64 and recomputes instead).
         let q = Quantizer::new(Slot::Base, [6.0, 6.0, 6.0, -6.0], &Device::Cpu)?;
-        let w = Tensor::randn(0f32, 0.1, (8, 6), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 0.1, (8, 6), &Device::Cpu)?.to_dtype(DType::BF16)?;
         let first = q.forward(&w, true, 3)?;
         // The cached ladder ignores what is passed next: W0 never changes while training.
         let again = q.forward(&w.affine(2.0, 0.0)?, true, 3)?;
-        assert_eq!(first.flatten_all()?.to_vec1::<f32>()?, again.flatten_all()?.to_vec1::<f32>()?);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        assert_eq!(f32s(&first)?, f32s(&again)?);
         let r = q.range()?;
         q.set_range(Range { x_min: 2.0 * r.x_min, x_max: 2.0 * r.x_max })?;
         let rebuilt = q.forward(&w.affine(2.0, 0.0)?, true, 3)?;
-        let want = first.affine(2.0, 0.0)?.flatten_all()?.to_vec1::<f32>()?;
-        let got = rebuilt.flatten_all()?.to_vec1::<f32>()?;
+        let want = f32s(&first.affine(2.0, 0.0)?)?;
+        let got = f32s(&rebuilt)?;
         assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1e-3)), "{got:?} {want:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_quantizer_matches_the_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (r, soft) in [(Range { x_min: -0.9, x_max: 0.9 }, true), (Range { x_min: 0.0, x_max: 1.2 }, false)] {
+            let x0 =
+                Tensor::randn(0f32, 0.6, (23, 7), &dev)?.abs()?.affine(if r.signed() { -1.0 } else { 1.0 }, 0.3)?;
+            let gates: &[f32] = if soft { &[0.9, 0.4, 0.7, 0.2] } else { &[1.0, 1.0, 0.0, 0.0] };
+            let p = r.params(DType::F32, &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (23, 7), &dev)?;
+            let run = |fused: bool| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+                let x = Var::from_tensor(&x0)?;
+                let z = Var::new(gates, &dev)?;
+                let q = if fused {
+                    quantize_residual(x.as_tensor(), &p, z.as_tensor())?
+                } else {
+                    quantize_residual_ops(x.as_tensor(), &p, z.as_tensor())?
+                };
+                let g = q.mul(&w)?.sum_all()?.backward()?;
+                let grad = |v: &Var| -> Result<Vec<f32>> {
+                    Ok(g.get(v.as_tensor()).map(|t| t.flatten_all()?.to_vec1::<f32>()).transpose()?.unwrap_or_default())
+                };
+                Ok((q.flatten_all()?.to_vec1::<f32>()?, grad(&x)?, grad(&z)?))
+            };
+            let (fused, ops) = (run(true)?, run(false)?);
+            assert_eq!(fused.0, ops.0, "forward values ({r:?})");
+            assert_eq!(fused.1, ops.1, "straight-through dL/dx ({r:?})");
+            for (a, b) in fused.2.iter().zip(&ops.2) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "dL/dz {:?} vs {:?}", fused.2, ops.2);
+            }
+            assert!(fused.2.iter().any(|v| v.abs() > 1e-3), "the gates get a gradient: {:?}", fused.2);
+        }
         Ok(())
     }
 }
