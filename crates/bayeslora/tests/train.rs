@@ -215,6 +215,34 @@ fn blora_learns_moves_its_gates_and_adds_the_prior() {
     }
 }
 
+struct Notes(Vec<String>);
+impl Observer for Notes {
+    fn note(&mut self, message: &str) {
+        self.0.push(message.to_string());
+    }
+}
+
+#[test]
+fn blora_run_too_short_for_any_gate_to_close_says_so() {
+    let data = separable(16);
+    // Gates start at log α 6, 6.94 above the threshold; constant schedule, no warm-up.
+    let run = |gate_lr: f64, steps: usize| {
+        let model = tiny_blora(0);
+        let mut cfg = config(OptimizerKind::Adamw, steps);
+        cfg.schedule = bayeslora::train::Schedule::Constant;
+        cfg.warmup_steps = 0;
+        cfg.gates.lr = gate_lr;
+        let mut notes = Notes(Vec::new());
+        train::run(&model, data.clone(), &cfg, &Device::Cpu, &mut notes, None, None).unwrap();
+        notes.0
+    };
+    let short = run(0.01, 4);
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(short[0].contains("no B-LoRA gate can close") && short[0].contains("~0.04"), "{}", short[0]);
+    // 4 steps × 2.0 = 8 > 6.94: a gate could close, so no note.
+    assert!(run(2.0, 4).is_empty());
+}
+
 #[test]
 fn blora_resume_is_bit_identical_with_gates_and_ranges() {
     let data = separable(40);

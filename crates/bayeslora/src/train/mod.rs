@@ -202,6 +202,8 @@ pub trait Observer {
     /// Called every `eval_every` steps with the mean-prediction metrics of the eval set.
     fn eval(&mut self, _step: usize, _accuracy: f64, _nll: f64) {}
     fn checkpoint(&mut self, _step: usize, _dir: &std::path::Path) {}
+    /// Something the user should know about the run's settings (printed, not fatal).
+    fn note(&mut self, _message: &str) {}
     fn finish(&mut self) {}
 }
 
@@ -342,6 +344,11 @@ pub fn run(
     let mut step = 0;
     if let Some(dir) = resume {
         step = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?.step;
+    }
+    if let Some(g) = &gates {
+        if let Some(message) = g.unreachable_threshold(cfg, step, total)? {
+            observer.note(&message);
+        }
     }
     let mut evaluate = evaluate;
     let start = Instant::now();
@@ -485,6 +492,34 @@ impl GateOptimizer {
         }
         let opt = ivon::AdamW::new(vars.clone(), cfg.gates)?;
         Ok(Some(GateOptimizer { vars, opt, base_lr: cfg.gates.lr }))
+    }
+
+    /// A note when no gate can reach the test-time threshold in the steps left: Adam moves a
+    /// logit by about its learning rate per step at most, so the schedule's Σ lr bounds how far
+    /// any gate can fall, and a B-LoRA run this short learns no rank or bit-width.
+    fn unreachable_threshold(&self, cfg: &TrainConfig, from: usize, total: usize) -> Result<Option<String>> {
+        let reach: f64 = (from..total)
+            .map(|s| self.base_lr * lr_at(cfg.base_lr(), cfg.schedule, s, total, cfg.warmup_steps) / cfg.base_lr())
+            .sum();
+        let threshold = crate::adapters::blora::gates::test_threshold();
+        let mut nearest = f64::INFINITY;
+        for v in &self.vars {
+            let logits = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            // Gates already closed (at or below the threshold) or hard-off do not count.
+            for l in logits.into_iter().map(f64::from).filter(|&l| l > threshold) {
+                nearest = nearest.min(l - threshold);
+            }
+        }
+        if !(nearest.is_finite() && nearest > reach) {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "no B-LoRA gate can close in this run: its {} steps move a gate logit by at most ~{reach:.2} \
+             (Σ of the scheduled gate_lr), and the nearest open gate is {nearest:.2} above the test-time \
+             threshold {threshold:.2}; ranks and bit-widths will stay at their start. Raise gate_lr, train \
+             longer, or start the gates lower (rank_gate_init, bit_gate_init)",
+            total - from
+        )))
     }
 
     /// Scales the gate learning rate by the weights' schedule factor.

@@ -100,6 +100,11 @@ impl Observer for TrainProgress {
         self.bar.println(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
     }
 
+    fn note(&mut self, message: &str) {
+        self.bar.println(format!("note: {message}"));
+        self.log.push(serde_json::json!({ "run": self.label, "note": message }));
+    }
+
     fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {
         tracing::debug!(step, dir = %dir.display(), "checkpoint written");
     }
