@@ -204,6 +204,10 @@ pub struct CompareArgs {
     /// Only rebuild the tables and plots from the finished cells.
     #[arg(long)]
     pub aggregate_only: bool,
+    /// Device for the cells still to run (`cpu`, `cuda`, `cuda:N`; overrides the file's
+    /// `[run] device`): a sweep begun on a GPU can be finished on the CPU and vice versa.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

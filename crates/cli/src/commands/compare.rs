@@ -340,6 +340,10 @@ pub fn run(args: crate::args::CompareArgs) -> Result<ExitCode> {
     if let Some(out) = &args.out {
         cfg.out = out.clone();
     }
+    if let Some(device) = &args.device {
+        pipeline::device(device)?;
+        cfg.run.insert("device".into(), toml::Value::String(device.clone()));
+    }
     if !args.aggregate_only {
         sweep(&cfg)?;
     }
