@@ -405,15 +405,32 @@ struct QuantizeOp;
 /// [`QuantizeOp`]'s backward: inputs x, [`PARAMS`] ++ z (`[18]`), the upstream gradient.
 struct QuantizeGradOp;
 
-fn contiguous_slices<'a, T>(parts: [(&'a [T], &candle_core::Layout); 3]) -> candle_core::Result<[&'a [T]; 3]> {
-    let mut out: [&[T]; 3] = [&[], &[], &[]];
-    for (o, (data, layout)) in out.iter_mut().zip(parts) {
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("blora-quantize: inputs must be contiguous")
-        };
-        *o = &data[a..b];
+type Storage3<'a> = [(&'a candle_core::CpuStorage, &'a candle_core::Layout); 3];
+
+/// Runs `f32_fn` or `f64_fn` on three contiguous CPU inputs of one float dtype.
+fn on_cpu3(
+    op: &str,
+    inputs: Storage3<'_>,
+    f32_fn: impl Fn([&[f32]; 3]) -> Vec<f32>,
+    f64_fn: impl Fn([&[f64]; 3]) -> Vec<f64>,
+) -> candle_core::Result<candle_core::CpuStorage> {
+    use candle_core::CpuStorage as S;
+    fn slices<'a, T>(op: &str, parts: [(&'a [T], &candle_core::Layout); 3]) -> candle_core::Result<[&'a [T]; 3]> {
+        let mut out: [&[T]; 3] = [&[], &[], &[]];
+        for (o, (data, layout)) in out.iter_mut().zip(parts) {
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                candle_core::bail!("{op}: inputs must be contiguous")
+            };
+            *o = &data[a..b];
+        }
+        Ok(out)
     }
-    Ok(out)
+    let [(a, al), (b, bl), (c, cl)] = inputs;
+    Ok(match (a, b, c) {
+        (S::F32(a), S::F32(b), S::F32(c)) => S::F32(f32_fn(slices(op, [(a, al), (b, bl), (c, cl)])?)),
+        (S::F64(a), S::F64(b), S::F64(c)) => S::F64(f64_fn(slices(op, [(a, al), (b, bl), (c, cl)])?)),
+        _ => candle_core::bail!("{op}: f32 or f64 inputs of one dtype"),
+    })
 }
 
 impl candle_core::CustomOp3 for QuantizeOp {
@@ -430,18 +447,12 @@ impl candle_core::CustomOp3 for QuantizeOp {
         zs: &candle_core::CpuStorage,
         zl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let out = match (xs, ps, zs) {
-            (S::F32(x), S::F32(p), S::F32(z)) => {
-                let [x, p, z] = contiguous_slices([(x, xl), (p, pl), (z, zl)])?;
-                S::F32(quantize_cpu(x, p, z))
-            }
-            (S::F64(x), S::F64(p), S::F64(z)) => {
-                let [x, p, z] = contiguous_slices([(x, xl), (p, pl), (z, zl)])?;
-                S::F64(quantize_cpu(x, p, z))
-            }
-            _ => candle_core::bail!("blora-quantize: f32 or f64 inputs of one dtype"),
-        };
+        let out = on_cpu3(
+            self.name(),
+            [(xs, xl), (ps, pl), (zs, zl)],
+            |[x, p, z]| quantize_cpu(x, p, z),
+            |[x, p, z]| quantize_cpu(x, p, z),
+        )?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -474,18 +485,12 @@ impl candle_core::CustomOp3 for QuantizeGradOp {
         gs: &candle_core::CpuStorage,
         gl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let out = match (xs, ps, gs) {
-            (S::F32(x), S::F32(p), S::F32(g)) => {
-                let [x, p, g] = contiguous_slices([(x, xl), (p, pl), (g, gl)])?;
-                S::F32(quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g))
-            }
-            (S::F64(x), S::F64(p), S::F64(g)) => {
-                let [x, p, g] = contiguous_slices([(x, xl), (p, pl), (g, gl)])?;
-                S::F64(quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g))
-            }
-            _ => candle_core::bail!("blora-quantize-grad: f32 or f64 inputs of one dtype"),
-        };
+        let out = on_cpu3(
+            self.name(),
+            [(xs, xl), (ps, pl), (gs, gl)],
+            |[x, p, g]| quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g),
+            |[x, p, g]| quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g),
+        )?;
         Ok((out, candle_core::Shape::from(xl.shape().elem_count() + 4)))
     }
 }
