@@ -244,6 +244,28 @@ fn blora_run_too_short_for_any_gate_to_close_says_so() {
 }
 
 #[test]
+fn blora_with_a_strong_prior_and_enough_steps_prunes_ranks_and_bits() {
+    // The mechanism end to end: with gates that can travel (Σ gate_lr ≫ 6.94) and a prior that
+    // outweighs the task, deterministic test-time gates end below the initial rank and 32 bits.
+    let data = separable(32);
+    let model = tiny_blora(0);
+    let before = model.blora.learned().unwrap();
+    assert!(before.iter().all(|(_, l)| l.rank == 4 && l.bits.values().all(|&b| b == 32)), "{before:?}");
+    let mut cfg = config(OptimizerKind::Adamw, 60);
+    cfg.schedule = bayeslora::train::Schedule::Constant;
+    cfg.warmup_steps = 0;
+    cfg.gates.lr = 0.5;
+    let mut notes = Notes(Vec::new());
+    let mut strong = model;
+    strong.blora_mu = 50.0;
+    train::run(&strong, data, &cfg, &Device::Cpu, &mut notes, None, None).unwrap();
+    assert!(notes.0.is_empty(), "{:?}", notes.0);
+    let after = strong.blora.learned().unwrap();
+    assert!(after.iter().any(|(_, l)| l.rank < 4), "no rank pruned: {after:?}");
+    assert!(after.iter().any(|(_, l)| l.bits.values().any(|&b| b < 32)), "no bit-width lowered: {after:?}");
+}
+
+#[test]
 fn blora_resume_is_bit_identical_with_gates_and_ranges() {
     let data = separable(40);
     for kind in [OptimizerKind::Ivon, OptimizerKind::Adamw] {
