@@ -240,10 +240,13 @@ impl Stat {
 }
 
 /// The metric columns of the tables: (key, header, shown in percent, higher is better).
-pub const COLUMNS: [(&str, &str, bool, bool); 7] = [
+pub const COLUMNS: [(&str, &str, bool, bool); 10] = [
     ("acc", "ACC", true, true),
     ("f1", "F1", true, true),
     ("mcc", "MCC", true, true),
+    ("pearson", "Pearson", true, true),
+    ("spearman", "Spearman", true, true),
+    ("mse", "MSE", false, false),
     ("ece15", "ECE-15", true, false),
     ("ece10", "ECE-10", true, false),
     ("nll", "NLL", false, false),
@@ -256,6 +259,9 @@ fn metric(r: &EvalResult, key: &str) -> Option<f64> {
         "acc" => m.acc,
         "f1" => m.f1,
         "mcc" => m.mcc,
+        "pearson" => m.pearson,
+        "spearman" => m.spearman,
+        "mse" => m.mse,
         "ece15" => m.ece15,
         "ece10" => m.ece10,
         "nll" => m.nll,
@@ -447,7 +453,7 @@ pub fn aggregate(cells: &[Cell]) -> Summary {
     Summary {
         rows,
         notes: vec![
-            "mean ± sample std (ddof = 1) over seeds; ACC, F1, MCC, ECE in %".into(),
+            "mean ± sample std (ddof = 1) over seeds; ACC, F1, MCC, Pearson, Spearman, ECE in %".into(),
             "ECE-15: torchmetrics CalibrationError(n_bins=15, norm=l1), bins [lo, hi); ECE-10: ivon-lora, bins (lo, hi]"
                 .into(),
             "NLL: mean −ln p̄(y) per example; Brier: Σ_k (p̄_k − 1[y=k])², not divided by K".into(),
