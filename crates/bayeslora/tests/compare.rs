@@ -542,3 +542,17 @@ fn decoder_sweep_with_ood_runs_every_method_on_a_tiny_llama() {
     let md = summary.markdown();
     assert!(md.contains("shifted test set arc_easy") && md.contains("| laplace | 3 |"), "{md}");
 }
+
+#[test]
+fn regression_tasks_get_correlation_and_mse_columns() {
+    let reg = |seed: u64, pearson: f64| {
+        let m = Metrics { pearson: Some(pearson), spearman: Some(pearson - 0.1), mse: Some(0.5), ..Default::default() };
+        fake("stsb", "adamw", MethodKind::Adamw, seed, vec![EvalResult::new("adamw", "stsb", 0, 100, m)])
+    };
+    let s = aggregate(&[reg(0, 0.8), reg(1, 0.6)]);
+    let md = s.markdown();
+    assert!(md.contains("| Pearson | Spearman | MSE |"), "{md}");
+    assert!(md.contains("70.0 ± 14.1") && md.contains("60.0 ± 14.1") && md.contains("0.500 ± 0.000"), "{md}");
+    let csv = s.csv();
+    assert!(csv.lines().next().is_some_and(|h| h.contains("pearson_mean,pearson_std")), "{csv}");
+}
