@@ -202,18 +202,13 @@ impl DeviceRange {
     /// negative value was seen, else [0, max(old, x)]; non-finite extremes are ignored.
     fn widen(&self, x: &Tensor) -> Result<Self> {
         // Rows first, then the row extremes: a whole-tensor reduction is one CUDA block.
-        let x = x.detach();
-        let rows = match x.dims().last() {
-            Some(&d) if x.rank() > 1 && d > 0 => x.reshape((x.elem_count() / d, d))?,
-            _ => x.flatten_all()?,
+        let d = match x.dims().last() {
+            Some(&d) if d > 0 => d,
+            _ => 1,
         };
-        let (lo, hi) = if rows.rank() == 2 {
-            (rows.min_keepdim(1)?.min_all()?, rows.max_keepdim(1)?.max_all()?)
-        } else {
-            (rows.min_all()?, rows.max_all()?)
-        };
-        let lo = lo.to_dtype(DType::F32)?.reshape(1)?;
-        let hi = hi.to_dtype(DType::F32)?.reshape(1)?;
+        let rows = x.detach().reshape((x.elem_count() / d, d))?;
+        let lo = rows.min_keepdim(1)?.min_all()?.to_dtype(DType::F32)?.reshape(1)?;
+        let hi = rows.max_keepdim(1)?.max_all()?.to_dtype(DType::F32)?.reshape(1)?;
         let m = self.x_max.maximum(&self.x_min.neg()?)?.maximum(&hi)?.maximum(&lo.neg()?)?;
         let signed = self.x_min.minimum(&lo)?.lt(0f32)?;
         let x_min = signed.where_cond(&m.neg()?, &m.zeros_like()?)?;
@@ -233,15 +228,10 @@ impl DeviceRange {
 }
 
 /// The residual ladder `[x₂, ε₄, ε₈, ε₁₆, ε₃₂]` of `clip(x)` (values only, no gradient), each
-/// of x's shape. On the CPU one fused pass ([`LadderOp`]); elsewhere the same arithmetic as
-/// tensor ops (same floats: the fused pass mirrors each op).
+/// of x's shape, as tensor ops: the path off the CPU fused op ([`QuantizeOp`], whose per-value
+/// [`levels_of`] does the same float ops in the same order).
 pub(crate) fn ladder(x: &Tensor, params: &Tensor) -> Result<[Tensor; 5]> {
-    let x = x.detach();
-    let stacked = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op2_no_bwd(&params.contiguous()?, &LadderOp)?
-    } else {
-        ladder_ops(&x, params)?
-    };
+    let stacked = ladder_ops(&x.detach(), params)?;
     let level = |i: usize| -> Result<Tensor> { Ok(stacked.get(i)?) };
     Ok([level(0)?, level(1)?, level(2)?, level(3)?, level(4)?])
 }
@@ -266,11 +256,7 @@ fn ladder_ops(x: &Tensor, params: &Tensor) -> Result<Tensor> {
     Ok(Tensor::stack(&levels, 0)?)
 }
 
-/// The CPU ladder: for each x one pass over the five levels, op for op as [`ladder`]'s tensor
-/// path (max then min, ×1/s, round half away from zero, clamp, ×s, subtract).
-struct LadderOp;
-
-/// The float types [`LadderOp`] runs on.
+/// The float types the fused CPU ops run on.
 trait LadderFloat:
     Copy + PartialOrd + std::ops::Mul<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Add<Output = Self>
 {
@@ -325,7 +311,8 @@ impl LadderFloat for f64 {
     }
 }
 
-/// One value's clipped input and ladder `[x₂, ε₄, ε₈, ε₁₆, ε₃₂]` under [`PARAMS`] `p`.
+/// One value's ladder `[x₂, ε₄, ε₈, ε₁₆, ε₃₂]` under [`PARAMS`] `p`, op for op as
+/// [`ladder_ops`] (max then min, ×1/s, round half away from zero, clamp, ×s, subtract).
 fn levels_of<T: LadderFloat>(v: T, p: &[T]) -> [T; 5] {
     let xc = v.max_c(p[0]).min_c(p[1]);
     let x2 = (xc * p[9]).round().max_c(p[2]).min_c(p[3]) * p[4];
@@ -337,18 +324,6 @@ fn levels_of<T: LadderFloat>(v: T, p: &[T]) -> [T; 5] {
         levels[i + 1] = e;
     }
     levels
-}
-
-fn ladder_cpu<T: LadderFloat>(x: &[T], p: &[T]) -> Vec<T> {
-    let n = x.len();
-    // Level-major: [x₂ of every x, ε₄ of every x, …].
-    let mut out = vec![p[0]; 5 * n];
-    for (j, &v) in x.iter().enumerate() {
-        for (i, e) in levels_of(v, p).into_iter().enumerate() {
-            out[i * n + j] = e;
-        }
-    }
-    out
 }
 
 /// The nested sums of one value's ladder under gates z: `a₁ = ε₄ + z₈a₂`, `a₂ = ε₈ + z₁₆a₃`,
@@ -492,36 +467,6 @@ impl candle_core::CustomOp3 for QuantizeGradOp {
             |[x, p, g]| quantize_grad_cpu(x, &p[..PARAMS], &p[PARAMS..], g),
         )?;
         Ok((out, candle_core::Shape::from(xl.shape().elem_count() + 4)))
-    }
-}
-
-impl candle_core::CustomOp2 for LadderOp {
-    fn name(&self) -> &'static str {
-        "blora-ladder"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &candle_core::CpuStorage,
-        xl: &candle_core::Layout,
-        ps: &candle_core::CpuStorage,
-        pl: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (Some((x0, x1)), Some((p0, p1))) = (xl.contiguous_offsets(), pl.contiguous_offsets()) else {
-            candle_core::bail!("blora-ladder: inputs must be contiguous")
-        };
-        if p1 - p0 != PARAMS {
-            candle_core::bail!("blora-ladder: {} parameters, expected {PARAMS}", p1 - p0)
-        }
-        let mut dims = vec![5];
-        dims.extend_from_slice(xl.dims());
-        let out = match (xs, ps) {
-            (S::F32(x), S::F32(p)) => S::F32(ladder_cpu(&x[x0..x1], &p[p0..p1])),
-            (S::F64(x), S::F64(p)) => S::F64(ladder_cpu(&x[x0..x1], &p[p0..p1])),
-            _ => candle_core::bail!("blora-ladder: f32 or f64 inputs of one dtype"),
-        };
-        Ok((out, candle_core::Shape::from(dims)))
     }
 }
 
@@ -846,12 +791,17 @@ mod tests {
     #[test]
     fn fused_cpu_ladder_equals_the_tensor_ops_to_the_bit() -> Result<()> {
         let x = Tensor::randn(0f32, 0.8, (37, 19), &Device::Cpu)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         for r in
             [Range { x_min: -1.5, x_max: 1.5 }, Range { x_min: 0.0, x_max: 0.7 }, Range { x_min: -3e-4, x_max: 3e-4 }]
         {
             let p = r.params(DType::F32, &Device::Cpu)?;
-            let fused = Tensor::stack(&ladder(&x, &p)?, 0)?.flatten_all()?.to_vec1::<f32>()?;
+            let pv = p.to_vec1::<f32>()?;
+            // Level-major, as ladder_ops stacks them.
+            let per_value: Vec<[f32; 5]> = xs.iter().map(|&v| levels_of(v, &pv)).collect();
+            let fused: Vec<f32> = (0..5).flat_map(|i| per_value.iter().map(move |l| l[i])).collect();
             let ops = ladder_ops(&x, &p)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(fused.len(), ops.len());
             assert!(fused.iter().zip(&ops).all(|(a, b)| a.to_bits() == b.to_bits()), "{r:?}");
         }
         Ok(())
