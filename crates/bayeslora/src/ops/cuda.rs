@@ -1,0 +1,84 @@
+//! Our CUDA kernels (`crates/bayeslora/kernels/*.cu`, compiled to PTX by the build script) and
+//! how they are launched on candle's device and stream.
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaStorage, DType, Result};
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// One kernel family: a `.cu` file with one entry point per dtype, named `<name>_<dtype>`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kernel {
+    Dropout,
+}
+
+impl Kernel {
+    fn module(self) -> (&'static str, &'static str) {
+        match self {
+            Kernel::Dropout => ("dropout", ptx::DROPOUT),
+        }
+    }
+
+    /// Loads entry point `name` of this kernel's module on `dev` (the module is cached by candle);
+    /// launch it on `dev.cuda_stream()`.
+    pub(crate) fn func(
+        self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        name: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+        let (module, ptx) = self.module();
+        Ok(dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function())
+    }
+}
+
+fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("no CUDA kernel for dtype {other:?}"),
+    })
+}
+
+/// Launches `kernel(params, x, y)` over the contiguous elements `start..end` of `input` (grid-
+/// stride loop): `params` is a `#[repr(C)]` struct mirrored in the `.cu` file, `x` the input,
+/// `y` a fresh output of the same dtype, which is returned.
+pub(crate) fn launch_elementwise<P: DeviceRepr>(
+    input: &CudaStorage,
+    start: usize,
+    end: usize,
+    kernel: Kernel,
+    params: P,
+) -> Result<CudaStorage> {
+    let dev = input.device().clone();
+    let (module, ptx) = kernel.module();
+    let func = dev.get_or_load_custom_func(&format!("{module}_{}", dtype_suffix(input.dtype())?), module, ptx)?;
+    let n = end - start;
+    let cfg = LaunchConfig::for_num_elems(n.min(1 << 30) as u32);
+    macro_rules! run {
+        ($slice:expr, $ty:ty, $variant:ident) => {{
+            let src = $slice.slice(start..end);
+            // SAFETY: the kernel writes every one of the n elements.
+            let out = unsafe { dev.alloc::<$ty>(n)? };
+            let mut builder = func.builder();
+            builder.arg(&params);
+            builder.arg(&src);
+            builder.arg(&out);
+            // SAFETY: argument list matches the kernel's signature (checked by the GPU tests).
+            unsafe { builder.launch(cfg) }.w()?;
+            CudaStorageSlice::$variant(out)
+        }};
+    }
+    let slice = match &input.slice {
+        CudaStorageSlice::F32(s) => run!(s, f32, F32),
+        CudaStorageSlice::F64(s) => run!(s, f64, F64),
+        CudaStorageSlice::BF16(s) => run!(s, half::bf16, BF16),
+        CudaStorageSlice::F16(s) => run!(s, half::f16, F16),
+        _ => candle_core::bail!("no CUDA kernel {module} for dtype {:?}", input.dtype()),
+    };
+    Ok(CudaStorage { slice, device: dev })
+}

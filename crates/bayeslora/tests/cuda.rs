@@ -1,0 +1,185 @@
+//! The CUDA path against the CPU path (the reference), run on the GPU machine:
+//! `cargo test --release -p bayeslora --features cuda --test cuda` (README, "GPU"). Without the
+//! `cuda` feature this file is empty, so CI (no GPU) compiles nothing here.
+#![cfg(feature = "cuda")]
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+use bayeslora::adapters::Ctx;
+use bayeslora::data::{Batch, BatchTensors};
+use bayeslora::models::{self, LoadOptions};
+use bayeslora::ops;
+use bayeslora::train::{Classifier, TaskModel};
+use bayeslora::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use common::check;
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device (run them on the GPU machine)")
+}
+
+#[test]
+fn hash_dropout_kernel_equals_the_host_hash_bit_for_bit() -> Result<()> {
+    let gpu = cuda();
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let x = Tensor::randn(0f32, 1.0, (3, 1001), &Device::Cpu)?.to_dtype(dtype)?;
+        let want = ops::hash_dropout(&x, 0.1, 42)?;
+        let got = ops::hash_dropout(&x.to_device(&gpu)?, 0.1, 42)?.to_device(&Device::Cpu)?;
+        check(&format!("hash dropout {dtype:?}"), &got, &want, 0.0)?;
+        // ops::dropout on a CUDA tensor takes the kernel
+        let via_dropout = ops::dropout(&x.to_device(&gpu)?, 0.1, 42)?.to_device(&Device::Cpu)?;
+        check(&format!("ops::dropout on CUDA {dtype:?}"), &via_dropout, &want, 0.0)?;
+    }
+    // backward: the same mask on the gradient
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 33), &gpu)?)?;
+    let w = Tensor::randn(0f32, 1.0, (64, 33), &gpu)?;
+    let y = ops::dropout(x.as_tensor(), 0.3, 5)?;
+    let g = (&y * &w)?.sum_all()?.backward()?.get(x.as_tensor()).expect("x has a gradient").clone();
+    let keep = ops::hash_dropout(&Tensor::ones((64, 33), DType::F32, &Device::Cpu)?, 0.3, 5)?;
+    check("dropout backward", &g.to_device(&Device::Cpu)?, &(w.to_device(&Device::Cpu)? * keep)?, 1e-6)?;
+    Ok(())
+}
+
+#[test]
+fn frozen_linear_matches_cpu() -> Result<()> {
+    let gpu = cuda();
+    let w = Tensor::randn(0f32, 0.1, (48, 96), &Device::Cpu)?;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 7, 96), &Device::Cpu)?)?;
+    let want = ops::frozen_linear(x.as_tensor(), &w, None)?;
+    let want_dx = want.sum_all()?.backward()?.get(x.as_tensor()).expect("dx").clone();
+    let xg = Var::from_tensor(&x.as_tensor().to_device(&gpu)?)?;
+    let got = ops::frozen_linear(xg.as_tensor(), &w.to_device(&gpu)?, None)?;
+    let got_dx = got.sum_all()?.backward()?.get(xg.as_tensor()).expect("dx").clone();
+    check("frozen_linear y", &got, &want, 1e-4)?;
+    check("frozen_linear dx", &got_dx, &want_dx, 1e-4)?;
+    Ok(())
+}
+
+/// A task model on `device`/`dtype` with LoRA r 4 on q/v (BERT: query/value) whose B matrices are
+/// set to fixed non-zero values, so the gradients of A are not zero.
+fn lora_model(dir: &Path, dtype: DType, device: &Device, targets: &[&str], num_labels: usize) -> Result<TaskModel> {
+    let loaded = models::load(dir, &LoadOptions { dtype, device: device.clone() })?;
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
+        ..Default::default()
+    };
+    let model = TaskModel::build(loaded, &lora, num_labels, 3, device)?;
+    for (i, (name, var)) in model.trainable().into_iter().enumerate() {
+        if name.contains("lora_B") {
+            let n = var.as_tensor().elem_count();
+            let vals: Vec<f32> = (0..n).map(|j| (((i * 31 + j * 17) % 13) as f32 - 6.0) * 0.01).collect();
+            var.set(&Tensor::from_vec(vals, var.as_tensor().shape(), &Device::Cpu)?.to_device(device)?)?;
+        }
+    }
+    Ok(model)
+}
+
+/// Loss (mean cross-entropy of the class logits) and the gradient of every trainable var, on the
+/// CPU.
+fn loss_and_grads(model: &TaskModel, batch: &BatchTensors) -> Result<(f32, HashMap<String, Tensor>)> {
+    let logits = model.logits(batch, &Ctx::eval())?.to_dtype(DType::F32)?;
+    let loss = ops::cross_entropy(&logits, &batch.labels)?;
+    let grads = loss.backward()?;
+    let mut out = HashMap::new();
+    for (name, var) in model.trainable() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        out.insert(name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+    }
+    Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, out))
+}
+
+/// CUDA f32 equals CPU f32 up to summation order; CUDA bf16 (backbone in bf16, LoRA state in
+/// f32) is within bf16 rounding of it: relative gradient error ≤ `bf16_rel`.
+fn compare_devices(
+    dir: &Path,
+    targets: &[&str],
+    num_labels: usize,
+    batch: impl Fn(&Device) -> Result<BatchTensors>,
+    bf16_rel: f32,
+) -> Result<()> {
+    let gpu = cuda();
+    let cpu_model = lora_model(dir, DType::F32, &Device::Cpu, targets, num_labels)?;
+    let (loss_cpu, grads_cpu) = loss_and_grads(&cpu_model, &batch(&Device::Cpu)?)?;
+    for (dtype, rel) in [(DType::F32, 1e-4f32), (DType::BF16, bf16_rel)] {
+        let model = lora_model(dir, dtype, &gpu, targets, num_labels)?;
+        let (loss, grads) = loss_and_grads(&model, &batch(&gpu)?)?;
+        println!("{}: loss CPU f32 {loss_cpu:.6}, CUDA {dtype:?} {loss:.6}", dir.display());
+        assert!((loss - loss_cpu).abs() <= rel * loss_cpu.abs().max(1.0), "loss {loss} vs {loss_cpu} ({dtype:?})");
+        for (name, want) in &grads_cpu {
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            check(&format!("{name} ({dtype:?}, rel to max {scale:.2e})"), &grads[name], want, rel * scale)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bert_loss_and_lora_gradients_match_cpu() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let data = common::separable(8, 0);
+    let batch =
+        |dev: &Device| -> Result<BatchTensors> { Batch::collate(&data, &(0..8).collect::<Vec<_>>())?.to_tensors(dev) };
+    compare_devices(&dir, &["query", "value"], 3, batch, 0.05)
+}
+
+#[test]
+fn llama_loss_and_lora_gradients_match_cpu() -> Result<()> {
+    for name in ["llama3", "qwen2", "mistral"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name);
+        let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)?;
+        let batch = |dev: &Device| -> Result<BatchTensors> {
+            let ids = golden["input_ids"].to_dtype(DType::U32)?;
+            Ok(BatchTensors {
+                token_type_ids: ids.zeros_like()?.to_device(dev)?,
+                input_ids: ids.to_device(dev)?,
+                attention_mask: golden["attention_mask"].to_dtype(DType::F32)?.to_device(dev)?,
+                labels: Tensor::new(&[2u32, 0], dev)?,
+                label_token_ids: Some(Tensor::new(&[1u32, 7, 8, 30], dev)?),
+                class_mask: None,
+                last_positions: Tensor::new(&[6u32, 4], dev)?,
+            })
+        };
+        compare_devices(&dir, &["q_proj", "v_proj"], 0, batch, 0.05)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn llama_golden_logits_on_cuda() -> Result<()> {
+    let gpu = cuda();
+    for name in ["llama3", "qwen2", "mistral"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name);
+        let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)?;
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.15)] {
+            let loaded = models::load(&dir, &LoadOptions { dtype, device: gpu.clone() })?;
+            let models::Backbone::Llama(llama) = loaded.backbone else { panic!("{name} is a Llama") };
+            let ids = golden["input_ids"].to_dtype(DType::U32)?.to_device(&gpu)?;
+            let mask = golden["attention_mask"].to_device(&gpu)?;
+            let hidden = llama.forward(&ids, &mask, &Ctx::eval())?;
+            let logits = llama.lm_logits(&hidden)?;
+            check(&format!("{name} logits {dtype:?}"), &logits.to_device(&Device::Cpu)?, &golden["logits"], tol)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn mc_dropout_passes_on_cuda_are_reproducible_and_differ_by_seed() -> Result<()> {
+    let gpu = cuda();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let model = lora_model(&dir, DType::F32, &gpu, &["query", "value"], 3)?;
+    let data = common::separable(8, 0);
+    let batch = Batch::collate(&data, &(0..8).collect::<Vec<_>>())?.to_tensors(&gpu)?;
+    let pass = |seed: u64| -> Result<Vec<f32>> {
+        Ok(model.logits(&batch, &Ctx::train(seed))?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    assert_eq!(pass(1)?, pass(1)?, "same seed, same masks");
+    assert_ne!(pass(1)?, pass(2)?, "another seed, other masks");
+    Ok(())
+}
