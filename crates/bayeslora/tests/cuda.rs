@@ -94,26 +94,44 @@ fn loss_and_grads(model: &TaskModel, batch: &BatchTensors) -> Result<(f32, HashM
     Ok((loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?, out))
 }
 
-/// CUDA f32 equals CPU f32 up to summation order; CUDA bf16 (backbone in bf16, LoRA state in
-/// f32) is within bf16 rounding of it: relative gradient error ≤ `bf16_rel`.
+/// Cosine similarity and norm ratio of two tensors, flattened.
+fn cosine_and_norm_ratio(got: &Tensor, want: &Tensor) -> Result<(f64, f64)> {
+    let (g, w) = (got.flatten_all()?.to_dtype(DType::F64)?, want.flatten_all()?.to_dtype(DType::F64)?);
+    let dot = (&g * &w)?.sum_all()?.to_scalar::<f64>()?;
+    let (ng, nw) = (g.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt(), w.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt());
+    Ok((dot / (ng * nw).max(1e-30), ng / nw.max(1e-30)))
+}
+
+/// CUDA f32 equals CPU f32 up to summation order: every gradient element within 1e-4 of the
+/// tensor's largest. CUDA bf16 (backbone in bf16, LoRA state and softmax statistics in f32)
+/// rounds every activation to 8 mantissa bits (relative 2⁻⁸ ≈ 0.4 % per op), so elementwise
+/// errors of a few % of the largest entry are expected where a gradient is small; a wrong
+/// kernel, in contrast, turns the gradient's direction: bf16 must keep the direction (cosine
+/// ≥ 0.995) and the norm (within 3 %), and the loss within 1 %.
 fn compare_devices(
     dir: &Path,
     targets: &[&str],
     num_labels: usize,
     batch: impl Fn(&Device) -> Result<BatchTensors>,
-    bf16_rel: f32,
 ) -> Result<()> {
     let gpu = cuda();
     let cpu_model = lora_model(dir, DType::F32, &Device::Cpu, targets, num_labels)?;
     let (loss_cpu, grads_cpu) = loss_and_grads(&cpu_model, &batch(&Device::Cpu)?)?;
-    for (dtype, rel) in [(DType::F32, 1e-4f32), (DType::BF16, bf16_rel)] {
+    for dtype in [DType::F32, DType::BF16] {
         let model = lora_model(dir, dtype, &gpu, targets, num_labels)?;
         let (loss, grads) = loss_and_grads(&model, &batch(&gpu)?)?;
         println!("{}: loss CPU f32 {loss_cpu:.6}, CUDA {dtype:?} {loss:.6}", dir.display());
-        assert!((loss - loss_cpu).abs() <= rel * loss_cpu.abs().max(1.0), "loss {loss} vs {loss_cpu} ({dtype:?})");
+        let loss_tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        assert!((loss - loss_cpu).abs() <= loss_tol * loss_cpu.abs().max(1.0), "loss {loss} vs {loss_cpu} ({dtype:?})");
         for (name, want) in &grads_cpu {
-            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-            check(&format!("{name} ({dtype:?}, rel to max {scale:.2e})"), &grads[name], want, rel * scale)?;
+            if dtype == DType::F32 {
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+                check(&format!("{name} (f32, 1e-4 of max {scale:.2e})"), &grads[name], want, 1e-4 * scale)?;
+            } else {
+                let (cos, ratio) = cosine_and_norm_ratio(&grads[name], want)?;
+                println!("{name} (bf16): cosine {cos:.5}, norm ratio {ratio:.4}");
+                assert!(cos >= 0.995 && (ratio - 1.0).abs() <= 0.03, "{name} (bf16): cosine {cos}, norm ratio {ratio}");
+            }
         }
     }
     Ok(())
@@ -125,7 +143,7 @@ fn bert_loss_and_lora_gradients_match_cpu() -> Result<()> {
     let data = common::separable(8, 0);
     let batch =
         |dev: &Device| -> Result<BatchTensors> { Batch::collate(&data, &(0..8).collect::<Vec<_>>())?.to_tensors(dev) };
-    compare_devices(&dir, &["query", "value"], 3, batch, 0.05)
+    compare_devices(&dir, &["query", "value"], 3, batch)
 }
 
 #[test]
@@ -145,7 +163,7 @@ fn llama_loss_and_lora_gradients_match_cpu() -> Result<()> {
                 last_positions: Tensor::new(&[6u32, 4], dev)?,
             })
         };
-        compare_devices(&dir, &["q_proj", "v_proj"], 0, batch, 0.05)?;
+        compare_devices(&dir, &["q_proj", "v_proj"], 0, batch)?;
     }
     Ok(())
 }
@@ -156,7 +174,10 @@ fn llama_golden_logits_on_cuda() -> Result<()> {
     for name in ["llama3", "qwen2", "mistral"] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name);
         let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)?;
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.15)] {
+        // f32: HF's own tolerance for these fixtures; bf16: 2 % of the largest logit (two layers
+        // of 8-bit-mantissa activations; the CPU bf16 test allows the same order)
+        let scale = golden["logits"].abs()?.max_all()?.to_scalar::<f32>()?;
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.02 * scale)] {
             let loaded = models::load(&dir, &LoadOptions { dtype, device: gpu.clone() })?;
             let models::Backbone::Llama(llama) = loaded.backbone else { panic!("{name} is a Llama") };
             let ids = golden["input_ids"].to_dtype(DType::U32)?.to_device(&gpu)?;

@@ -150,6 +150,15 @@ impl CompareConfig {
         for t in self.tasks.iter().chain(&self.ood_tasks) {
             Task::from_name(t).with_context(|| format!("unknown task `{t}` in the sweep file"))?;
         }
+        // Fail before the first cell, not after hours of other tasks.
+        for t in &self.tasks {
+            if Task::from_name(t)?.standard_file(Split::Train).is_none() && !self.run.contains_key("train_file") {
+                bail!(
+                    "task `{t}` has no training file in data/ (data/README.md says why): drop it from \
+                     `tasks`, or give `[run] train_file = \"...\"`"
+                );
+            }
+        }
         for name in self.task.keys() {
             if !self.tasks.contains(name) {
                 eprintln!("note: [task.{name}] is defined but not in `tasks`; it will not run");
@@ -598,6 +607,28 @@ samples = 4
 [method.ivon_fast.run.train.ivon]
 lr = 0.1
 "#;
+
+    #[test]
+    fn every_shipped_sweep_file_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/compare");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                CompareConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 10, "found only {n} sweep files in {}", dir.display());
+    }
+
+    #[test]
+    fn a_task_without_training_data_is_refused_up_front() {
+        let mut cfg: CompareConfig = toml::from_str(SWEEP).unwrap();
+        cfg.tasks.push("boolq".into());
+        let err = format!("{:#}", cfg.validate().unwrap_err());
+        assert!(err.contains("`boolq` has no training file"), "{err}");
+    }
 
     #[test]
     fn parses_and_resolves_methods_with_overrides() {
