@@ -204,3 +204,36 @@ fn mc_dropout_passes_on_cuda_are_reproducible_and_differ_by_seed() -> Result<()>
     assert_ne!(pass(1)?, pass(2)?, "another seed, other masks");
     Ok(())
 }
+
+#[test]
+fn fused_cross_entropy_kernels_match_the_cpu_reference() -> Result<()> {
+    let gpu = cuda();
+    // a SmolLM2-sized vocabulary (49,152) and a small odd one
+    for (rows, vocab) in [(37usize, 49_152usize), (5, 3)] {
+        let x = Tensor::randn(0f32, 4.0, (rows, vocab), &Device::Cpu)?;
+        let labels: Vec<u32> = (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect();
+        let y = Tensor::new(labels.as_slice(), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, rows, &Device::Cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let xd = x.to_dtype(dtype)?;
+            // reference: the fused op's CPU path in f64 on the same (rounded) logits
+            let xr = Var::from_tensor(&xd.to_dtype(DType::F64)?)?;
+            let want = ops::fused_cross_entropy_rows(xr.as_tensor(), &y)?;
+            let want_g =
+                (&want * w.to_dtype(DType::F64)?)?.sum_all()?.backward()?.get(xr.as_tensor()).expect("dx").clone();
+            let xg = Var::from_tensor(&xd.to_device(&gpu)?)?;
+            let got = ops::fused_cross_entropy_rows(xg.as_tensor(), &y.to_device(&gpu)?)?;
+            let got_g = (&got * w.to_device(&gpu)?)?.sum_all()?.backward()?.get(xg.as_tensor()).expect("dx").clone();
+            assert_eq!(got_g.dtype(), dtype);
+            // loss: f32 statistics over up to 49k terms; gradient: softmax probabilities (≤ 1)
+            // rounded to the logits' dtype
+            let grad_tol = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
+            check(&format!("CE loss {rows}×{vocab} {dtype:?}"), &got, &want, 2e-4)?;
+            check(&format!("CE dx {rows}×{vocab} {dtype:?}"), &got_g, &want_g, grad_tol)?;
+            // ops::cross_entropy on CUDA takes the fused path and equals the mean
+            let mean = ops::cross_entropy(&xd.to_device(&gpu)?, &y.to_device(&gpu)?)?;
+            check("cross_entropy = mean of rows", &mean, &want.mean_all()?, 2e-4)?;
+        }
+    }
+    Ok(())
+}

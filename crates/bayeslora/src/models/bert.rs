@@ -259,7 +259,7 @@ impl SelfAttention {
             let dtype = q.dtype();
             let scale = 1.0 / (self.head_dim as f64).sqrt();
             let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?.to_dtype(DType::F32)?;
-            let probs = ops::softmax_last_dim(&scores.broadcast_add(mask.bias())?)?;
+            let probs = ops::softmax_last_dim(&scores.broadcast_add(mask.bias()?)?)?;
             let probs = ops::dropout(&probs, self.dropout, ctx.seed_for(self.dropout_salt))?;
             probs.to_dtype(dtype)?.matmul(&v)?
         } else {

@@ -1,45 +1,124 @@
 //! Scaled dot-product attention with a backward: `softmax(q·kᵀ/√D + mask)·v`.
 //!
-//! This is the plain (materialised-scores) path: correct everywhere and the CPU reference for
-//! any fused kernel. Grouped-query attention repeats each key/value head `H / Hkv` times.
+//! [`attention`] dispatches: CUDA tensors of dtype f32/bf16/f16 with head dim 32, 64 or 128 take
+//! the fused FlashAttention-2 kernels ([`super::flash_attention`]: O(T) memory per row, no
+//! `[B, H, T, S]` scores); everything else takes [`plain_attention`]. Set the environment variable
+//! `BAYESLORA_PLAIN_ATTENTION=1` to force the plain path on CUDA too (A/B benchmarks, debugging).
+//!
+//! [`plain_attention`] is the materialised-scores path: correct everywhere and the CPU reference
+//! for the fused kernels. Grouped-query attention repeats each key/value head `H / Hkv` times.
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::OnceLock;
 
-/// Additive attention bias `[B, 1, T, S]`: 0 where a query may attend, a large negative value
-/// where it may not (padding and, for decoders, future positions).
+/// Which keys a query may attend to: padding (`[B, S]`, 1 = real) and, for decoders, causality.
+/// As an additive bias `[B, 1, T, S]` ([`AttentionMask::bias`]): 0 where a query may attend, a
+/// large negative value where it may not. The fused CUDA path reads the padding and the causal
+/// flag instead and never builds the bias; on CUDA the bias is built on first use, on the CPU at
+/// construction.
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
-    bias: Tensor,
+    /// `[B, S]` f32, 1 for real tokens and 0 for padding (`None`: all real).
+    padding: Option<Tensor>,
+    causal: bool,
+    batch: usize,
+    len: usize,
+    device: Device,
+    bias: OnceLock<Tensor>,
 }
 
 impl AttentionMask {
     /// `padding: [B, S]` with 1 for real tokens and 0 for padding (`None`: all real).
     /// `causal`: query i may only see keys j ≤ i (T == S).
     pub fn new(padding: Option<&Tensor>, causal: bool, batch: usize, len: usize, device: &Device) -> Result<Self> {
+        let padding = match padding {
+            Some(p) => Some(p.to_dtype(DType::F32)?.to_device(device)?.contiguous()?),
+            None => None,
+        };
+        let mask = Self { padding, causal, batch, len, device: device.clone(), bias: OnceLock::new() };
+        if !device.is_cuda() {
+            mask.bias()?;
+        }
+        Ok(mask)
+    }
+
+    fn build_bias(&self) -> Result<Tensor> {
+        let (batch, len, device) = (self.batch, self.len, &self.device);
         // -1e9 rather than -inf: a fully masked row (a padding query) then stays finite.
         const NEG: f32 = -1e9;
         let mut bias = Tensor::zeros((batch, 1, len, len), DType::F32, device)?;
-        if causal {
+        if self.causal {
             let future: Vec<f32> =
                 (0..len).flat_map(|i| (0..len).map(move |j| if j > i { NEG } else { 0.0 })).collect();
             let future = Tensor::from_vec(future, (1, 1, len, len), device)?;
             bias = bias.broadcast_add(&future)?;
         }
-        if let Some(pad) = padding {
-            let pad = pad.to_dtype(DType::F32)?.affine(-(NEG as f64), NEG as f64)?; // 1→0, 0→NEG
+        if let Some(pad) = &self.padding {
+            let pad = pad.affine(-(NEG as f64), NEG as f64)?; // 1→0, 0→NEG
             bias = bias.broadcast_add(&pad.reshape((batch, 1, 1, len))?)?;
         }
-        Ok(Self { bias })
+        Ok(bias)
     }
 
-    /// The bias tensor, `[B, 1, T, S]`, f32.
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
+    /// The bias tensor, `[B, 1, T, S]`, f32: built at construction on the CPU, on first use on
+    /// CUDA (the fused path never needs it), so this can fail there (out of memory).
+    pub fn bias(&self) -> Result<&Tensor> {
+        if let Some(bias) = self.bias.get() {
+            return Ok(bias);
+        }
+        let bias = self.build_bias()?;
+        Ok(self.bias.get_or_init(|| bias))
+    }
+
+    /// The padding, `[B, S]` f32 (1 = real token), if any.
+    pub fn padding(&self) -> Option<&Tensor> {
+        self.padding.as_ref()
+    }
+
+    /// Whether query i only sees keys j ≤ i.
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// B.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// S (= T).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether S is 0.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The padding as `[B, S]` f32 contiguous on `device`, all ones when there is none.
+    pub fn key_valid(&self, device: &Device) -> Result<Tensor> {
+        match &self.padding {
+            Some(p) => p.to_device(device)?.contiguous(),
+            None => Tensor::ones((self.batch, self.len), DType::F32, device),
+        }
     }
 }
 
 /// `q: [B, H, T, D]`, `k`/`v`: `[B, Hkv, S, D]` with `H % Hkv == 0` → `[B, H, T, D]`.
-/// Scores and softmax are computed in f32.
+/// Scores and softmax are computed in f32. Fused kernels on CUDA where supported (see the module
+/// doc), else [`plain_attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    if q.device().is_cuda()
+        && super::flash_attention::flash_supported(q, k, v, mask)
+        && !super::flash_attention::plain_attention_forced()
+    {
+        return super::flash_attention::flash_attention(q, k, v, mask);
+    }
+    plain_attention(q, k, v, mask)
+}
+
+/// The materialised-scores attention (any device, any float dtype): the reference for the fused
+/// kernels. Same contract as [`attention`].
+pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
     let (_, heads, _, head_dim) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let (k, v) = if kv_heads != heads {
@@ -50,8 +129,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?;
-    let scores =
-        scores.to_dtype(super::stats_dtype(dtype))?.broadcast_add(&mask.bias.to_dtype(super::stats_dtype(dtype))?)?;
+    let scores = scores
+        .to_dtype(super::stats_dtype(dtype))?
+        .broadcast_add(&mask.bias()?.to_dtype(super::stats_dtype(dtype))?)?;
     let probs = super::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     probs.matmul(&v.contiguous()?)
 }

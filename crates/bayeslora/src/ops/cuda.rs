@@ -12,13 +12,20 @@ mod ptx {
 /// One kernel family: a `.cu` file with one entry point per dtype, named `<name>_<dtype>`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Kernel {
+    /// `cross_entropy.cu`: `ce_{fwd,bwd}_<dtype>` (see `ops::cross_entropy`).
+    CrossEntropy,
     Dropout,
+    /// `flash_attention.cu`: entry points `flash_{fwd,bwd}_<dtype>_d<D>` and helpers (see
+    /// `ops::flash_attention`).
+    FlashAttention,
 }
 
 impl Kernel {
     fn module(self) -> (&'static str, &'static str) {
         match self {
+            Kernel::CrossEntropy => ("cross_entropy", ptx::CROSS_ENTROPY),
             Kernel::Dropout => ("dropout", ptx::DROPOUT),
+            Kernel::FlashAttention => ("flash_attention", ptx::FLASH_ATTENTION),
         }
     }
 

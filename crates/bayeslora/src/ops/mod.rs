@@ -18,14 +18,20 @@
 //! ```
 
 mod attention;
+mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
+mod flash_attention;
 mod linear;
 mod norm;
 
-pub use attention::{attention, AttentionMask};
+pub use attention::{attention, plain_attention, AttentionMask};
+pub use cross_entropy::{fused_cross_entropy_rows, CrossEntropyGrad, FusedCrossEntropy};
 pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
+pub use flash_attention::{
+    flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
+};
 pub use linear::frozen_linear;
 pub use norm::{layer_norm, rms_norm};
 
@@ -60,6 +66,9 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Mean cross-entropy of `logits: [N, K]` against class indices `labels: [N]` (u32), computed
 /// in f32 whatever the logits' dtype.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if cross_entropy::fused_applies(logits) {
+        return cross_entropy::fused_cross_entropy_rows(logits, labels)?.mean_all();
+    }
     let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
     let picked = logp.gather(&labels.unsqueeze(1)?, 1)?;
     picked.mean_all()?.neg()

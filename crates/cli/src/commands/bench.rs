@@ -1,3 +1,6 @@
+//! `bayeslora bench attention`: fused vs plain attention forward+backward per shape (see
+//! [`run_attention`]).
+//!
 //! `bayeslora bench train`: LoRA training throughput (tokens/s, step time), peak memory and MFU
 //! on fixed-shape synthetic batches (`--batch-size` × `--max-len` tokens, no padding).
 //!
@@ -311,6 +314,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if let BenchWhat::Optim = args.what {
         bail!("optimizer step times are measured by `cargo bench -p ivon` (JSON in target/bench/)");
     }
+    if let BenchWhat::Attention = args.what {
+        return run_attention(&args);
+    }
     let random = args.shape.is_some();
     let mut base = RunConfig { model: Some("minilm".into()), max_len: 64, ..Default::default() };
     base.train.max_steps = Some(20);
@@ -456,6 +462,118 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `BxHxTxD` or `BxHxTxDxHkv` → (B, H, Hkv, T, D).
+fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize, usize, usize)> {
+    let n: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--shapes {s}: expected BxHxTxD or BxHxTxDxHkv"))?;
+    match n[..] {
+        [b, h, t, d] => Ok((b, h, h, t, d)),
+        [b, h, t, d, hkv] if hkv > 0 && h % hkv == 0 => Ok((b, h, hkv, t, d)),
+        _ => bail!("--shapes {s}: expected BxHxTxD or BxHxTxDxHkv with H divisible by Hkv"),
+    }
+}
+
+/// `bayeslora bench attention`: forward+backward of `ops::flash_attention` (fused kernels) and
+/// `ops::plain_attention` (materialised scores) on random q, k, v (N(0, 1)), no padding, per
+/// shape. One iteration = forward, `sum(O ∘ W)` for a fixed random W, backward to q, k, v
+/// (the mul/sum add one elementwise pass over O to both paths). The device is synchronised
+/// before and after the timed loop; `fwd_ms` is a separate forward-only loop. TFLOP/s counts
+/// 4·B·H·T²·D for the forward (halved when causal, as FlashAttention's benchmarks) and 2.5× that
+/// for the backward. `mem_delta_gib`: device-level used memory after the timed loop minus before
+/// the path's first call (includes whatever candle's allocator keeps cached). A path that fails
+/// (out of memory) gets an `error` field instead of times.
+fn run_attention(args: &BenchArgs) -> Result<ExitCode> {
+    let device = pipeline::device(args.run.device.as_deref().unwrap_or("cuda"))?;
+    let dtype: DType = args.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype {}: {e}", args.dtype))?;
+    let iters = args.run.max_steps.unwrap_or(20).max(1);
+    let warmup = args.warmup;
+    let mut rows = Vec::new();
+    for spec in &args.shapes {
+        let (b, h, hkv, t, d) = parse_attention_shape(spec)?;
+        let make = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            Ok(Tensor::randn(0f32, 1.0, shape, &device)?.to_dtype(dtype)?)
+        };
+        let q = Var::from_tensor(&make((b, h, t, d))?)?;
+        let k = Var::from_tensor(&make((b, hkv, t, d))?)?;
+        let v = Var::from_tensor(&make((b, hkv, t, d))?)?;
+        let w = make((b, h, t, d))?;
+        let mask = bayeslora::ops::AttentionMask::new(None, args.causal, b, t, &device)?;
+        let fwd_flops = 4.0 * (b * h * t * t * d) as f64 * if args.causal { 0.5 } else { 1.0 };
+        for path in ["flash", "plain"] {
+            let attn = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+                match path {
+                    "flash" => bayeslora::ops::flash_attention(q, k, v, &mask),
+                    _ => bayeslora::ops::plain_attention(q, k, v, &mask),
+                }
+            };
+            let step = || -> candle_core::Result<()> {
+                let o = attn(q.as_tensor(), k.as_tensor(), v.as_tensor())?;
+                let grads = o.mul(&w)?.sum_all()?.backward()?;
+                drop(grads);
+                Ok(())
+            };
+            let forward = || -> candle_core::Result<()> {
+                attn(&q.as_tensor().detach(), &k.as_tensor().detach(), &v.as_tensor().detach()).map(drop)
+            };
+            let mut row = serde_json::json!({
+                "path": path, "shape": spec, "b": b, "h": h, "hkv": hkv, "t": t, "d": d,
+                "causal": args.causal, "dtype": format!("{dtype:?}").to_lowercase(),
+                "device": args.run.device.clone().unwrap_or_else(|| "cuda".into()),
+                "iters": iters, "warmup": warmup,
+            });
+            if path == "flash" && !bayeslora::ops::flash_supported(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask) {
+                row["error"] = "unsupported here (needs CUDA, f32/bf16/f16, head dim 32/64/128)".into();
+                println!("{row}");
+                rows.push(row);
+                continue;
+            }
+            device.synchronize()?;
+            let before = cuda_used_bytes(&device).map(|(u, _)| u);
+            let timed = (|| -> candle_core::Result<(f64, f64)> {
+                for _ in 0..warmup {
+                    step()?;
+                }
+                device.synchronize()?;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    step()?;
+                }
+                device.synchronize()?;
+                let total = start.elapsed().as_secs_f64() / iters as f64;
+                forward()?;
+                device.synchronize()?;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    forward()?;
+                }
+                device.synchronize()?;
+                Ok((total, start.elapsed().as_secs_f64() / iters as f64))
+            })();
+            match timed {
+                Ok((total, fwd)) => {
+                    let after = cuda_used_bytes(&device).map(|(u, _)| u);
+                    row["fwd_bwd_ms"] = round(total * 1e3, 3).into();
+                    row["fwd_ms"] = round(fwd * 1e3, 3).into();
+                    row["fwd_bwd_tflops"] = round(3.5 * fwd_flops / total / 1e12, 2).into();
+                    row["fwd_tflops"] = round(fwd_flops / fwd / 1e12, 2).into();
+                    if let (Some(a), Some(b0)) = (after, before) {
+                        row["mem_delta_gib"] = round((a as f64 - b0 as f64) / (1u64 << 30) as f64, 3).into();
+                    }
+                }
+                Err(e) => row["error"] = e.to_string().into(),
+            }
+            println!("{row}");
+            rows.push(row);
+        }
+    }
+    pipeline::write_json(&args.out, &rows)?;
+    println!("wrote {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// [`pipeline::load_model`] in `dtype`.
 fn load_model(cfg: &RunConfig, dtype: DType, device: &Device) -> Result<LoadedModel> {
     if dtype == DType::F32 {
@@ -490,6 +608,8 @@ mod tests {
             warmup: 1,
             objective,
             peak_tflops: 989.0,
+            shapes: vec![],
+            causal: false,
             run: RunArgs {
                 max_steps: Some(2),
                 batch_size: Some(2),
@@ -562,6 +682,29 @@ mod tests {
             let cfg = LlamaConfig::from_file(&dir.join(file))?;
             assert_eq!(frozen_param_count(&cfg), params, "{file}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_bench_runs_on_the_cpu() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut args = bench_args(dir.path(), None, &["q_proj"]);
+        args.what = BenchWhat::Attention;
+        args.shapes = vec!["1x4x24x32x2".into()];
+        args.causal = true;
+        args.warmup = 0;
+        args.run.device = Some("cpu".into());
+        args.run.max_steps = Some(1);
+        let out = args.out.clone();
+        run(args)?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["path"], "flash");
+        assert!(rows[0]["error"].is_string(), "flash is CUDA-only: {}", rows[0]);
+        assert_eq!(rows[1]["path"], "plain");
+        assert!(rows[1]["fwd_bwd_ms"].as_f64().is_some_and(|x| x > 0.0), "{}", rows[1]);
+        assert_eq!(rows[1]["hkv"], 2);
+        assert!(parse_attention_shape("2x6x8x64x4").is_err());
         Ok(())
     }
 
