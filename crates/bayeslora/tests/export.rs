@@ -516,9 +516,11 @@ fn write_rust_fixtures() -> Result<()> {
     {
         let (model, lora, dir) = rust_model(name)?;
         let mut opts = ExportOptions::new(lora);
-        opts.base_model_name_or_path = Some(
-            dir.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")).unwrap_or(&dir).display().to_string(),
-        );
+        // Relative to the repository root, so the committed file names no machine's path.
+        let root = std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .expect("the repository root exists");
+        let dir_abs = std::fs::canonicalize(&dir).expect("the fixture folder exists");
+        opts.base_model_name_or_path = Some(dir_abs.strip_prefix(&root).unwrap_or(&dir_abs).display().to_string());
         let post = ivon_posterior(&model)?;
         export::save_peft(&peft_dir().join(adapter), &model, &opts, Some(&post))?;
         export::merge(&model, &dir, &peft_dir().join(merged))?;
