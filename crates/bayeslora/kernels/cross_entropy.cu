@@ -3,23 +3,13 @@
 // dx = (softmax(x) − onehot(label)) · g directly. One block per row; f32 statistics for every
 // input dtype. Mirrors `ops::cross_entropy::{FusedCrossEntropy, CrossEntropyGrad}` (their CPU
 // paths are the reference the GPU tests compare against).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "dtype.cuh"
 
 // Mirrors `CeParams` in src/ops/cross_entropy.rs.
 struct CeParams {
     uint32_t rows;
     uint32_t cols;
 };
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 
 // Reduces `v` over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
 template <bool IS_MAX>

@@ -1,10 +1,8 @@
 // Inverted dropout with the mask computed on the device from (seed, element index), so no mask
 // is drawn on the host and uploaded. keep(i) = uniform(seed, i) >= p; y = x * keep / (1 - p).
-// The hash is splitmix64 (Steele et al. 2014) applied twice; ops::cuda::dropout_uniform is the
+// The hash is splitmix64 (Steele et al. 2014) applied twice; ops::hash_uniform (ops/dropout.rs) is the
 // same function on the host, and the GPU tests compare the two bit for bit.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "dtype.cuh"
 
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
     z += 0x9E3779B97F4A7C15ull;
@@ -26,25 +24,21 @@ struct DropoutParams {
     float scale;
 };
 
-#define DROPOUT_KERNEL(NAME, T, LOAD, STORE)                                                       \
-    extern "C" __global__ void NAME(const DropoutParams a, const T* __restrict__ x,               \
-                                    T* __restrict__ y) {                                          \
-        for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n;               \
-             i += (uint64_t)blockDim.x * gridDim.x) {                                             \
-            const float keep = uniform01(a.seed, i) >= a.p ? a.scale : 0.0f;                      \
-            y[i] = STORE(LOAD(x[i]) * keep);                                                      \
-        }                                                                                         \
+template <typename T>
+__device__ void dropout(const DropoutParams a, const T* __restrict__ x, T* __restrict__ y) {
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.n;
+         i += (uint64_t)blockDim.x * gridDim.x) {
+        const float keep = uniform01(a.seed, i) >= a.p ? a.scale : 0.0f;
+        y[i] = from_f32<T>(to_f32(x[i]) * keep);
     }
+}
 
-__device__ __forceinline__ float id_f32(float v) { return v; }
-__device__ __forceinline__ float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ __nv_bfloat16 f32_to_bf16(float v) { return __float2bfloat16(v); }
-__device__ __forceinline__ float f16_to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ __half f32_to_f16(float v) { return __float2half(v); }
+#define DROPOUT_KERNEL(NAME, T)                                                                  \
+    extern "C" __global__ void NAME(const DropoutParams a, const T* x, T* y) { dropout<T>(a, x, y); }
 
-DROPOUT_KERNEL(dropout_f32, float, id_f32, id_f32)
-DROPOUT_KERNEL(dropout_bf16, __nv_bfloat16, bf16_to_f32, f32_to_bf16)
-DROPOUT_KERNEL(dropout_f16, __half, f16_to_f32, f32_to_f16)
+DROPOUT_KERNEL(dropout_f32, float)
+DROPOUT_KERNEL(dropout_bf16, __nv_bfloat16)
+DROPOUT_KERNEL(dropout_f16, __half)
 
 extern "C" __global__ void dropout_f64(const DropoutParams a, const double* __restrict__ x,
                                        double* __restrict__ y) {

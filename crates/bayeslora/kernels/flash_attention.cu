@@ -24,9 +24,7 @@
 //
 // This first version computes all GEMMs with f32 FMAs out of shared memory (register-tiled,
 // 4x4 per thread), for every dtype.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "dtype.cuh"
 
 // Mirrors `FlashParams` in src/ops/flash_attention.rs.
 struct FlashParams {
@@ -41,21 +39,13 @@ struct FlashParams {
 #define NT 256
 #define NEG_BIAS (-1e9f)
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-
 // rows x D of src (rows row0.., `total` rows exist) → dst (f32, row stride D + 1); zeros past the end.
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(float* dst, const T* __restrict__ src, int row0, int total, int rows) {
     for (int idx = threadIdx.x; idx < rows * D; idx += NT) {
         const int r = idx / D, c = idx % D;
         const int g = row0 + r;
-        dst[r * (D + 1) + c] = g < total ? to_f(src[(size_t)g * D + c]) : 0.0f;
+        dst[r * (D + 1) + c] = g < total ? to_f32(src[(size_t)g * D + c]) : 0.0f;
     }
 }
 
@@ -215,7 +205,7 @@ __device__ void flash_fwd(const FlashParams p, const T* __restrict__ q, const T*
         const float inv = 1.0f / l[r];
         T* orow = o + ((size_t)bh * T_ + i) * D;
 #pragma unroll
-        for (int c = 0; c < DC; ++c) orow[tx + 16 * c] = from_f<T>(acc[r][c] * inv);
+        for (int c = 0; c < DC; ++c) orow[tx + 16 * c] = from_f32<T>(acc[r][c] * inv);
         if (tx == 0) {
             stats[(size_t)bh * T_ + i] = m[r];
             stats[bht + (size_t)bh * T_ + i] = logf(l[r]);
@@ -233,7 +223,7 @@ __device__ void flash_bwd_delta(uint32_t rows, uint32_t d, const T* __restrict__
     const T* orow = o + (size_t)warp * d;
     const T* grow = dout + (size_t)warp * d;
     float acc = 0.0f;
-    for (uint32_t c = lane; c < d; c += 32) acc = fmaf(to_f(orow[c]), to_f(grow[c]), acc);
+    for (uint32_t c = lane; c < d; c += 32) acc = fmaf(to_f32(orow[c]), to_f32(grow[c]), acc);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     if (lane == 0) delta[warp] = acc;
@@ -243,7 +233,7 @@ __device__ void flash_bwd_delta(uint32_t rows, uint32_t d, const T* __restrict__
 template <typename T>
 __device__ void flash_convert(uint64_t n, const float* __restrict__ src, T* __restrict__ dst) {
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)blockDim.x * gridDim.x) {
-        dst[i] = from_f<T>(src[i]);
+        dst[i] = from_f32<T>(src[i]);
     }
 }
 
@@ -415,8 +405,8 @@ __device__ void flash_bwd(const FlashParams p, const T* __restrict__ q, const T*
         T* dvrow = dv + ((size_t)bhk * S_ + j) * D;
 #pragma unroll
         for (int c = 0; c < DC; ++c) {
-            dkrow[tx + 16 * c] = from_f<T>(dk_acc[r][c] * p.scale);
-            dvrow[tx + 16 * c] = from_f<T>(dv_acc[r][c]);
+            dkrow[tx + 16 * c] = from_f32<T>(dk_acc[r][c] * p.scale);
+            dvrow[tx + 16 * c] = from_f32<T>(dv_acc[r][c]);
         }
     }
 }

@@ -69,11 +69,6 @@ impl AttentionMask {
         Ok(self.bias.get_or_init(|| bias))
     }
 
-    /// The padding, `[B, S]` f32 (1 = real token), if any.
-    pub fn padding(&self) -> Option<&Tensor> {
-        self.padding.as_ref()
-    }
-
     /// Whether query i only sees keys j ≤ i.
     pub fn causal(&self) -> bool {
         self.causal

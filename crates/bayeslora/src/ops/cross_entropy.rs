@@ -170,7 +170,7 @@ impl CustomOp3 for CrossEntropyGrad {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::cuda::Kernel;
+    use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
@@ -198,22 +198,14 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dev = x.device().clone();
         let (n, v) = lx.shape().dims2()?;
-        let (xs, _) = lx.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("logits not contiguous"))?;
-        let (ys, _) = ly.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("labels not contiguous"))?;
-        let suffix = match x.dtype() {
-            candle_core::DType::F32 => "f32",
-            candle_core::DType::BF16 => "bf16",
-            candle_core::DType::F16 => "f16",
-            other => candle_core::bail!("cross_entropy: no CUDA kernel for {other:?}"),
-        };
-        let func = Kernel::CrossEntropy.func(&dev, &format!("{entry}_{suffix}"))?;
         let params = CeParams { rows: n as u32, cols: v as u32 };
         let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        let labels = labels.as_cuda_slice::<u32>()?.slice(ys..ys + n);
+        let labels = contiguous_view::<u32>(labels, ly, "labels")?;
         let stream = dev.cuda_stream();
         macro_rules! run {
             ($ty:ty, $variant:ident) => {{
-                let xsl = x.as_cuda_slice::<$ty>()?.slice(xs..xs + n * v);
+                let func = Kernel::CrossEntropy.func(&dev, &format!("{entry}_{}", dtype_suffix(x.dtype())?))?;
+                let xsl = contiguous_view::<$ty>(x, lx, "logits")?;
                 let mut b = stream.launch_builder(&func);
                 b.arg(&params);
                 b.arg(&xsl);
@@ -228,9 +220,7 @@ mod cuda {
                         CudaStorageSlice::F32(loss)
                     }
                     Some((g, lg)) => {
-                        let (gs, _) =
-                            lg.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("grad not contiguous"))?;
-                        let gsl = g.as_cuda_slice::<f32>()?.slice(gs..gs + n);
+                        let gsl = contiguous_view::<f32>(g, lg, "the loss gradient")?;
                         // SAFETY: the kernel writes all n·v gradients.
                         let dx = unsafe { dev.alloc::<$ty>(n * v)? };
                         b.arg(&gsl);
@@ -245,7 +235,8 @@ mod cuda {
         let slice = match x.dtype() {
             candle_core::DType::F32 => run!(f32, F32),
             candle_core::DType::BF16 => run!(half::bf16, BF16),
-            _ => run!(half::f16, F16),
+            candle_core::DType::F16 => run!(half::f16, F16),
+            other => candle_core::bail!("cross_entropy: no CUDA kernel for {other:?}"),
         };
         Ok(CudaStorage { slice, device: dev })
     }

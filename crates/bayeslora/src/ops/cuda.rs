@@ -1,9 +1,9 @@
 //! Our CUDA kernels (`crates/bayeslora/kernels/*.cu`, compiled to PTX by the build script) and
 //! how they are launched on candle's device and stream.
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaStorage, DType, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -41,7 +41,8 @@ impl Kernel {
     }
 }
 
-fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+/// The entry-point suffix of `dtype` (`<name>_<suffix>`); callers check that their kernel has it.
+pub(crate) fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::F64 => "f64",
@@ -49,6 +50,19 @@ fn dtype_suffix(dtype: DType) -> Result<&'static str> {
         DType::F16 => "f16",
         other => candle_core::bail!("no CUDA kernel for dtype {other:?}"),
     })
+}
+
+/// The contiguous elements of `storage` under `layout`, as a kernel argument (`what` names the
+/// tensor in the error).
+pub(crate) fn contiguous_view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous for our CUDA kernels")
+    };
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
 }
 
 /// Launches `kernel(params, x, y)` over the contiguous elements `start..end` of `input` (grid-
@@ -62,8 +76,9 @@ pub(crate) fn launch_elementwise<P: DeviceRepr>(
     params: P,
 ) -> Result<CudaStorage> {
     let dev = input.device().clone();
-    let (module, ptx) = kernel.module();
-    let func = dev.get_or_load_custom_func(&format!("{module}_{}", dtype_suffix(input.dtype())?), module, ptx)?;
+    let (module, _) = kernel.module();
+    let func = kernel.func(&dev, &format!("{module}_{}", dtype_suffix(input.dtype())?))?;
+    let stream = dev.cuda_stream();
     let n = end - start;
     let cfg = LaunchConfig::for_num_elems(n.min(1 << 30) as u32);
     macro_rules! run {
@@ -71,7 +86,7 @@ pub(crate) fn launch_elementwise<P: DeviceRepr>(
             let src = $slice.slice(start..end);
             // SAFETY: the kernel writes every one of the n elements.
             let out = unsafe { dev.alloc::<$ty>(n)? };
-            let mut builder = func.builder();
+            let mut builder = stream.launch_builder(&func);
             builder.arg(&params);
             builder.arg(&src);
             builder.arg(&out);

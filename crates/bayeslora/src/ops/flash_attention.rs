@@ -91,11 +91,11 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask)
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::super::cuda::Kernel;
+    use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
     use super::AttentionMask;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -135,15 +135,6 @@ mod imp {
         4 * (2 * BK * (d + 1) + 2 * BQ * (d + 1) + 2 * BQ * (BK + 1) + BK + 3 * BQ)
     }
 
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("flash attention: no kernel for dtype {other:?}"),
-        })
-    }
-
     fn load(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
         let func = Kernel::FlashAttention.func(dev, name)?;
         if smem > 48 * 1024 {
@@ -155,14 +146,6 @@ mod imp {
 
     fn grid(x: usize, y: usize, smem: usize) -> LaunchConfig {
         LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (NT, 1, 1), shared_mem_bytes: smem as u32 }
-    }
-
-    /// The contiguous elements of a storage under `layout`.
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, layout: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("flash attention: {what} must be contiguous")
-        };
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
     }
 
     fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
@@ -212,14 +195,19 @@ mod imp {
             let (p, d) = self.params(ql, kl)?;
             let dev = qs.device().clone();
             let (pad_guard, pad_layout) = self.key_valid.storage_and_layout();
-            let pad = view::<f32>(cuda_storage(&pad_guard, "the padding mask")?, pad_layout, "the padding mask")?;
-            let (q, k, v) = (view::<T>(qs, ql, "q")?, view::<T>(ks, kl, "k")?, view::<T>(vs, vl, "v")?);
+            let pad =
+                contiguous_view::<f32>(cuda_storage(&pad_guard, "the padding mask")?, pad_layout, "the padding mask")?;
+            let (q, k, v) = (
+                contiguous_view::<T>(qs, ql, "q")?,
+                contiguous_view::<T>(ks, kl, "k")?,
+                contiguous_view::<T>(vs, vl, "v")?,
+            );
             let (bh, t) = ((p.b * p.h) as usize, p.t as usize);
             // SAFETY: the kernel writes every element of o (rows < T) and of stats.
             let o = unsafe { dev.alloc::<T>(bh * t * d)? };
             let stats = unsafe { dev.alloc::<f32>(2 * bh * t)? };
             let smem = fwd_smem(d);
-            let func = load(&dev, &format!("flash_fwd_{}_d{d}", suffix(qs.dtype())?), smem)?;
+            let func = load(&dev, &format!("flash_fwd_{}_d{d}", dtype_suffix(qs.dtype())?), smem)?;
             let stream = dev.cuda_stream();
             let mut builder = stream.launch_builder(&func);
             builder.arg(&p);
@@ -258,14 +246,14 @@ mod imp {
             let qs = cuda_storage(&qg, "q")?;
             let dev = qs.device().clone();
             let (p, d) = self.params(ql, kl)?;
-            let qv = view::<T>(qs, ql, "q")?;
-            let kv = view::<T>(cuda_storage(&kg, "k")?, kl, "k")?;
-            let vv = view::<T>(cuda_storage(&vg, "v")?, vl, "v")?;
-            let ov = view::<T>(cuda_storage(&og, "the output")?, ol, "the output")?;
-            let gv = view::<T>(cuda_storage(&gg, "the output gradient")?, gl, "the output gradient")?;
-            let pad = view::<f32>(cuda_storage(&pg, "the padding mask")?, pl, "the padding mask")?;
+            let qv = contiguous_view::<T>(qs, ql, "q")?;
+            let kv = contiguous_view::<T>(cuda_storage(&kg, "k")?, kl, "k")?;
+            let vv = contiguous_view::<T>(cuda_storage(&vg, "v")?, vl, "v")?;
+            let ov = contiguous_view::<T>(cuda_storage(&og, "the output")?, ol, "the output")?;
+            let gv = contiguous_view::<T>(cuda_storage(&gg, "the output gradient")?, gl, "the output gradient")?;
+            let pad = contiguous_view::<f32>(cuda_storage(&pg, "the padding mask")?, pl, "the padding mask")?;
             let stream = dev.cuda_stream();
-            let name = suffix(qs.dtype())?;
+            let name = dtype_suffix(qs.dtype())?;
             let rows = (p.b * p.h * p.t) as usize;
             let (bhkv, s) = ((p.b * p.hkv) as usize, p.s as usize);
 
