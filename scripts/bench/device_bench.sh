@@ -3,7 +3,9 @@
 # the PyTorch anchor (scripts/bench/torch_anchor.py: transformers + peft + ivon-opt), on the
 # anchor's runs, random bf16 weights, LoRA r 8, 8 timed steps after 3 warm-up steps:
 #   Llama-2-7B shape: 4×512 and 8×1024 with LoRA on q,v; 8×1024 with all-linear LoRA;
-#   SmolLM2-135M shape: 16×320 on q,v;   each with AdamW and with IVON.
+#   SmolLM2-135M shape: 16×320 on q,v;   each with AdamW and with IVON;
+#   ours also with activation checkpointing (--gradient-checkpointing; run ids ending in -ck) at
+#   Llama-2-7B 4×512 q,v and 8×1024 all-linear (the anchor has no such runs).
 #
 # Here (no GPU), once:  ../shared/gpu/cuda-build.sh -p bayeslora-cli --features cuda
 #   (writes .device/bayeslora.xz; add '/.device/' to .git/info/exclude once) and put the ivon-opt
@@ -34,13 +36,15 @@ LOG=$OUT/log.txt
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
 
-# The runs: id shape bsz seq targets opt
+# The runs: id shape bsz seq targets opt [extra flags of ours, comma-separated; such runs are ours only]
 RUNS=()
 for opt in adamw ivon; do
   RUNS+=("llama2_7b-4x512-qv-$opt configs/bench/llama2_7b.json 4 512 q_proj,v_proj $opt")
   RUNS+=("llama2_7b-8x1024-qv-$opt configs/bench/llama2_7b.json 8 1024 q_proj,v_proj $opt")
   RUNS+=("llama2_7b-8x1024-all-$opt configs/bench/llama2_7b.json 8 1024 all-linear $opt")
   RUNS+=("smollm2_135m-16x320-qv-$opt configs/bench/smollm2_135m.json 16 320 q_proj,v_proj $opt")
+  RUNS+=("llama2_7b-4x512-qv-$opt-ck configs/bench/llama2_7b.json 4 512 q_proj,v_proj $opt --gradient-checkpointing")
+  RUNS+=("llama2_7b-8x1024-all-$opt-ck configs/bench/llama2_7b.json 8 1024 all-linear $opt --gradient-checkpointing")
 done
 if [[ ${SMOKE:-0} == 1 ]]; then # a seconds-long check of the script itself (CPU: DEVICE=cpu DTYPE=f32)
   RUNS=("tiny-2x16-qv-adamw configs/bench/tiny.json 2 16 q_proj,v_proj adamw"
@@ -85,8 +89,8 @@ EOF
 run_pytorch() {
   local specs=() ids=()
   for r in "${RUNS[@]}"; do
-    read -r id shape bsz seq targets opt <<<"$r"
-    [[ $id =~ $ONLY ]] || continue
+    read -r id shape bsz seq targets opt flags <<<"$r"
+    [[ $id =~ $ONLY && -z ${flags:-} ]] || continue
     specs+=(--run "$shape:$bsz:$seq:$targets:$opt"); ids+=("$id")
   done
   ((${#ids[@]})) || return 0
@@ -102,7 +106,7 @@ run_bayeslora() {
   [[ -x $BIN ]] || { echo "bayeslora: no binary at $BIN (build with ../shared/gpu/cuda-build.sh -p bayeslora-cli --features cuda)"; return 0; }
   local tmp; tmp=$(mktemp -d)
   for r in "${RUNS[@]}"; do
-    read -r id shape bsz seq targets opt <<<"$r"
+    read -r id shape bsz seq targets opt flags <<<"$r"
     [[ $id =~ $ONLY ]] || continue
     local t; t=$(budget)
     if ((t < 20)); then
@@ -113,7 +117,7 @@ run_bayeslora() {
     local rc=0
     timeout -k 10 "$t" "$BIN" bench train --shape "$shape" --dtype "$DTYPE" --device "$DEVICE" --batch-size "$bsz" \
       --max-len "$seq" --max-steps "$STEPS" --warmup "$WARMUP" --target-modules "$targets" --optimizer "$opt" \
-      --out "$tmp/$id.json" || rc=$?
+      ${flags//,/ } --out "$tmp/$id.json" || rc=$?
     if ((rc == 0)) && [[ -s $tmp/$id.json ]]; then
       python3 -c "import json,sys; [print(json.dumps(dict(r, id=sys.argv[2]))) for r in json.load(open(sys.argv[1]))]" \
         "$tmp/$id.json" "$id" >>"$OUT/bayeslora.jsonl"

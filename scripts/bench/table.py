@@ -1,6 +1,7 @@
 # Side-by-side Markdown table of `bayeslora bench train` rows and PyTorch anchor rows (JSON lines or
 # JSON arrays, as scripts/bench/device_bench.sh writes them), matched on shape, batch, sequence
-# length, LoRA targets and optimizer.
+# length, LoRA targets and optimizer. Our rows with activation checkpointing (`gradient_checkpointing`,
+# or run ids ending in -ck) get their own line, beside the anchor's run without it.
 #
 #   python3 scripts/bench/table.py bench-out/bayeslora.jsonl bench-out/pytorch.jsonl
 import json, os, sys
@@ -21,7 +22,8 @@ def key(r):
     shape = os.path.splitext(os.path.basename(r.get("shape") or r.get("model") or "?"))[0]
     t = r.get("targets")
     targets = "all-linear" if t == "all-linear" else ",".join(m.replace("_proj", "") for m in (t or []))
-    return (shape, r.get("bsz"), r.get("seq"), targets, r.get("opt"))
+    ck = bool(r.get("gradient_checkpointing") or str(r.get("id", "")).endswith("-ck"))
+    return (shape, r.get("bsz"), r.get("seq"), targets, r.get("opt"), ck)
 
 
 def fmt(x, spec):
@@ -41,14 +43,14 @@ def main(ours_path, theirs_path):
           "| bayeslora peak GiB (device) | PyTorch peak GiB (allocated / device) | MFU ours / PyTorch |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in keys:
-        a, b = ours.get(k, {}), theirs.get(k, {})
+        a, b = ours.get(k, {}), theirs.get(k[:5] + (False,), {})
         ta, tb = a.get("tokens_per_s"), b.get("tokens_per_s")
         ratio = f"{ta / tb:.2f}×" if ta and tb else "—"
         cell_a = a.get("error") or fmt(ta, ",.0f")
         cell_b = b.get("error") or fmt(tb, ",.0f")
         peak_b = f"{fmt(b.get('peak_gib'), '.1f')} / {fmt(b.get('peak_device_gib'), '.1f')}"
         mfu = f"{fmt(a.get('mfu_vs_989'), '.3f')} / {fmt(b.get('mfu_vs_989'), '.3f')}"
-        print(f"| {k[0]} | {k[1]} × {k[2]} | {k[3]} | {k[4]} | {cell_a} | {cell_b} | {ratio} "
+        print(f"| {k[0]} | {k[1]} × {k[2]} | {k[3]} | {k[4]}{' + ckpt' if k[5] else ''} | {cell_a} | {cell_b} | {ratio} "
               f"| {fmt(a.get('step_ms'), '.1f')} | {fmt(b.get('step_ms'), '.1f')} | {fmt(a.get('peak_gib'), '.1f')} "
               f"| {peak_b} | {mfu} |")
 

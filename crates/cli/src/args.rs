@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// Truncate sequences to this many tokens.
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (Llama family): far less memory for one more forward per step; same gradients.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// lora (default) or blora (learned rank and bit-widths; settings in the `[blora]` table).
     #[arg(long, value_enum)]
     pub method: Option<crate::config::Method>,

@@ -139,6 +139,9 @@ impl RunConfig {
         if args.skip_bad_rows {
             cfg.skip_bad_rows = true;
         }
+        if args.gradient_checkpointing {
+            cfg.train.gradient_checkpointing = true;
+        }
         if let Some(o) = args.optimizer {
             cfg.train.optimizer = match o {
                 OptimizerArg::Ivon => OptimizerKind::Ivon,

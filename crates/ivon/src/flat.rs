@@ -4,6 +4,7 @@
 //! Every optimizer here keeps its parameters (and state) as one flat `Vec<f32>` in var order and
 //! writes them back into the vars after an update. Keeping an f32 master copy is what makes
 //! tiny IVON steps survive bf16 weights (`specs/ivon.md`, "Keep μ, m, h and the noise in f32").
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Shape, Storage, Tensor, Var};
 
 use crate::error::{Error, Result};
@@ -68,20 +69,84 @@ impl FlatVars {
         Ok(out)
     }
 
-    /// Writes `values` (flat, var order) into the vars, cast to their dtype.
+    /// Writes `values` (flat, var order) into the vars, cast to their dtype. On a GPU the whole
+    /// vector goes up in one transfer and each var is set by a device copy: a transfer per var
+    /// costs a host synchronisation each (hundreds of LoRA vars, several writes per step).
     pub fn write_values(&self, values: &[f32]) -> Result<()> {
         debug_assert_eq!(values.len(), self.numel);
+        if self.device.is_cpu() {
+            for s in &self.slots {
+                let t = Tensor::from_slice(&values[s.offset..s.offset + s.len], s.shape.clone(), &self.device)?;
+                let t = if self.dtype == DType::F32 { t } else { t.to_dtype(self.dtype)? };
+                s.var.set(&t)?;
+            }
+            return Ok(());
+        }
+        let all = Tensor::from_slice(values, values.len(), &self.device)?;
+        let all = if self.dtype == DType::F32 { all } else { all.to_dtype(self.dtype)? };
         for s in &self.slots {
-            let t = Tensor::from_slice(&values[s.offset..s.offset + s.len], s.shape.clone(), &self.device)?;
-            let t = if self.dtype == DType::F32 { t } else { t.to_dtype(self.dtype)? };
-            s.var.set(&t)?;
+            s.var.set(&all.narrow(0, s.offset, s.len)?.reshape(s.shape.clone())?)?;
         }
         Ok(())
+    }
+
+    /// The gradients in `grads` of the slots that `wanted` selects, readable as host f32
+    /// slices. Checks every gradient's element count.
+    pub fn host_grads(&self, grads: &GradStore, wanted: impl Fn(usize) -> bool) -> Result<HostGrads> {
+        let mut tensors = Vec::with_capacity(self.slots.len());
+        for (index, s) in self.slots.iter().enumerate() {
+            let g = if wanted(index) { grads.get(s.var.as_tensor()).cloned() } else { None };
+            if let Some(g) = &g {
+                if g.elem_count() != s.len {
+                    return Err(Error::GradientShape { index, expected: s.len, got: g.elem_count() });
+                }
+            }
+            tensors.push(g);
+        }
+        let gathered = if self.device.is_cpu() {
+            None
+        } else {
+            // One device→host transfer for all gradients instead of one (and a sync) per var.
+            let mut offsets = Vec::with_capacity(tensors.len());
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for t in &tensors {
+                offsets.push(at);
+                if let Some(t) = t {
+                    parts.push(t.flatten_all()?.to_dtype(DType::F32)?);
+                    at += t.elem_count();
+                }
+            }
+            let host = if parts.is_empty() { vec![] } else { Tensor::cat(&parts, 0)?.to_vec1::<f32>()? };
+            Some((host, offsets))
+        };
+        Ok(HostGrads { tensors, gathered })
     }
 
     /// Position of `var` in the slots.
     pub fn index_of(&self, var: &Var) -> Result<usize> {
         self.slots.iter().position(|s| s.var.id() == var.id()).ok_or(Error::UnknownVar { id: var.id() })
+    }
+}
+
+/// Gradients of a [`FlatVars`]' slots as host f32 slices: on the CPU lent from each tensor's
+/// storage where possible (no copy), on a GPU from one gathered download.
+pub(crate) struct HostGrads {
+    tensors: Vec<Option<Tensor>>,
+    /// GPU: every present gradient, concatenated in slot order, and each slot's offset in it.
+    gathered: Option<(Vec<f32>, Vec<usize>)>,
+}
+
+impl HostGrads {
+    /// Calls `f` with slot `index`'s gradient; `None` when the slot has none (or was not wanted).
+    pub fn visit<R>(&self, index: usize, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+        let Some(t) = &self.tensors[index] else {
+            return Ok(None);
+        };
+        match &self.gathered {
+            Some((host, offsets)) => Ok(Some(f(&host[offsets[index]..offsets[index] + t.elem_count()]))),
+            None => visit_f32(t, index, t.elem_count(), f).map(Some),
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Error, Result};
-use crate::flat::{load_flat, save_flat, visit_f32, FlatVars};
+use crate::flat::{load_flat, save_flat, FlatVars};
 
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 15;
@@ -188,13 +188,11 @@ impl Optimizer for AdamW {
         let step_size = (c.lr / (1.0 - c.beta1.powf(t))) as f32;
         let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt() as f32;
         let eps = c.eps as f32;
+        let host = self.flat.host_grads(grads, |_| true)?;
         for (index, s) in self.flat.slots.iter().enumerate() {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
-                continue;
-            };
             let r = s.offset..s.offset + s.len;
             let (p, m, v) = (&mut self.params[r.clone()], &mut self.m[r.clone()], &mut self.v[r]);
-            visit_f32(g, index, s.len, |g| {
+            host.visit(index, |g| {
                 p.par_chunks_mut(CHUNK)
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
@@ -314,13 +312,11 @@ impl Optimizer for Sgd {
         self.step += 1;
         let (lr, mom, wd) = (self.config.lr as f32, self.config.momentum as f32, self.config.weight_decay as f32);
         let first = self.step == 1;
+        let host = self.flat.host_grads(grads, |_| true)?;
         for (index, s) in self.flat.slots.iter().enumerate() {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
-                continue;
-            };
             let r = s.offset..s.offset + s.len;
             let (p, b) = (&mut self.params[r.clone()], &mut self.buf[r]);
-            visit_f32(g, index, s.len, |g| {
+            host.visit(index, |g| {
                 for ((p, b), &g) in p.iter_mut().zip(b.iter_mut()).zip(g) {
                     let mut d = if wd != 0.0 { g + wd * *p } else { g };
                     if mom != 0.0 {

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Error, Result};
-use crate::flat::{visit_f32, FlatVars};
+use crate::flat::FlatVars;
 use crate::noise::{Noise, NoiseFn, NoiseState};
 
 // ------------------------------------------------------------------------------------------------
@@ -802,21 +802,25 @@ impl Sample<'_> {
         let k = self.micro_batches;
         let kf = k as f32;
         let ivon = &mut *self.ivon;
+        let frozen = &ivon.frozen;
+        let host = ivon.flat.host_grads(grads, |i| !frozen[i])?;
         for (index, slot) in ivon.flat.slots.iter().enumerate() {
             let acc = &mut ivon.scratch[slot.offset..slot.offset + slot.len];
-            let grad = if ivon.frozen[index] { None } else { grads.get(slot.var.as_tensor()) };
-            match grad {
-                None if k == 1 => acc.fill(0.0),
-                None => acc.iter_mut().for_each(|a| *a += (0.0 - *a) / kf),
-                Some(g) => visit_f32(g, index, slot.len, |g| {
-                    if k == 1 {
-                        acc.copy_from_slice(g);
-                    } else {
-                        for (a, &g) in acc.iter_mut().zip(g) {
-                            *a += (g - *a) / kf;
-                        }
+            let seen = host.visit(index, |g| {
+                if k == 1 {
+                    acc.copy_from_slice(g);
+                } else {
+                    for (a, &g) in acc.iter_mut().zip(g) {
+                        *a += (g - *a) / kf;
                     }
-                })?,
+                }
+            })?;
+            if seen.is_none() {
+                if k == 1 {
+                    acc.fill(0.0);
+                } else {
+                    acc.iter_mut().for_each(|a| *a += (0.0 - *a) / kf);
+                }
             }
         }
         Ok(())

@@ -25,16 +25,19 @@ pub struct Ctx {
     pub train: bool,
     /// Base seed for this forward pass; layers mix in their own index.
     pub seed: u64,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// ([`crate::ops::checkpoint`]; the training loop's `gradient_checkpointing`).
+    pub checkpoint: bool,
 }
 
 impl Ctx {
     /// Evaluation mode: no dropout.
     pub fn eval() -> Self {
-        Ctx { train: false, seed: 0 }
+        Ctx { train: false, seed: 0, checkpoint: false }
     }
     /// Training mode with a per-step seed.
     pub fn train(seed: u64) -> Self {
-        Ctx { train: true, seed }
+        Ctx { train: true, seed, checkpoint: false }
     }
     /// A derived seed for one call site (`salt` = layer index, module id...).
     pub fn seed_for(&self, salt: u64) -> u64 {

@@ -40,9 +40,10 @@ use super::load::Weights;
 use crate::adapters::{Ctx, HasLinears, Linear};
 use crate::ops::{self, AttentionMask};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The config.json `architectures` names this file implements.
 pub const SUPPORTED: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
@@ -416,9 +417,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let gate = ops::silu(&self.gate_proj.forward(x, ctx)?)?;
+        let gate = self.gate_proj.forward(x, ctx)?;
         let up = self.up_proj.forward(x, ctx)?;
-        self.down_proj.forward(&gate.mul(&up)?, ctx)
+        self.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)
     }
 }
 
@@ -443,6 +444,39 @@ impl DecoderLayer {
         })
     }
 
+    /// The adapters' trainable vars (weights and gates): what a checkpointed layer's backward
+    /// must hand back to the training loop.
+    fn trainable_vars(&self) -> Vec<Var> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            .into_iter()
+            .filter_map(|l| l.adapter.as_ref())
+            .flat_map(|ad| ad.named_vars().into_iter().chain(ad.named_gate_vars()))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// [`DecoderLayer::forward`], or with `ctx.checkpoint` the same through
+    /// [`ops::checkpoint`]: only `x` is kept for the backward, which recomputes the layer.
+    fn forward_maybe_checkpointed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: &AttentionMask,
+        eps: f64,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        if !ctx.checkpoint {
+            return self.forward(x, rope, mask, eps, ctx);
+        }
+        // Cheap clones (tensors and adapters are reference-counted): the segment outlives this call.
+        let (layer, rope, mask, ctx) = (self.clone(), rope.clone(), mask.clone(), *ctx);
+        let segment: ops::Segment =
+            Arc::new(move |x: &Tensor| layer.forward(x, &rope, &mask, eps, &ctx).map_err(candle_core::Error::wrap));
+        Ok(ops::checkpoint(x, segment, self.trainable_vars())?)
+    }
+
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, eps: f64, ctx: &Ctx) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
         let x = x.add(&self.self_attn.forward(&h, rope, mask, ctx)?)?;
@@ -459,6 +493,7 @@ fn salt(layer: usize, module: u64) -> u64 {
 const LM_HEAD_SALT: u64 = u64::MAX;
 
 /// cos/sin tables `[T, D]` for positions 0..T, in the compute dtype.
+#[derive(Clone)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
@@ -573,7 +608,7 @@ impl Llama {
             if keep_all {
                 states.push(x.clone());
             }
-            x = layer.forward(&x, &rope, &mask, self.cfg.rms_norm_eps, ctx)?;
+            x = layer.forward_maybe_checkpointed(&x, &rope, &mask, self.cfg.rms_norm_eps, ctx)?;
         }
         states.push(x);
         Ok(states)

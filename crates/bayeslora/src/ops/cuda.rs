@@ -18,6 +18,9 @@ pub(crate) enum Kernel {
     /// `flash_attention.cu`: entry points `flash_{fwd,bwd}_<dtype>_d<D>` and helpers (see
     /// `ops::flash_attention`).
     FlashAttention,
+    /// `fused.cu`: `rms_{fwd,bwd}`, `rope`, `swiglu_{fwd,bwd}`, each `_<dtype>` (see
+    /// `ops::fused`).
+    Fused,
 }
 
 impl Kernel {
@@ -26,6 +29,7 @@ impl Kernel {
             Kernel::CrossEntropy => ("cross_entropy", ptx::CROSS_ENTROPY),
             Kernel::Dropout => ("dropout", ptx::DROPOUT),
             Kernel::FlashAttention => ("flash_attention", ptx::FLASH_ATTENTION),
+            Kernel::Fused => ("fused", ptx::FUSED),
         }
     }
 

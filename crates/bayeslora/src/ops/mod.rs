@@ -18,15 +18,18 @@
 //! ```
 
 mod attention;
+mod checkpoint;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
 mod flash_attention;
+mod fused;
 mod linear;
 mod norm;
 
 pub use attention::{attention, plain_attention, AttentionMask};
+pub use checkpoint::{backward, checkpoint, Segment};
 pub use cross_entropy::{fused_cross_entropy_rows, CrossEntropyGrad, FusedCrossEntropy};
 pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
@@ -89,9 +92,35 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// SwiGLU's gating, `silu(gate) · up` (same shape and dtype), differentiable in both.
+///
+/// For f32/bf16/f16 on CUDA one fused op per direction (`ops::fused`, f32 math, one rounding);
+/// elsewhere exactly `gate.silu()?.mul(up)`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused::fused_applies(gate) && up.dims() == gate.dims() && up.dtype() == gate.dtype() {
+        return fused::swiglu(gate, up);
+    }
+    gate.silu()?.mul(up)
+}
+
 /// Rotary position embedding in HF's rotate-half convention: `x·cos + rotate_half(x)·sin`.
 /// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
+///
+/// For f32/bf16/f16 on CUDA with constant `[T, D]` tables of x's dtype one fused op per direction
+/// (`ops::fused`, f32 math); elsewhere the composed ops.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused::fused_applies(x) && x.rank() >= 2 {
+        let (t, d) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let fits = |table: &Tensor| !table.track_op() && table.dtype() == x.dtype() && table.dims() == [t, d];
+        if d % 2 == 0 && fits(cos) && fits(sin) {
+            return fused::rope(x, cos, sin);
+        }
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// [`rope`] composed from candle primitives (the CPU path).
+pub(crate) fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -165,6 +194,21 @@ mod tests {
     fn activations_gradient() -> Result<()> {
         assert!(check_grad(&[4, 7], &gelu)? < TOL);
         assert!(check_grad(&[4, 7], &silu)? < TOL);
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_gradient_and_cpu_floats() -> Result<()> {
+        let dev = Device::Cpu;
+        let up = Tensor::randn(0f64, 1.0, (4, 7), &dev)?;
+        assert!(check_grad(&[4, 7], &|gate| swiglu(gate, &up))? < TOL);
+        let gate = Tensor::randn(0f64, 2.0, (4, 7), &dev)?;
+        assert!(check_grad(&[4, 7], &|up| swiglu(&gate, up))? < TOL);
+        // the CPU path is the composition, bit for bit
+        let (gate, up) = (gate.to_dtype(DType::F32)?, up.to_dtype(DType::F32)?);
+        let got = swiglu(&gate, &up)?.flatten_all()?.to_vec1::<f32>()?;
+        let want = silu(&gate)?.mul(&up)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
         Ok(())
     }
 

@@ -148,7 +148,7 @@ pub fn attach_blora(
     // Build every layer before installing any, so an error leaves the model untouched.
     let mut built = Vec::with_capacity(selected.len());
     for (k, (_, linear)) in selected.iter().enumerate() {
-        let layer_seed = Ctx { train: false, seed }.seed_for(k as u64);
+        let layer_seed = Ctx { seed, ..Ctx::eval() }.seed_for(k as u64);
         built.push(BLoraLayer::new(linear.in_features(), linear.out_features(), config, layer_seed, device)?);
     }
     let norm = built.iter().map(BLoraLayer::full_bops).sum::<f64>() / built.len().max(1) as f64;

@@ -84,7 +84,7 @@ pub fn attach(model: &mut dyn HasLinears, config: &LoraConfig, seed: u64, device
     for (k, (name, linear)) in selected.iter().enumerate() {
         let r = config.rank_for(name)?;
         let alpha = config.alpha_for(name)?;
-        let layer_seed = Ctx { train: false, seed }.seed_for(k as u64);
+        let layer_seed = Ctx { seed, ..Ctx::eval() }.seed_for(k as u64);
         let layer = LoraLayer::new(
             linear.in_features(),
             linear.out_features(),
