@@ -363,7 +363,6 @@ struct Attention {
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -376,25 +375,19 @@ impl Attention {
             o_proj: src.linear(&format!("{prefix}.o_proj"), c, h * d, cfg.o_bias, salt(layer, 3))?,
             heads: h,
             kv_heads: hkv,
-            head_dim: d,
         })
     }
 
     /// `x: [B, T, C]` → `[B, T, C]`.
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            // [B, T, heads·D] → [B, heads, T, D]
-            Ok(y.reshape((b, t, heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(self.q_proj.forward(x, ctx)?, self.heads)?;
-        let k = split(self.k_proj.forward(x, ctx)?, self.kv_heads)?;
-        let v = split(self.v_proj.forward(x, ctx)?, self.kv_heads)?;
+        // [B, T, heads·D] → [B, heads, T, D]
+        let q = ops::split_heads(&self.q_proj.forward(x, ctx)?, self.heads)?;
+        let k = ops::split_heads(&self.k_proj.forward(x, ctx)?, self.kv_heads)?;
+        let v = ops::split_heads(&self.v_proj.forward(x, ctx)?, self.kv_heads)?;
         let q = ops::rope(&q, &rope.cos, &rope.sin)?;
         let k = ops::rope(&k, &rope.cos, &rope.sin)?;
         let y = ops::attention(&q, &k, &v, mask)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
-        self.o_proj.forward(&y, ctx)
+        self.o_proj.forward(&ops::merge_heads(&y)?, ctx)
     }
 }
 

@@ -65,6 +65,77 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
 }
 
+/// `[B, T, H·D]` → `[B, H, T, D]` (`to_heads`) or `[B, H, T, D]` → `[B, T, H·D]`: the attention
+/// layout of a projection's output and back, one pass instead of candle's strided copy.
+pub(crate) fn permute_heads(x: &Tensor, b: usize, t: usize, h: usize, d: usize, to_heads: bool) -> Result<Tensor> {
+    if x.elem_count() != b * t * h * d {
+        candle_core::bail!("permute_heads: {:?} is not {b}×{t}×{h}×{d}", x.dims());
+    }
+    x.contiguous()?.apply_op1(PermuteHeads { b, t, h, d, to_heads })
+}
+
+/// See [`permute_heads`]; the backward is the inverse permutation.
+#[derive(Debug, Clone, Copy)]
+struct PermuteHeads {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    to_heads: bool,
+}
+
+impl PermuteHeads {
+    fn out_shape(&self) -> Shape {
+        if self.to_heads {
+            Shape::from((self.b, self.h, self.t, self.d))
+        } else {
+            Shape::from((self.b, self.t, self.h * self.d))
+        }
+    }
+
+    /// The source row of output row `row` (rows of d elements).
+    fn source_row(&self, row: usize) -> usize {
+        let (b, t, h) = (self.b, self.t, self.h);
+        debug_assert!(row < b * t * h);
+        if self.to_heads {
+            let (ti, hi, bi) = (row % t, (row / t) % h, row / (t * h));
+            (bi * t + ti) * h + hi
+        } else {
+            let (hi, ti, bi) = (row % h, (row / h) % t, row / (h * t));
+            (bi * h + hi) * t + ti
+        }
+    }
+}
+
+impl CustomOp1 for PermuteHeads {
+    fn name(&self) -> &'static str {
+        "permute-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Values pass through f64 unchanged (every f32/bf16/f16 is exact in f64).
+        let x = cpu_f64(s, l, "permute_heads input")?;
+        let d = self.d;
+        let mut y = vec![0f64; x.len()];
+        for (row, out) in y.chunks_mut(d).enumerate() {
+            let src = self.source_row(row);
+            out.copy_from_slice(&x[src * d..(src + 1) * d]);
+        }
+        Ok((cpu_from_f64(s.dtype(), y)?, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [(s, l, "permute_heads input")];
+        Ok((cuda::heads(&inputs, self.b, self.t, self.h, self.d, self.to_heads)?, self.out_shape()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = PermuteHeads { to_heads: !self.to_heads, ..*self };
+        Ok(Some(grad.contiguous()?.apply_op1(inverse)?))
+    }
+}
+
 /// `y = T(T(x · rstd) · w)`, `rstd = 1/√(mean(x²) + eps)` per row (T = x's dtype).
 #[derive(Debug, Clone)]
 struct FusedRmsNorm {
@@ -368,7 +439,20 @@ mod cuda {
         vec: u32,
         pad: u32,
     }
+    /// `HeadsParams` in `kernels/fused.cu`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    struct HeadsParams {
+        b: u32,
+        t: u32,
+        h: u32,
+        d: u32,
+        to_heads: u32,
+        vec: u32,
+    }
     // SAFETY: plain-old-data with the kernels' C layouts.
+    unsafe impl DeviceRepr for HeadsParams {}
+    // SAFETY: as above.
     unsafe impl DeviceRepr for NormParams {}
     // SAFETY: as above.
     unsafe impl DeviceRepr for RopeParams {}
@@ -452,6 +536,31 @@ mod cuda {
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let params = NormParams { rows: rows as u32, cols: cols as u32, eps: eps as f32, vec: vec as u32 };
         launch(entry, cfg, params, inputs, n)
+    }
+
+    /// `heads` on x: rows of `d` between `[b, t, h, d]` and `[b, h, t, d]`.
+    pub(super) fn heads(
+        inputs: &[Input<'_>],
+        b: usize,
+        t: usize,
+        h: usize,
+        d: usize,
+        to_heads: bool,
+    ) -> Result<CudaStorage> {
+        let n = inputs[0].1.shape().elem_count();
+        let dtype = inputs[0].0.dtype();
+        let vec = d.is_multiple_of(pack(dtype));
+        let items = n / if vec { pack(dtype) } else { 1 };
+        let u32_of = |v: usize| u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("heads: {v} too large")));
+        let params = HeadsParams {
+            b: u32_of(b)?,
+            t: u32_of(t)?,
+            h: u32_of(h)?,
+            d: u32_of(d)?,
+            to_heads: to_heads as u32,
+            vec: vec as u32,
+        };
+        launch("heads", grid(items), params, inputs, n)
     }
 
     /// `rope` on (x, cos, sin), cos/sin `[t, d]`.
@@ -550,6 +659,24 @@ mod tests {
         assert!(check_grad(&[4, 7], &|g| swiglu(g, &up))? < 1e-6);
         let gate = Tensor::randn(0f64, 2.0, (4, 7), &dev)?;
         assert!(check_grad(&[4, 7], &|u| swiglu(&gate, u))? < 1e-6);
+        Ok(())
+    }
+
+    /// The CPU implementation of the head permutation (the kernel's reference) against
+    /// reshape/transpose, both ways, and its gradient (the inverse permutation).
+    #[test]
+    fn permute_heads_is_the_transpose() -> Result<()> {
+        let (b, t, h, d) = (2, 3, 4, 6);
+        let x = Tensor::randn(0f64, 1.0, (b, t, h * d), &Device::Cpu)?;
+        let want = x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let got = permute_heads(&x, b, t, h, d, true)?;
+        assert_eq!(max_diff(&got, &want)?, 0.0);
+        let back = permute_heads(&got, b, t, h, d, false)?;
+        assert_eq!(max_diff(&back, &x)?, 0.0);
+        let w = Tensor::randn(0f64, 1.0, (b, h, t, d), &Device::Cpu)?;
+        let (_, g) = value_and_grads(std::slice::from_ref(&x), &|xs| permute_heads(&xs[0], b, t, h, d, true)?.mul(&w))?;
+        let (_, g_ref) = value_and_grads(&[x], &|xs| xs[0].reshape((b, t, h, d))?.transpose(1, 2)?.mul(&w))?;
+        assert_eq!(max_diff(&g[0], &g_ref[0])?, 0.0);
         Ok(())
     }
 

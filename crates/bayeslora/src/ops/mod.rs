@@ -103,6 +103,29 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()?.mul(up)
 }
 
+/// `[B, T, H·D]` → `[B, H, T, D]`, contiguous: a projection's output in the attention layout.
+/// On CUDA one permutation kernel (candle's strided copy of a transpose is ~15× slower there).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    if heads == 0 || c % heads != 0 {
+        candle_core::bail!("split_heads: {c} channels do not split into {heads} heads");
+    }
+    let d = c / heads;
+    if fused::fused_applies(x) {
+        return fused::permute_heads(x, b, t, heads, d, true);
+    }
+    x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()
+}
+
+/// `[B, H, T, D]` → `[B, T, H·D]`, the inverse of [`split_heads`].
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    if fused::fused_applies(x) {
+        return fused::permute_heads(x, b, t, h, d, false);
+    }
+    x.transpose(1, 2)?.reshape((b, t, h * d))
+}
+
 /// Rotary position embedding in HF's rotate-half convention: `x·cos + rotate_half(x)·sin`.
 /// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
 ///
