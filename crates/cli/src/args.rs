@@ -128,6 +128,10 @@ pub struct RunArgs {
     /// cpu, or cuda / cuda:N (needs a build with --features cuda).
     #[arg(long)]
     pub device: Option<String>,
+    /// Dtype of the frozen weights and activations: f32 (default), bf16 (the GPU setting) or
+    /// f16. LoRA factors and optimizer state stay f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -161,10 +165,6 @@ pub struct BenchArgs {
     /// weights (std 0.02, seeded by --seed; no checkpoint, no tokenizer) instead of loading --model.
     #[arg(long)]
     pub shape: Option<PathBuf>,
-    /// Dtype of the frozen weights and activations: f32, bf16 or f16 (LoRA and optimizer state
-    /// stay f32).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
     /// Untimed steps before the --max-steps timed ones.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,

@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub max_len: usize,
     pub output: PathBuf,
     pub device: String,
+    /// Dtype of the frozen weights and activations: "f32", "bf16" or "f16" (adapters and
+    /// optimizer state stay f32).
+    pub dtype: String,
     pub method: Method,
     pub lora: LoraConfig,
     pub blora: BLoraConfig,
@@ -95,6 +98,7 @@ impl Default for RunConfig {
             max_len: 128,
             output: PathBuf::from("runs/latest"),
             device: "cpu".into(),
+            dtype: "f32".into(),
             method: Method::Lora,
             lora: LoraConfig::default(),
             blora: BLoraConfig::default(),
@@ -105,6 +109,16 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// The `dtype` setting as a candle dtype (an unknown name is an error naming the setting).
+    pub fn compute_dtype(&self) -> Result<candle_core::DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(candle_core::DType::F32),
+            "bf16" => Ok(candle_core::DType::BF16),
+            "f16" => Ok(candle_core::DType::F16),
+            other => anyhow::bail!("dtype = {other:?}: use \"f32\", \"bf16\" or \"f16\""),
+        }
+    }
+
     /// `base` (defaults or a preset), then the TOML file, then the flags.
     pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
         let mut cfg = match &args.config {
@@ -200,6 +214,10 @@ impl RunConfig {
         if let Some(v) = &args.device {
             cfg.device = v.clone();
         }
+        if let Some(v) = &args.dtype {
+            cfg.dtype = v.clone();
+        }
+        cfg.compute_dtype()?;
         // One source for the gate learning rate: `[blora] gate_lr`.
         cfg.train.gates.lr = cfg.blora.gate_lr;
         cfg.train.validate()?;
@@ -229,5 +247,29 @@ pub(crate) fn merge(base: &mut toml::Value, over: toml::Value) {
             }
         }
         (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dtype` comes from the defaults (f32), a config file, then `--dtype`; a wrong name fails
+    /// at resolution, naming the setting.
+    #[test]
+    fn dtype_resolves_from_file_and_flag() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "dtype = \"bf16\"\n")?;
+        let base = RunConfig::default();
+        assert_eq!(RunConfig::resolve(base.clone(), &RunArgs::default())?.compute_dtype()?, candle_core::DType::F32);
+        let from_file = RunArgs { config: Some(file.clone()), ..Default::default() };
+        assert_eq!(RunConfig::resolve(base.clone(), &from_file)?.compute_dtype()?, candle_core::DType::BF16);
+        let flag = RunArgs { config: Some(file), dtype: Some("f16".into()), ..Default::default() };
+        assert_eq!(RunConfig::resolve(base.clone(), &flag)?.compute_dtype()?, candle_core::DType::F16);
+        let bad = RunArgs { dtype: Some("bf32".into()), ..Default::default() };
+        let err = RunConfig::resolve(base, &bad).unwrap_err().to_string();
+        assert!(err.contains("dtype") && err.contains("bf16"), "{err}");
+        Ok(())
     }
 }

@@ -352,7 +352,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
     }
     let device = pipeline::device(&cfg.device)?;
-    let dtype: DType = args.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype {}: {e}", args.dtype))?;
+    let dtype = cfg.compute_dtype()?;
     let steps = cfg.train.max_steps.unwrap_or(20);
     let warmup = args.warmup;
     let kinds = match args.run.optimizer {
@@ -492,7 +492,8 @@ fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize, usize, usize)>
 /// (out of memory) gets an `error` field instead of times.
 fn run_attention(args: &BenchArgs) -> Result<ExitCode> {
     let device = pipeline::device(args.run.device.as_deref().unwrap_or("cuda"))?;
-    let dtype: DType = args.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype {}: {e}", args.dtype))?;
+    let name = args.run.dtype.as_deref().unwrap_or("f32");
+    let dtype: DType = name.parse().map_err(|e| anyhow::anyhow!("--dtype {name}: {e}"))?;
     let iters = args.run.max_steps.unwrap_or(20).max(1);
     let warmup = args.warmup;
     let mut rows = Vec::new();
@@ -609,7 +610,6 @@ mod tests {
             what: BenchWhat::Train,
             out: dir.join("bench.json"),
             shape: Some(shape),
-            dtype: "f32".into(),
             warmup: 1,
             objective,
             peak_tflops: 989.0,

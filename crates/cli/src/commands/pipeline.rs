@@ -65,7 +65,7 @@ pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
         Some("smollm2") => crate::assets::ensure(&crate::assets::SMOLLM2)?,
         _ => given.clone(),
     };
-    let options = LoadOptions { device: device(&cfg.device)?, ..Default::default() };
+    let options = LoadOptions { device: device(&cfg.device)?, dtype: cfg.compute_dtype()? };
     models::load(path, &options).with_context(|| format!("loading {}", path.display()))
 }
 
@@ -227,7 +227,7 @@ pub fn train_and_eval(
             Method::Lora => r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?),
             Method::Blora => r.info.insert("blora".into(), serde_json::to_value(&cfg.blora)?),
         };
-        r.info.insert("dtype".into(), serde_json::json!("f32"));
+        r.info.insert("dtype".into(), serde_json::json!(cfg.dtype));
         r.info.insert("train_seconds".into(), serde_json::json!(summary.seconds));
         r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
     }
