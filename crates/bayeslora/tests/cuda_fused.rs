@@ -196,7 +196,7 @@ fn split_and_merge_heads_match_cpu() -> Result<()> {
         }
     }
     let q = Tensor::randn(0f32, 1.0, (4, 512, 4096), &gpu)?.to_dtype(DType::BF16)?;
-    let ours = time_ms(&gpu, 20, &|| ops::split_heads(&q, 32).map(|_| ()))?;
+    let ours = time_ms(&gpu, 20, &|| Ok(ops::split_heads(&q, 32).map(|_| ())?))?;
     let candle = time_ms(&gpu, 20, &|| Ok(q.reshape((4, 512, 32, 128))?.transpose(1, 2)?.contiguous().map(|_| ())?))?;
     println!("split_heads [4, 512, 4096] bf16: {ours:.3} ms, candle's transpose copy {candle:.3} ms");
     Ok(())
