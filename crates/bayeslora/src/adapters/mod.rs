@@ -116,7 +116,7 @@ impl Linear {
         }
         let y = crate::ops::frozen_linear(x, &self.weight, self.bias.as_ref())?;
         match &self.adapter {
-            Some(a) => Ok(y.add(&a.forward(x, ctx, self.salt)?.to_dtype(y.dtype())?)?),
+            Some(a) => Ok(y.add(&crate::ops::cast(&a.forward(x, ctx, self.salt)?, y.dtype())?)?),
             None => Ok(y),
         }
     }

@@ -103,6 +103,19 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()?.mul(up)
 }
 
+/// `x` in `dtype`, differentiable (the gradient comes back in x's dtype). On CUDA, f32 ↔ bf16/f16
+/// run through our vectorized kernel (candle's moves one element per thread); elsewhere
+/// `to_dtype`.
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    if fused::fused_applies(x) && fused::cast_supported(x.dtype(), dtype) {
+        return fused::cast(x, dtype);
+    }
+    x.to_dtype(dtype)
+}
+
 /// `[B, T, H·D]` → `[B, H, T, D]`, contiguous: a projection's output in the attention layout.
 /// On CUDA one permutation kernel (candle's strided copy of a transpose is ~15× slower there).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {

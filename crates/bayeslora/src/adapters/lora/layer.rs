@@ -95,7 +95,7 @@ impl LoraLayer {
 impl Adapter for LoraLayer {
     /// `x: [.., in]` → `scaling · dropout(x)·Aᵀ·Bᵀ`, `[.., out]`, f32.
     fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
+        let x = ops::cast(x, DType::F32)?;
         let x = if ctx.train && self.dropout > 0.0 {
             ops::dropout(&x, self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT))?
         } else {
