@@ -10,9 +10,15 @@
 //!   atomics for dq).
 //! - bf16: 1e-2, and at most 2× (+1e-3) the error of the plain path run on CUDA in bf16. The
 //!   reference gets the same bf16-rounded q, k, v and W (so input rounding is not counted); what
-//!   remains is rounding of O and of dq/dk/dv to bf16 (relative 2⁻⁹ ≈ 2e-3 each, a few ulps at
-//!   most after the f32 accumulation). The plain bf16 path also rounds the scores and
-//!   probabilities to bf16, so the fused path should beat it.
+//!   remains is rounding of O and of dq/dk/dv to bf16 (relative 2⁻⁹ ≈ 2e-3 each) and, on the
+//!   tensor cores, of P (forward and backward) and dS to bf16 as mma operands, with f32
+//!   accumulation. The plain bf16 path also rounds the scores, probabilities and dS to bf16, so
+//!   the fused path should be no worse than it.
+//!
+//! The cases cover what the tensor-core kernels tile: T below, at and past a multiple of the
+//! 64-row tile (50, 64, 70, 100, 129, 130, 193, 200), head dims 32, 64 and 128 in bf16 and f16,
+//! GQA, left padding that makes whole and partial tiles of "dead" query rows, right padding, and
+//! a batch row that is all padding.
 //!
 //! Run: `cargo test --release -p bayeslora --features cuda --test cuda_attention -- --nocapture`
 //! (or the prebuilt `target/cuda/release/deps/cuda_attention-*`).
@@ -105,6 +111,30 @@ const CASES: &[Case] = &[
     },
     // Causal, D = 32, several tiles, no padding, GQA.
     Case { name: "d32_causal_gqa_t200", b: 2, h: 4, hkv: 2, t: 200, d: 32, causal: true, pads: &[] },
+    // D = 128, causal, GQA 4/2, T = 3 tiles + 1 row; dead rows over one and a half tiles (left
+    // padding 100), right padding in the other batch row.
+    Case {
+        name: "d128_gqa_causal_t193_pad",
+        b: 2,
+        h: 4,
+        hkv: 2,
+        t: 193,
+        d: 128,
+        causal: true,
+        pads: &[(0, 30), (100, 0)],
+    },
+    // D = 64, non-causal, GQA 4/1, T = 2 tiles + 1 row, left and right padding (the last key tile
+    // holds one key, padding in the other row).
+    Case {
+        name: "d64_gqa_noncausal_t129_pad",
+        b: 2,
+        h: 4,
+        hkv: 1,
+        t: 129,
+        d: 64,
+        causal: false,
+        pads: &[(3, 0), (0, 64)],
+    },
 ];
 
 fn padding(case: &Case) -> Result<Option<Tensor>> {
@@ -243,8 +273,57 @@ fn flash_matches_plain_bf16() -> Result<()> {
 
 #[test]
 fn flash_matches_plain_f16() -> Result<()> {
-    // One case is enough for the f16 instantiation (same code as bf16).
-    check_case(&CASES[1], DType::F16)
+    // The f16 instantiations (same code as bf16, the f16 mma): one case per head dim.
+    for name in ["d32_bert_rightpad", "d64_gqa_causal_mixedpad", "d128_gqa_causal_t193_pad"] {
+        let case = CASES.iter().find(|c| c.name == name).expect("a case of that name");
+        check_case(case, DType::F16)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn unaligned_views_give_the_same_result() -> Result<()> {
+    // The tensor-core kernels load 16 bytes at a time: a contiguous view that starts at an odd
+    // element of its storage is copied first, and must give exactly what an aligned copy gives
+    // (exactly: the bf16/f16 backward has no atomics, so its gradients are deterministic).
+    let case = &CASES[1];
+    let dev = cuda();
+    let (b, h, hkv, t, d) = (case.b, case.h, case.hkv, case.t, case.d);
+    let pad = padding(case)?.map(|p| p.to_device(&dev)).transpose()?;
+    let mask = AttentionMask::new(pad.as_ref(), case.causal, b, t, &dev)?;
+    for dtype in [DType::BF16, DType::F16] {
+        // A variable of n + 3 elements; the view skips the first 3.
+        let flat = |n: usize, seed: u64| -> Result<Var> {
+            Var::from_tensor(
+                &Tensor::from_vec(normal(n + 3, seed), n + 3, &Device::Cpu)?.to_dtype(dtype)?.to_device(&dev)?,
+            )
+        };
+        let view = |x: &Var, shape: [usize; 4]| -> Result<Tensor> {
+            x.as_tensor().narrow(0, 3, shape.iter().product())?.reshape(shape.to_vec())
+        };
+        let (qs, ks) = ([b, h, t, d], [b, hkv, t, d]);
+        let (qf, kf, vf) = (flat(b * h * t * d, 41)?, flat(b * hkv * t * d, 42)?, flat(b * hkv * t * d, 43)?);
+        let (q, k, v) = (view(&qf, qs)?, view(&kf, ks)?, view(&vf, ks)?);
+        assert_eq!(q.layout().start_offset(), 3);
+        let got = ops::flash_attention(&q, &k, &v, &mask)?;
+        let grads = got.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        let (qa, ka, va) =
+            (Var::from_tensor(&q.copy()?)?, Var::from_tensor(&k.copy()?)?, Var::from_tensor(&v.copy()?)?);
+        assert_eq!(qa.as_tensor().layout().start_offset(), 0);
+        let want = ops::flash_attention(qa.as_tensor(), ka.as_tensor(), va.as_tensor(), &mask)?;
+        let grads_want = want.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert_eq!(diff(&got, &want)?, 0.0, "{dtype:?}: output of unaligned views");
+        for (n, x, xa, shape) in [("dq", &qf, &qa, qs), ("dk", &kf, &ka, ks), ("dv", &vf, &va, ks)] {
+            let g = grads.get(x.as_tensor()).expect("gradient reaches the input");
+            let g = g.narrow(0, 3, shape.iter().product())?.reshape(shape.to_vec())?;
+            let gw = grads_want.get(xa.as_tensor()).expect("gradient reaches the input");
+            assert_eq!(diff(&g, gw)?, 0.0, "{dtype:?}: {n} of unaligned views");
+        }
+    }
+    Ok(())
 }
 
 #[test]
@@ -325,6 +404,53 @@ fn large_scores_over_many_tiles_match_plain() -> Result<()> {
         for (n, err) in ["o", "dq", "dk", "dv"].iter().zip(e) {
             assert!(err < tol, "{} {dtype:?} {n}: rel err {err:.3e}", case.name);
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn timing_breakdown_bf16() -> Result<()> {
+    // Prints where the time of `bayeslora bench attention` goes at its shapes (bf16, causal);
+    // asserts nothing about speed. The bench times forward + `sum(O ∘ W)` + backward, and
+    // candle's `sum_all` reduces the whole tensor in a single block, so the loss alone is timed
+    // too, and a cheaper loss (sums over D first), whose own cost is subtracted to leave the
+    // attention's forward + backward.
+    let dev = cuda();
+    for (b, h, t, d) in [(4, 32, 2048, 128), (4, 32, 512, 128)] {
+        let make = |seed: u64| -> Result<Tensor> { randn(&[b, h, t, d], seed)?.to_dtype(DType::BF16)?.to_device(&dev) };
+        let (q, k, v, w) =
+            (Var::from_tensor(&make(1)?)?, Var::from_tensor(&make(2)?)?, Var::from_tensor(&make(3)?)?, make(4)?);
+        let mask = AttentionMask::new(None, true, b, t, &dev)?;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            for _ in 0..3 {
+                f()?;
+            }
+            dev.synchronize()?;
+            let start = std::time::Instant::now();
+            for _ in 0..10 {
+                f()?;
+            }
+            dev.synchronize()?;
+            Ok(start.elapsed().as_secs_f64() * 1e3 / 10.0)
+        };
+        let attn = || ops::flash_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask);
+        let bench_loss = |x: &Tensor| -> Result<()> { x.mul(&w)?.sum_all()?.backward().map(drop) };
+        let cheap_loss = |x: &Tensor| -> Result<()> { x.mul(&w)?.sum_keepdim(3)?.sum_all()?.backward().map(drop) };
+        let fwd = time(&|| {
+            let (q, k, v) = (q.as_tensor().detach(), k.as_tensor().detach(), v.as_tensor().detach());
+            ops::flash_attention(&q, &k, &v, &mask).map(drop)
+        })?;
+        let bench = time(&|| bench_loss(&attn()?))?;
+        let bench_loss_alone = time(&|| bench_loss(q.as_tensor()))?;
+        let cheap = time(&|| cheap_loss(&attn()?))?;
+        let cheap_loss_alone = time(&|| cheap_loss(q.as_tensor()))?;
+        println!(
+            "timing {b}x{h}x{t}x{d} bf16 causal: fwd {fwd:.3} ms | fwd + sum(O∘W) + bwd {bench:.3} ms, the loss on a \
+             variable alone {bench_loss_alone:.3} ms | with sums over D first {cheap:.3} ms, its loss alone \
+             {cheap_loss_alone:.3} ms | attention fwd + bwd ≈ {:.3} ms",
+            cheap - cheap_loss_alone
+        );
+        assert!(fwd > 0.0 && cheap > 0.0);
     }
     Ok(())
 }

@@ -13,16 +13,20 @@
 //! input dtype, so rows with no visible key (padding queries) behave the same too. f32
 //! accumulation always; the output has q's dtype. Grouped-query attention reads kv head
 //! `h / (H / Hkv)` directly (no repeat); the backward accumulates dK/dV of a kv head over its
-//! query heads in one block and dQ through f32 atomics.
+//! query heads in one block.
 //!
 //! [`super::attention`] takes this path for CUDA tensors of dtype f32/bf16/f16 with head dim
 //! 32, 64 or 128, unless the environment variable `BAYESLORA_PLAIN_ATTENTION=1` is set (A/B
 //! benchmarks, debugging); everything else takes the plain path.
 //!
-//! This version computes every tile product with f32 FMAs from shared memory (register-tiled)
-//! for all dtypes; tensor-core (wmma/mma) tiles for bf16/f16 are the next step. Measured on an
-//! H200 (bf16, causal, forward+backward, `bayeslora bench attention`): 26 ms at
-//! (B, H, T, D) = (4, 32, 2048, 128) against 151 ms for the plain path, ~18 TFLOP/s.
+//! bf16 and f16 compute every tile product on the tensor cores (`mma.sync` m16n8k16, f32
+//! accumulators; P and dS rounded to the input dtype as operands, as FlashAttention-2 does), with
+//! tiles staged by `cp.async`; the softmax and its statistics stay in f32. Their backward runs
+//! as two kernels, dK/dV per key tile and dQ per query tile, without atomics (f32 atomics for dQ
+//! cost more than all the tile products at T = 2048), so their gradients are deterministic. f32
+//! inputs take register-tiled f32 FMA kernels (same tiling and masking, dQ through f32 atomics).
+//! Before the tensor cores, bf16 took 26 ms at (B, H, T, D) = (4, 32, 2048, 128) causal
+//! forward+backward on an H200.
 use super::attention::AttentionMask;
 use candle_core::{DType, Result, Tensor};
 
@@ -101,10 +105,12 @@ mod imp {
     use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
     use std::sync::Mutex;
 
-    /// Tile sizes and block size; `BQ`, `BK`, `NT` in the `.cu` file.
+    /// Tile sizes and block size of the f32 kernels; `BQ`, `BK`, `NT` in the `.cu` file.
     const BQ: usize = 64;
     const BK: usize = 64;
     const NT: u32 = 256;
+    /// Block size of the tensor-core (bf16/f16) kernels: `TC_THREADS`.
+    const TC_THREADS: u32 = 128;
 
     /// The kernels' arguments; `struct FlashParams` in `kernels/flash_attention.cu`.
     #[repr(C)]
@@ -123,16 +129,35 @@ mod imp {
     // SAFETY: plain-old-data with the same C layout as the kernel's struct.
     unsafe impl DeviceRepr for FlashParams {}
 
-    /// Dynamic shared memory of the forward kernel (f32 tiles Q, K, V with row stride D + 1,
-    /// probabilities with row stride BK + 1, key biases).
-    fn fwd_smem(d: usize) -> usize {
-        4 * (BQ * (d + 1) + 2 * BK * (d + 1) + BQ * (BK + 1) + BK)
+    /// Threads per block and dynamic shared memory of the forward kernel for `dtype`. f32: f32
+    /// tiles Q, K, V with row stride D + 1, probabilities with row stride BK + 1, key biases.
+    /// bf16/f16 (`tc_fwd_smem` in the `.cu` file): Q, and K, V double-buffered, in the dtype with
+    /// row stride D + 8; key biases double-buffered; one int.
+    fn fwd_launch(dtype: DType, d: usize) -> (u32, usize) {
+        if dtype == DType::F32 {
+            (NT, 4 * (BQ * (d + 1) + 2 * BK * (d + 1) + BQ * (BK + 1) + BK))
+        } else {
+            (TC_THREADS, 5 * BQ * (d + 8) * 2 + 2 * BK * 4 + 16)
+        }
     }
 
-    /// Dynamic shared memory of the backward kernel (K, V, Q, dO tiles, P and dS, key biases,
-    /// three per-row statistics).
-    fn bwd_smem(d: usize) -> usize {
+    /// Dynamic shared memory of the f32 backward kernel (`NT` threads): K, V, Q, dO tiles, P and
+    /// dS, key biases, three per-row statistics.
+    fn bwd_smem_f32(d: usize) -> usize {
         4 * (2 * BK * (d + 1) + 2 * BQ * (d + 1) + 2 * BQ * (BK + 1) + BK + 3 * BQ)
+    }
+
+    /// Dynamic shared memory of the tensor-core dK/dV kernel (`tc_bwd_kv_smem`): K, V, and Q, dO
+    /// double-buffered, in the dtype with row stride D + 8; three per-row statistics
+    /// double-buffered; key biases; one int.
+    fn bwd_kv_smem(d: usize) -> usize {
+        6 * BQ * (d + 8) * 2 + 2 * 3 * BQ * 4 + BK * 4 + 16
+    }
+
+    /// Dynamic shared memory of the tensor-core dQ kernel (`tc_bwd_dq_smem`): Q, dO, and K, V
+    /// double-buffered (row stride D + 8); key biases double-buffered; one int.
+    fn bwd_dq_smem(d: usize) -> usize {
+        6 * BQ * (d + 8) * 2 + 2 * BK * 4 + 16
     }
 
     fn load(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
@@ -144,8 +169,18 @@ mod imp {
         Ok(func)
     }
 
-    fn grid(x: usize, y: usize, smem: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (NT, 1, 1), shared_mem_bytes: smem as u32 }
+    fn grid(x: usize, y: usize, threads: u32, smem: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
+    }
+
+    /// `t` contiguous and, for the tensor-core kernels' 16-byte loads, starting at a multiple of 8
+    /// elements of its storage (a copy otherwise; only odd views need one).
+    fn kernel_ready(t: &Tensor) -> Result<Tensor> {
+        let t = t.contiguous()?;
+        if t.dtype() != DType::F32 && t.layout().start_offset() % 8 != 0 {
+            return t.force_contiguous();
+        }
+        Ok(t)
     }
 
     fn cuda_storage<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
@@ -206,7 +241,7 @@ mod imp {
             // SAFETY: the kernel writes every element of o (rows < T) and of stats.
             let o = unsafe { dev.alloc::<T>(bh * t * d)? };
             let stats = unsafe { dev.alloc::<f32>(2 * bh * t)? };
-            let smem = fwd_smem(d);
+            let (threads, smem) = fwd_launch(qs.dtype(), d);
             let func = load(&dev, &format!("flash_fwd_{}_d{d}", dtype_suffix(qs.dtype())?), smem)?;
             let stream = dev.cuda_stream();
             let mut builder = stream.launch_builder(&func);
@@ -218,7 +253,7 @@ mod imp {
             builder.arg(&o);
             builder.arg(&stats);
             // SAFETY: the arguments match `flash_fwd_*` in flash_attention.cu.
-            unsafe { builder.launch(grid(t.div_ceil(BQ), bh, smem)) }.w()?;
+            unsafe { builder.launch(grid(t.div_ceil(BQ), bh, threads, smem)) }.w()?;
             Ok((T::wrap_cuda_slice(o, dev.clone()), CudaStorage::wrap_cuda_slice(stats, dev)))
         }
 
@@ -278,12 +313,13 @@ mod imp {
                 unsafe { b.launch(cfg) }.w()?;
             }
 
-            let dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
-            // SAFETY: the kernel writes every row < S of dk and dv.
+            // SAFETY: the kernels write every row < S of dk and dv and every row of dq.
             let dk = unsafe { dev.alloc::<T>(bhkv * s * d)? };
             let dv = unsafe { dev.alloc::<T>(bhkv * s * d)? };
-            {
-                let smem = bwd_smem(d);
+            let dq = if qs.dtype() == DType::F32 {
+                // dK and dV, and dQ accumulated by f32 atomics into a zeroed buffer.
+                let dq_acc = dev.alloc_zeros::<f32>(rows * d)?;
+                let smem = bwd_smem_f32(d);
                 let func = load(&dev, &format!("flash_bwd_{name}_d{d}"), smem)?;
                 let mut b = stream.launch_builder(&func);
                 b.arg(&p);
@@ -297,23 +333,43 @@ mod imp {
                 b.arg(&dq_acc);
                 b.arg(&dk);
                 b.arg(&dv);
-                // SAFETY: matches `flash_bwd_*`.
-                unsafe { b.launch(grid(s.div_ceil(BK), bhkv, smem)) }.w()?;
-            }
-
-            let dq = if qs.dtype() == DType::F32 {
+                // SAFETY: matches `flash_bwd_f32_*`.
+                unsafe { b.launch(grid(s.div_ceil(BK), bhkv, NT, smem)) }.w()?;
                 CudaStorage::wrap_cuda_slice(dq_acc, dev.clone())
             } else {
-                let n = (rows * d) as u64;
-                // SAFETY: written in full.
-                let dq = unsafe { dev.alloc::<T>(rows * d)? };
-                let func = load(&dev, &format!("flash_convert_{name}"), 0)?;
+                // dK and dV per key tile, then dQ per query tile: no atomics, no f32 buffer.
+                let smem = bwd_kv_smem(d);
+                let func = load(&dev, &format!("flash_bwd_{name}_d{d}"), smem)?;
                 let mut b = stream.launch_builder(&func);
-                b.arg(&n);
-                b.arg(&dq_acc);
+                b.arg(&p);
+                b.arg(&qv);
+                b.arg(&kv);
+                b.arg(&vv);
+                b.arg(&pad);
+                b.arg(&gv);
+                b.arg(stats);
+                b.arg(&delta);
+                b.arg(&dk);
+                b.arg(&dv);
+                // SAFETY: matches `flash_bwd_{bf16,f16}_*`.
+                unsafe { b.launch(grid(s.div_ceil(BK), bhkv, TC_THREADS, smem)) }.w()?;
+
+                // SAFETY: the dQ kernel writes every row.
+                let dq = unsafe { dev.alloc::<T>(rows * d)? };
+                let smem = bwd_dq_smem(d);
+                let func = load(&dev, &format!("flash_bwd_dq_{name}_d{d}"), smem)?;
+                let mut b = stream.launch_builder(&func);
+                b.arg(&p);
+                b.arg(&qv);
+                b.arg(&kv);
+                b.arg(&vv);
+                b.arg(&pad);
+                b.arg(&gv);
+                b.arg(stats);
+                b.arg(&delta);
                 b.arg(&dq);
-                // SAFETY: matches `flash_convert_*`.
-                unsafe { b.launch(LaunchConfig::for_num_elems((rows * d).min(1 << 30) as u32)) }.w()?;
+                // SAFETY: matches `flash_bwd_dq_*`.
+                unsafe { b.launch(grid((p.t as usize).div_ceil(BQ), (p.b * p.h) as usize, TC_THREADS, smem)) }.w()?;
                 T::wrap_cuda_slice(dq, dev.clone())
             };
             let dk = T::wrap_cuda_slice(dk, dev.clone());
@@ -367,7 +423,7 @@ mod imp {
             o: &Tensor,
             dout: &Tensor,
         ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let dout = dout.contiguous()?;
+            let dout = kernel_ready(dout)?;
             let (dq, dk, dv) = match q.dtype() {
                 DType::F32 => self.bwd_impl::<f32>(q, k, v, o, &dout)?,
                 DType::BF16 => self.bwd_impl::<half::bf16>(q, k, v, o, &dout)?,
@@ -386,6 +442,6 @@ mod imp {
             key_valid: mask.key_valid(q.device())?,
             stats: Mutex::new(None),
         };
-        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        kernel_ready(q)?.apply_op3(&kernel_ready(k)?, &kernel_ready(v)?, op)
     }
 }
