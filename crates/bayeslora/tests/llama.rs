@@ -207,19 +207,28 @@ fn config_mismatch_names_file_and_tensor() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn lora_on_every_projection_starts_at_the_base_and_trains() -> Result<()> {
+/// The llama3 fixture with LoRA r 4 on all seven projections (adapter dropout `dropout`).
+fn llama3_with_lora_everywhere(
+    dropout: f32,
+) -> Result<(Llama, HashMap<String, Tensor>, bayeslora::adapters::lora::AttachedAdapters)> {
     use bayeslora::adapters::lora::{attach, LoraConfig, TargetModules};
     let (mut model, golden) = load("llama3", DType::F32)?;
-    let (ids, mask) = inputs(&golden);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let config = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
+        lora_dropout: dropout,
         target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
         ..LoraConfig::default()
     };
     let adapters = attach(&mut model, &config, 7, &Device::Cpu)?;
+    Ok((model, golden, adapters))
+}
+
+#[test]
+fn lora_on_every_projection_starts_at_the_base_and_trains() -> Result<()> {
+    let (model, golden, adapters) = llama3_with_lora_everywhere(0.0)?;
+    let (ids, mask) = inputs(&golden);
     // B = 0 at init: the adapted model is the base model.
     let hidden = model.forward(&ids, &mask, &Ctx::train(3))?;
     check("llama3+lora/last_hidden", &hidden, &golden["last_hidden"], TOL);
@@ -241,18 +250,8 @@ fn lora_on_every_projection_starts_at_the_base_and_trains() -> Result<()> {
 /// training gives, bit for bit (the recompute draws the same dropout masks from the same seeds).
 #[test]
 fn gradient_checkpointing_gives_identical_gradients() -> Result<()> {
-    use bayeslora::adapters::lora::{attach, LoraConfig, TargetModules};
-    let (mut model, golden) = load("llama3", DType::F32)?;
+    let (model, golden, adapters) = llama3_with_lora_everywhere(0.2)?;
     let (ids, mask) = inputs(&golden);
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let config = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.2,
-        target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
-        ..LoraConfig::default()
-    };
-    let adapters = attach(&mut model, &config, 7, &Device::Cpu)?;
     let named = adapters.named_vars();
     for (i, (_, var)) in named.iter().enumerate().filter(|(_, (n, _))| n.contains("lora_B")) {
         var.set(
