@@ -32,6 +32,15 @@ thread_local! {
 /// gradients of `vars` (the segment's trainable vars) to [`backward`]. When nothing upstream of
 /// `x` needs a gradient (the first layer, after a frozen embedding), the recompute skips dx.
 pub fn checkpoint(x: &Tensor, segment: Segment, vars: Vec<Var>) -> Result<Tensor> {
+    // [`backward`] drains the side store; gradients left in it mean the last backward was a
+    // plain `Tensor::backward`, which silently lost the checkpointed layers' var gradients.
+    if SIDE_GRADS.with(|s| !s.borrow().is_empty()) {
+        SIDE_GRADS.with(|s| s.borrow_mut().clear());
+        candle_core::bail!(
+            "the last backward through checkpointed layers was `loss.backward()`, which cannot see their \
+             adapters' gradients: call `bayeslora::ops::backward(&loss)` when checkpointing"
+        );
+    }
     let y = segment(&x.detach())?.detach(); // the segment's graph is dropped here
                                             // candle records an op only when an input is tracked; an untracked `x` gets a 1-element var
                                             // beside it so that the op still reaches the backward (its gradient is never produced).
@@ -183,6 +192,26 @@ mod tests {
             assert_eq!(dx_plain, dx_ck, "tracked input: {tracked_input}");
             assert_eq!(dx_ck.is_some(), tracked_input);
         }
+        Ok(())
+    }
+
+    /// A plain `Tensor::backward` through checkpointed layers loses the vars' gradients; the
+    /// next checkpointed forward says so instead of training on without them.
+    #[test]
+    fn a_plain_backward_is_reported() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (4, 4), &dev)?;
+        let a = Var::randn(0f32, 0.5, (4, 2), &dev)?;
+        let b = Var::randn(0f32, 0.5, (2, 4), &dev)?;
+        let seg = block(w, a.clone(), b.clone(), 1);
+        let x = Var::randn(0f32, 1.0, (5, 4), &dev)?;
+        let plain = checkpoint(x.as_tensor(), seg.clone(), vec![a.clone(), b.clone()])?.sum_all()?.backward()?;
+        assert!(plain.get(a.as_tensor()).is_none(), "candle cannot see them");
+        let err = checkpoint(x.as_tensor(), seg.clone(), vec![a.clone(), b.clone()]).unwrap_err().to_string();
+        assert!(err.contains("ops::backward"), "{err}");
+        // The store was reset: the right call works again.
+        let y = checkpoint(x.as_tensor(), seg, vec![a.clone(), b])?;
+        assert!(backward(&y.sum_all()?)?.get(a.as_tensor()).is_some());
         Ok(())
     }
 
