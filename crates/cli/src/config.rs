@@ -108,15 +108,20 @@ impl Default for RunConfig {
     }
 }
 
+/// A compute dtype by name: f32, bf16 or f16 (an unknown name is an error naming the setting).
+pub fn compute_dtype(name: &str) -> Result<candle_core::DType> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => anyhow::bail!("dtype = {other:?}: use \"f32\", \"bf16\" or \"f16\""),
+    }
+}
+
 impl RunConfig {
-    /// The `dtype` setting as a candle dtype (an unknown name is an error naming the setting).
+    /// The `dtype` setting as a candle dtype (see [`compute_dtype`]).
     pub fn compute_dtype(&self) -> Result<candle_core::DType> {
-        match self.dtype.as_str() {
-            "f32" => Ok(candle_core::DType::F32),
-            "bf16" => Ok(candle_core::DType::BF16),
-            "f16" => Ok(candle_core::DType::F16),
-            other => anyhow::bail!("dtype = {other:?}: use \"f32\", \"bf16\" or \"f16\""),
-        }
+        compute_dtype(&self.dtype)
     }
 
     /// `base` (defaults or a preset), then the TOML file, then the flags.

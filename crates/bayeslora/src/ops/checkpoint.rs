@@ -135,12 +135,12 @@ impl CustomOp2 for Checkpoint {
             let mut side = side.borrow_mut();
             for var in &self.vars {
                 if let Some(g) = grads.get(var.as_tensor()) {
-                    let entry = side.remove(&var.id());
-                    let total = match entry {
-                        Some((_, h)) => h.add(g)?,
-                        None => g.clone(),
-                    };
-                    side.insert(var.id(), (var.as_tensor().clone(), total));
+                    match side.get_mut(&var.id()) {
+                        Some((_, total)) => *total = total.add(g)?,
+                        None => {
+                            side.insert(var.id(), (var.as_tensor().clone(), g.clone()));
+                        }
+                    }
                 }
             }
             Ok(())
@@ -164,6 +164,16 @@ mod tests {
             let lora = h.matmul(a.as_tensor())?.matmul(b.as_tensor())?;
             x.add(&h.add(&lora)?)
         })
+    }
+
+    /// An f32 [`block`] of width 4, its two factors and an input `[5, 4]`.
+    fn small_block() -> Result<(Segment, Var, Var, Var)> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (4, 4), &dev)?;
+        let a = Var::randn(0f32, 0.5, (4, 2), &dev)?;
+        let b = Var::randn(0f32, 0.5, (2, 4), &dev)?;
+        let seg = block(w, a.clone(), b.clone(), 1);
+        Ok((seg, a, b, Var::randn(0f32, 1.0, (5, 4), &dev)?))
     }
 
     #[test]
@@ -199,12 +209,7 @@ mod tests {
     /// next checkpointed forward says so instead of training on without them.
     #[test]
     fn a_plain_backward_is_reported() -> Result<()> {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.5, (4, 4), &dev)?;
-        let a = Var::randn(0f32, 0.5, (4, 2), &dev)?;
-        let b = Var::randn(0f32, 0.5, (2, 4), &dev)?;
-        let seg = block(w, a.clone(), b.clone(), 1);
-        let x = Var::randn(0f32, 1.0, (5, 4), &dev)?;
+        let (seg, a, b, x) = small_block()?;
         let plain = checkpoint(x.as_tensor(), seg.clone(), vec![a.clone(), b.clone()])?.sum_all()?.backward()?;
         assert!(plain.get(a.as_tensor()).is_none(), "candle cannot see them");
         let err = checkpoint(x.as_tensor(), seg.clone(), vec![a.clone(), b.clone()]).unwrap_err().to_string();
@@ -217,12 +222,7 @@ mod tests {
 
     #[test]
     fn forward_values_are_unchanged() -> Result<()> {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 0.5, (4, 4), &dev)?;
-        let a = Var::randn(0f32, 0.5, (4, 2), &dev)?;
-        let b = Var::randn(0f32, 0.5, (2, 4), &dev)?;
-        let seg = block(w, a.clone(), b.clone(), 1);
-        let x = Var::randn(0f32, 1.0, (5, 4), &dev)?;
+        let (seg, a, b, x) = small_block()?;
         let want = seg(x.as_tensor())?.flatten_all()?.to_vec1::<f32>()?;
         let got = checkpoint(x.as_tensor(), seg, vec![a, b])?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(want, got);

@@ -492,8 +492,7 @@ fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize, usize, usize)>
 /// (out of memory) gets an `error` field instead of times.
 fn run_attention(args: &BenchArgs) -> Result<ExitCode> {
     let device = pipeline::device(args.run.device.as_deref().unwrap_or("cuda"))?;
-    let name = args.run.dtype.as_deref().unwrap_or("f32");
-    let dtype: DType = name.parse().map_err(|e| anyhow::anyhow!("--dtype {name}: {e}"))?;
+    let dtype = crate::config::compute_dtype(args.run.dtype.as_deref().unwrap_or("f32"))?;
     let iters = args.run.max_steps.unwrap_or(20).max(1);
     let warmup = args.warmup;
     let mut rows = Vec::new();
