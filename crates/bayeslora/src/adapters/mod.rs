@@ -28,16 +28,34 @@ pub struct Ctx {
     /// Recompute each decoder layer in the backward instead of keeping its activations
     /// ([`crate::ops::checkpoint`]; the training loop's `gradient_checkpointing`).
     pub checkpoint: bool,
+    /// Record the trainable vars in the autograd graph (training, the Laplace Fisher). Off for
+    /// evaluation: the adapters read their vars detached ([`Ctx::param`]), so no forward output
+    /// holds its inputs alive and an evaluation forward keeps one layer's activations at a
+    /// time instead of every layer's (`torch.no_grad()`).
+    pub grad: bool,
 }
 
 impl Ctx {
     /// Evaluation mode: no dropout.
     pub fn eval() -> Self {
-        Ctx { train: false, seed: 0, checkpoint: false }
+        Ctx { train: false, seed: 0, checkpoint: false, grad: false }
+    }
+    /// Evaluation mode that still records the graph (no dropout, gradients of the vars).
+    pub fn eval_with_grad() -> Self {
+        Ctx { grad: true, ..Ctx::eval() }
     }
     /// Training mode with a per-step seed.
     pub fn train(seed: u64) -> Self {
-        Ctx { train: true, seed, checkpoint: false }
+        Ctx { train: true, seed, checkpoint: false, grad: true }
+    }
+    /// A trainable var as a tensor of this forward: tracked when `grad` is on, detached (no
+    /// graph) otherwise.
+    pub fn param(&self, v: &Var) -> Tensor {
+        if self.grad {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        }
     }
     /// A derived seed for one call site (`salt` = layer index, module id...).
     pub fn seed_for(&self, salt: u64) -> u64 {

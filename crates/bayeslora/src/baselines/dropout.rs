@@ -32,7 +32,7 @@ impl<'a> McDropoutPredictor<'a> {
     pub fn ctx(&self, sample: Option<usize>) -> Ctx {
         match sample {
             None => Ctx::eval(),
-            Some(k) => Ctx::train(Ctx::train(self.seed).seed_for(k as u64 + 1)),
+            Some(k) => Ctx { grad: false, ..Ctx::train(Ctx::train(self.seed).seed_for(k as u64 + 1)) },
         }
     }
 }

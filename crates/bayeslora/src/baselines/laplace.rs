@@ -108,7 +108,7 @@ pub fn empirical_fisher(
         // evenly spaced rows; j * N / n is strictly increasing, so no row repeats
         let row = j * n_all / n;
         let batch = Batch::collate(data, &[row])?.to_tensors(device)?;
-        let l = loss(&model.logits(&batch, &Ctx::eval())?, &batch)?;
+        let l = loss(&model.logits(&batch, &Ctx::eval_with_grad())?, &batch)?;
         let grads = l.backward()?;
         let mut offset = 0;
         for v in &vars {

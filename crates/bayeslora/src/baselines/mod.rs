@@ -46,6 +46,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MethodKind {
+    /// The base model without training (a decoder's zero-shot accuracy: LoRA B starts at 0, so
+    /// the adapters add nothing). Not in [`MethodKind::ALL`]: ask for `base` by name.
+    Base,
     /// AdamW point estimate (MAP with weight decay; MLE without).
     Adamw,
     /// IVON: posterior predictive over K samples, and at the mean (K = 0).
@@ -73,6 +76,7 @@ impl MethodKind {
     /// The snake_case name used in configs and file paths.
     pub fn name(self) -> &'static str {
         match self {
+            MethodKind::Base => "base",
             MethodKind::Adamw => "adamw",
             MethodKind::Ivon => "ivon",
             MethodKind::McDropout => "mc_dropout",
@@ -84,8 +88,9 @@ impl MethodKind {
 
     /// Parses a method name.
     pub fn from_name(name: &str) -> Result<Self> {
-        MethodKind::ALL.iter().copied().find(|m| m.name() == name).ok_or_else(|| {
-            let all: Vec<&str> = MethodKind::ALL.iter().map(|m| m.name()).collect();
+        let kinds = std::iter::once(MethodKind::Base).chain(MethodKind::ALL);
+        kinds.clone().find(|m| m.name() == name).ok_or_else(|| {
+            let all: Vec<&str> = kinds.map(|m| m.name()).collect();
             Error::config("method", name, format!("supported: {}", all.join(", ")))
         })
     }
@@ -201,6 +206,7 @@ mod tests {
         for m in MethodKind::ALL {
             assert_eq!(MethodKind::from_name(m.name()).unwrap(), m);
         }
+        assert_eq!(MethodKind::from_name("base").unwrap(), MethodKind::Base);
         assert!(MethodKind::from_name("swag").is_err());
     }
 }

@@ -186,7 +186,10 @@ impl Task {
             (Task::Obqa, Train) => "obqa/train.jsonl",
             (Task::Obqa, Dev) => "obqa/dev.jsonl",
             (Task::Obqa, Test) => "obqa/test.jsonl",
-            (Task::Boolq, Dev) => "boolq/dev.jsonl",
+            // data/ has no BoolQ train split: a seeded, disjoint split of its dev set
+            // (scripts/split_boolq.py, data/README.md).
+            (Task::Boolq, Train) => "boolq/train_from_dev.jsonl",
+            (Task::Boolq, Dev) => "boolq/dev_holdout.jsonl",
             _ => return None,
         })
     }

@@ -8,7 +8,7 @@
 //! so the last position may not be where the answer goes; we keep the end of the prompt instead.
 use std::path::Path;
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{EncodeInput, Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::{Error, Result};
 
@@ -63,6 +63,9 @@ impl EncodedDataset {
 #[derive(Clone)]
 pub struct TextEncoder {
     tokenizer: Tokenizer,
+    /// The same tokenizer with right truncation to `max_len` (longest first), for encoder
+    /// inputs; built once, not per example.
+    truncating: Tokenizer,
     max_len: usize,
     pad_id: u32,
 }
@@ -95,7 +98,16 @@ impl TextEncoder {
             .unwrap_or(0);
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(tok_err)?;
-        Ok(TextEncoder { tokenizer, max_len, pad_id })
+        let mut truncating = tokenizer.clone();
+        truncating
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(tok_err)?;
+        Ok(TextEncoder { tokenizer, truncating, max_len, pad_id })
     }
 
     /// Overrides the pad id (e.g. the model config's `pad_token_id`).
@@ -119,26 +131,26 @@ impl TextEncoder {
 
     /// Encodes a text or pair for an encoder model. Returns (ids, type ids, was truncated).
     pub fn encode_encoder(&self, text: &str, text_pair: Option<&str>) -> Result<(Vec<u32>, Vec<u32>, bool)> {
-        let mut tok = self.tokenizer.clone();
-        tok.with_truncation(Some(TruncationParams {
-            direction: TruncationDirection::Right,
-            max_length: self.max_len,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-        }))
-        .map_err(tok_err)?;
         let enc = match text_pair {
-            Some(b) => tok.encode((text, b), true),
-            None => tok.encode(text, true),
+            Some(b) => self.truncating.encode((text, b), true),
+            None => self.truncating.encode(text, true),
         }
         .map_err(tok_err)?;
+        Ok(Self::encoder_row(&enc))
+    }
+
+    fn encoder_row(enc: &Encoding) -> (Vec<u32>, Vec<u32>, bool) {
         let truncated = !enc.get_overflowing().is_empty();
-        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec(), truncated))
+        (enc.get_ids().to_vec(), enc.get_type_ids().to_vec(), truncated)
     }
 
     /// Encodes a decoder prompt so that it ends right before the answer. Returns (ids, truncated).
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Vec<u32>, bool)> {
         let enc = self.tokenizer.encode(prompt, true).map_err(tok_err)?;
+        Ok(self.prompt_row(&enc))
+    }
+
+    fn prompt_row(&self, enc: &Encoding) -> (Vec<u32>, bool) {
         let ids = enc.get_ids();
         let special = enc.get_special_tokens_mask();
         // Drop trailing special tokens (EOS) and count the leading ones (BOS).
@@ -148,12 +160,12 @@ impl TextEncoder {
         }
         let lead = special[..end].iter().take_while(|&&s| s == 1).count();
         if end <= self.max_len {
-            return Ok((ids[..end].to_vec(), false));
+            return (ids[..end].to_vec(), false);
         }
         let lead = lead.min(self.max_len / 2);
         let mut out = ids[..lead].to_vec();
         out.extend_from_slice(&ids[end - (self.max_len - lead)..end]);
-        Ok((out, true))
+        (out, true)
     }
 
     /// Resolves label words to one token id each. A word must be one token: first as written
@@ -192,15 +204,35 @@ impl TextEncoder {
         Ok(ids)
     }
 
-    /// Tokenizes every example of `dataset`.
+    /// Tokenizes every example of `dataset`, in batches on all cores (the tokenizers crate's
+    /// `encode_batch`; the same ids as [`Self::encode_encoder`] / [`Self::encode_prompt`] row by
+    /// row).
     pub fn encode_dataset(&self, dataset: &Dataset) -> Result<EncodedDataset> {
+        let encodings = match dataset.format {
+            Format::Encoder => {
+                let inputs: Vec<EncodeInput> = dataset
+                    .examples
+                    .iter()
+                    .map(|ex| match &ex.text_pair {
+                        Some(b) => (ex.text.as_str(), b.as_str()).into(),
+                        None => ex.text.as_str().into(),
+                    })
+                    .collect();
+                self.truncating.encode_batch(inputs, true)
+            }
+            Format::Prompt => {
+                let inputs: Vec<EncodeInput> = dataset.examples.iter().map(|ex| ex.text.as_str().into()).collect();
+                self.tokenizer.encode_batch(inputs, true)
+            }
+        }
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", dataset.file.display())))?;
         let mut rows = Vec::with_capacity(dataset.len());
         let mut truncated = 0;
-        for ex in &dataset.examples {
+        for (ex, enc) in dataset.examples.iter().zip(&encodings) {
             let (ids, type_ids, cut) = match dataset.format {
-                Format::Encoder => self.encode_encoder(&ex.text, ex.text_pair.as_deref())?,
+                Format::Encoder => Self::encoder_row(enc),
                 Format::Prompt => {
-                    let (ids, cut) = self.encode_prompt(&ex.text)?;
+                    let (ids, cut) = self.prompt_row(enc);
                     let n = ids.len();
                     (ids, vec![0; n], cut)
                 }

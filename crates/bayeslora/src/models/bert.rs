@@ -464,7 +464,7 @@ impl SequenceClassificationHead {
     pub fn forward(&self, pooled: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let x = pooled.to_dtype(DType::F32)?;
         let x = maybe_dropout(&x, self.dropout, ctx, salt(DROPOUT_SALT, POOLER, 1))?;
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+        Ok(x.matmul(&ctx.param(&self.weight).t()?)?.broadcast_add(&ctx.param(&self.bias))?)
     }
 }
 

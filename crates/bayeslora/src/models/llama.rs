@@ -619,20 +619,23 @@ impl Llama {
     /// Logits at one position per row: `hidden: [B, T, C]`, `positions: [B]` u32 (e.g. each
     /// row's last real token) → `[B, K]` for `token_ids: [K]` u32, or `[B, V]` without. Only the
     /// selected rows of the lm_head are multiplied, so scoring K answer tokens costs K·C per row
-    /// instead of V·C. An adapter on the lm_head is applied and then sliced the same way.
+    /// instead of V·C. An adapter on the lm_head is applied (without dropout, its vars tracked) and
+    /// then sliced the same way.
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor, token_ids: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, c) = hidden.dims3()?;
         let idx = positions.to_dtype(DType::U32)?.reshape((b, 1, 1))?.broadcast_as((b, 1, c))?.contiguous()?;
         let h = hidden.gather(&idx, 1)?.reshape((b, c))?; // [B, C]
         let Some(ids) = token_ids else {
-            return self.lm_head.forward(&h, &Ctx::eval());
+            return self.lm_head.forward(&h, &Ctx::eval_with_grad());
         };
         let ids = ids.to_dtype(DType::U32)?;
         let w = self.lm_head.weight.index_select(&ids, 0)?; // [K, C]
         let logits = ops::frozen_linear(&h, &w, None)?;
         match &self.lm_head.adapter {
             Some(a) => Ok(logits.add(
-                &a.forward(&h, &Ctx::eval(), self.lm_head.salt)?.index_select(&ids, 1)?.to_dtype(logits.dtype())?,
+                &a.forward(&h, &Ctx::eval_with_grad(), self.lm_head.salt)?
+                    .index_select(&ids, 1)?
+                    .to_dtype(logits.dtype())?,
             )?),
             None => Ok(logits),
         }
@@ -640,7 +643,7 @@ impl Llama {
 
     /// Logits at every position, `hidden: [B, T, C]` → `[B, T, V]` (golden tests, LM losses).
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden, &Ctx::eval())
+        self.lm_head.forward(hidden, &Ctx::eval_with_grad())
     }
 
     /// The output projection `lm_head` (`[V, C]`; the embedding when tied). Not listed by

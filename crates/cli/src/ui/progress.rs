@@ -1,4 +1,6 @@
 //! An indicatif progress bar as a training [`Observer`]: loss, learning rate, tokens/s, ETA.
+//! When stderr is not a terminal (a log file, CI, nohup, a cluster job) the bar draws nothing,
+//! so a plain line with the same fields is printed every [`PLAIN_EVERY`] seconds instead.
 //! Ctrl-C sets a flag that makes the next `step` return `Break`, so the loop checkpoints and
 //! stops cleanly.
 use bayeslora::train::{Observer, StepInfo};
@@ -27,9 +29,15 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// Seconds between two plain progress lines when stderr is not a terminal.
+pub const PLAIN_EVERY: f64 = 10.0;
+
 /// Renders training progress; keeps the per-step log for the metrics JSONL.
 pub struct TrainProgress {
     bar: ProgressBar,
+    /// Plain lines instead of the bar (stderr is not a terminal); time of the last line.
+    plain: Option<Instant>,
+    total_steps: usize,
     label: String,
     started: Instant,
     tokens: usize,
@@ -52,8 +60,11 @@ impl TrainProgress {
             .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
+        let plain = (!std::io::IsTerminal::is_terminal(&std::io::stderr())).then(Instant::now);
         TrainProgress {
             bar,
+            plain,
+            total_steps: 0,
             label: label.into(),
             started: Instant::now(),
             tokens: 0,
@@ -65,9 +76,24 @@ impl TrainProgress {
     }
 }
 
+impl TrainProgress {
+    /// A line above the bar, or on its own line when there is no bar.
+    fn say(&self, line: String) {
+        if self.plain.is_some() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
 impl Observer for TrainProgress {
     fn begin(&mut self, total_steps: usize, start_step: usize) {
         self.bar.set_length(total_steps as u64);
+        self.total_steps = total_steps;
+        if self.plain.is_some() {
+            eprintln!("{}: training {total_steps} steps (from step {start_step})", self.label);
+        }
         self.bar.set_position(start_step as u64);
         self.bar.reset_eta();
         self.started = Instant::now();
@@ -83,6 +109,18 @@ impl Observer for TrainProgress {
         let tok_s = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_position(info.step as u64);
         self.bar.set_message(format!("loss {ema:.4} | lr {:.2e} | {tok_s:.0} tok/s", info.lr));
+        if let Some(last) = self.plain.as_mut() {
+            if last.elapsed().as_secs_f64() >= PLAIN_EVERY || info.step == self.total_steps {
+                *last = Instant::now();
+                let secs = self.started.elapsed().as_secs_f64();
+                let done = info.step.max(1) as f64;
+                let eta = secs / done * (self.total_steps as f64 - done).max(0.0);
+                eprintln!(
+                    "{}: step {}/{} loss {ema:.4} lr {:.2e} {tok_s:.0} tok/s elapsed {secs:.0} s eta {eta:.0} s",
+                    self.label, info.step, self.total_steps, info.lr
+                );
+            }
+        }
         self.log.push(serde_json::json!({
             "run": self.label, "step": info.step, "loss": info.loss, "lr": info.lr,
             "tokens": info.tokens, "seconds": info.seconds,
@@ -97,11 +135,11 @@ impl Observer for TrainProgress {
     fn eval(&mut self, step: usize, accuracy: f64, nll: f64) {
         self.evals.push((step, accuracy, nll));
         self.log.push(serde_json::json!({ "run": self.label, "step": step, "eval_acc": accuracy, "eval_nll": nll }));
-        self.bar.println(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
+        self.say(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
     }
 
     fn note(&mut self, message: &str) {
-        self.bar.println(format!("note: {message}"));
+        self.say(format!("note: {message}"));
         self.log.push(serde_json::json!({ "run": self.label, "note": message }));
     }
 

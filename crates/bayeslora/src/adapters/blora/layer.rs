@@ -303,14 +303,14 @@ impl BLoraLayer {
         } else {
             x.clone()
         };
-        let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), ctx, salt)?;
+        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), ctx, salt)?;
         let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, ctx, salt)?;
-        let mut e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), ctx, salt)?.reshape(self.r)?;
+        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), ctx, salt)?.reshape(self.r)?;
         if let Some(m) = self.rank_multiplier(ctx, salt)? {
             e = e.mul(&m)?;
         }
         let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, ctx, salt)?;
-        let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), ctx, salt)?;
+        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), ctx, salt)?;
         let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, ctx, salt)?;
         Ok(u.affine(self.scaling, 0.0)?)
     }

@@ -105,8 +105,8 @@ impl Adapter for LoraLayer {
         let in_features = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_features.max(1);
         // Two thin matmuls, [N, in]·[in, r] then [N, r]·[r, out]: never the [out, in] product.
-        let h = x.reshape((rows, in_features))?.matmul(&self.lora_a.as_tensor().t()?)?;
-        let y = h.matmul(&self.lora_b.as_tensor().t()?)?.affine(self.scaling, 0.0)?;
+        let h = x.reshape((rows, in_features))?.matmul(&ctx.param(&self.lora_a).t()?)?;
+        let y = h.matmul(&ctx.param(&self.lora_b).t()?)?.affine(self.scaling, 0.0)?;
         if let Some(last) = dims.last_mut() {
             *last = self.lora_b.dims().first().copied().unwrap_or(0);
         }
