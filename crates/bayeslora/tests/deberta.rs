@@ -118,7 +118,7 @@ fn gradients_reach_every_lora_var_and_match_finite_differences() -> Result<()> {
     let attached = attach_peft(&mut m)?;
     let (ids, mask) = inputs(&io)?;
     let loss_of = |m: &DebertaV2| -> Result<Tensor> {
-        let ctx = Ctx::eval();
+        let ctx = Ctx::eval_with_grad(); // no dropout, vars tracked
         let hidden = m.forward(&ids, None, &mask, &ctx)?;
         Ok(logits(m, &loaded, &hidden, &ctx)?.sqr()?.sum_all()?)
     };

