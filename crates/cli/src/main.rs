@@ -7,6 +7,8 @@ mod args;
 mod assets;
 mod commands;
 mod config;
+#[cfg(test)]
+mod config_doc;
 mod ui;
 
 use clap::Parser;

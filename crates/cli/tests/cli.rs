@@ -144,12 +144,19 @@ fn tiny_real_run_trains_evaluates_and_resumes() {
         for key in ["confidence", "entropy", "mutual_information", "abstain"] {
             assert!(text.contains(key), "{key} missing in {text}");
         }
+        // The class names come from the adapter's task file, not LABEL_0/LABEL_1.
+        let label = r["label"].as_str().unwrap_or_default();
+        assert!(label == "negative" || label == "positive", "label {label:?} in {text}");
+        assert!(r["probs"].get("positive").is_some(), "probs by class name in {text}");
     }
     // Export and merge from the run folder.
     let exported = dir.path().join("exported");
     let o = bayeslora(&["export", out.to_str().unwrap_or_default(), "-o", exported.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(exported.join("adapter_model.safetensors").exists());
+    let task: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(exported.join("adapter_task.json")).unwrap()).unwrap();
+    assert_eq!(task, serde_json::json!({ "task": "sst2", "labels": ["negative", "positive"] }));
     let merged = dir.path().join("merged");
     let o = bayeslora(&["merge", out.to_str().unwrap_or_default(), "-o", merged.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "{}", stderr(&o));

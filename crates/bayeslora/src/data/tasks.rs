@@ -264,6 +264,30 @@ fn glue_prompt(task: Task, a: &str, b: Option<&str>) -> String {
     }
 }
 
+impl Task {
+    /// Human-readable class names in class order (what `predict` prints): GLUE's label names,
+    /// `false`/`true` for BoolQ, `option1`/`option2` for WinoGrande, choice letters for
+    /// multiple choice and user JSONL tasks (`0`, `1`, … there unless the data names them).
+    /// Empty for regression.
+    pub fn class_names(self, num_classes: usize) -> Vec<String> {
+        let names: &[&str] = match self {
+            Task::Sst2 => &["negative", "positive"],
+            Task::Cola => &["unacceptable", "acceptable"],
+            Task::Mrpc => &["not_equivalent", "equivalent"],
+            Task::Rte | Task::Qnli => &["entailment", "not_entailment"],
+            Task::Wnli => &["not_entailment", "entailment"],
+            Task::Boolq => &["false", "true"],
+            Task::WinograndeS | Task::WinograndeM => &["option1", "option2"],
+            Task::ArcEasy | Task::ArcChallenge | Task::Obqa | Task::JsonlChoice => {
+                return LETTERS.chars().take(num_classes).map(String::from).collect()
+            }
+            _ if self.is_regression() => return Vec::new(),
+            _ => return (0..num_classes).map(|i| i.to_string()).collect(),
+        };
+        names.iter().map(|n| n.to_string()).collect()
+    }
+}
+
 /// Label words per class index for [`Format::Prompt`], in class order.
 fn task_label_words(task: Task, num_classes: usize) -> Vec<String> {
     let words: &[&str] = match task {

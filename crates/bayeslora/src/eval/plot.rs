@@ -71,19 +71,39 @@ fn draw<DB: DrawingBackend>(
         }
         mesh.draw()?;
         let bars = display_bins(panel.bins);
+        let (bar_colour, gap_colour) = (RGBColor(66, 114, 196).mix(0.85), RED.mix(0.35));
+        let swatch = |c: RGBAColor| move |(x, y): (i32, i32)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled());
         // accuracy bars
-        chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, _, acc, _)| {
-            Rectangle::new([(lo, 0.0), (hi, acc)], RGBColor(66, 114, 196).mix(0.85).filled())
-        }))?;
+        chart
+            .draw_series(
+                bars.iter()
+                    .filter(|b| b.2 > 0)
+                    .map(|&(lo, hi, _, acc, _)| Rectangle::new([(lo, 0.0), (hi, acc)], bar_colour.filled())),
+            )?
+            .label("accuracy of the bin")
+            .legend(swatch(bar_colour));
         // gap between accuracy and mean confidence
-        chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, _, acc, conf)| {
-            Rectangle::new([(lo, acc.min(conf)), (hi, acc.max(conf))], RED.mix(0.35).filled())
-        }))?;
+        chart
+            .draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, _, acc, conf)| {
+                Rectangle::new([(lo, acc.min(conf)), (hi, acc.max(conf))], gap_colour.filled())
+            }))?
+            .label("gap to the bin's mean confidence")
+            .legend(swatch(gap_colour));
         chart.draw_series(
             bars.iter().map(|&(lo, hi, _, _, _)| Rectangle::new([(lo, 0.0), (hi, 0.0)], BLACK.stroke_width(1))),
         )?;
-        chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(2)))?;
+        chart
+            .draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(2)))?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], BLACK.stroke_width(2)));
         if text {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.3))
+                .label_font(("sans-serif", 12))
+                .draw()?;
             chart.draw_series(bars.iter().filter(|b| b.2 > 0).map(|&(lo, hi, n, acc, conf)| {
                 Text::new(
                     n.to_string(),

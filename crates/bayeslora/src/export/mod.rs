@@ -52,6 +52,38 @@ pub use sidecar::{PosteriorMeta, PosteriorParam, POSTERIOR_JSON, POSTERIOR_TENSO
 /// `adapter_model.safetensors`.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
+/// `adapter_task.json` (ours, beside peft's files, which it leaves alone): the task an adapter
+/// was trained on and its class names, so `predict` prints `positive`, not `LABEL_1`.
+pub const TASK_FILE: &str = "adapter_task.json";
+
+/// What [`TASK_FILE`] holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterTask {
+    pub task: String,
+    /// Class names in class order (empty for regression).
+    pub labels: Vec<String>,
+}
+
+/// Writes [`TASK_FILE`] into `dir` (atomically).
+pub fn write_task(dir: &Path, task: &AdapterTask) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    atomic::write_json(&dir.join(TASK_FILE), task)
+}
+
+/// Reads [`TASK_FILE`] of an adapter folder; `None` when absent (peft's own adapters, older
+/// exports), an error naming the file when it is there but unreadable.
+pub fn read_task(dir: &Path) -> Result<Option<AdapterTask>> {
+    let path = dir.join(TASK_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::BadFile { file: path, reason: format!("not a task file ({e}); delete it or export again") })
+}
+
 /// What [`save_peft`] needs besides the model.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {

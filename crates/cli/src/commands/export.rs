@@ -97,6 +97,10 @@ pub fn write_adapter(
     posterior: Option<&ivon::Posterior>,
     dir: &Path,
 ) -> Result<()> {
+    let task = bayeslora::data::Task::from_name(&cfg.task)?;
+    let num_labels = model.head.as_ref().map(|h| h.num_labels()).unwrap_or(0);
+    let labels = if num_labels > 0 { task.class_names(num_labels) } else { Vec::new() };
+    export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels })?;
     if cfg.method == Method::Blora {
         let base_name = base.display().to_string();
         let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(&base_name))

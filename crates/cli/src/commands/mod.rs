@@ -19,7 +19,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(what) => bench::run(what.into_args()),
         Command::Compare(args) => compare::run(args),
         Command::Export(args) => export::run(args),
         Command::Merge(args) => merge::run(args),

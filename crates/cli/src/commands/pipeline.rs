@@ -63,7 +63,11 @@ pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
         .context("no model given: pass --model DIR (a HF folder, a .gguf file, or minilm / smollm2 / qwen2.5-coder-0.5b / qwen2.5-coder-1.5b)")?;
     let path = &crate::assets::resolve(given)?;
     let options = LoadOptions { device: device(&cfg.device)?, dtype: cfg.compute_dtype()? };
-    models::load(path, &options).with_context(|| format!("loading {}", path.display()))
+    let t0 = std::time::Instant::now();
+    eprintln!("loading {} ({} on {})", path.display(), cfg.dtype, cfg.device);
+    let loaded = models::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
+    eprintln!("loaded {:?} in {:.1} s", loaded.arch, t0.elapsed().as_secs_f64());
+    Ok(loaded)
 }
 
 /// Tokenized train and eval sets.
@@ -101,8 +105,17 @@ fn spec(
 pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel) -> Result<Data> {
     let task = Task::from_name(&cfg.task)?;
     let decoder = matches!(model.backbone, Backbone::Llama(_));
+    let t0 = std::time::Instant::now();
     let train_set = data::load(&spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?)?;
     let eval_set = data::load(&spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?)?;
+    eprintln!(
+        "{}: tokenizing {} training rows ({}) and {} evaluation rows ({})",
+        task.name(),
+        train_set.len(),
+        train_set.file.display(),
+        eval_set.len(),
+        eval_set.file.display()
+    );
     for (set, name) in [(&train_set, "train"), (&eval_set, "eval")] {
         if let Some(first) = set.skipped.first() {
             eprintln!(
@@ -114,7 +127,10 @@ pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel) ->
             );
         }
     }
-    Ok(Data { task, train: Arc::new(encoder.encode_dataset(&train_set)?), eval: encoder.encode_dataset(&eval_set)? })
+    let data =
+        Data { task, train: Arc::new(encoder.encode_dataset(&train_set)?), eval: encoder.encode_dataset(&eval_set)? };
+    eprintln!("{}: data ready in {:.1} s", task.name(), t0.elapsed().as_secs_f64());
+    Ok(data)
 }
 
 /// What one training run produced.

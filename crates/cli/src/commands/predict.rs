@@ -26,8 +26,14 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     let decoder = matches!(loaded.backbone, Backbone::Llama(_));
     let id2label = label_names(&loaded.config_json);
     let num_labels = adapter_num_labels(&args.adapter)?.unwrap_or(id2label.len().max(2));
-    let names: Vec<String> =
-        if id2label.len() == num_labels { id2label } else { (0..num_labels).map(|i| format!("LABEL_{i}")).collect() };
+    // Class names: the adapter's task file (written by `bayeslora train`/`export`), else the
+    // base's id2label, else LABEL_i.
+    let from_task = export::read_task(&args.adapter)?.map(|t| t.labels).filter(|l| l.len() == num_labels);
+    let names: Vec<String> = match from_task {
+        Some(labels) => labels,
+        None if id2label.len() == num_labels => id2label,
+        None => (0..num_labels).map(|i| format!("LABEL_{i}")).collect(),
+    };
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), args.max_len)?;
     let mut model = bare_model(loaded, num_labels, &device)?;
     let adapter = export::load_peft(&args.adapter, &mut model, &device)
