@@ -449,6 +449,42 @@ fn write_blora_fixture(base: &str) -> Result<()> {
     Ok(())
 }
 
+/// `merge` of a B-LoRA model folds each layer at its learned rank and quantized weights: the
+/// merged plain model computes the gated model's logits. Activation quantization cannot be
+/// folded into a weight, so such a model is refused with a message, not merged silently.
+#[test]
+fn blora_merge_folds_learned_ranks_and_refuses_activation_quantization() -> Result<()> {
+    let io = io()?;
+    let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let model = blora_model()?;
+    let out = tmp.path().join("merged");
+    export::merge(&model, &bert_dir(), &out)?;
+    let merged = bare(&out)?;
+    assert!(merged.adapters.is_empty() && merged.blora.is_empty());
+    let gated = logits(&model, &io)?;
+    assert!(gated.sub(&logits(&bare(&bert_dir())?, &io)?)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
+    check("blora merged vs gated", &logits(&merged, &io)?, &gated, MERGE_TOL)?;
+
+    let loaded = models::load(&bert_dir(), &LoadOptions::default())?;
+    let act = BLoraConfig { quantize_activations: true, ..blora_config() };
+    let model = TaskModel::build_blora(loaded, &act, 3, 7, &Device::Cpu)?;
+    for (_, layer) in &model.blora.layers {
+        for slot in [Slot::ActA, Slot::ActE, Slot::ActB] {
+            layer.set_range(slot, Range { x_min: -1.0, x_max: 1.0 })?;
+        }
+        for (name, var) in layer.gate_vars() {
+            if name != "blora_gates.rank" {
+                var.set(&Tensor::new(gates_open(4, 2).as_slice(), &Device::Cpu)?)?;
+                // 8 bits
+            }
+        }
+    }
+    let err = export::merge(&model, &bert_dir(), &tmp.path().join("refused")).unwrap_err().to_string();
+    assert!(err.contains("act_A at") && err.contains("bayeslora export"), "{err}");
+    assert!(!tmp.path().join("refused").join("model.safetensors").exists(), "nothing written");
+    Ok(())
+}
+
 #[test]
 fn rust_blora_export_matches_peft_logits() -> Result<()> {
     let io = io()?;

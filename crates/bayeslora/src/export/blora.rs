@@ -67,7 +67,7 @@ fn f32_bytes(blora: &AttachedBLora) -> u64 {
 }
 
 /// The PEFT-form tensors of one layer at its learned rank: `A′ [r′, in]`, `B′ [out, r′]`.
-fn folded(layer: &crate::adapters::blora::BLoraLayer) -> Result<(Tensor, Tensor, usize)> {
+pub(crate) fn folded(layer: &crate::adapters::blora::BLoraLayer) -> Result<(Tensor, Tensor, usize)> {
     let rank = layer.learned()?.rank;
     let w = layer.eval_weights()?;
     let e = w.e.mul(&w.rank_mask)?.affine(layer.scaling(), 0.0)?.narrow(0, 0, rank)?;

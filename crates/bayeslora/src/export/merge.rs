@@ -8,6 +8,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use crate::adapters::blora::quantizer::Slot;
 use crate::models::Backbone;
 use crate::train::TaskModel;
 use crate::{atomic, Error, Result};
@@ -52,7 +53,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// `model.safetensors` (one file, metadata `{"format": "pt"}`), `config.json` and the tokenizer
 /// files. A BERT task model is written as `BertForSequenceClassification` (backbone under
 /// `bert.`, its head as `classifier.{weight,bias}`, `id2label` sized to the head). The adapter's
-/// current values are used (for IVON: the posterior mean μ). Returns the weights file.
+/// current values are used (for IVON: the posterior mean μ); B-LoRA layers are folded at their
+/// learned rank with their quantized weights, and refused when they quantize activations or the
+/// base (no weight can reproduce that). Returns the weights file.
 pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> {
     let files = weight_files(base_dir)?;
     // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the files must
@@ -85,7 +88,7 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
         }
         Some(format!("bert.{rest}"))
     };
-    let deltas: HashMap<String, (f64, Tensor, Tensor)> = model
+    let mut deltas: HashMap<String, (f64, Tensor, Tensor)> = model
         .adapters
         .layers
         .iter()
@@ -96,6 +99,33 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
             )
         })
         .collect();
+    // B-LoRA: the test-time adapter at its learned rank and bits (as its PEFT export folds it).
+    for (m, layer) in &model.blora.layers {
+        let learned = layer.learned()?;
+        let lossy: Vec<String> = learned
+            .bits
+            .iter()
+            .filter(|(slot, bits)| !matches!(slot, Slot::LoraA | Slot::LoraE | Slot::LoraB) && **bits < 32)
+            .map(|(slot, bits)| {
+                let name = serde_json::to_value(slot).ok().and_then(|v| v.as_str().map(String::from));
+                format!("{} at {bits} bits", name.unwrap_or_default())
+            })
+            .collect();
+        if !lossy.is_empty() {
+            return Err(Error::config(
+                "merge",
+                m,
+                format!(
+                    "this B-LoRA layer quantizes {}, which no merged weight can reproduce; use the run's \
+                     exact compressed export (`bayeslora export RUN -o DIR`), or train with \
+                     quantize_activations = false and quantize_base = false to merge",
+                    lossy.join(", ")
+                ),
+            ));
+        }
+        let (a, b, _rank) = super::blora::folded(layer)?; // b carries the scaling
+        deltas.insert(format!("{src_prefix}{m}.weight"), (1.0, a, b));
+    }
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut merged = 0usize;
