@@ -122,9 +122,13 @@ pub struct RunArgs {
     /// Output folder (adapter, checkpoints, metrics, results, plots).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// Resume from the newest checkpoint in --output.
+    /// Resume from the newest good checkpoint in --output.
     #[arg(long)]
     pub resume: bool,
+    /// Delete the outputs of an earlier run in --output (checkpoints, metrics, results, adapter)
+    /// and train from scratch.
+    #[arg(long)]
+    pub overwrite: bool,
     /// cpu, or cuda / cuda:N (needs a build with --features cuda).
     #[arg(long)]
     pub device: Option<String>,
