@@ -1,6 +1,7 @@
 //! Atomic file output: write to a temporary file beside the target, flush it to disk, then
 //! rename over the target. A crash, a full disk or Ctrl-C leaves either the old file or the new
-//! one, never a torn one.
+//! one, never a torn one. The parent folder is fsynced after the rename, so the new name
+//! itself survives a power loss.
 use crate::{Error, Result};
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -30,7 +31,18 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
+    if let Some(dir) = path.parent() {
+        sync_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir });
+    }
     Ok(())
+}
+
+/// Flushes a folder's entries (creations, renames) to disk. Best effort: some file systems
+/// and platforms cannot fsync a folder, and the data files themselves are already synced.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
 }
 
 /// Writes JSON (pretty) atomically.
@@ -51,9 +63,51 @@ pub fn write_safetensors(
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let bytes = safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+    let mut bytes = safetensors::serialize(views.iter().map(|(k, t)| (k.as_str(), t)), metadata)
         .map_err(|e| Error::BadFile { file: path.into(), reason: e.to_string() })?;
+    sort_metadata(&mut bytes);
     write(path, &bytes)
+}
+
+/// Rewrites the `__metadata__` object of serialized safetensors bytes with its keys sorted.
+/// safetensors serializes the metadata `HashMap` in its random iteration order, so without this
+/// two runs write different bytes for the same content. The header keeps its length (same keys
+/// and values, other order; the padding spaces are kept), so the tensor offsets stay valid.
+fn sort_metadata(bytes: &mut [u8]) {
+    let Some(len) = bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes) else {
+        return;
+    };
+    let Some(end) = usize::try_from(len).ok().and_then(|n| n.checked_add(8)).filter(|&e| e <= bytes.len()) else {
+        return;
+    };
+    let header = &bytes[8..end];
+    let Ok(map) = serde_json::from_slice::<std::collections::BTreeMap<String, serde_json::Value>>(header) else {
+        return;
+    };
+    let mut sorted = String::from("{");
+    for (i, (k, v)) in map.iter().enumerate() {
+        if i > 0 {
+            sorted.push(',');
+        }
+        let value = match (k.as_str(), v) {
+            ("__metadata__", serde_json::Value::Object(m)) => {
+                let m: std::collections::BTreeMap<&String, &serde_json::Value> = m.iter().collect();
+                serde_json::to_string(&m)
+            }
+            _ => serde_json::to_string(v),
+        };
+        let (Ok(key), Ok(value)) = (serde_json::to_string(k), value) else {
+            return;
+        };
+        sorted.push_str(&key);
+        sorted.push(':');
+        sorted.push_str(&value);
+    }
+    sorted.push('}');
+    if sorted.len() <= header.len() {
+        let padded = format!("{sorted:<width$}", width = header.len());
+        bytes[8..end].copy_from_slice(padded.as_bytes());
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,14 @@ pub enum Error {
     /// Occurs when a checkpoint file is corrupt or not in the expected format.
     #[error("{file}: {reason}")]
     BadFile { file: PathBuf, reason: String },
+    /// Occurs when `--resume` finds checkpoints but every one is damaged (one reason per
+    /// checkpoint, newest first, each naming the file).
+    #[error(
+        "no usable checkpoint in {dir}:\n  {}\na damaged checkpoint cannot be repaired: train again without --resume \
+         (with --overwrite, or into a new output folder)",
+        .reasons.join("\n  ")
+    )]
+    NoUsableCheckpoint { dir: PathBuf, reasons: Vec<String> },
     /// Occurs when a data row cannot be parsed.
     #[error("{file}:{line}: {reason}")]
     DataRow { file: PathBuf, line: usize, reason: String },

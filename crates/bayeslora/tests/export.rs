@@ -703,3 +703,72 @@ fn minilm_export_load_and_merge_agree() -> Result<()> {
     check("minilm merged", &logits(&merged, &io)?, &logits(&model, &io)?, MERGE_TOL)?;
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------------
+// Issue 19: hostile adapter folders, reproducible sidecars
+// ------------------------------------------------------------------------------------------------
+
+/// Rewrites one key of `<dir>/adapter_config.json`.
+fn edit_config(dir: &Path, key: &str, value: serde_json::Value) -> Result<()> {
+    let path = dir.join(export::CONFIG_FILE);
+    let mut v = json(&path);
+    v[key] = value;
+    std::fs::write(&path, v.to_string()).map_err(|e| Error::io(&path, e))
+}
+
+#[test]
+fn issue_19_config_rank_that_disagrees_with_the_tensors_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let model = adapted(&bert_dir(), &bert_lora())?;
+    export::save_peft(tmp.path(), &model, &ExportOptions::new(bert_lora()), None)?;
+    let r = bert_lora().r;
+    edit_config(tmp.path(), "r", serde_json::json!(r / 2))?;
+    let err = export::load_peft(tmp.path(), &mut bare(&bert_dir())?, &Device::Cpu).expect_err("r disagrees");
+    let msg = err.to_string();
+    assert!(msg.contains("adapter_config.json"), "{msg}");
+    assert!(msg.contains(&format!("r says rank {}", r / 2)), "{msg}");
+    assert!(msg.contains(&format!("(rank {r})")) && msg.contains("lora_A.weight` has shape ["), "{msg}");
+    assert!(msg.contains("module `"), "{msg}");
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+
+    // The same through rank_pattern: r matches, one module's entry does not.
+    edit_config(tmp.path(), "r", serde_json::json!(r))?;
+    let original = json(&tmp.path().join(export::CONFIG_FILE))["rank_pattern"].clone();
+    let module = "bert.encoder.layer.0.attention.self.query";
+    edit_config(tmp.path(), "rank_pattern", serde_json::json!({ module: r + 1 }))?;
+    let err = export::load_peft(tmp.path(), &mut bare(&bert_dir())?, &Device::Cpu).expect_err("pattern disagrees");
+    let msg = err.to_string();
+    assert!(msg.contains("encoder.layer.0.attention.self.query`: its rank_pattern entry says rank"), "{msg}");
+    // The untouched config loads.
+    edit_config(tmp.path(), "rank_pattern", original)?;
+    export::load_peft(tmp.path(), &mut bare(&bert_dir())?, &Device::Cpu)?;
+    Ok(())
+}
+
+#[test]
+fn issue_19_posterior_sidecar_is_byte_reproducible() -> Result<()> {
+    let model = adapted(&bert_dir(), &bert_lora())?;
+    let post = ivon_posterior(&model)?;
+    let mut files = Vec::new();
+    // safetensors writes its metadata map in a random order per map: several writes would
+    // differ without the sorting in `atomic::write_safetensors`.
+    for _ in 0..6 {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        export::save_peft(tmp.path(), &model, &ExportOptions::new(bert_lora()), Some(&post))?;
+        let read = |name: &str| {
+            let p = tmp.path().join(name);
+            std::fs::read(&p).map_err(|e| Error::io(&p, e))
+        };
+        files.push((read(export::POSTERIOR_TENSORS)?, read(export::POSTERIOR_JSON)?, read(export::WEIGHTS_FILE)?));
+    }
+    assert!(files.iter().all(|f| f == &files[0]), "the sidecar differs between identical exports");
+    // Sorted metadata keys, and the file still reads back.
+    let bytes = &files[0].0;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = String::from_utf8_lossy(&bytes[8..8 + n]);
+    assert!(header.contains(r#""__metadata__":{"bayeslora":"adapter_posterior","format":"pt"}"#), "{header}");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::BadFile { file: "sidecar".into(), reason: e.to_string() })?;
+    assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    Ok(())
+}

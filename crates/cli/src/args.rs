@@ -161,9 +161,13 @@ pub struct RunArgs {
     /// [default: runs/latest].
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// Resume from the newest checkpoint in --output.
+    /// Resume from the newest good checkpoint in --output.
     #[arg(long)]
     pub resume: bool,
+    /// Delete the outputs of an earlier run in --output (checkpoints, metrics, results, adapter)
+    /// and train from scratch; without it (or --resume) an existing run folder is refused.
+    #[arg(long)]
+    pub overwrite: bool,
     /// cpu, or cuda / cuda:N, which needs a build with --features cuda (`device`) [default: cpu].
     #[arg(long)]
     pub device: Option<String>,

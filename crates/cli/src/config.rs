@@ -6,7 +6,7 @@ use bayeslora::adapters::blora::BLoraConfig;
 use bayeslora::adapters::lora::LoraConfig;
 use bayeslora::train::{OptimizerKind, TrainConfig};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Evaluation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,10 +46,18 @@ pub struct RunConfig {
     pub eval_file: Option<PathBuf>,
     pub train_limit: Option<usize>,
     pub eval_limit: Option<usize>,
+    /// Class count of a `jsonl_text` task with integer labels (default: inferred from the
+    /// training labels as 0..=k with none missing); a label at or above it is an error.
+    pub num_labels: Option<usize>,
     /// Skip malformed data rows (with a count) instead of failing on the first one.
     pub skip_bad_rows: bool,
     pub max_len: usize,
     pub output: PathBuf,
+    /// Clear the outputs of an earlier run in `output` before training (without it, `train`
+    /// refuses a folder that holds a run unless `--resume` is given). An action, not a setting of
+    /// the run: never written to the run's config.toml.
+    #[serde(skip_serializing)]
+    pub overwrite: bool,
     pub device: String,
     /// Dtype of the frozen weights and activations: "f32", "bf16" or "f16" (adapters and
     /// optimizer state stay f32).
@@ -94,9 +102,11 @@ impl Default for RunConfig {
             eval_file: None,
             train_limit: None,
             eval_limit: None,
+            num_labels: None,
             skip_bad_rows: false,
             max_len: 128,
             output: PathBuf::from("runs/latest"),
+            overwrite: false,
             device: "cpu".into(),
             dtype: "f32".into(),
             method: Method::Lora,
@@ -242,6 +252,15 @@ impl RunConfig {
         if let Some(v) = &args.output {
             cfg.output = v.clone();
         }
+        if args.overwrite {
+            cfg.overwrite = true;
+        }
+        if cfg.overwrite && args.resume {
+            anyhow::bail!(
+                "--resume continues the run in {} and --overwrite deletes it; pass one of them",
+                cfg.output.display()
+            );
+        }
         if let Some(v) = &args.device {
             cfg.device = v.clone();
         }
@@ -255,6 +274,29 @@ impl RunConfig {
         if cfg.method == Method::Blora {
             cfg.blora.validate()?;
         }
+        Ok(cfg)
+    }
+
+    /// Reads `<run>/config.toml` as `train` wrote it, with its paths taken relative to the run
+    /// folder `run`, not to the current folder: `output` is `run` itself (the stored path was
+    /// relative to wherever `train` was started), and a relative `checkpoint_dir` moves along
+    /// (inside the stored output: the same place under `run`; otherwise relative to `run`).
+    pub fn open_run(run: &Path) -> Result<RunConfig> {
+        let path = run.join("config.toml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}; is this a folder written by `bayeslora train`?", path.display()))?;
+        let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if let Some(dir) = cfg.train.checkpoint_dir.take() {
+            cfg.train.checkpoint_dir = Some(if dir.is_absolute() {
+                dir
+            } else {
+                match dir.strip_prefix(&cfg.output) {
+                    Ok(inside) => run.join(inside),
+                    Err(_) => run.join(dir),
+                }
+            });
+        }
+        cfg.output = run.to_path_buf();
         Ok(cfg)
     }
 

@@ -14,6 +14,8 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("eval_file", "evaluation data file (default: the task's dev split)"),
     ("train_limit", "use only the first N training rows"),
     ("eval_limit", "use only the first N evaluation rows"),
+    ("num_labels", "class count of a user JSONL task (default: inferred from the labels, 0..k)"),
+    ("overwrite", "delete an earlier run's outputs in `output` first (not saved in config.toml)"),
     ("skip_bad_rows", "skip malformed rows (with a count) instead of stopping at the first"),
     ("max_len", "truncate sequences to this many tokens"),
     ("output", "run folder: adapter, checkpoints, metrics, results, plots"),
@@ -53,6 +55,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("train.eval_every", "evaluate the mean every N steps (0: only at the end)"),
     ("train.checkpoint_every", "checkpoint every N steps (0: only at the end and on Ctrl-C)"),
     ("train.checkpoint_dir", "checkpoint folder (default: <output>/checkpoints)"),
+    ("train.keep_checkpoints", "checkpoints kept (the newest N; 0: all), HF's save_total_limit"),
     ("train.seed", "seed of initialization, shuffling, dropout and posterior samples"),
     ("train.gradient_checkpointing", "recompute each decoder layer in the backward (less memory)"),
     ("train.ivon.lr", "IVON learning rate"),
@@ -104,6 +107,7 @@ fn keys() -> BTreeMap<String, String> {
     all.eval_file = Some("f".into());
     all.train_limit = Some(1);
     all.eval_limit = Some(1);
+    all.num_labels = Some(2);
     all.lora.target_modules = Some(TargetModules::List(vec![]));
     all.lora.modules_to_save = Some(vec![]);
     all.blora.target_modules = Some(TargetModules::List(vec![]));
@@ -119,7 +123,13 @@ fn keys() -> BTreeMap<String, String> {
         out
     };
     let defaults = flat(&default);
-    flat(&all).into_keys().map(|k| (k.clone(), defaults.get(&k).cloned().unwrap_or_else(|| "unset".into()))).collect()
+    let mut keys: BTreeMap<String, String> = flat(&all)
+        .into_keys()
+        .map(|k| (k.clone(), defaults.get(&k).cloned().unwrap_or_else(|| "unset".into())))
+        .collect();
+    // Read but never written (an action, not a setting of the run).
+    keys.insert("overwrite".into(), default.overwrite.to_string());
+    keys
 }
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {

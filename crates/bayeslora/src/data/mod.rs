@@ -77,6 +77,11 @@ pub struct DataSpec {
     pub limit: Option<usize>,
     /// Class names of string labels in `jsonl_text` (class index = position).
     pub label_names: Vec<String>,
+    /// The class count of a `jsonl_text` task with integer labels when the caller knows it (a
+    /// run's `num_labels`; for an eval set, the train set's count). `None`: inferred from the
+    /// labels as 0..=k with none missing, so a stray label (7 among 0s and 1s) is reported, not
+    /// turned into an 8-class head. Ignored where the task fixes the count.
+    pub num_classes: Option<usize>,
     /// Label words per class for `Format::Prompt`; empty: the task's own (" A".., " False"/" True").
     pub label_words: Vec<String>,
     /// Prompt template for `jsonl_text` with `Format::Prompt`; `{text}` and `{text_pair}` are
@@ -94,6 +99,7 @@ impl Default for DataSpec {
             choices: ChoiceFilter::All,
             limit: None,
             label_names: Vec::new(),
+            num_classes: None,
             label_words: Vec::new(),
             template: None,
         }
@@ -233,7 +239,7 @@ mod tests {
             Error::DataRow { file, line, reason } => {
                 assert_eq!(file, &p);
                 assert_eq!(*line, 3);
-                assert!(reason.contains("label `7`"), "{reason}");
+                assert_eq!(reason, "label 7 out of range for sst2 (2 classes)");
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -338,5 +344,35 @@ mod tests {
         );
         let err = load(&DataSpec::new(Task::WinograndeS, &p2)).unwrap_err();
         assert!(err.to_string().contains("wg.jsonl:2: sentence has no `_` blank"), "{err}");
+    }
+
+    /// Issue 19: label 7 among 0s and 1s is reported at load time, naming file, line, task and
+    /// class count, instead of building an 8-class head; an eval set is held to the train set's
+    /// count; a declared count admits it.
+    #[test]
+    fn issue_19_label_out_of_range_is_named_at_load_time() {
+        let rows =
+            "{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\", \"label\": 1}\n{\"text\": \"c\", \"label\": 7}\n";
+        let (_d, p) = file_with("train.jsonl", rows);
+        let err = load(&DataSpec::new(Task::JsonlText, &p)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("train.jsonl:3: label 7 out of range for jsonl_text (2 classes)"), "{msg}");
+        assert!(msg.contains("num_labels") && msg.lines().count() == 1, "{msg}");
+        // The count given by the caller (the train set's, for an eval file): 2 → refused, 8 → fine.
+        let two = DataSpec { num_classes: Some(2), ..DataSpec::new(Task::JsonlText, &p) };
+        let err = load(&two).unwrap_err().to_string();
+        assert!(err.contains("train.jsonl:3: label 7 out of range for jsonl_text (2 classes)"), "{err}");
+        let eight = DataSpec { num_classes: Some(8), ..DataSpec::new(Task::JsonlText, &p) };
+        assert_eq!(load(&eight).unwrap().num_classes, 8);
+        // Dense labels still infer their count.
+        let (_d2, p2) = file_with(
+            "ok.jsonl",
+            "{\"text\": \"a\", \"label\": 2}\n{\"text\": \"b\", \"label\": 0}\n{\"text\": \"c\", \"label\": 1}\n",
+        );
+        assert_eq!(load(&DataSpec::new(Task::JsonlText, &p2)).unwrap().num_classes, 3);
+        // Skipping bad rows drops the row instead.
+        let skip = DataSpec { on_bad_row: OnBadRow::Skip, ..DataSpec::new(Task::JsonlText, &p) };
+        let ds = load(&skip).unwrap();
+        assert_eq!((ds.len(), ds.num_classes, ds.skipped.len()), (2, 2, 1));
     }
 }

@@ -336,9 +336,17 @@ fn parse_tsv_label(task: Task, field: &str) -> std::result::Result<Label, String
         _ => match field {
             "0" => Ok(Label::Class(0)),
             "1" => Ok(Label::Class(1)),
-            _ => Err(format!("label `{field}` is not 0 or 1")),
+            _ => match field.parse::<i64>() {
+                Ok(n) => Err(out_of_range(n, task, 2)),
+                Err(_) => Err(format!("label `{field}` is not 0 or 1")),
+            },
         },
     }
+}
+
+/// `label 7 out of range for sst2 (2 classes)`.
+fn out_of_range(label: impl std::fmt::Display, task: Task, num_classes: usize) -> String {
+    format!("label {label} out of range for {} ({num_classes} classes)", task.name())
 }
 
 /// One parsed row before the task-wide post-processing (format, class count).
@@ -421,13 +429,19 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
         rows.iter().map(|(_, r)| if let Row::Choice { choices, .. } = r { choices.len() } else { 0 }).max().unwrap_or(0)
     } else if !spec.label_names.is_empty() {
         spec.label_names.len()
+    } else if let Some(n) = spec.num_classes {
+        n
     } else {
-        1 + rows
+        // Integer labels: the classes 0..k that all occur. A label past a gap (7 among 0s and
+        // 1s) is far more often a typo than a class with no other example, so it is reported
+        // below instead of silently widening the head.
+        let present: std::collections::BTreeSet<usize> = rows
             .iter()
-            .map(|(_, r)| if let Row::Text { label: Label::Class(c), .. } = r { *c } else { 0 })
-            .max()
-            .unwrap_or(0)
+            .filter_map(|(_, r)| if let Row::Text { label: Label::Class(c), .. } = r { Some(*c) } else { None })
+            .collect();
+        (0..).find(|c| !present.contains(c)).unwrap_or(0)
     };
+    let inferred = task == Task::JsonlText && spec.label_names.is_empty() && spec.num_classes.is_none();
 
     let mut examples = Vec::with_capacity(rows.len());
     for (line, row) in rows {
@@ -435,7 +449,16 @@ pub(super) fn read(spec: &DataSpec) -> Result<Dataset> {
             Row::Text { text, text_pair, label } => {
                 if let Label::Class(c) = label {
                     if c >= num_classes {
-                        let reason = format!("label {c} is out of range for {num_classes} classes");
+                        let mut reason = out_of_range(c, task, num_classes);
+                        if inferred && num_classes == 0 {
+                            reason.push_str("; integer labels count from 0 and no row has label 0; set num_labels in the run config if class 0 really has no example");
+                        } else if inferred {
+                            reason.push_str(&format!(
+                                "; the classes are inferred from the labels present (0..={}, none missing); \
+                                 set num_labels in the run config if the task really has more",
+                                num_classes - 1
+                            ));
+                        }
                         match spec.on_bad_row {
                             OnBadRow::Fail => return Err(Error::DataRow { file: path.clone(), line, reason }),
                             OnBadRow::Skip => {

@@ -316,6 +316,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
     };
     let head_keys = [format!("{PEFT_PREFIX}classifier.weight"), format!("{PEFT_PREFIX}classifier.bias")];
     let mut modules: BTreeMap<String, usize> = BTreeMap::new(); // module → rank
+    let mut a_keys: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new(); // module → (A key, shape)
     let mut unexpected = Vec::new();
     for (key, t) in &saved {
         let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
@@ -325,6 +326,7 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             let m = m.strip_prefix(prefix).unwrap_or(m);
             modules.insert(m.to_string(), t.dims().first().copied().unwrap_or(0));
+            a_keys.insert(m.to_string(), (key.clone(), t.dims().to_vec()));
         } else if !(rest.ends_with(".lora_B.weight") || head_keys.contains(key)) {
             unexpected.push(key.clone());
         }
@@ -352,6 +354,20 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         ..LoraConfig::default()
     };
     for (m, &r) in &modules {
+        // peft builds each module at the config's rank and then refuses weights of another
+        // shape; so do we, rather than trusting the tensors silently.
+        let want = fc.rank_for(&format!("{prefix}{m}"))?;
+        if r != want {
+            let source = if want == fc.r { "r".to_string() } else { "its rank_pattern entry".to_string() };
+            let (key, shape) = a_keys.get(m).cloned().unwrap_or_default();
+            return Err(Error::BadFile {
+                file: cfg_path.clone(),
+                reason: format!(
+                    "module `{m}`: {source} says rank {want}, but `{key}` has shape {shape:?} (rank {r}); \
+                     the config and the weights disagree (peft refuses this adapter too)"
+                ),
+            });
+        }
         if r != fc.r {
             lora.rank_pattern.insert(m.clone(), r);
         }

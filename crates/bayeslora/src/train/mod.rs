@@ -14,7 +14,7 @@ mod classifier;
 mod predictor;
 mod schedule;
 
-pub use checkpoint::{Checkpoint, CheckpointState};
+pub use checkpoint::{Checkpoint, CheckpointState, Restored};
 pub use classifier::{head_for, TaskModel};
 pub use predictor::ModelPredictor;
 pub use schedule::{lr_at, Schedule};
@@ -110,8 +110,12 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Evaluate every N steps (0: only at the end).
     pub eval_every: usize,
-    /// Write a checkpoint every N steps (0: only at the end or on interruption).
+    /// Write a checkpoint every N steps (0: only at the end or on interruption). A crash (kill,
+    /// power loss) costs at most the steps since the last checkpoint.
     pub checkpoint_every: usize,
+    /// How many of the newest checkpoints to keep (0: all; transformers' `save_total_limit`).
+    /// The default 2 keeps a predecessor to fall back to when the newest is damaged.
+    pub keep_checkpoints: usize,
     /// Where checkpoints go (`None`: no checkpoints).
     pub checkpoint_dir: Option<PathBuf>,
     /// Seed of dropout masks and of IVON's noise.
@@ -145,6 +149,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             eval_every: 0,
             checkpoint_every: 0,
+            keep_checkpoints: 2,
             checkpoint_dir: None,
             seed: 0,
             gradient_checkpointing: false,
@@ -336,6 +341,23 @@ pub fn mask_choices(logits: &Tensor, batch: &BatchTensors) -> Result<Tensor> {
 /// Periodic evaluation hook of [`run`]: (accuracy, nll) of the model's current mean.
 pub type EvalFn<'a> = dyn FnMut(&dyn Classifier) -> Result<(f64, f64)> + 'a;
 
+/// Restores `model` and its optimizer from the newest good checkpoint under `dir` (or the
+/// checkpoint folder `dir`) without training: evaluating or exporting a finished or interrupted
+/// run. `train` and `cfg` must be the run's, so that the data cursor and the optimizer match.
+pub fn restore(
+    model: &dyn Classifier,
+    train: Arc<EncodedDataset>,
+    cfg: &TrainConfig,
+    dir: &std::path::Path,
+) -> Result<(Restored, Optimizer)> {
+    cfg.validate()?;
+    let mut opt = Optimizer::new(model, cfg)?;
+    let mut gates = GateOptimizer::new(model, cfg)?;
+    let mut batcher = Batcher::new(train, cfg.batch.clone())?;
+    let restored = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?;
+    Ok((restored, opt))
+}
+
 /// Trains `model` on `train`, starting from `resume` if given. `evaluate` (if any) is called
 /// every `eval_every` steps and must return (accuracy, nll) of the mean prediction.
 pub fn run(
@@ -354,7 +376,11 @@ pub fn run(
     let total = cfg.total_steps(batcher.batches_per_epoch());
     let mut step = 0;
     if let Some(dir) = resume {
-        step = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?.step;
+        let restored = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?;
+        if let Some(note) = &restored.note {
+            observer.note(note);
+        }
+        step = restored.state.step;
     }
     if let Some(g) = &gates {
         if let Some(message) = g.unreachable_threshold(cfg, step, total)? {

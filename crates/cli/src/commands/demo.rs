@@ -60,7 +60,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         run_cfg.train.optimizer = kind;
         run_cfg.output = cfg.output.join(label);
         let loaded = pipeline::load_model(&run_cfg)?;
-        outcomes.push(pipeline::train_and_eval(&run_cfg, label, &data, false, loaded)?);
+        // The demo always starts over: an earlier demo's checkpoints and metrics are replaced.
+        pipeline::clear_outputs(&run_cfg)?;
+        outcomes.push(pipeline::train_and_eval(&run_cfg, label, &data, pipeline::Start::Fresh, loaded)?);
     }
     let results: Vec<_> = outcomes.iter().flat_map(|o| o.results.iter().cloned()).collect();
     println!("\n{}", bayeslora::eval::render_table(&results));

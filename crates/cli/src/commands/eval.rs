@@ -1,15 +1,15 @@
 //! `bayeslora eval RUN`: re-evaluates a run folder from its config and newest checkpoint.
-use super::pipeline;
+use super::pipeline::{self, Start};
 use crate::args::EvalArgs;
 use crate::config::RunConfig;
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
+use std::path::Path;
 use std::process::ExitCode;
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
-    let path = args.run.join("config.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}; is this a folder written by `bayeslora train`?", path.display()))?;
-    let mut cfg: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    // Paths in config.toml are taken relative to the run folder, so `eval RUN` reads and writes
+    // inside RUN whatever the current folder is.
+    let mut cfg = RunConfig::open_run(&args.run)?;
     if args.eval_file.is_some() {
         cfg.eval_file = args.eval_file;
     }
@@ -19,12 +19,30 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     if args.eval_limit.is_some() {
         cfg.eval_limit = args.eval_limit;
     }
-    // Resuming a finished run trains zero further steps and evaluates its final state.
+    let ckpt_dir = cfg.train.checkpoint_dir.clone().unwrap_or_else(|| cfg.output.join("checkpoints"));
+    if !has_checkpoint_folder(&ckpt_dir) {
+        bail!(
+            "{}: no checkpoint to evaluate; train the run first (bayeslora train -o {})",
+            ckpt_dir.display(),
+            args.run.display()
+        );
+    }
+    // The newest good checkpoint, as it is: an interrupted run is evaluated where it stopped.
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = bayeslora::data::TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
     let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
     let label = format!("{:?}", cfg.train.optimizer).to_lowercase();
-    let outcome = pipeline::train_and_eval(&cfg, &label, &data, true, loaded)?;
+    let outcome = pipeline::train_and_eval(&cfg, &label, &data, Start::Evaluate, loaded)?;
     println!("{}", bayeslora::eval::render_table(&outcome.results));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `dir` holds any `checkpoint-*` folder (good or damaged).
+fn has_checkpoint_folder(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("checkpoint-") && !name.ends_with(".partial") && e.path().is_dir()
+        })
+    })
 }

@@ -32,10 +32,7 @@ pub struct Run {
 
 /// Reads `<run>/config.toml`, loads its model and the newest checkpoint's adapter (and head).
 pub fn open_run(run: &Path) -> Result<Run> {
-    let path = run.join("config.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}; is this a folder written by `bayeslora train`?", path.display()))?;
-    let config: RunConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let config = RunConfig::open_run(run)?;
     let ckpt_root = config.train.checkpoint_dir.clone().unwrap_or_else(|| run.join("checkpoints"));
     let ckpt = Checkpoint::latest(&ckpt_root)
         .with_context(|| format!("no checkpoint under {}; train the run first", ckpt_root.display()))?;

@@ -106,8 +106,14 @@ pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel) ->
     let task = Task::from_name(&cfg.task)?;
     let decoder = matches!(model.backbone, Backbone::Llama(_));
     let t0 = std::time::Instant::now();
-    let train_set = data::load(&spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?)?;
-    let eval_set = data::load(&spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?)?;
+    let mut train_spec = spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?;
+    train_spec.num_classes = cfg.num_labels;
+    let train_set = data::load(&train_spec)?;
+    // The eval set is checked against the head the train set builds: a label the head has no
+    // class for is an error at load time, not a shape error at the first evaluation.
+    let mut eval_spec = spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?;
+    eval_spec.num_classes = (!task.is_regression()).then_some(train_set.num_classes);
+    let eval_set = data::load(&eval_spec)?;
     eprintln!(
         "{}: tokenizing {} training rows ({}) and {} evaluation rows ({})",
         task.name(),
@@ -144,7 +150,6 @@ pub struct RunOutcome {
     pub interrupted: bool,
 }
 
-/// Trains and evaluates one configuration; writes into `cfg.output`.
 /// The task model of a run: LoRA or B-LoRA adapters per `cfg.method`.
 pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
     Ok(match cfg.method {
@@ -153,11 +158,58 @@ pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, devi
     })
 }
 
+/// How [`train_and_eval`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Train from scratch (the output folder holds no earlier run, or it was cleared).
+    Fresh,
+    /// Continue from the newest good checkpoint.
+    Resume,
+    /// Train nothing: evaluate the newest good checkpoint (`bayeslora eval`); config.toml and
+    /// metrics.jsonl are left as they are.
+    Evaluate,
+}
+
+/// The files and folders a run writes into its output folder, besides `checkpoint_dir`.
+const RUN_OUTPUTS: &[&str] = &[
+    "config.toml",
+    "metrics.jsonl",
+    "results.json",
+    "adapter",
+    "checkpoints",
+    "reliability.png",
+    "reliability.svg",
+    "bops.json",
+    "bops.txt",
+    "bops_learned.png",
+    "bops_learned.svg",
+];
+
+/// The outputs of an earlier run in `cfg.output` (and its `checkpoint_dir`) that exist.
+pub fn existing_outputs(cfg: &RunConfig) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = RUN_OUTPUTS.iter().map(|n| cfg.output.join(n)).collect();
+    if let Some(dir) = &cfg.train.checkpoint_dir {
+        paths.push(dir.clone());
+    }
+    paths.into_iter().filter(|p| p.exists()).collect()
+}
+
+/// Removes the outputs of an earlier run (only the files a run writes; anything else in the
+/// folder stays).
+pub fn clear_outputs(cfg: &RunConfig) -> Result<()> {
+    for p in existing_outputs(cfg) {
+        let removed = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        removed.with_context(|| format!("removing {} (--overwrite)", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Trains (per `start`) and evaluates one configuration; writes into `cfg.output`.
 pub fn train_and_eval(
     cfg: &RunConfig,
     label: &str,
     data: &Data,
-    resume: bool,
+    start: Start,
     loaded: LoadedModel,
 ) -> Result<RunOutcome> {
     let device = device(&cfg.device)?;
@@ -166,12 +218,27 @@ pub fn train_and_eval(
     let model = build_model(cfg, loaded, num_labels, &device)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml()?)?;
-
     let mut train_cfg = cfg.train.clone();
-    train_cfg.checkpoint_dir.get_or_insert_with(|| out.join("checkpoints"));
-    let resume_dir = train_cfg.checkpoint_dir.clone().filter(|_| resume);
-    let mut progress = TrainProgress::new(label);
+    let ckpt_dir = train_cfg.checkpoint_dir.get_or_insert_with(|| out.join("checkpoints")).clone();
+    if start == Start::Evaluate {
+        let (restored, opt) = train::restore(&model, data.train.clone(), &train_cfg, &ckpt_dir)?;
+        if let Some(note) = &restored.note {
+            eprintln!("note: {note}");
+        }
+        let summary = train::TrainSummary {
+            steps: restored.state.step,
+            total_steps: restored.state.step,
+            interrupted: false,
+            final_loss: f32::NAN,
+            seconds: 0.0,
+            tokens: 0,
+        };
+        return evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt);
+    }
+    let config_path = out.join("config.toml");
+    std::fs::write(&config_path, cfg.to_toml()?).with_context(|| format!("writing {}", config_path.display()))?;
+    let resume_dir = (start == Start::Resume).then_some(ckpt_dir);
+    let mut progress = TrainProgress::new(label).with_metrics(&out.join("metrics.jsonl"), start == Start::Resume);
     // Periodic evaluation (`eval_every`): accuracy and NLL of the current mean on the eval set.
     let eval_device = device.clone();
     let eval_set = &data.eval;
@@ -192,10 +259,26 @@ pub fn train_and_eval(
         resume_dir.as_deref(),
         Some(&mut periodic),
     )?;
-    append_jsonl(&out.join("metrics.jsonl"), &progress.log)?;
     if summary.interrupted {
         eprintln!("{label}: interrupted at step {}; resume with --resume", summary.steps);
     }
+    evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt)
+}
+
+/// Evaluates the trained model (mean and posterior predictive) and writes results.json and the
+/// adapter folder.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_write(
+    cfg: &RunConfig,
+    label: &str,
+    data: &Data,
+    model: &TaskModel,
+    model_path: &Path,
+    device: &Device,
+    summary: train::TrainSummary,
+    opt: Optimizer,
+) -> Result<RunOutcome> {
+    let out = &cfg.output;
 
     let samples = match (&opt, cfg.train.optimizer) {
         (Optimizer::Ivon(_), OptimizerKind::Ivon) => cfg.eval.samples,
@@ -210,8 +293,8 @@ pub fn train_and_eval(
     let bar = eval_bar(label, (samples + 1) as u64);
     bar.set_message("evaluating (mean, then posterior samples)");
     let mut predictor = match &opt {
-        Optimizer::Ivon(ivon) => ModelPredictor::posterior(&model, ivon, &device, cfg.train.seed ^ 0xE7A1)?,
-        _ => ModelPredictor::point(&model, &device)?,
+        Optimizer::Ivon(ivon) => ModelPredictor::posterior(model, ivon, device, cfg.train.seed ^ 0xE7A1)?,
+        _ => ModelPredictor::point(model, device)?,
     };
     let evaluation = eval::evaluate(&mut predictor, &data.eval, &eval_cfg)?;
     predictor.restore()?;
@@ -250,7 +333,7 @@ pub fn train_and_eval(
         Optimizer::Ivon(ivon) => Some(ivon.posterior()),
         _ => None,
     };
-    super::export::write_adapter(&model, cfg, &model_path, posterior.as_ref(), &out.join("adapter"))?;
+    super::export::write_adapter(model, cfg, model_path, posterior.as_ref(), &out.join("adapter"))?;
     Ok(RunOutcome {
         label: label.into(),
         results,
@@ -260,23 +343,6 @@ pub fn train_and_eval(
         tokens_per_second: summary.tokens as f64 / summary.seconds.max(1e-9),
         interrupted: summary.interrupted,
     })
-}
-
-/// Appends one JSON object per line (a resumed run continues the same log).
-fn append_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
-    use std::io::Write;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    for r in rows {
-        writeln!(f, "{r}").with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
 }
 
 /// Writes pretty JSON through a temporary file and a rename.

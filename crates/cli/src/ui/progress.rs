@@ -3,9 +3,16 @@
 //! so a plain line with the same fields is printed every [`PLAIN_EVERY`] seconds instead.
 //! Ctrl-C sets a flag that makes the next `step` return `Break`, so the loop checkpoints and
 //! stops cleanly.
+//!
+//! With [`TrainProgress::with_metrics`] every row of the log is also appended to
+//! `metrics.jsonl` and flushed at once, so a killed run keeps its history and the file can be
+//! followed live; a resumed run first cuts the file back to the checkpoint's step, so no step
+//! appears twice.
 use bayeslora::train::{Observer, StepInfo};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +54,9 @@ pub struct TrainProgress {
     pub log: Vec<serde_json::Value>,
     /// (step, accuracy, nll) of the periodic evaluations.
     pub evals: Vec<(usize, f64, f64)>,
+    /// `metrics.jsonl` and whether the run resumes; opened at `begin`, rows before it wait.
+    metrics: Option<(PathBuf, bool)>,
+    file: Option<std::fs::File>,
 }
 
 impl TrainProgress {
@@ -72,8 +82,83 @@ impl TrainProgress {
             interrupt: interrupt_flag(),
             log: Vec::new(),
             evals: Vec::new(),
+            metrics: None,
+            file: None,
         }
     }
+
+    /// Also appends every row to `path` (flushed per row). A fresh run (`resume` false) starts
+    /// the file empty; a resumed one keeps the rows up to the step it resumes from.
+    pub fn with_metrics(mut self, path: &Path, resume: bool) -> Self {
+        self.metrics = Some((path.to_path_buf(), resume));
+        self
+    }
+
+    /// Logs one row, and writes it through when the metrics file is open.
+    fn record(&mut self, row: serde_json::Value) {
+        if let Some(f) = self.file.as_mut() {
+            if let Err(e) = writeln!(f, "{row}").and_then(|()| f.flush()) {
+                let path = self.metrics.as_ref().map(|(p, _)| p.display().to_string()).unwrap_or_default();
+                eprintln!("warning: {path}: {e}; training goes on without writing metrics");
+                self.file = None;
+            }
+        }
+        self.log.push(row);
+    }
+
+    /// Opens the metrics file at the start of training (`start_step`: where it resumes) and
+    /// writes the rows logged so far (notes before the first step).
+    fn open_metrics(&mut self, start_step: usize) {
+        let Some((path, resume)) = self.metrics.clone() else {
+            return;
+        };
+        let opened = if resume {
+            truncate_after_step(&path, start_step)
+                .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
+        } else {
+            std::fs::File::create(&path)
+        };
+        match opened {
+            Ok(mut f) => {
+                let pending: String = self.log.iter().map(|r| format!("{r}\n")).collect();
+                match f.write_all(pending.as_bytes()).and_then(|()| f.flush()) {
+                    Ok(()) => self.file = Some(f),
+                    Err(e) => eprintln!("warning: {}: {e}; training goes on without writing metrics", path.display()),
+                }
+            }
+            Err(e) => eprintln!("warning: {}: {e}; training goes on without writing metrics", path.display()),
+        }
+    }
+}
+
+/// Cuts `metrics.jsonl` before its first row of a step after `step`, and before a torn or
+/// unreadable last line (a kill in the middle of a write). Rows without a step (notes) before
+/// that point stay. A missing file is fine.
+pub fn truncate_after_step(path: &Path, step: usize) -> std::io::Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut keep = 0;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let Ok(row) = serde_json::from_slice::<serde_json::Value>(line) else {
+            break;
+        };
+        if row.get("step").and_then(serde_json::Value::as_u64).is_some_and(|s| s > step as u64) {
+            break;
+        }
+        keep += line.len();
+    }
+    if keep < bytes.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(())
 }
 
 impl TrainProgress {
@@ -97,6 +182,7 @@ impl Observer for TrainProgress {
         self.bar.set_position(start_step as u64);
         self.bar.reset_eta();
         self.started = Instant::now();
+        self.open_metrics(start_step);
     }
 
     fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
@@ -121,7 +207,7 @@ impl Observer for TrainProgress {
                 );
             }
         }
-        self.log.push(serde_json::json!({
+        self.record(serde_json::json!({
             "run": self.label, "step": info.step, "loss": info.loss, "lr": info.lr,
             "tokens": info.tokens, "seconds": info.seconds,
         }));
@@ -134,13 +220,13 @@ impl Observer for TrainProgress {
 
     fn eval(&mut self, step: usize, accuracy: f64, nll: f64) {
         self.evals.push((step, accuracy, nll));
-        self.log.push(serde_json::json!({ "run": self.label, "step": step, "eval_acc": accuracy, "eval_nll": nll }));
+        self.record(serde_json::json!({ "run": self.label, "step": step, "eval_acc": accuracy, "eval_nll": nll }));
         self.say(format!("{:>10} step {step}: eval acc {:.2}% nll {nll:.4}", self.label, 100.0 * accuracy));
     }
 
     fn note(&mut self, message: &str) {
         self.say(format!("note: {message}"));
-        self.log.push(serde_json::json!({ "run": self.label, "note": message }));
+        self.record(serde_json::json!({ "run": self.label, "note": message }));
     }
 
     fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {
