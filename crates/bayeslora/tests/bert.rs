@@ -209,3 +209,28 @@ fn minilm_matches_transformers() -> Result<()> {
     check("minilm pooled", &bert.pooled(&hidden, &ctx)?, &to_tensor(&want["pooled"])?, TOL)?;
     Ok(())
 }
+
+/// transformers writes `"architectures": null` for models built from a config; such a folder
+/// loads through `model_type` (BERT here, a Llama-family decoder in `tests/llama.rs` alike).
+#[test]
+fn config_with_null_architectures_loads() -> Result<()> {
+    let src = fixtures().join("tiny");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&src).expect("fixture") {
+        let p = entry.expect("entry").path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().expect("name"))).expect("copy");
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("config")).expect("json");
+    cfg["architectures"] = serde_json::Value::Null;
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+    let (bert, _) = load_bert(tmp.path())?;
+    let io = io()?;
+    let (ids, types, mask) = inputs(&io)?;
+    let want = bert.forward(&ids, Some(&types), &mask, &Ctx::eval())?;
+    let (orig, _) = load_bert(&src)?;
+    let got = orig.forward(&ids, Some(&types), &mask, &Ctx::eval())?;
+    assert_eq!(want.flatten_all()?.to_vec1::<f32>()?, got.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
+}

@@ -88,7 +88,8 @@ pub struct RawRopeParameters {
 /// tokenizer fields that do not concern the backbone.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlamaRawConfig {
-    #[serde(default)]
+    /// `null` (transformers writes it for a model built from a config) reads as empty.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub architectures: Vec<String>,
     /// The fallback when `architectures` is absent (`llama`, `mistral`, `qwen2`).
     pub model_type: Option<String>,
@@ -113,6 +114,10 @@ pub struct LlamaRawConfig {
     pub hidden_act: Option<String>,
     /// Ignored (see the module doc).
     pub sliding_window: Option<usize>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -681,6 +686,16 @@ mod tests {
             r#"{{"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8,
                 "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2 {extra}}}"#
         )
+    }
+
+    /// `"architectures": null` (transformers writes it for a model built from a config) falls
+    /// back to `model_type`, as an absent key does.
+    #[test]
+    fn null_architectures_fall_back_to_model_type() -> Result<()> {
+        let f = Path::new("config.json");
+        let text = raw(r#", "model_type": "qwen2""#).replace(r#"["LlamaForCausalLM"]"#, "null");
+        assert_eq!(LlamaConfig::from_json(&text, f)?.variant, LlamaVariant::Qwen2);
+        Ok(())
     }
 
     #[test]
