@@ -2,7 +2,7 @@
 //! golden fixtures, bad inputs), and the real SmolLM2-135M-Instruct Q4_1 asset against
 //! transformers (`tests/fixtures/gguf/smollm2.json`, `scripts/fixtures/make_llama_fixtures.py`).
 use bayeslora::adapters::Ctx;
-use bayeslora::models::gguf;
+use bayeslora::models::{gguf, Backbone};
 use bayeslora::{Error, Result};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -308,6 +308,61 @@ fn smollm2_lora_backward() -> Result<()> {
     for (name, var) in adapters.named_vars().iter().filter(|(n, _)| n.contains("lora_B")) {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "zero gradient for {name}");
+    }
+    Ok(())
+}
+
+/// `merge` from a GGUF base: the adapter is folded into the dequantized weights and written as a
+/// safetensors HF folder (config.json in transformers' spelling, tokenizer.json rebuilt from the
+/// GGUF vocabulary) that loads without the GGUF and computes the adapted model's logits.
+#[test]
+fn merge_from_gguf_writes_a_loadable_hf_folder() -> Result<()> {
+    use bayeslora::adapters::lora::{LoraConfig, TargetModules};
+    use bayeslora::models::{self, LoadOptions};
+    use bayeslora::train::TaskModel;
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (arch, fixture) in [("qwen2", "qwen2"), ("llama", "mistral")] {
+        let path = tmp.path().join(format!("{fixture}.gguf"));
+        write_gguf(&path, arch, fixture, &[])?;
+        let loaded = models::load(&path, &LoadOptions::default())?;
+        let lora = LoraConfig {
+            r: 2,
+            lora_alpha: 4.0,
+            target_modules: Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into(), "down_proj".into()])),
+            ..LoraConfig::default()
+        };
+        let model = TaskModel::build(loaded, &lora, 2, 3, &Device::Cpu)?;
+        for (_, layer) in &model.adapters.layers {
+            let b = layer.lora_b();
+            b.set(&Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu)?)?;
+        }
+        let out = tmp.path().join(format!("{fixture}-merged"));
+        bayeslora::export::merge(&model, &path, &out)?;
+        for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.join(f).is_file(), "{fixture}: {f} missing");
+        }
+        let merged = models::load(&out, &LoadOptions::default())?;
+        let (Backbone::Llama(a), Backbone::Llama(m)) = (&model.backbone, &merged.backbone) else {
+            panic!("{fixture}: not a decoder")
+        };
+        assert_eq!(a.config(), m.config(), "{fixture}: config.json reads back as the GGUF's config");
+        let ids = Tensor::new(&[[3u32, 7, 1, 9, 4]], &Device::Cpu)?;
+        let mask = Tensor::ones((1, 5), DType::F32, &Device::Cpu)?;
+        let want = a.lm_logits(&a.forward(&ids, &mask, &Ctx::eval())?)?;
+        let got = m.lm_logits(&m.forward(&ids, &mask, &Ctx::eval())?)?;
+        let base = models::load(&path, &LoadOptions::default())?;
+        let Backbone::Llama(b) = &base.backbone else { panic!("decoder") };
+        let plain = b.lm_logits(&b.forward(&ids, &mask, &Ctx::eval())?)?;
+        assert!(max_err(&plain, &want) > 1e-3, "{fixture}: the adapter changes the logits");
+        let err = max_err(&got, &want);
+        println!("{fixture}: merged GGUF vs adapted GGUF, logits max abs err {err:.3e}");
+        assert!(err < 1e-4, "{fixture}: {err}");
+        let text = "ab ab<|endoftext|>";
+        let enc = |t: &tokenizers::Tokenizer| t.encode(text, false).map(|e| e.get_ids().to_vec());
+        assert_eq!(
+            enc(merged.tokenizer()?).map_err(|e| Error::Tokenizer(e.to_string()))?,
+            enc(base.tokenizer()?).map_err(|e| Error::Tokenizer(e.to_string()))?
+        );
     }
     Ok(())
 }

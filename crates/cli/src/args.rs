@@ -337,6 +337,11 @@ pub struct ExportArgs {
     /// The adapter folder to write.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// `base_model_name_or_path` written into adapter_config.json (default: the run's model
+    /// path). A run on a GGUF file names the .gguf, which peft's AutoPeftModel* cannot open:
+    /// pass the folder `bayeslora merge` wrote, or the base's hub id.
+    #[arg(long)]
+    pub base_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

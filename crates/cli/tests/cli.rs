@@ -157,6 +157,20 @@ fn tiny_real_run_trains_evaluates_and_resumes() {
     let task: serde_json::Value =
         serde_json::from_slice(&std::fs::read(exported.join("adapter_task.json")).unwrap()).unwrap();
     assert_eq!(task, serde_json::json!({ "task": "sst2", "labels": ["negative", "positive"] }));
+    // --base-name sets the base peft's AutoPeftModel* resolves (a run on a GGUF names the file).
+    let named = dir.path().join("named");
+    let o = bayeslora(&[
+        "export",
+        out.to_str().unwrap_or_default(),
+        "-o",
+        named.to_str().unwrap_or_default(),
+        "--base-name",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(named.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "sentence-transformers/all-MiniLM-L6-v2");
     let merged = dir.path().join("merged");
     let o = bayeslora(&["merge", out.to_str().unwrap_or_default(), "-o", merged.to_str().unwrap_or_default()]);
     assert!(o.status.success(), "{}", stderr(&o));

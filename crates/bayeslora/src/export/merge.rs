@@ -30,8 +30,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             single,
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "merge needs a safetensors model folder (model.safetensors or a sharded index; \
-                 GGUF files cannot be merged)",
+                "merge needs a safetensors model folder (model.safetensors or a sharded index) or a .gguf file",
             ),
         ));
     }
@@ -57,14 +56,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// learned rank with their quantized weights, and refused when they quantize activations or the
 /// base (no weight can reproduce that). Returns the weights file.
 pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> {
-    let files = weight_files(base_dir)?;
-    // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the files must
-    // not be truncated or modified while we hold them.
-    let st = unsafe { MmapedSafetensors::multi(&files) }
-        .map_err(|e| Error::BadFile { file: files.first().cloned().unwrap_or_default(), reason: e.to_string() })?;
-    let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let base = Base::open(base_dir)?;
+    let mut names = base.names();
     names.sort();
-    let file_of = |_: &str| files.first().cloned().unwrap_or_default();
+    let file_of = |_: &str| base.file();
 
     if matches!(model.backbone, Backbone::DebertaV2(_)) {
         return Err(Error::config(
@@ -133,9 +128,7 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
         let Some(out_name) = rename(name) else {
             continue;
         };
-        let t = st
-            .load(name, &Device::Cpu)
-            .map_err(|e| Error::BadFile { file: file_of(name), reason: format!("`{name}`: {e}") })?;
+        let t = base.load(name)?;
         let t = match deltas.get(name) {
             Some((s, a, b)) => {
                 let (a, b) = (a.to_device(&Device::Cpu)?, b.to_device(&Device::Cpu)?);
@@ -159,7 +152,7 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
         let missing = deltas.keys().find(|k| !names.contains(k)).cloned().unwrap_or_default();
         return Err(Error::MissingTensor { file: file_of(&missing), name: missing });
     }
-    let (config_path, mut config) = crate::models::config::read_config_json(base_dir)?;
+    let (config_path, mut config) = base.config_json()?;
     if let (true, Some(head)) = (as_seq_cls, &model.head) {
         for (n, v) in head.named_vars() {
             tensors.insert(n, v.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
@@ -184,12 +177,112 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     atomic::write_safetensors(&weights, &tensors, Some(metadata))?;
     atomic::write_json(&out.join("config.json"), &config)?;
-    for f in COPIED {
-        let src = base_dir.join(f);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            atomic::write(&out.join(f), &bytes)?;
+    base.write_tokenizer(out)?;
+    Ok(weights)
+}
+
+/// The base model a merge starts from: a safetensors HF folder, or a GGUF file (dequantized to
+/// f32, with a transformers config.json and tokenizer.json rebuilt from its metadata, so the
+/// merged folder loads in transformers without the GGUF).
+enum Base {
+    Folder { dir: PathBuf, files: Vec<PathBuf>, st: MmapedSafetensors },
+    Gguf { file: PathBuf, ckpt: Box<crate::models::gguf::GgufCheckpoint> },
+}
+
+impl Base {
+    fn open(path: &Path) -> Result<Base> {
+        if path.is_file() && crate::models::gguf::is_gguf(path) {
+            let ckpt = crate::models::gguf::read(path)?;
+            return Ok(Base::Gguf { file: path.to_path_buf(), ckpt: Box::new(ckpt) });
+        }
+        let files = weight_files(path)?;
+        // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the files
+        // must not be truncated or modified while we hold them.
+        let st = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::BadFile { file: files.first().cloned().unwrap_or_default(), reason: e.to_string() })?;
+        Ok(Base::Folder { dir: path.to_path_buf(), files, st })
+    }
+
+    fn names(&self) -> Vec<String> {
+        match self {
+            Base::Folder { st, .. } => st.tensors().into_iter().map(|(n, _)| n).collect(),
+            Base::Gguf { ckpt, .. } => ckpt.weights.names(),
         }
     }
-    Ok(weights)
+
+    /// The file errors name.
+    fn file(&self) -> PathBuf {
+        match self {
+            Base::Folder { files, .. } => files.first().cloned().unwrap_or_default(),
+            Base::Gguf { file, .. } => file.clone(),
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<Tensor> {
+        match self {
+            Base::Folder { st, .. } => st
+                .load(name, &Device::Cpu)
+                .map_err(|e| Error::BadFile { file: self.file(), reason: format!("`{name}`: {e}") }),
+            Base::Gguf { ckpt, .. } => ckpt.weights.get_unchecked(name, DType::F32, &Device::Cpu),
+        }
+    }
+
+    fn config_json(&self) -> Result<(PathBuf, Value)> {
+        match self {
+            Base::Folder { dir, .. } => crate::models::config::read_config_json(dir),
+            Base::Gguf { file, ckpt } => {
+                let mut v = ckpt.config.to_hf_json("float32");
+                let t = &ckpt.special_tokens;
+                for (key, id) in [("bos_token_id", t.bos), ("eos_token_id", t.eos), ("pad_token_id", t.pad)] {
+                    if let Some(id) = id {
+                        v[key] = json!(id);
+                    }
+                }
+                Ok((file.clone(), v))
+            }
+        }
+    }
+
+    /// The tokenizer files: copied from a folder; from a GGUF, `tokenizer.json` (the tokenizer
+    /// rebuilt from its vocabulary) and a `tokenizer_config.json` naming its special tokens and
+    /// chat template.
+    fn write_tokenizer(&self, out: &Path) -> Result<()> {
+        match self {
+            Base::Folder { dir, .. } => {
+                for f in COPIED {
+                    let src = dir.join(f);
+                    if src.is_file() {
+                        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                        atomic::write(&out.join(f), &bytes)?;
+                    }
+                }
+                Ok(())
+            }
+            Base::Gguf { file, ckpt } => {
+                let text = ckpt
+                    .tokenizer
+                    .to_string(false)
+                    .map_err(|e| Error::BadFile { file: file.clone(), reason: format!("tokenizer: {e}") })?;
+                atomic::write(&out.join("tokenizer.json"), text.as_bytes())?;
+                let token = |id: Option<u32>| id.and_then(|i| ckpt.tokenizer.id_to_token(i));
+                let t = &ckpt.special_tokens;
+                let mut cfg = json!({
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": ckpt.config.max_position_embeddings,
+                    "clean_up_tokenization_spaces": false,
+                });
+                for (key, id) in
+                    [("bos_token", t.bos), ("eos_token", t.eos), ("pad_token", t.pad), ("unk_token", t.unk)]
+                {
+                    if let Some(tok) = token(id) {
+                        cfg[key] = json!(tok);
+                    }
+                }
+                if let Some(template) = &ckpt.chat_template {
+                    cfg["chat_template"] = json!(template);
+                }
+                atomic::write_json(&out.join("tokenizer_config.json"), &cfg)
+            }
+        }
+    }
 }

@@ -67,6 +67,15 @@ impl LlamaVariant {
             _ => None,
         }
     }
+
+    /// The transformers class (`architectures[0]`) and `model_type` of this variant.
+    pub fn hf_names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Llama => ("LlamaForCausalLM", "llama"),
+            Self::Mistral => ("MistralForCausalLM", "mistral"),
+            Self::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        }
+    }
 }
 
 /// RoPE parameters as config.json spells them: transformers 4's `rope_scaling` (with `type` or
@@ -114,6 +123,46 @@ pub struct LlamaRawConfig {
     pub hidden_act: Option<String>,
     /// Ignored (see the module doc).
     pub sliding_window: Option<usize>,
+}
+
+impl LlamaConfig {
+    /// A transformers config.json for this config (the weights in `torch_dtype`), e.g. for a
+    /// model folder written from a GGUF file: reading it back with [`LlamaConfig::from_json`]
+    /// gives this config again.
+    pub fn to_hf_json(&self, torch_dtype: &str) -> serde_json::Value {
+        let (arch, model_type) = self.variant.hf_names();
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": torch_dtype,
+        });
+        if self.variant == LlamaVariant::Llama {
+            v["attention_bias"] = serde_json::json!(self.qkv_bias);
+            v["mlp_bias"] = serde_json::json!(self.mlp_bias);
+        }
+        if let Some(r) = &self.rope_scaling {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": r.factor,
+                "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings,
+            });
+        }
+        v
+    }
 }
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {

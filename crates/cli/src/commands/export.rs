@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 pub fn run(args: ExportArgs) -> Result<ExitCode> {
     let run = open_run(&args.run)?;
-    write_adapter(&run.model, &run.config, &run.base, run.posterior.as_ref(), &args.output)?;
+    let base_name = args.base_name.clone().unwrap_or_else(|| run.base.display().to_string());
+    write_adapter(&run.model, &run.config, &base_name, run.posterior.as_ref(), &args.output)?;
     let n = run.model.adapters.len() + run.model.blora.len();
     let sidecar =
         if run.posterior.is_some() && run.config.method == Method::Lora { ", IVON posterior sidecar" } else { "" };
@@ -90,7 +91,7 @@ pub fn adapter_num_labels(dir: &Path) -> Result<Option<usize>> {
 pub fn write_adapter(
     model: &TaskModel,
     cfg: &RunConfig,
-    base: &Path,
+    base_name: &str,
     posterior: Option<&ivon::Posterior>,
     dir: &Path,
 ) -> Result<()> {
@@ -99,8 +100,7 @@ pub fn write_adapter(
     let labels = if num_labels > 0 { task.class_names(num_labels) } else { Vec::new() };
     export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels })?;
     if cfg.method == Method::Blora {
-        let base_name = base.display().to_string();
-        let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(&base_name))
+        let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(base_name))
             .with_context(|| format!("exporting the B-LoRA adapter to {}", dir.display()))?;
         let compressed_dir = dir.join("compressed");
         let compressed = export::save_compressed(&compressed_dir, model, &model.blora, &cfg.blora)
@@ -110,7 +110,7 @@ pub fn write_adapter(
         return Ok(());
     }
     let mut opts = ExportOptions::new(cfg.lora.clone());
-    opts.base_model_name_or_path = Some(base.display().to_string());
+    opts.base_model_name_or_path = Some(base_name.to_string());
     let extras = [
         ("task", serde_json::json!(cfg.task)),
         ("optimizer", serde_json::to_value(cfg.train.optimizer)?),

@@ -333,7 +333,13 @@ fn evaluate_and_write(
         Optimizer::Ivon(ivon) => Some(ivon.posterior()),
         _ => None,
     };
-    super::export::write_adapter(model, cfg, model_path, posterior.as_ref(), &out.join("adapter"))?;
+    super::export::write_adapter(
+        model,
+        cfg,
+        &model_path.display().to_string(),
+        posterior.as_ref(),
+        &out.join("adapter"),
+    )?;
     Ok(RunOutcome {
         label: label.into(),
         results,
