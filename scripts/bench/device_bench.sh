@@ -9,14 +9,18 @@
 #
 # Here (no GPU), once:  ../shared/gpu/cuda-build.sh -p bayeslora-cli --features cuda
 #   (writes .device/bayeslora.xz; add '/.device/' to .git/info/exclude once) and put the ivon-opt
-#   wheel next to it:  python3 -m pip download --no-deps ivon-opt==0.1.3 -d .device
+#   and Liger-Kernel wheels next to it (pure Python; Liger needs the GPU machine's Triton):
+#   python3 -m pip download --no-deps ivon-opt==0.1.3 liger-kernel -d .device
 # Then with the device tool, carrying .device:
 #   run(command="bash scripts/bench/device_bench.sh", carry=[".device"], timeout_s=600)
 # Settings (environment): STACKS="pytorch bayeslora" (which, in that order), ONLY=REGEX (run ids
 # to keep, e.g. 'smollm2|4x512'), RUN_TIMEOUT=150 (seconds per bayeslora run and per anchor run),
 # DEADLINE=570 (seconds for the whole script: no run starts that could not finish before it),
 # STEPS=8, WARMUP=3, DEVICE=cuda, DTYPE=bf16 (of our runs; the anchor is always CUDA bf16), BIN
-# (our binary, default .device/bayeslora), SMOKE=1 (two runs of configs/bench/tiny.json instead).
+# (our binary, default .device/bayeslora), SMOKE=1 (two runs of configs/bench/tiny.json instead),
+# VARIANTS="eager compile liger" (the PyTorch paths timed per anchor run; torch.compile's
+# compilation is in its warm-up and reported as time_to_first_step_s; table.md pairs each of our
+# rows with the fastest variant).
 #
 # Writes under $OUT (default ./bench-out): bayeslora.jsonl and pytorch.jsonl (one JSON object per
 # run, the anchor's fields opt, targets, bsz, seq, step_ms, tokens_per_s, peak_gib, mfu_vs_989 plus
@@ -76,6 +80,15 @@ if ! python3 -c "import ivon" 2>/dev/null; then
   fi
   python3 -c "import ivon" 2>/dev/null || echo "note: ivon-opt not importable (no .device/ivon_opt-*.whl?): the anchor's IVON rows are skipped"
 fi
+VARIANTS=${VARIANTS:-"eager compile liger"}
+if [[ $VARIANTS == *liger* ]] && ! python3 -c "import liger_kernel" 2>/dev/null; then
+  if ls .device/liger_kernel-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/liger-site .device/liger_kernel-*.whl \
+      && export PYTHONPATH=/tmp/liger-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -c "import liger_kernel" 2>/dev/null || echo "note: liger-kernel not importable (no .device/liger_kernel-*.whl?): its rows are errors"
+fi
+variant_flags=(); for v in $VARIANTS; do variant_flags+=(--variant "$v"); done
 
 error_row() { # stack id shape bsz seq targets opt message
   python3 - "$@" <<'EOF'
@@ -95,11 +108,11 @@ run_pytorch() {
   done
   ((${#ids[@]})) || return 0
   # One process for all anchor runs (each builds its own model); give it a per-run share of the time.
-  local t=$((RUN_TIMEOUT * ${#ids[@]})) l; l=$(left); ((t > l - 5)) && t=$((l - 5))
+  local t=$((RUN_TIMEOUT * ${#ids[@]} * ${#variant_flags[@]} / 2)) l; l=$(left); ((t > l - 5)) && t=$((l - 5))
   ((t > 20)) || { echo "pytorch: no time left"; return 0; }
   echo "== pytorch: ${ids[*]} (timeout ${t}s)"
   timeout -k 10 "$t" python3 scripts/bench/torch_anchor.py --steps "$STEPS" --warmup "$WARMUP" \
-    --out "$OUT/pytorch.jsonl" "${specs[@]}" || echo "pytorch: exit $? (rows written so far are kept)"
+    --out "$OUT/pytorch.jsonl" "${variant_flags[@]}" "${specs[@]}" || echo "pytorch: exit $? (rows written so far are kept)"
 }
 
 run_bayeslora() {

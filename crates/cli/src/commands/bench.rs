@@ -87,11 +87,14 @@ struct MemoryProbe {
     device: Device,
     peak: u64,
     name: String,
+    /// When the first optimizer step ended (the time to first step: model build + first step;
+    /// we compile nothing before it).
+    first_step: Option<Instant>,
 }
 
 impl MemoryProbe {
     fn new(device: &Device) -> Self {
-        let mut p = MemoryProbe { device: device.clone(), peak: 0, name: String::new() };
+        let mut p = MemoryProbe { device: device.clone(), peak: 0, name: String::new(), first_step: None };
         p.sample();
         p
     }
@@ -117,6 +120,10 @@ impl MemoryProbe {
 
 impl Observer for MemoryProbe {
     fn step(&mut self, _info: &StepInfo) -> ControlFlow<()> {
+        if self.first_step.is_none() {
+            let _ = self.device.synchronize();
+            self.first_step = Some(Instant::now());
+        }
         self.sample();
         ControlFlow::Continue(())
     }
@@ -363,6 +370,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         args.objective.unwrap_or(if random { BenchObjective::CausalLm } else { BenchObjective::LabelWords });
     let mut rows = Vec::new();
     for kind in kinds {
+        let built = Instant::now();
         let mut memory = MemoryProbe::new(&device);
         let (loaded, n_frozen) = match &args.shape {
             Some(path) => random_model(path, dtype, &device, cfg.train.seed)?,
@@ -431,6 +439,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             "tokens_per_s": tok_s.round(),
             "peak_gib": round(memory.peak as f64 / (1u64 << 30) as f64, 2),
             "mfu_vs_989": round(flops / ANCHOR_PEAK_FLOPS, 3),
+            "time_to_first_step_s": memory.first_step.map(|t| round((t - built).as_secs_f64(), 2)),
             // Ours.
             "stack": "bayeslora",
             "version": env!("CARGO_PKG_VERSION"),
@@ -637,6 +646,7 @@ mod tests {
             let tok = r["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
             assert!(tok.is_finite() && tok > 0.0, "{r}");
             assert!(r["step_ms"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+            assert!(r["time_to_first_step_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
             assert_eq!(r["bsz"], 2);
             assert_eq!(r["seq"], 16);
             assert_eq!(r["steps"], 2);
