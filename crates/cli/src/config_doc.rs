@@ -45,6 +45,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("blora.cost", "what the prior penalizes: bops or bits"),
     ("blora.mu", "prior strength μ: loss = task + μ · Σ gate priors"),
     ("blora.gate_lr", "learning rate of the gate logits (AdamW)"),
+    ("blora.mu_warmup_steps", "prior warm-up: μ grows linearly to its value over N steps (0: off)"),
     ("train.optimizer", "ivon, adamw or sgd"),
     ("train.epochs", "passes over the training data (when max_steps is unset)"),
     ("train.max_steps", "optimizer steps (overrides epochs)"),

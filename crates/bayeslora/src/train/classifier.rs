@@ -25,6 +25,8 @@ pub struct TaskModel {
     pub blora: AttachedBLora,
     /// B-LoRA's prior strength μ (the loss adds μ · Σ layer priors).
     pub blora_mu: f64,
+    /// B-LoRA's prior warm-up in steps ([`BLoraConfig::mu_warmup_steps`]; 0: none).
+    pub blora_mu_warmup: usize,
     /// Encoders only.
     pub head: Option<SequenceClassificationHead>,
 }
@@ -61,7 +63,12 @@ impl TaskModel {
         let cfg = blora.clone().with_default_targets(arch);
         let attached = attach_blora(&mut backbone, &cfg, seed, device)?;
         let head = head_for(&backbone, &weights, num_labels, seed ^ 0x4EAD, device)?;
-        Ok(TaskModel { blora: attached, blora_mu: cfg.mu, ..TaskModel::bare(backbone, head) })
+        Ok(TaskModel {
+            blora: attached,
+            blora_mu: cfg.mu,
+            blora_mu_warmup: cfg.mu_warmup_steps,
+            ..TaskModel::bare(backbone, head)
+        })
     }
 
     /// A backbone without adapters (attach later, e.g. by `export::load_peft`).
@@ -71,6 +78,7 @@ impl TaskModel {
             adapters: AttachedAdapters::default(),
             blora: AttachedBLora::default(),
             blora_mu: 0.0,
+            blora_mu_warmup: 0,
             head,
         }
     }
@@ -98,6 +106,16 @@ pub fn head_for(
         )?),
         _ => None,
     })
+}
+
+/// The prior's weight at optimizer step `step` (0-based) under a linear warm-up of `warmup`
+/// steps: (step + 1) / warmup, then 1.
+pub fn prior_ramp(step: usize, warmup: usize) -> f64 {
+    if warmup == 0 {
+        1.0
+    } else {
+        ((step + 1) as f64 / warmup as f64).min(1.0)
+    }
 }
 
 impl Classifier for TaskModel {
@@ -146,6 +164,10 @@ impl Classifier for TaskModel {
         name.contains(GATE_MARK)
     }
 
+    fn regularizer_weight(&self, step: usize) -> f64 {
+        prior_ramp(step, self.blora_mu_warmup)
+    }
+
     fn regularizer(&self) -> Result<Option<Tensor>> {
         match self.blora.regularizer()? {
             Some(prior) if self.blora_mu != 0.0 => Ok(Some(prior.affine(self.blora_mu, 0.0)?)),
@@ -160,5 +182,20 @@ impl Classifier for TaskModel {
 
     fn load_buffers(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
         self.blora.set_ranges_with_prefix("", saved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prior_ramp;
+
+    #[test]
+    fn prior_warms_up_linearly_then_stays() {
+        assert_eq!(prior_ramp(0, 0), 1.0);
+        assert_eq!(prior_ramp(7, 0), 1.0);
+        assert_eq!(prior_ramp(0, 4), 0.25);
+        assert_eq!(prior_ramp(1, 4), 0.5);
+        assert_eq!(prior_ramp(3, 4), 1.0);
+        assert_eq!(prior_ramp(100, 4), 1.0);
     }
 }

@@ -52,6 +52,11 @@ pub trait Classifier {
     fn regularizer(&self) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The factor on [`Classifier::regularizer`] at optimizer step `step` (0-based): B-LoRA's
+    /// prior warm-up (`mu_warmup_steps`); 1 otherwise.
+    fn regularizer_weight(&self, _step: usize) -> f64 {
+        1.0
+    }
     /// State that is not trained but must survive a resume (B-LoRA's quantizer ranges, fixed
     /// at the first forward), with stable names; restored by [`Classifier::load_buffers`].
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
@@ -414,7 +419,7 @@ pub fn run(
                     sum += o.with_sample(|s| -> Result<f32> {
                         let mut acc = 0.0;
                         for (i, b) in micro.iter().enumerate() {
-                            let (objective, task) = objective(model, b, &ctx_for(i))?;
+                            let (objective, task) = objective(model, b, &ctx_for(i), step)?;
                             acc += task;
                             let grads = crate::ops::backward(&objective)?;
                             if let Some(g) = gate_grads.as_mut() {
@@ -438,7 +443,7 @@ pub fn run(
                 let mut weight_grads = GradMean::new(&vars);
                 let mut loss_sum = 0.0f32;
                 for (i, b) in micro.iter().enumerate() {
-                    let (objective, task) = objective(model, b, &ctx_for(i))?;
+                    let (objective, task) = objective(model, b, &ctx_for(i), step)?;
                     loss_sum += task;
                     let grads = crate::ops::backward(&objective)?;
                     if let Some(g) = gate_grads.as_mut() {
@@ -506,13 +511,16 @@ pub fn run(
 }
 
 /// The training objective of one micro-batch (task loss + the model's regulariser, if any) and
-/// the task loss alone, which is what the run reports. A non-finite regulariser surfaces as a
-/// non-finite objective in the step's loss check.
-fn objective(model: &dyn Classifier, batch: &BatchTensors, ctx: &Ctx) -> Result<(Tensor, f32)> {
+/// the task loss alone, which is what the run reports. The regulariser is weighted by the model's
+/// schedule at `step`. A non-finite regulariser surfaces as a non-finite objective in the step's
+/// loss check.
+fn objective(model: &dyn Classifier, batch: &BatchTensors, ctx: &Ctx, step: usize) -> Result<(Tensor, f32)> {
     let task = loss(&model.logits(batch, ctx)?, batch)?;
     let task_value = task.to_scalar::<f32>()?;
     match model.regularizer()? {
         Some(reg) => {
+            let weight = model.regularizer_weight(step);
+            let reg = if weight == 1.0 { reg } else { reg.affine(weight, 0.0)? };
             let reg_value = reg.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             let value = if reg_value.is_finite() { task_value } else { f32::NAN };
             Ok((task.add(&reg.to_dtype(task.dtype())?)?, value))

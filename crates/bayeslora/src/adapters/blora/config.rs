@@ -70,6 +70,9 @@ pub struct BLoraConfig {
     pub cost: GateCost,
     /// Prior strength μ: loss = task + μ · Σ_layers prior. Tune it by a sweep.
     pub mu: f64,
+    /// Warm-up of the prior: μ grows linearly from μ/N at the first step to μ at step N, so the
+    /// adapter learns the task before the prior pushes gates shut (0: the full μ from the start).
+    pub mu_warmup_steps: usize,
     /// Adam learning rate for the gate logits (a separate optimizer, no weight decay).
     pub gate_lr: f64,
 }
@@ -96,6 +99,7 @@ impl Default for BLoraConfig {
             bit_gate_init: [6.0; 4],
             cost: GateCost::Bops,
             mu: 0.01,
+            mu_warmup_steps: 0,
             gate_lr: 1e-2,
         }
     }
