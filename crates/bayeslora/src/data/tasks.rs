@@ -265,6 +265,14 @@ fn glue_prompt(task: Task, a: &str, b: Option<&str>) -> String {
 }
 
 impl Task {
+    /// A GLUE classification task's decoder prompt as a `template` for [`crate::data::DataSpec`]
+    /// (`{text}`, `{text_pair}`) and its label words, so any text can be scored the way the task
+    /// was trained (`predict` on a decoder); `None` for the other tasks.
+    pub fn decoder_template(self) -> Option<(String, Vec<String>)> {
+        let glue = matches!(self, Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Qnli | Task::Wnli);
+        glue.then(|| (glue_prompt(self, "{text}", Some("{text_pair}")), task_label_words(self, 2)))
+    }
+
     /// Human-readable class names in class order (what `predict` prints): GLUE's label names,
     /// `false`/`true` for BoolQ, `option1`/`option2` for WinoGrande, choice letters for
     /// multiple choice and user JSONL tasks (`0`, `1`, … there unless the data names them).

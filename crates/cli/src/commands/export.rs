@@ -96,8 +96,13 @@ pub fn write_adapter(
     dir: &Path,
 ) -> Result<()> {
     let task = bayeslora::data::Task::from_name(&cfg.task)?;
-    let num_labels = model.head.as_ref().map(|h| h.num_labels()).unwrap_or(0);
-    let labels = if num_labels > 0 { task.class_names(num_labels) } else { Vec::new() };
+    // Class names: the head's classes (encoders), or a decoder's label-word classes (GLUE
+    // prompts); multiple choice has its choices instead.
+    let labels = match (&model.head, task.decoder_template()) {
+        (Some(h), _) => task.class_names(h.num_labels()),
+        (None, Some((_, words))) => task.class_names(words.len()),
+        (None, None) => Vec::new(),
+    };
     export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels })?;
     if cfg.method == Method::Blora {
         let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(base_name))

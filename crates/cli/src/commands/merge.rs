@@ -10,6 +10,7 @@ use std::process::ExitCode;
 pub fn run(args: MergeArgs) -> Result<ExitCode> {
     let (model, base) = if args.source.join(export::CONFIG_FILE).is_file() {
         let base = args.model.clone().context("merging an adapter folder needs --model BASE (the model it adapts)")?;
+        let base = crate::assets::resolve(&base)?;
         let device = super::pipeline::device(&args.device)?;
         let loaded = models::load(&base, &LoadOptions { device: device.clone(), ..Default::default() })
             .with_context(|| format!("loading {}", base.display()))?;

@@ -21,14 +21,25 @@ use std::time::Instant;
 
 pub fn run(args: PredictArgs) -> Result<ExitCode> {
     let device = super::pipeline::device(&args.device)?;
-    let loaded = models::load(&args.model, &LoadOptions { device: device.clone(), ..Default::default() })
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model_path = crate::assets::resolve(&args.model)?;
+    let loaded = models::load(&model_path, &LoadOptions { device: device.clone(), ..Default::default() })
+        .with_context(|| format!("loading {}", model_path.display()))?;
     let decoder = matches!(loaded.backbone, Backbone::Llama(_));
     let id2label = label_names(&loaded.config_json);
-    let num_labels = adapter_num_labels(&args.adapter)?.unwrap_or(id2label.len().max(2));
+    let adapter_task = export::read_task(&args.adapter)?;
+    // A decoder trained on a GLUE task scores its label words after the task's prompt (the
+    // adapter's task file says which); otherwise decoders answer multiple choice.
+    let text_task = match (&adapter_task, decoder) {
+        (Some(t), true) => Task::from_name(&t.task).ok().and_then(|task| task.decoder_template()),
+        _ => None,
+    };
+    let num_labels = match &text_task {
+        Some((_, words)) => words.len(),
+        None => adapter_num_labels(&args.adapter)?.unwrap_or(id2label.len().max(2)),
+    };
     // Class names: the adapter's task file (written by `bayeslora train`/`export`), else the
     // base's id2label, else LABEL_i.
-    let from_task = export::read_task(&args.adapter)?.map(|t| t.labels).filter(|l| l.len() == num_labels);
+    let from_task = adapter_task.map(|t| t.labels).filter(|l| l.len() == num_labels);
     let names: Vec<String> = match from_task {
         Some(labels) => labels,
         None if id2label.len() == num_labels => id2label,
@@ -68,7 +79,14 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
         }
         if pending.len() >= batch_size || (next.is_none() && !pending.is_empty()) {
             let items = std::mem::take(&mut pending);
-            let ctx = Chunk { decoder, names: &names, encoder: &encoder, samples, abstain_below: args.abstain_below };
+            let ctx = Chunk {
+                decoder,
+                text_task: text_task.as_ref(),
+                names: &names,
+                encoder: &encoder,
+                samples,
+                abstain_below: args.abstain_below,
+            };
             for row in ctx.predict(&mut predictor, &items)? {
                 writeln!(stdout, "{row}")?;
             }
@@ -101,6 +119,8 @@ fn label_names(config: &Value) -> Vec<String> {
 
 struct Chunk<'a> {
     decoder: bool,
+    /// A decoder's GLUE prompt template and label words (text in, label words scored).
+    text_task: Option<&'a (String, Vec<String>)>,
     names: &'a [String],
     encoder: &'a TextEncoder,
     samples: usize,
@@ -119,7 +139,8 @@ impl Chunk<'_> {
             } else {
                 json!({ "text": raw })
             };
-            let row = if self.decoder {
+            let multiple_choice = self.decoder && self.text_task.is_none();
+            let row = if multiple_choice {
                 let cs: Vec<String> = v
                     .get("choices")
                     .and_then(Value::as_array)
@@ -141,11 +162,15 @@ impl Chunk<'_> {
         }
         let tmp = std::env::temp_dir().join(format!("bayeslora-predict-{}.jsonl", std::process::id()));
         std::fs::write(&tmp, rows).with_context(|| format!("writing {}", tmp.display()))?;
-        let mut spec = if self.decoder {
+        let mut spec = if self.decoder && self.text_task.is_none() {
             DataSpec::new(Task::JsonlChoice, &tmp)
         } else {
             let mut s = DataSpec::new(Task::JsonlText, &tmp);
             s.label_names = self.names.to_vec();
+            if let Some((template, words)) = self.text_task {
+                s.template = Some(template.clone());
+                s.label_words = words.clone();
+            }
             s
         };
         spec.format = Some(if self.decoder { Format::Prompt } else { Format::Encoder });
@@ -169,7 +194,7 @@ impl Chunk<'_> {
             let probs = &pred.probs[i * k..(i + 1) * k];
             let (best, conf) =
                 probs.iter().copied().enumerate().fold((0, f64::MIN), |b, (j, p)| if p > b.1 { (j, p) } else { b });
-            let labels: Vec<String> = if self.decoder {
+            let labels: Vec<String> = if self.decoder && self.text_task.is_none() {
                 (0..k).map(|j| char::from(b'A' + j as u8).to_string()).collect()
             } else {
                 self.names.to_vec()
