@@ -8,9 +8,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Occurs when a file cannot be read or written.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Occurs when a file cannot be read or written. The I/O error is part of this message, not
+    /// a separate `source()`, so a printed error chain states the reason once.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     /// Occurs when a tensor in a checkpoint has the wrong shape for the config.
     #[error(
         "{file}: tensor `{name}` has shape {got:?}, expected {expected:?}; does config.json belong to these weights?"
@@ -56,7 +57,7 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
     /// Shorthand for [`Error::InvalidConfig`].
     pub fn config(field: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {

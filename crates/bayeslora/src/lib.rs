@@ -12,6 +12,8 @@ pub mod data;
 mod error;
 pub mod eval;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod models;
 pub mod ops;
 pub mod train;

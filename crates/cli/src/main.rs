@@ -9,6 +9,7 @@ mod commands;
 mod config;
 #[cfg(test)]
 mod config_doc;
+mod oom;
 mod ui;
 
 use clap::Parser;
@@ -27,7 +28,12 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            let text = format!("{err:#}");
+            // nvidia-smi is asked for the device's memory only for an out-of-memory error.
+            match oom::is_oom(&text).then(|| oom::explain(&text, &oom::context())).flatten() {
+                Some(advice) => eprintln!("error: {advice}"),
+                None => eprintln!("error: {text}"),
+            }
             ExitCode::from(2)
         }
     }

@@ -43,14 +43,15 @@ pub enum Error {
     #[error("state {path}: {reason}")]
     StateMismatch { path: PathBuf, reason: String },
     /// An I/O error, with the file it happened on.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (The cause is part of the message, not a `source()`, so a printed chain states it once.)
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     /// A safetensors error, with the file it happened on.
-    #[error("{path}: {source}")]
-    Safetensors { path: PathBuf, source: safetensors::SafeTensorError },
+    #[error("{path}: {cause}")]
+    Safetensors { path: PathBuf, cause: safetensors::SafeTensorError },
     /// A JSON error in the metadata of a state file.
-    #[error("{path}: bad metadata JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: bad metadata JSON: {cause}")]
+    Json { path: PathBuf, cause: serde_json::Error },
     /// An error from the user's sync (all-reduce) hook.
     #[error("sync hook failed: {0}")]
     Sync(String),

@@ -178,7 +178,7 @@ pub(crate) fn read_f32(t: &Tensor, index: usize, out: &mut [f32]) -> Result<()> 
 /// through a temporary file and a rename.
 pub(crate) fn save_flat(path: &std::path::Path, tensors: &[(&str, &[f32])], key: &str, json: String) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
-    let st = |source| Error::Safetensors { path: path.into(), source };
+    let st = |source| Error::Safetensors { path: path.into(), cause: source };
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
@@ -190,8 +190,8 @@ pub(crate) fn save_flat(path: &std::path::Path, tensors: &[(&str, &[f32])], key:
     let tmp = path.with_file_name(name);
     let meta = std::collections::HashMap::from([(key.to_string(), json)]);
     safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|source| Error::Safetensors { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), source })
+        .map_err(|source| Error::Safetensors { path: tmp.clone(), cause: source })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.into(), cause: source })
 }
 
 /// Reads a file written by [`save_flat`]: the JSON under `key` and a reader of named f32
@@ -201,8 +201,8 @@ pub(crate) fn load_flat(
     key: &str,
 ) -> Result<(String, std::collections::HashMap<String, Vec<f32>>)> {
     use safetensors::tensor::Dtype;
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    let st = |source| Error::Safetensors { path: path.into(), source };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), cause: source })?;
+    let st = |source| Error::Safetensors { path: path.into(), cause: source };
     let mismatch = |reason: String| Error::StateMismatch { path: path.into(), reason };
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(st)?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st)?;

@@ -220,14 +220,14 @@ impl Optimizer for AdamW {
 
     fn save_state(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string(&AdamWMeta { config: self.config, step: self.step })
-            .map_err(|source| Error::Json { path: path.into(), source })?;
+            .map_err(|source| Error::Json { path: path.into(), cause: source })?;
         save_flat(path, &[("params", &self.params), ("m", &self.m), ("v", &self.v)], "adamw_state", json)
     }
 
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let (json, mut t) = load_flat(path, "adamw_state")?;
         let meta: AdamWMeta =
-            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
+            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), cause: source })?;
         meta.config.validate()?;
         let n = self.flat.numel;
         let mut take = |name: &str| match t.remove(name) {
@@ -340,13 +340,14 @@ impl Optimizer for Sgd {
 
     fn save_state(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string(&SgdMeta { config: self.config, step: self.step })
-            .map_err(|source| Error::Json { path: path.into(), source })?;
+            .map_err(|source| Error::Json { path: path.into(), cause: source })?;
         save_flat(path, &[("params", &self.params), ("momentum_buffer", &self.buf)], "sgd_state", json)
     }
 
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let (json, mut t) = load_flat(path, "sgd_state")?;
-        let meta: SgdMeta = serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
+        let meta: SgdMeta =
+            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), cause: source })?;
         meta.config.validate()?;
         let n = self.flat.numel;
         let mut take = |name: &str| match t.remove(name) {

@@ -111,7 +111,7 @@ impl Posterior {
             step: self.step,
             noise: self.noise,
         };
-        let json = serde_json::to_string(&meta).map_err(|source| Error::Json { path: path.into(), source })?;
+        let json = serde_json::to_string(&meta).map_err(|source| Error::Json { path: path.into(), cause: source })?;
         save_flat(path, &[("mean", &self.mean), ("momentum", &self.momentum), ("hess", &self.hess)], "ivon_state", json)
     }
 
@@ -121,7 +121,7 @@ impl Posterior {
         let (json, mut tensors) = load_flat(path, "ivon_state")?;
         let mismatch = |reason: String| Error::StateMismatch { path: path.into(), reason };
         let meta: StateMeta =
-            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), source })?;
+            serde_json::from_str(&json).map_err(|source| Error::Json { path: path.into(), cause: source })?;
         if meta.format_version != FORMAT_VERSION {
             return Err(mismatch(format!(
                 "format_version {} is not supported (expected {FORMAT_VERSION})",

@@ -739,7 +739,7 @@ pub fn k_curves(cells: &[Cell], task: &str) -> Vec<KCurve> {
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
+    Error::Io { path: path.to_path_buf(), cause: std::io::Error::other(format!("drawing the plot failed: {e}")) }
 }
 
 fn draw_k<DB: DrawingBackend>(

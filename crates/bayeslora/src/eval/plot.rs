@@ -23,7 +23,7 @@ pub struct Panel<'a> {
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
+    Error::Io { path: path.to_path_buf(), cause: std::io::Error::other(format!("drawing the plot failed: {e}")) }
 }
 
 /// Bars to draw: torchmetrics' extra conf = 1.0 bin is folded into the last bin for display.

@@ -603,7 +603,7 @@ fn draw<DB: DrawingBackend>(
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { path: path.to_path_buf(), source: std::io::Error::other(format!("drawing the plot failed: {e}")) }
+    Error::Io { path: path.to_path_buf(), cause: std::io::Error::other(format!("drawing the plot failed: {e}")) }
 }
 
 /// Writes `<stem>.png` and `<stem>.svg`: one heat map per quantity (learned rank, then the bits

@@ -142,6 +142,9 @@ impl BertConfigRaw {
                 &format!("must divide hidden_size = {}", self.hidden_size),
             ));
         }
+        if self.num_hidden_layers == 0 {
+            return Err(bad("num_hidden_layers", "0".into(), "a model needs at least one layer"));
+        }
         for (field, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),

@@ -117,8 +117,7 @@ impl Weights {
         let mut routing = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
             if !path.is_file() {
-                let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-                return Err(Error::io(path, source));
+                return Err(Error::BadFile { file: path.clone(), reason: "not found".into() });
             }
             // SAFETY: the mapping is read-only; as with every mmap loader (candle, HF), the file
             // must not be truncated or modified while the process holds it.
@@ -200,7 +199,9 @@ impl Weights {
             Source::Safetensors { files, routing } => {
                 let (path, st) = self.locate(files, routing, name)?;
                 // Load on the CPU first: the dtype conversion then runs once, before the copy.
-                st.load(name, &Device::Cpu).map_err(|e| bad_safetensors(path, e))?
+                let t = st.load(name, &Device::Cpu).map_err(|e| bad_safetensors(path, e))?;
+                check_finite(path, name, &t)?;
+                t
             }
             Source::Memory { tensors, .. } => tensors.get(name).cloned().ok_or_else(|| self.missing(name))?,
         };
@@ -233,6 +234,23 @@ impl Weights {
     fn missing(&self, name: &str) -> Error {
         Error::MissingTensor { file: self.file_of(name).to_path_buf(), name: name.to_string() }
     }
+}
+
+/// Refuses a float tensor holding NaN or ±inf: a corrupt download, caught at load time instead
+/// of as a non-finite loss many steps later. One pass of a sum over the values (NaN and ±inf
+/// make the sum non-finite; finite weights are far from overflowing f32).
+fn check_finite(file: &Path, name: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() || t.elem_count() == 0 {
+        return Ok(());
+    }
+    let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    Err(Error::BadFile {
+        file: file.to_path_buf(),
+        reason: format!("tensor `{name}` holds NaN or infinite values; the file is corrupt, re-download it"),
+    })
 }
 
 /// A safetensors parse error as [`Error::BadFile`], without candle's path wrapper (the file is

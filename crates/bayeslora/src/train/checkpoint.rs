@@ -95,7 +95,9 @@ impl Checkpoint {
             let vars: HashMap<String, Tensor> =
                 model.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
             atomic::write_safetensors(&tmp.join("trainable.safetensors"), &vars, None)?;
+            test_pause();
             opt.as_ref_dyn().save_state(&tmp.join("optimizer.safetensors"))?;
+            test_pause();
             if let Some(g) = gates {
                 ivon::Optimizer::save_state(&g.opt, &tmp.join("gates.safetensors"))?;
             }
@@ -110,6 +112,7 @@ impl Checkpoint {
                 version: env!("CARGO_PKG_VERSION").into(),
             };
             atomic::write_json(&tmp.join("state.json"), &state)?;
+            test_pause();
             seal(&tmp)
         })();
         if let Err(e) = written {
@@ -121,6 +124,7 @@ impl Checkpoint {
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         atomic::sync_dir(dir);
+        test_pause();
         atomic::write(&dir.join("latest"), name.as_bytes())?;
         prune(dir, cfg.keep_checkpoints);
         Ok(final_dir)
@@ -176,6 +180,23 @@ impl Checkpoint {
             dir: path.into(),
             reasons: damaged.into_iter().map(|(_, reason)| reason).collect(),
         })
+    }
+}
+
+/// The kill campaign's hook (`crates/cli/tests/kill_campaign.rs`): with
+/// `BAYESLORA_TEST_CHECKPOINT_PAUSE_MS` set, every stage of a checkpoint write (after each file,
+/// after the rename) sleeps that long, so a SIGKILL can be aimed inside the write. Unset (the
+/// normal case), it does nothing.
+fn test_pause() {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("BAYESLORA_TEST_CHECKPOINT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = pause {
+        std::thread::sleep(*d);
     }
 }
 

@@ -186,6 +186,7 @@ impl Observer for TrainProgress {
     }
 
     fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
+        crate::oom::STEPS_DONE.store(info.step, std::sync::atomic::Ordering::Relaxed);
         self.tokens += info.tokens;
         let ema = match self.loss_ema {
             Some(e) => 0.9 * e + 0.1 * info.loss,
