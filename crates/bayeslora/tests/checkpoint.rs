@@ -4,12 +4,12 @@
 //! where an uninterrupted one does; with none good the error names the file and the fix.
 //! Checkpoints without a manifest (older versions) still load; `keep_checkpoints` rotates.
 mod common;
+use common::{snapshot, StopAt};
 
 use bayeslora::data::{BatchConfig, EncodedDataset};
-use bayeslora::train::{self, Checkpoint, Classifier, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig};
+use bayeslora::train::{self, Checkpoint, Observer, OptimizerKind, TrainConfig};
 use bayeslora::Error;
 use candle_core::Device;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,27 +36,6 @@ fn config(kind: OptimizerKind, dir: &Path) -> TrainConfig {
     cfg.ivon.rescale_lr = false;
     cfg.ivon.clip_radius = 0.2;
     cfg
-}
-
-fn snapshot(model: &TaskModel) -> Vec<Vec<u32>> {
-    model
-        .trainable()
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
-        })
-        .collect()
-}
-
-struct StopAt(usize);
-impl Observer for StopAt {
-    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
-        if info.step == self.0 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
 }
 
 /// Collects the notes of a run.

@@ -2,6 +2,7 @@
 //! refuses a non-finite loss, and the posterior predictive averages probabilities.
 //! Uses the tiny random BERT of `fixtures/bert/tiny` and a synthetic separable task.
 mod common;
+use common::{snapshot, StopAt};
 
 use bayeslora::data::{BatchConfig, EncodedDataset};
 use bayeslora::eval::{evaluate, EvalConfig};
@@ -37,27 +38,6 @@ fn config(kind: OptimizerKind, steps: usize) -> TrainConfig {
     cfg.ivon.rescale_lr = false;
     cfg.ivon.clip_radius = 0.2;
     cfg
-}
-
-fn snapshot(model: &TaskModel) -> Vec<Vec<u32>> {
-    model
-        .trainable()
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
-        })
-        .collect()
-}
-
-struct StopAt(usize);
-impl Observer for StopAt {
-    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
-        if info.step == self.0 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    }
 }
 
 struct Losses(Vec<f32>);

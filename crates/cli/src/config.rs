@@ -178,12 +178,18 @@ impl RunConfig {
                 OptimizerArg::Sgd => OptimizerKind::Sgd,
             };
         }
-        if let Some(lr) = args.lr {
-            match cfg.train.optimizer {
-                OptimizerKind::Ivon => cfg.train.ivon.lr = lr,
-                OptimizerKind::Adamw => cfg.train.adamw.lr = lr,
-                OptimizerKind::Sgd => cfg.train.sgd.lr = lr,
-            }
+        // --lr and --weight-decay set the chosen optimizer's (lr, weight decay).
+        let t = &mut cfg.train;
+        let (lr, wd) = match t.optimizer {
+            OptimizerKind::Ivon => (&mut t.ivon.lr, &mut t.ivon.weight_decay),
+            OptimizerKind::Adamw => (&mut t.adamw.lr, &mut t.adamw.weight_decay),
+            OptimizerKind::Sgd => (&mut t.sgd.lr, &mut t.sgd.weight_decay),
+        };
+        if let Some(v) = args.lr {
+            *lr = v;
+        }
+        if let Some(v) = args.weight_decay {
+            *wd = v;
         }
         if let Some(v) = args.epochs {
             cfg.train.epochs = v;
@@ -219,13 +225,6 @@ impl RunConfig {
         if let Some(v) = args.lora_dropout {
             cfg.lora.lora_dropout = v;
             cfg.blora.lora_dropout = v;
-        }
-        if let Some(wd) = args.weight_decay {
-            match cfg.train.optimizer {
-                OptimizerKind::Ivon => cfg.train.ivon.weight_decay = wd,
-                OptimizerKind::Adamw => cfg.train.adamw.weight_decay = wd,
-                OptimizerKind::Sgd => cfg.train.sgd.weight_decay = wd,
-            }
         }
         if let Some(v) = args.warmup_steps {
             cfg.train.warmup_steps = v;

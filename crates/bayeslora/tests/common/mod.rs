@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use bayeslora::train::{Classifier, Observer, StepInfo, TaskModel};
 use bayeslora::Result;
 use candle_core::{DType, Device, Tensor};
+use std::ops::ControlFlow;
 
 /// The tensors of a fixture safetensors file, on the CPU.
 pub fn load_io(file: &Path) -> Result<HashMap<String, Tensor>> {
@@ -73,5 +75,28 @@ pub fn separable(n: usize, salt: u64) -> bayeslora::data::EncodedDataset {
         label_token_ids: vec![],
         pad_id: 0,
         truncated: 0,
+    }
+}
+
+/// Every trainable value of `model` as raw f32 bits, for bit-for-bit comparisons.
+pub fn snapshot(model: &TaskModel) -> Vec<Vec<u32>> {
+    model
+        .trainable()
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        })
+        .collect()
+}
+
+/// An observer that stops training after step `.0` (as Ctrl-C would).
+pub struct StopAt(pub usize);
+impl Observer for StopAt {
+    fn step(&mut self, info: &StepInfo) -> ControlFlow<()> {
+        if info.step == self.0 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 }
