@@ -10,12 +10,15 @@ mod config;
 #[cfg(test)]
 mod config_doc;
 mod oom;
+mod runtime;
 mod ui;
 
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before anything touches candle: its thread pools and the allocator are set once.
+    runtime::tune_cpu();
     let cli = args::Cli::parse();
     let filter = if cli.verbose { "info,bayeslora=debug" } else { "warn" };
     tracing_subscriber::fmt()

@@ -250,12 +250,18 @@ impl SelfAttention {
     /// `x: [B, T, C]` → context `[B, T, C]` (before the output projection).
     fn forward(&self, x: &Tensor, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
+        let (q, k, v) = (self.query.forward(x, ctx)?, self.key.forward(x, ctx)?, self.value.forward(x, ctx)?);
+        if ops::cpu_attention_applies(&q, &k, &v) && !ops::plain_attention_forced() {
+            // One fused op on the projections' [B, T, C] layout: no head split/merge copies,
+            // the probability dropout inside (the same mask as `ops::dropout` draws).
+            let dropout = (ctx.train && self.dropout > 0.0).then(|| (self.dropout, ctx.seed_for(self.dropout_salt)));
+            let (h, layout) = (self.num_heads, ops::HeadLayout::Tokens);
+            return Ok(ops::cpu_attention(&q, &k, &v, layout, h, h, mask.padding(), mask.causal(), dropout)?);
+        }
         let heads = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.query.forward(x, ctx)?)?;
-        let k = heads(self.key.forward(x, ctx)?)?;
-        let v = heads(self.value.forward(x, ctx)?)?;
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let out = if ctx.train && self.dropout > 0.0 {
             // Attention-probability dropout needs the probabilities, which `ops::attention`
             // keeps inside; this is the same math with the dropout between softmax and ·v.

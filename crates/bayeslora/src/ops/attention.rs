@@ -89,6 +89,11 @@ impl AttentionMask {
         self.len == 0
     }
 
+    /// The padding, `[B, S]` f32 (1 = real), if any.
+    pub(crate) fn padding(&self) -> Option<&Tensor> {
+        self.padding.as_ref()
+    }
+
     /// The padding as `[B, S]` f32 contiguous on `device`, all ones when there is none.
     pub fn key_valid(&self, device: &Device) -> Result<Tensor> {
         match &self.padding {
@@ -100,8 +105,14 @@ impl AttentionMask {
 
 /// `q: [B, H, T, D]`, `k`/`v`: `[B, Hkv, S, D]` with `H % Hkv == 0` → `[B, H, T, D]`.
 /// Scores and softmax are computed in f32. Fused kernels on CUDA where supported (see the module
-/// doc), else [`plain_attention`].
+/// doc); on the CPU (f32/f64) the fused multithreaded op of `ops::cpu_attention` ([`plain_attention`]'s
+/// values up to GEMM rounding); else [`plain_attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    if super::cpu_attention::applies(q, k, v) && !super::flash_attention::plain_attention_forced() {
+        let (heads, kv_heads) = (q.dim(1)?, k.dim(1)?);
+        let layout = super::cpu_attention::HeadLayout::Heads;
+        return super::cpu_attention::attention(q, k, v, layout, heads, kv_heads, mask.padding(), mask.causal(), None);
+    }
     if q.device().is_cuda()
         && super::flash_attention::flash_supported(q, k, v, mask)
         && !super::flash_attention::plain_attention_forced()

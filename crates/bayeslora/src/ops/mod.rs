@@ -19,17 +19,21 @@
 
 mod attention;
 mod checkpoint;
+mod cpu_attention;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
 mod flash_attention;
 mod fused;
+mod gelu;
+mod layer_norm;
 mod linear;
 mod norm;
 
 pub use attention::{attention, plain_attention, AttentionMask};
 pub use checkpoint::{backward, checkpoint, Segment};
+pub(crate) use cpu_attention::{applies as cpu_attention_applies, attention as cpu_attention, HeadLayout};
 pub use cross_entropy::{fused_cross_entropy_rows, CrossEntropyGrad, FusedCrossEntropy};
 pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
@@ -82,8 +86,13 @@ pub fn mse(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     pred.to_dtype(DType::F32)?.sub(&target.to_dtype(DType::F32)?)?.sqr()?.mean_all()
 }
 
-/// GELU with the exact erf form, as BERT's `hidden_act = "gelu"` (candle's `gelu_erf` has a backward).
+/// GELU with the exact erf form, as BERT's `hidden_act = "gelu"`. On the CPU (f32/f64) one
+/// multithreaded op per direction with candle's floats (`ops::gelu`); elsewhere candle's
+/// `gelu_erf`, which has a backward.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if gelu::fused_applies(x) {
+        return gelu::gelu(x);
+    }
     x.gelu_erf()
 }
 

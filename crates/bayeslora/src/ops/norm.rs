@@ -26,7 +26,18 @@ pub(crate) fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result
 }
 
 /// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim (biased variance, as torch).
+///
+/// On the CPU (f32/f64) with a frozen weight and bias this is one multithreaded op per direction
+/// (`ops::layer_norm`, the same forward floats); elsewhere the composed ops below.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::layer_norm::fused_applies(x, weight, bias) {
+        return super::layer_norm::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] composed from candle primitives (weight and bias may be trained).
+pub(crate) fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(super::stats_dtype(dtype))?;
     let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;

@@ -1,0 +1,330 @@
+//! LayerNorm with a frozen affine as one CPU op per direction, multithreaded over rows.
+//!
+//! The composed path (`ops::norm::layer_norm`) runs nine serial candle ops forward (two means,
+//! broadcast sub/div/mul/add, `sqr`, `sqrt`, `affine`) and about twenty backward, each writing a
+//! `[B·T, C]` temporary, and keeps several of them alive for the backward. [`FusedLayerNorm`]
+//! keeps only its input: the backward recomputes each row's mean and σ (two passes over C).
+//!
+//! The forward evaluates the composed path's f32 expressions in its order — candle sums a
+//! contiguous row with four 8-lane accumulators when AVX2 is present ([`row_sum`] mirrors
+//! `cpu::avx::vec_sum`), then `sum · (1/C)`, `var + eps`, `sqrt`, `(x − μ) / σ · w + b` — so its
+//! values are bit for bit those of the composed path. The backward is the closed form
+//! `dx = (ĝ − mean ĝ − x̂ · mean(ĝ x̂)) / σ` with `ĝ = dy · w`, equal to the composed backward up
+//! to rounding (the tests bound it).
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows per rayon task (C = 384 for MiniLM: 24 KiB of f32 per task).
+const ROWS: usize = 16;
+
+/// Whether `ops::layer_norm` takes the fused path: CPU f32/f64, frozen `[C]` weight and bias of
+/// x's dtype.
+pub(crate) fn fused_applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+    let frozen_fits =
+        |t: &Tensor| !t.track_op() && t.dtype() == x.dtype() && x.rank() > 0 && t.dims() == [x.dims()[x.rank() - 1]];
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && frozen_fits(weight) && frozen_fits(bias)
+}
+
+/// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim of a CPU f32/f64 `x`.
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    if c == 0 {
+        candle_core::bail!("layer_norm: empty last dimension");
+    }
+    let op = FusedLayerNorm { weight: weight.contiguous()?.detach(), bias: bias.contiguous()?.detach(), eps };
+    x.contiguous()?.apply_op1(op)
+}
+
+#[derive(Debug, Clone)]
+struct FusedLayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+/// `dx` from `(x, dy)`; holds the frozen weight (no backward of its own).
+#[derive(Debug, Clone)]
+struct FusedLayerNormGrad {
+    weight: Tensor,
+    eps: f64,
+}
+
+/// The float types the CPU op runs in.
+trait Float: Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> {
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    fn sqrt(self) -> Self;
+    fn is_finite(self) -> bool;
+    fn from_f64(v: f64) -> Self;
+    /// A contiguous row's sum in candle's `vec_reduce_sum` order.
+    fn row_sum(row: &[Self]) -> Self;
+    fn cpu(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn row_sum(row: &[Self]) -> Self {
+        row_sum(row)
+    }
+    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn row_sum(row: &[Self]) -> Self {
+        row.iter().fold(0.0, |a, &v| a + v)
+    }
+    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// candle's f32 row sum: with AVX2, four 8-lane accumulators over blocks of 32, the tree
+/// `(a0 + a1) + (a2 + a3)`, the two 128-bit halves added, two horizontal adds, then the tail in
+/// order (`cpu::avx::vec_sum`); without, a plain left-to-right sum.
+pub(crate) fn row_sum(row: &[f32]) -> f32 {
+    if !avx2() {
+        return row.iter().fold(0.0, |a, &v| a + v);
+    }
+    let np = row.len() & !31;
+    let mut acc = [[0f32; 8]; 4];
+    for block in row[..np].chunks_exact(32) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += block[j * 8 + l];
+            }
+        }
+    }
+    let x: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[l + 4]);
+    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &v in &row[np..] {
+        sum += v;
+    }
+    sum
+}
+
+fn avx2() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// One row's `(μ, σ)` exactly as the composed path computes them; `centered` receives `x − μ`.
+/// `sq` is scratch of the row's length.
+fn row_stats<T: Float>(x: &[T], centered: &mut [T], sq: &mut [T], inv_c: T, eps: T) -> (T, T) {
+    let mean = T::row_sum(x).mul(inv_c) + T::default();
+    for (c, &v) in centered.iter_mut().zip(x) {
+        *c = v - mean;
+    }
+    // Σ (x − μ)² summed from the squares, as `sqr` then `mean_keepdim`.
+    for (s, &c) in sq.iter_mut().zip(centered.iter()) {
+        *s = c.mul(c);
+    }
+    let var = T::row_sum(sq).mul(inv_c) + T::default();
+    (mean, (var.mul(T::from_f64(1.0)) + eps).sqrt())
+}
+
+fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some(v) = T::cpu(s) else { candle_core::bail!("layer_norm: {what} has dtype {:?}", s.dtype()) };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("layer_norm: {what} must be contiguous"),
+    }
+}
+
+fn tensor_vec<T: Float>(t: &Tensor) -> Result<Vec<T>> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("layer_norm: weight is not on the CPU") };
+    Ok(slice::<T>(s, layout, "weight")?.to_vec())
+}
+
+impl FusedLayerNorm {
+    fn fwd<T: Float>(&self, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+        let x = slice::<T>(s, l, "input")?;
+        let (w, b) = (tensor_vec::<T>(&self.weight)?, tensor_vec::<T>(&self.bias)?);
+        let c = w.len();
+        let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
+        let mut y = vec![T::default(); x.len()];
+        y.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS)).for_each(|(y, x)| {
+            let mut sq = vec![T::default(); c];
+            for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let (_, std) = row_stats(x, y, &mut sq, inv_c, eps);
+                for ((y, &w), &b) in y.iter_mut().zip(&w).zip(&b) {
+                    *y = y.div(std).mul(w) + b;
+                }
+            }
+        });
+        Ok(T::storage(y))
+    }
+}
+
+impl CustomOp1 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = self.weight.elem_count();
+        if l.shape().dims().last() != Some(&c) {
+            candle_core::bail!("layer_norm: input {:?} does not end in {c}", l.shape());
+        }
+        let out = match s.dtype() {
+            DType::F32 => self.fwd::<f32>(s, l)?,
+            DType::F64 => self.fwd::<f64>(s, l)?,
+            other => candle_core::bail!("layer_norm: unsupported dtype {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = FusedLayerNormGrad { weight: self.weight.clone(), eps: self.eps };
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+impl FusedLayerNormGrad {
+    fn bwd<T: Float>(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<CpuStorage> {
+        let (x, g) = (slice::<T>(xs, xl, "input")?, slice::<T>(gs, gl, "gradient")?);
+        let w = tensor_vec::<T>(&self.weight)?;
+        let c = w.len();
+        let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
+        let mut dx = vec![T::default(); x.len()];
+        let tasks = dx.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)));
+        tasks.for_each(|(dx, (x, g))| {
+            let mut gw = vec![T::default(); c];
+            for ((dx, x), g) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(g.chunks_exact(c)) {
+                // dx holds x − μ, then x̂ = (x − μ) / σ; gw is scratch until it holds dy · w.
+                let (_, std) = row_stats(x, dx, &mut gw, inv_c, eps);
+                if !std.is_finite() {
+                    // An overflowed variance: the composed backward gives NaN here (∞/∞), and
+                    // the training loop's non-finite check depends on seeing it, not 0.
+                    dx.fill(T::from_f64(f64::NAN));
+                    continue;
+                }
+                let (mut sum_g, mut sum_gx) = (T::default(), T::default());
+                for (((gw, xh), &g), &w) in gw.iter_mut().zip(dx.iter_mut()).zip(g).zip(&w) {
+                    *xh = xh.div(std);
+                    *gw = g.mul(w);
+                    sum_g = sum_g + *gw;
+                    sum_gx = sum_gx + gw.mul(*xh);
+                }
+                let (mean_g, mean_gx) = (sum_g.mul(inv_c), sum_gx.mul(inv_c));
+                for (dx, &gw) in dx.iter_mut().zip(&gw) {
+                    *dx = (gw - mean_g - dx.mul(mean_gx)).div(std);
+                }
+            }
+        });
+        Ok(T::storage(dx))
+    }
+}
+
+impl CustomOp2 for FusedLayerNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("layer_norm backward: input {:?} and gradient {:?} differ", l1.shape(), l2.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => self.bwd::<f32>(s1, l1, s2, l2)?,
+            DType::F64 => self.bwd::<f64>(s1, l1, s2, l2)?,
+            other => candle_core::bail!("layer_norm backward: unsupported dtype {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::norm::layer_norm_composed;
+    use crate::ops::testing::check_grad;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn forward_is_the_composed_path_bit_for_bit_and_gradients_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        // C = 384 (MiniLM: whole blocks of 32) and 45 (a tail); 37 rows (a partial task).
+        for c in [384, 45] {
+            for dtype in [DType::F32, DType::F64] {
+                let x0 = Tensor::randn(0.3f64, 2.0, (37, c), &dev)?.to_dtype(dtype)?;
+                let w = Tensor::randn(1f64, 0.2, c, &dev)?.to_dtype(dtype)?;
+                let b = Tensor::randn(0f64, 0.2, c, &dev)?.to_dtype(dtype)?;
+                let dy = Tensor::randn(0f64, 1.0, (37, c), &dev)?.to_dtype(dtype)?;
+                let x = Var::from_tensor(&x0)?;
+                let fused = layer_norm(x.as_tensor(), &w, &b, 1e-12)?;
+                let composed = layer_norm_composed(x.as_tensor(), &w, &b, 1e-12)?;
+                let f = fused.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let e = composed.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                assert!(f.iter().zip(&e).all(|(a, b)| a.to_bits() == b.to_bits()), "c {c} {dtype:?} forward");
+                let gf = fused.mul(&dy)?.sum_all()?.backward()?;
+                let gc = composed.mul(&dy)?.sum_all()?.backward()?;
+                let (gf, gc) = (gf.get(x.as_tensor()).expect("grad"), gc.get(x.as_tensor()).expect("grad"));
+                let diff = (gf - gc)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let tol = if dtype == DType::F32 { 2e-5 } else { 1e-12 };
+                assert!(diff < tol, "c {c} {dtype:?} backward differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn finite_differences() -> Result<()> {
+        let w = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
+        let b = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
+        assert!(check_grad(&[2, 3, 6], &|x| layer_norm(x, &w, &b, 1e-5))? < 1e-6);
+        Ok(())
+    }
+}
