@@ -16,12 +16,31 @@ use crate::{Error, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
-/// A scratch folder of this process, emptied for each input.
-fn scratch() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("bayeslora-fuzz-{}", std::process::id()));
+/// A scratch folder of one input, removed when dropped. Each call gets its own folder (process
+/// id + a counter), so inputs checked on several threads at once (the test harness) never share
+/// a file.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch() -> Result<Scratch> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("bayeslora-fuzz-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    Ok(dir)
+    Ok(Scratch(dir))
 }
 
 fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {

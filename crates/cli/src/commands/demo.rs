@@ -46,13 +46,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
     let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
     eprintln!(
-        "demo: {} on {} ({} train / {} eval examples), LoRA r={} on {:?}",
+        "demo: {} on {} ({} train / {} eval examples), LoRA r={} on {}",
         cfg.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         cfg.task,
         data.train.len(),
         data.eval.len(),
         cfg.lora.r,
-        cfg.lora.target_modules,
+        cfg.lora.target_modules.as_ref().map_or_else(|| "the default modules".to_string(), |t| t.to_string()),
     );
     let mut outcomes: Vec<RunOutcome> = Vec::new();
     for (kind, label) in [(OptimizerKind::Adamw, "adamw"), (OptimizerKind::Ivon, "ivon")] {

@@ -19,6 +19,16 @@ pub enum TargetModules {
     Regex(String),
 }
 
+/// For messages: `query, value` or `regex ^.*proj$`.
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetModules::List(names) => write!(f, "{}", names.join(", ")),
+            TargetModules::Regex(re) => write!(f, "regex {re}"),
+        }
+    }
+}
+
 impl TargetModules {
     /// PEFT's `check_target_module_exists` for one module name.
     pub fn matches(&self, module: &str) -> Result<bool> {
