@@ -198,7 +198,7 @@ impl Task {
     /// for regression). ARC pads to 5 choices unless the filter keeps exactly n.
     fn fixed_num_classes(self, choices: ChoiceFilter) -> Option<usize> {
         match self {
-            Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Qnli | Task::Wnli => Some(2),
+            _ if self.is_glue_classification() => Some(2),
             Task::WinograndeS | Task::WinograndeM | Task::Boolq => Some(2),
             Task::ArcEasy | Task::ArcChallenge | Task::Obqa => match choices {
                 ChoiceFilter::Exactly(n) => Some(n),
@@ -265,12 +265,17 @@ fn glue_prompt(task: Task, a: &str, b: Option<&str>) -> String {
 }
 
 impl Task {
+    /// The two-class GLUE tasks (all of GLUE here but STS-B's regression).
+    fn is_glue_classification(self) -> bool {
+        matches!(self, Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Qnli | Task::Wnli)
+    }
+
     /// A GLUE classification task's decoder prompt as a `template` for [`crate::data::DataSpec`]
     /// (`{text}`, `{text_pair}`) and its label words, so any text can be scored the way the task
     /// was trained (`predict` on a decoder); `None` for the other tasks.
     pub fn decoder_template(self) -> Option<(String, Vec<String>)> {
-        let glue = matches!(self, Task::Sst2 | Task::Mrpc | Task::Rte | Task::Cola | Task::Qnli | Task::Wnli);
-        glue.then(|| (glue_prompt(self, "{text}", Some("{text_pair}")), task_label_words(self, 2)))
+        self.is_glue_classification()
+            .then(|| (glue_prompt(self, "{text}", Some("{text_pair}")), task_label_words(self, 2)))
     }
 
     /// Human-readable class names in class order (what `predict` prints): GLUE's label names,
