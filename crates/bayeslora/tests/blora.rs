@@ -149,7 +149,7 @@ fn compressed_round_trip(cfg: &BLoraConfig) -> Result<()> {
     let b = batch(5, 11)?;
     let want = model.logits(&b, &Ctx::eval())?.to_vec2::<f32>()?;
     let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-    let sizes = export::save_compressed(dir.path(), &model, &blora, cfg)?;
+    let sizes = export::save_compressed(dir.path(), &model, &blora, cfg, None)?;
     assert!(sizes.adapter_bytes < sizes.adapter_f32_bytes, "{sizes:?}");
     assert!(sizes.adapter_packed_bytes <= sizes.adapter_bytes);
     let on_disk: u64 = sizes.files.iter().map(|(_, n)| n).sum();
@@ -180,7 +180,7 @@ fn compressed_export_names_missing_files() -> Result<()> {
         export::load_compressed(dir.path(), &mut model, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("blora_compressed.json"), "{msg}");
     let (m, blora) = gated(&config())?;
-    export::save_compressed(dir.path(), &m, &blora, &config())?;
+    export::save_compressed(dir.path(), &m, &blora, &config(), None)?;
     std::fs::remove_file(dir.path().join("blora_compressed.safetensors")).map_err(|e| Error::io(dir.path(), e))?;
     let msg =
         export::load_compressed(dir.path(), &mut model, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
@@ -214,5 +214,47 @@ fn attach_names_unknown_targets() -> Result<()> {
     let cfg = BLoraConfig { target_modules: Some(TargetModules::List(vec!["quary".into()])), ..config() };
     let msg = attach_blora(&mut model.backbone, &cfg, 0, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("\"quary\"") && msg.contains("attention.self.query"), "{msg}");
+    Ok(())
+}
+
+/// IVON × B-LoRA: the compressed export carries the posterior over A, E, B and the head (not
+/// the gates), it reads back exactly, its mean reproduces the compressed adapter's logits, and
+/// its samples move them; exporting again without a posterior removes the stale sidecar.
+#[test]
+fn ivon_blora_posterior_sidecar_round_trips_and_samples() -> Result<()> {
+    use bayeslora::eval::Predictor;
+    use bayeslora::ivon::{Ivon, IvonConfig};
+    use bayeslora::train::ModelPredictor;
+    let cfg = config();
+    let (model, blora) = gated(&cfg)?;
+    let vars: Vec<_> = model.posterior_vars().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(vars.len() + blora.named_gate_vars_with_prefix("").len(), model.trainable().len(), "gates excluded");
+    let ivon = Ivon::new(vars, IvonConfig { lr: 0.1, ess: 100.0, hess_init: 0.5, ..Default::default() })?;
+    let post = ivon.posterior();
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    export::save_compressed(dir.path(), &model, &blora, &cfg, Some(&post))?;
+    for f in [export::POSTERIOR_JSON, export::POSTERIOR_TENSORS] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    let mut loaded = bare()?;
+    export::load_compressed(dir.path(), &mut loaded, &Device::Cpu)?;
+    let (meta, got) = export::read_compressed_posterior(dir.path(), &loaded)?.expect("the sidecar is read");
+    assert_eq!((got.mean.clone(), got.hess.clone(), got.std()), (post.mean.clone(), post.hess.clone(), post.std()));
+    assert!(meta.params.iter().all(|p| !p.key.contains("blora_gates")), "no gate in the posterior");
+
+    let data = common::separable(5, 11);
+    let b = Batch::collate(&data, &(0..5).collect::<Vec<_>>())?;
+    let want = loaded.logits(&b.to_tensors(&Device::Cpu)?, &Ctx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    let mut p = ModelPredictor::from_posterior(&loaded, got.mean.clone(), Some(got.std()), &Device::Cpu, 7)?;
+    let mean = p.predict(&b, None)?;
+    let worst = mean.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-6, "the posterior mean gives the compressed adapter's logits (off by {worst})");
+    let (s0, s1) = (p.predict(&b, Some(0))?, p.predict(&b, Some(1))?);
+    assert!(s0.iter().zip(&mean).any(|(a, b)| (a - b).abs() > 1e-4), "a sample moves the logits");
+    assert_ne!(s0, s1, "two samples differ");
+    assert_eq!(p.predict(&b, Some(0))?, s0, "sample k is reproducible");
+
+    export::save_compressed(dir.path(), &model, &blora, &cfg, None)?;
+    assert!(!dir.path().join(export::POSTERIOR_JSON).exists(), "a point estimate keeps no stale sidecar");
     Ok(())
 }

@@ -290,6 +290,72 @@ fn blora_run_reports_bops_and_exports_both_forms() {
     assert!(stderr(&o).contains("not a B-LoRA run"), "{}", stderr(&o));
 }
 
+/// IVON × B-LoRA: the run's adapter carries the posterior over A, E, B beside its compressed
+/// form, and `predict --samples K` samples it through the gated model (mutual information > 0
+/// for some input); `--samples 0` is the mean, MI = 0.
+#[test]
+fn ivon_blora_predict_samples_the_posterior() {
+    let Some(model) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ivon-blora");
+    let o = bayeslora(&[
+        "train",
+        "--method",
+        "blora",
+        "--optimizer",
+        "ivon",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--task",
+        "sst2",
+        "--train-limit",
+        "32",
+        "--eval-limit",
+        "8",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "2",
+        "--samples",
+        "2",
+        "--target-modules",
+        "query,value",
+        "-o",
+        out.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = out.join("adapter");
+    for f in ["compressed/adapter_posterior.json", "compressed/adapter_posterior.safetensors"] {
+        assert!(adapter.join(f).exists(), "adapter/{f} missing");
+    }
+    assert!(!adapter.join("adapter_posterior.json").exists(), "no sidecar beside the PEFT form (E folded into B)");
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a wonderful, moving film\ndull and far too long\nit is a film\n").unwrap();
+    let predict = |k: &str| {
+        let o = bayeslora(&[
+            "predict",
+            "--model",
+            model.to_str().unwrap_or_default(),
+            "--adapter",
+            adapter.to_str().unwrap_or_default(),
+            "--input",
+            input.to_str().unwrap_or_default(),
+            "--samples",
+            k,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSONL"))
+            .map(|r| r["mutual_information"].as_f64().expect("mutual_information"))
+            .collect::<Vec<f64>>()
+    };
+    let sampled = predict("4");
+    assert_eq!(sampled.len(), 3);
+    assert!(sampled.iter().any(|&mi| mi > 0.0), "posterior samples disagree somewhere: {sampled:?}");
+    assert!(predict("0").iter().all(|&mi| mi == 0.0));
+}
+
 /// A decoder trained on a GLUE task (label words after the task's prompt) predicts plain text
 /// the same way, reading the task from the adapter, and prints its class names.
 #[test]

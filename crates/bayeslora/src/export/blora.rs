@@ -14,6 +14,8 @@
 //!   quantized), every gate logit and range (f32, exact), and the head; `blora_compressed.json`
 //!   describes it. The loader reattaches the layers and sets A = k·s_b through the same
 //!   dequantisation as the test-time forward, so the logits are identical to the gated model's.
+//! - IVON × B-LoRA: [`save_compressed`] also writes the posterior sidecar over A, E, B (+ head)
+//!   beside the compressed adapter, [`read_compressed_posterior`] reads it back for sampling.
 //! - [`save_bops_report`], [`plot_learned`]: the report as JSON + text, and a PNG/SVG heat map.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ use super::{module_prefix, sidecar, task_type};
 use crate::adapters::blora::quantizer::{self, Range, Slot};
 use crate::adapters::blora::{attach_blora, render_table, AttachedBLora, BLoraConfig, BopsReport, LearnedLayer};
 use crate::adapters::lora::{LoraConfig, TargetModules, PEFT_PREFIX};
-use crate::train::TaskModel;
+use crate::train::{Classifier, TaskModel};
 use crate::{atomic, Error, Result};
 
 /// `blora_compressed.safetensors`.
@@ -244,11 +246,20 @@ fn var_name(name: &str) -> String {
 }
 
 /// Writes the compressed adapter (see the module doc) into `dir`, with `model`'s head.
+///
+/// With an IVON posterior (IVON × B-LoRA) the folder also gets the posterior sidecar
+/// (`adapter_posterior.{safetensors,json}`, [`sidecar`]) over A, E, B and the head at the full
+/// initial rank, keyed by [`Classifier::posterior_vars`]' names: the parameterisation the
+/// posterior is over (the PEFT form folds E into B). [`read_compressed_posterior`] reads it
+/// back; sampling A, E, B from it and running the gated model (its test-time gates and
+/// quantizers) is `predict --samples K` on a B-LoRA adapter. Without a posterior, a sidecar
+/// left in `dir` by an earlier export is removed. The sidecar is not counted in the sizes.
 pub fn save_compressed(
     dir: &Path,
     model: &TaskModel,
     blora: &AttachedBLora,
     config: &BLoraConfig,
+    posterior: Option<&ivon::Posterior>,
 ) -> Result<ExportSizes> {
     if blora.is_empty() {
         return Err(Error::config("adapters", "[]", "nothing to export: attach or load B-LoRA first"));
@@ -344,7 +355,53 @@ pub fn save_compressed(
     meta.sizes.total_bytes = total_bytes;
     atomic::write_json(&json_path, &meta)?;
     let (files, total_bytes) = sizes_of(&[tensors_path, json_path])?;
+    match posterior {
+        Some(p) => {
+            let named = model.posterior_vars();
+            if named.len() != p.params.len() {
+                return Err(Error::config(
+                    "posterior",
+                    format!("{} tensors", p.params.len()),
+                    format!(
+                        "the B-LoRA model has {} (A, E, B and the head); pass this model's IVON state",
+                        named.len()
+                    ),
+                ));
+            }
+            for ((key, var), layout) in named.iter().zip(&p.params) {
+                if var.dims() != layout.shape.as_slice() {
+                    return Err(Error::TensorShape {
+                        file: dir.join(sidecar::POSTERIOR_TENSORS),
+                        name: key.clone(),
+                        expected: var.dims().to_vec(),
+                        got: layout.shape.clone(),
+                    });
+                }
+            }
+            let keys: Vec<String> = named.into_iter().map(|(n, _)| n).collect();
+            let extras = serde_json::Map::from_iter([(
+                "parameterisation".to_string(),
+                serde_json::json!("B-LoRA A, E, B at the initial rank (+ head), before the gates and quantizers"),
+            )]);
+            sidecar::write(dir, &keys, p, &extras)?;
+        }
+        None => sidecar::remove_stale(dir)?,
+    }
     Ok(ExportSizes { files, total_bytes, ..meta.sizes })
+}
+
+/// The IVON posterior sidecar of a [`save_compressed`] folder over `model` (loaded with
+/// [`load_compressed`]), in [`Classifier::posterior_vars`]' order; `Ok(None)` when the folder
+/// has none (an AdamW run), with a warning. Its mean must reproduce the loaded model: the
+/// gated forward quantizes the sampled A, E, B at the learned bits, so at K = 0 the logits are
+/// the compressed adapter's.
+pub fn read_compressed_posterior(
+    dir: &Path,
+    model: &TaskModel,
+) -> Result<Option<(sidecar::PosteriorMeta, ivon::Posterior)>> {
+    let keys: Vec<(String, Vec<usize>)> =
+        model.posterior_vars().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
+    sidecar::read(dir, &keys)
 }
 
 /// Reads a [`save_compressed`] folder into `model`: attaches the file's B-LoRA layers to the

@@ -44,7 +44,10 @@ use crate::models::{Architecture, Backbone};
 use crate::train::{Classifier, ModelPredictor, TaskModel};
 use crate::{atomic, Error, Result};
 
-pub use blora::{load_compressed, plot_learned, save_blora_peft, save_bops_report, save_compressed, ExportSizes};
+pub use blora::{
+    load_compressed, plot_learned, read_compressed_posterior, save_blora_peft, save_bops_report, save_compressed,
+    ExportSizes,
+};
 pub use config::{AdapterConfig, TaskType, CONFIG_FILE};
 pub use merge::merge;
 pub use sidecar::{PosteriorMeta, PosteriorParam, POSTERIOR_JSON, POSTERIOR_TENSORS};

@@ -47,6 +47,11 @@ pub trait Classifier {
     fn is_gate(&self, _name: &str) -> bool {
         false
     }
+    /// The vars IVON trains and its posterior covers: every trainable var but the gates, in
+    /// [`Classifier::trainable`]'s order (the flat order of a posterior and of its sidecar).
+    fn posterior_vars(&self) -> Vec<(String, Var)> {
+        self.trainable().into_iter().filter(|(n, _)| !self.is_gate(n)).collect()
+    }
     /// A scalar added to the task loss of every micro-batch (B-LoRA's μ-weighted gate prior);
     /// `None` for plain LoRA.
     fn regularizer(&self) -> Result<Option<Tensor>> {
@@ -253,7 +258,7 @@ impl std::fmt::Debug for Optimizer {
 impl Optimizer {
     /// Builds the optimizer over `model.trainable()`; with IVON a fresh head gets its own group.
     pub fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Self> {
-        let named: Vec<(String, Var)> = model.trainable().into_iter().filter(|(n, _)| !model.is_gate(n)).collect();
+        let named = model.posterior_vars();
         if named.is_empty() {
             return Err(Error::config("target_modules", "[]", "no trainable variables: attach an adapter first"));
         }
@@ -438,8 +443,7 @@ pub fn run(
                 mean
             }
             other => {
-                let vars: Vec<Var> =
-                    model.trainable().into_iter().filter(|(n, _)| !model.is_gate(n)).map(|(_, v)| v).collect();
+                let vars: Vec<Var> = model.posterior_vars().into_iter().map(|(_, v)| v).collect();
                 let mut weight_grads = GradMean::new(&vars);
                 let mut loss_sum = 0.0f32;
                 for (i, b) in micro.iter().enumerate() {

@@ -74,8 +74,9 @@ impl<'a> ModelPredictor<'a> {
     }
 
     /// A posterior predictor from a stored posterior (e.g. `export::load_peft`'s sidecar):
-    /// `mean` and `std` (σ per element; `None`: point estimate) in `model.trainable()`'s flat
-    /// order. Sample k is drawn from `(seed, k)` as in [`Self::posterior`].
+    /// `mean` and `std` (σ per element; `None`: point estimate) in
+    /// [`Classifier::posterior_vars`]' flat order (all trainable vars but B-LoRA's gates, which
+    /// keep their values). Sample k is drawn from `(seed, k)` as in [`Self::posterior`].
     pub fn from_posterior(
         model: &'a dyn Classifier,
         mean: Vec<f32>,
@@ -83,7 +84,7 @@ impl<'a> ModelPredictor<'a> {
         device: &Device,
         seed: u64,
     ) -> Result<Self> {
-        let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+        let vars: Vec<Var> = model.posterior_vars().into_iter().map(|(_, v)| v).collect();
         let numel: usize = vars.iter().map(|v| v.elem_count()).sum();
         if mean.len() != numel || std.as_ref().is_some_and(|s| s.len() != numel) {
             return Err(crate::Error::config(

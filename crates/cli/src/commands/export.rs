@@ -15,8 +15,11 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
     let base_name = args.base_name.clone().unwrap_or_else(|| run.base.display().to_string());
     write_adapter(&run.model, &run.config, &base_name, run.posterior.as_ref(), &args.output)?;
     let n = run.model.adapters.len() + run.model.blora.len();
-    let sidecar =
-        if run.posterior.is_some() && run.config.method == Method::Lora { ", IVON posterior sidecar" } else { "" };
+    let sidecar = match (&run.posterior, run.config.method) {
+        (None, _) => "",
+        (Some(_), Method::Lora) => ", IVON posterior sidecar",
+        (Some(_), Method::Blora) => ", IVON posterior sidecar in compressed/",
+    };
     eprintln!("wrote {} ({n} adapted modules{sidecar})", args.output.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -86,8 +89,9 @@ pub fn adapter_num_labels(dir: &Path) -> Result<Option<usize>> {
 /// Writes the adapter of a finished run into `dir` (used by `train` for `<output>/adapter/`).
 /// B-LoRA: `dir` gets the PEFT LoRA at the learned ranks (`rank_pattern`) and `dir/compressed/`
 /// the integer-coded adapter that reproduces the gated model's logits exactly; the sizes on disk
-/// go to `dir/sizes.json`. (The IVON posterior sidecar is written for LoRA only: the PEFT form
-/// folds E into B, which changes the parameterisation the posterior is over.)
+/// go to `dir/sizes.json`. An IVON × B-LoRA posterior goes beside the compressed adapter
+/// (`dir/compressed/adapter_posterior.*`, over A, E, B), not beside the PEFT form, which folds E
+/// into B and so changes the parameterisation the posterior is over.
 pub fn write_adapter(
     model: &TaskModel,
     cfg: &RunConfig,
@@ -108,7 +112,7 @@ pub fn write_adapter(
         let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(base_name))
             .with_context(|| format!("exporting the B-LoRA adapter to {}", dir.display()))?;
         let compressed_dir = dir.join("compressed");
-        let compressed = export::save_compressed(&compressed_dir, model, &model.blora, &cfg.blora)
+        let compressed = export::save_compressed(&compressed_dir, model, &model.blora, &cfg.blora, posterior)
             .with_context(|| format!("exporting the compressed adapter to {}", compressed_dir.display()))?;
         let sizes = serde_json::json!({ "peft": peft, "compressed": compressed });
         super::pipeline::write_json(&dir.join("sizes.json"), &sizes)?;

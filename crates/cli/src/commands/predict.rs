@@ -6,7 +6,9 @@
 //! prompt). With the adapter's IVON sidecar, K posterior samples are drawn (the same K for every
 //! batch) and their softmax probabilities averaged; each output carries the predictive entropy
 //! H[p̄] and the mutual information H[p̄] − mean_k H[p_k] (the epistemic part). Without a
-//! sidecar, K = 0: the mean adapter alone, MI = 0.
+//! sidecar, K = 0: the mean adapter alone, MI = 0. A B-LoRA adapter folder (`compressed/`
+//! inside) is served in its compressed form, the gated model at its learned ranks and bits;
+//! trained with IVON, its sidecar there samples A, E, B, each sample then quantized as trained.
 use super::export::{adapter_num_labels, bare_model};
 use crate::args::PredictArgs;
 use anyhow::{bail, Context, Result};
@@ -14,6 +16,7 @@ use bayeslora::data::{self, Batch, DataSpec, Format, Task, TextEncoder};
 use bayeslora::eval::{PredictiveAccumulator, Predictor};
 use bayeslora::export;
 use bayeslora::models::{self, Backbone, LoadOptions};
+use bayeslora::train::ModelPredictor;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -47,16 +50,29 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
     };
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), args.max_len)?;
     let mut model = bare_model(loaded, num_labels, &device)?;
-    let adapter = export::load_peft(&args.adapter, &mut model, &device)
-        .with_context(|| format!("loading the adapter {}", args.adapter.display()))?;
-    let samples = match (&adapter.posterior, args.samples) {
+    // A B-LoRA export serves its compressed form (the gated model exactly, with the IVON
+    // sidecar over A, E, B when trained with IVON); a LoRA adapter its peft files.
+    let compressed = args.adapter.join("compressed");
+    let (posterior, sidecar_dir) = if compressed.join(export::blora::COMPRESSED_JSON).is_file() {
+        export::load_compressed(&compressed, &mut model, &device)
+            .with_context(|| format!("loading the B-LoRA adapter {}", compressed.display()))?;
+        (export::read_compressed_posterior(&compressed, &model)?, compressed)
+    } else {
+        let adapter = export::load_peft(&args.adapter, &mut model, &device)
+            .with_context(|| format!("loading the adapter {}", args.adapter.display()))?;
+        (adapter.posterior, args.adapter.clone())
+    };
+    let samples = match (&posterior, args.samples) {
         (Some(_), k) => k.unwrap_or(10),
         (None, Some(k)) if k > 0 => {
-            bail!("{} has no posterior sidecar (adapter_posterior.*): use --samples 0", args.adapter.display())
+            bail!("{} has no posterior sidecar (adapter_posterior.*): use --samples 0", sidecar_dir.display())
         }
         (None, _) => 0,
     };
-    let mut predictor = adapter.predictor(&model, &device, args.seed)?;
+    let mut predictor = match &posterior {
+        Some((_, p)) => ModelPredictor::from_posterior(&model, p.mean.clone(), Some(p.std()), &device, args.seed)?,
+        None => ModelPredictor::point(&model, &device)?,
+    };
 
     let input: Box<dyn BufRead> = match &args.input {
         Some(p) => Box::new(std::io::BufReader::new(
