@@ -9,8 +9,9 @@ use bayeslora::baselines::{
     collect_logits, fit_temperature, EnsemblePredictor, McDropoutPredictor, TemperaturePredictor,
 };
 use bayeslora::data::{Batch, BatchTensors, Encoded, EncodedDataset, Format, Label, Task};
+use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{evaluate, masked_softmax, EvalConfig, Predictor};
-use bayeslora::train::{Classifier, ModelPredictor, TaskModel};
+use bayeslora::train::{Classifier, TaskModel};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// logits = x Wᵀ with x = the row's two token ids as floats, W: [K = 2, D = 2].

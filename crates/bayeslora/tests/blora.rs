@@ -222,9 +222,9 @@ fn attach_names_unknown_targets() -> Result<()> {
 /// its samples move them; exporting again without a posterior removes the stale sidecar.
 #[test]
 fn ivon_blora_posterior_sidecar_round_trips_and_samples() -> Result<()> {
+    use bayeslora::eval::ModelPredictor;
     use bayeslora::eval::Predictor;
     use bayeslora::ivon::{Ivon, IvonConfig};
-    use bayeslora::train::ModelPredictor;
     let cfg = config();
     let (model, blora) = gated(&cfg)?;
     let vars: Vec<_> = model.posterior_vars().into_iter().map(|(_, v)| v).collect();

@@ -12,8 +12,9 @@ use bayeslora::baselines::{
 };
 use bayeslora::data::{BatchConfig, EncodedDataset};
 use bayeslora::eval::metrics::Binning;
+use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{evaluate, EvalConfig, EvalResult, Evaluation, Metrics, Predictor};
-use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, Silent, TaskModel, TrainConfig};
+use bayeslora::train::{self, Optimizer, OptimizerKind, Silent, TaskModel, TrainConfig};
 use candle_core::Device;
 use std::sync::Arc;
 

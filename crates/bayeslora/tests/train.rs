@@ -5,10 +5,9 @@ mod common;
 use common::{snapshot, StopAt};
 
 use bayeslora::data::{BatchConfig, EncodedDataset};
+use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{evaluate, EvalConfig};
-use bayeslora::train::{
-    self, Checkpoint, Classifier, ModelPredictor, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig,
-};
+use bayeslora::train::{self, Checkpoint, Classifier, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig};
 use candle_core::Device;
 use std::ops::ControlFlow;
 use std::sync::Arc;

@@ -15,8 +15,9 @@
 //! [`ModelPredictor::gaussian`].
 use crate::adapters::Ctx;
 use crate::data::{Batch, EncodedDataset};
+use crate::eval::ModelPredictor;
 use crate::eval::{evaluate, EvalConfig};
-use crate::train::{loss, Classifier, ModelPredictor};
+use crate::train::{loss, Classifier};
 use crate::{Error, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};

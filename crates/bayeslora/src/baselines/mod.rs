@@ -4,7 +4,7 @@
 //! # Brief overview
 //! Every baseline is an [`eval::Predictor`](crate::eval::Predictor), so [`eval::evaluate`]
 //! scores them exactly as it scores IVON (probabilities averaged over K samples):
-//! - AdamW (MAP) and IVON: [`ModelPredictor`](crate::train::ModelPredictor) (point / posterior).
+//! - AdamW (MAP) and IVON: [`ModelPredictor`](crate::eval::ModelPredictor) (point / posterior).
 //! - [`McDropoutPredictor`]: an AdamW model with dropout kept on at test time, sample k = one
 //!   dropout mask seeded by k. `Ctx::train` switches on *every* dropout of the forward pass: the
 //!   LoRA dropout (`lora_dropout`) and, for BERT, the backbone's hidden, attention-probability and

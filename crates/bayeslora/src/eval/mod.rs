@@ -33,10 +33,12 @@ use crate::data::{Batch, EncodedDataset};
 use crate::{Error, Result};
 
 pub mod metrics;
+mod model_predictor;
 mod plot;
 mod predictive;
 mod report;
 
+pub use model_predictor::ModelPredictor;
 #[allow(unused_imports)] // used by the sweep plots
 pub(crate) use plot::register_fonts;
 pub use plot::{reliability_diagram, Panel};

@@ -40,8 +40,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapters::lora::{attach, scaling, LoraConfig, TargetModules, PEFT_PREFIX};
+use crate::eval::ModelPredictor;
 use crate::models::{Architecture, Backbone};
-use crate::train::{Classifier, ModelPredictor, TaskModel};
+use crate::train::{Classifier, TaskModel};
 use crate::{atomic, Error, Result};
 
 pub use blora::{

@@ -6,7 +6,7 @@
 //! Layout follows candle's `models/llama.rs`: [`BertConfigRaw`] mirrors config.json,
 //! [`BertConfig`] is the resolved config, and private blocks (`Embeddings`, `SelfAttention`,
 //! `Layer`, ...) each have `load` and `forward`. Field and module names are the HF keys
-//! (`encoder.layer.0.attention.self.query`), every linear is an [`adapters::Linear`] (an adapter
+//! (`encoder.layer.0.attention.self.query`), every linear is a [`Linear`](super::linear::Linear) (an adapter
 //! slot), and every op with a gradient comes from [`crate::ops`] (candle-nn's fused layer norm
 //! and softmax have no backward). [`Bert::forward`] returns every position.
 //!
@@ -15,7 +15,7 @@
 //! [`HasLinears`] names are always without the prefix.
 //!
 //! ```no_run
-//! use bayeslora::adapters::Ctx;
+//! use bayeslora::models::linear::Ctx;
 //! use bayeslora::models::{self, Backbone, LoadOptions};
 //! let m = models::load(std::path::Path::new("minilm"), &LoadOptions::default())?;
 //! let Backbone::Bert(bert) = &m.backbone else { unreachable!() };
@@ -36,8 +36,8 @@ use super::encoder::{
     hidden_states, maybe_dropout, prepare_inputs, salt, LayerBody, LayerNorm, Loader, DROPOUT_SALT, EMBEDDINGS,
     LINEAR_SALT, POOLER,
 };
+use super::linear::{Ctx, HasLinears, Linear};
 use super::load::Weights;
-use crate::adapters::{Ctx, HasLinears, Linear};
 use crate::ops::{self, AttentionMask};
 use crate::{Error, Result};
 

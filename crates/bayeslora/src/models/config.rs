@@ -48,6 +48,26 @@ const MODEL_TYPES: &[(&str, Architecture)] = &[
 ];
 
 impl Architecture {
+    /// The attention query and value projections under this family's HF names: PEFT's default
+    /// LoRA targets (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    pub fn query_value(self) -> &'static [&'static str] {
+        match self {
+            Architecture::Bert => &["query", "value"],
+            Architecture::DebertaV2 => &["query_proj", "value_proj"],
+            Architecture::Llama => &["q_proj", "v_proj"],
+        }
+    }
+
+    /// The attention query, key and value projections under this family's HF names (the
+    /// B-LoRA fork's targets).
+    pub fn query_key_value(self) -> &'static [&'static str] {
+        match self {
+            Architecture::Bert => &["query", "key", "value"],
+            Architecture::DebertaV2 => &["query_proj", "key_proj", "value_proj"],
+            Architecture::Llama => &["q_proj", "k_proj", "v_proj"],
+        }
+    }
+
     /// Detects the family from a parsed config.json (`file` is only used in the error). The
     /// first entry of `architectures` decides; without one, `model_type` does.
     pub fn detect(config: &serde_json::Value, file: &Path) -> Result<Self> {

@@ -19,11 +19,11 @@
 //!
 //! Layout follows `bert.rs`: [`DebertaV2ConfigRaw`] mirrors config.json, [`DebertaV2Config`] is
 //! resolved, private blocks have `load`/`forward`, module names are the HF keys
-//! (`encoder.layer.0.attention.self.query_proj`), every linear is an [`adapters::Linear`] and every
+//! (`encoder.layer.0.attention.self.query_proj`), every linear is a [`Linear`] and every
 //! differentiable op comes from [`crate::ops`]. Checkpoints with or without the `deberta.` prefix
 //! load. v3 has no ConvLayer; a config with `conv_kernel_size` is refused.
 //!
-//! [`adapters::Linear`]: crate::adapters::Linear
+//! [`Linear`]: super::linear::Linear
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -36,8 +36,8 @@ use super::encoder::{
     hidden_states, maybe_dropout, prepare_inputs, salt, LayerBody, LayerNorm, Loader, DROPOUT_SALT, EMBEDDINGS,
     LINEAR_SALT, POOLER,
 };
+use super::linear::{Ctx, HasLinears, Linear};
 use super::load::Weights;
-use crate::adapters::{Ctx, HasLinears, Linear};
 use crate::ops;
 use crate::{Error, Result};
 

@@ -3,8 +3,8 @@
 //! [`LayerBody`] (`attention.output`, `intermediate`, `output`) and input checks.
 use candle_core::{DType, Device, Tensor};
 
+use super::linear::{Ctx, Linear};
 use super::load::Weights;
-use crate::adapters::{Ctx, Linear};
 use crate::ops;
 use crate::{Error, Result};
 

@@ -9,7 +9,7 @@
 //! [`LlamaRawConfig`] mirrors config.json (both the transformers 4 spelling `rope_theta` +
 //! `rope_scaling` and the transformers 5 spelling `rope_parameters`); [`LlamaConfig`] is the
 //! resolved, validated form. [`Llama`] holds frozen weights; every projection is an
-//! [`adapters::Linear`](crate::adapters::Linear) named as in HF (`model.layers.0.self_attn.q_proj`)
+//! [`Linear`](super::linear::Linear) named as in HF (`model.layers.0.self_attn.q_proj`)
 //! so adapters attach by name through [`HasLinears`]. All ops come from [`crate::ops`], which have
 //! backward passes (candle-nn's fused norm/rope/softmax do not).
 //!
@@ -22,7 +22,7 @@
 //! window would then differ from HF.
 //!
 //! ```no_run
-//! use bayeslora::adapters::Ctx;
+//! use bayeslora::models::linear::Ctx;
 //! use bayeslora::models::llama::{Llama, LlamaConfig};
 //! use candle_core::{DType, Device, Tensor};
 //! let dir = std::path::Path::new("tiny-llama");
@@ -36,8 +36,8 @@
 //! let logits = model.logits_at(&hidden, &last, None)?; // [1, V]
 //! # Ok::<(), bayeslora::Error>(())
 //! ```
+use super::linear::{Ctx, HasLinears, Linear};
 use super::load::Weights;
-use crate::adapters::{Ctx, HasLinears, Linear};
 use crate::ops::{self, AttentionMask};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};

@@ -5,7 +5,7 @@
 //! memory-mapped), builds the [`Backbone`] and loads tokenizer.json (fixed truncation and
 //! padding removed). One file per architecture (`bert.rs`, `llama.rs`), each in the shape of
 //! candle's `models/llama.rs`, calling [`crate::ops`] for everything that needs a gradient.
-//! Models know the [`crate::adapters::Adapter`] slot, never LoRA itself.
+//! Models know the adapter slot ([`linear::Adapter`]), never LoRA itself.
 //!
 //! ```no_run
 //! use bayeslora::models::{self, Backbone, LoadOptions};
@@ -18,6 +18,7 @@ pub mod config;
 pub mod deberta_v2;
 mod encoder;
 pub mod gguf;
+pub mod linear;
 pub mod llama;
 pub mod load;
 
@@ -32,8 +33,8 @@ pub use deberta_v2::{DebertaV2, DebertaV2Config};
 pub use llama::{Llama, LlamaConfig};
 pub use load::Weights;
 
-use crate::adapters::{HasLinears, Linear};
 use crate::{Error, Result};
+use linear::{HasLinears, Linear};
 
 /// How to materialize the frozen weights.
 #[derive(Debug, Clone)]

@@ -11,12 +11,10 @@
 //! samples per step; AdamW averages micro-batch gradients and optionally clips their norm.
 mod checkpoint;
 mod classifier;
-mod predictor;
 mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointState, Restored};
 pub use classifier::{head_for, TaskModel};
-pub use predictor::ModelPredictor;
 pub use schedule::{lr_at, Schedule};
 
 use crate::adapters::Ctx;

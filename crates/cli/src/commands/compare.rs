@@ -30,9 +30,10 @@ use bayeslora::baselines::{
     MethodKind, TemperaturePredictor,
 };
 use bayeslora::data::{self, ChoiceFilter, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
+use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{self, metrics::Binning, EvalConfig, Evaluation, Predictor};
 use bayeslora::models::{Backbone, LoadedModel};
-use bayeslora::train::{self, ModelPredictor, Optimizer, OptimizerKind, TaskModel};
+use bayeslora::train::{self, Optimizer, OptimizerKind, TaskModel};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

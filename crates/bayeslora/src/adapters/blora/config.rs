@@ -49,7 +49,8 @@ pub struct BLoraConfig {
     /// Dropout on the adapter's input (training only).
     pub lora_dropout: f32,
     /// Which linears get an adapter; `None` means the architecture's default
-    /// ([`default_target_modules`]), filled in by [`BLoraConfig::with_default_targets`].
+    /// ([`Architecture::query_key_value`]: the B-LoRA fork's `run_glue.py`
+    /// `lora_module="query_proj,value_proj,key_proj"`), filled in by [`BLoraConfig::with_default_targets`].
     pub target_modules: Option<TargetModules>,
     /// Nested rank gates on the components of E (false: the "quantization-only" ablation).
     pub prune_rank: bool,
@@ -105,21 +106,11 @@ impl Default for BLoraConfig {
     }
 }
 
-/// The B-LoRA fork's targets (`run_glue.py` `lora_module="query_proj,value_proj,key_proj"`): the
-/// attention q, k and v projections, under each architecture's names.
-pub fn default_target_modules(arch: Architecture) -> &'static [&'static str] {
-    match arch {
-        Architecture::Bert => &["query", "key", "value"],
-        Architecture::DebertaV2 => &["query_proj", "key_proj", "value_proj"],
-        Architecture::Llama => &["q_proj", "k_proj", "v_proj"],
-    }
-}
-
 impl BLoraConfig {
     /// Fills `target_modules` with the architecture's default when it is unset.
     pub fn with_default_targets(mut self, arch: Architecture) -> Self {
         if self.target_modules.is_none() {
-            let names = default_target_modules(arch).iter().map(|s| s.to_string()).collect();
+            let names = arch.query_key_value().iter().map(|s| s.to_string()).collect();
             self.target_modules = Some(TargetModules::List(names));
         }
         self

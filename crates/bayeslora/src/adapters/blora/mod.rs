@@ -4,7 +4,7 @@
 //!
 //! # Brief overview
 //! - [`config`]: [`BLoraConfig`] (LoRA's field names plus the gate switches) and
-//!   [`default_target_modules`] (q, k, v);
+//!   [`Architecture::query_key_value`](crate::models::Architecture::query_key_value) (q, k, v);
 //! - [`gates`]: hard-concrete sampling, P(z > 0), the deterministic test rule, nested rank gates;
 //! - [`quantizer`]: the Bayesian Bits residual quantizer (2/4/8/16/32 bits) and its range;
 //! - [`layer`]: [`BLoraLayer`], the [`crate::adapters::Adapter`], its prior and learned table;
@@ -43,7 +43,7 @@ pub mod layer;
 pub mod quantizer;
 
 pub use bops::{bops_report, render_table, BopsReport, BopsRow, BopsTotals};
-pub use config::{default_target_modules, BLoraConfig, GateCost, InitE};
+pub use config::{BLoraConfig, GateCost, InitE};
 pub use inject::{attach_blora, AttachedBLora};
 pub use layer::{BLoraLayer, EvalWeights, LearnedLayer};
 pub use quantizer::{Range, Slot};

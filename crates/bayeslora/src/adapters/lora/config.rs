@@ -70,7 +70,7 @@ pub struct LoraConfig {
     /// Dropout on the adapter's input (training only).
     pub lora_dropout: f32,
     /// Which linears get an adapter; `None` means the architecture's default
-    /// ([`default_target_modules`]), filled in by [`LoraConfig::with_default_targets`].
+    /// ([`Architecture::query_value`], PEFT's default), filled in by [`LoraConfig::with_default_targets`].
     pub target_modules: Option<TargetModules>,
     /// Rank-stabilized LoRA (Kalajdzievski 2023, arXiv 2312.03732): scale `lora_alpha / sqrt(r)`.
     pub use_rslora: bool,
@@ -102,15 +102,6 @@ impl Default for LoraConfig {
     }
 }
 
-/// PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for our architectures.
-pub fn default_target_modules(arch: Architecture) -> &'static [&'static str] {
-    match arch {
-        Architecture::Bert => &["query", "value"],
-        Architecture::DebertaV2 => &["query_proj", "value_proj"],
-        Architecture::Llama => &["q_proj", "v_proj"],
-    }
-}
-
 /// The update's scale: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (PEFT
 /// `LoraLayer.update_layer`).
 pub fn scaling(lora_alpha: f64, r: usize, use_rslora: bool) -> f64 {
@@ -125,7 +116,7 @@ impl LoraConfig {
     /// Fills `target_modules` with the architecture's default when it is unset.
     pub fn with_default_targets(mut self, arch: Architecture) -> Self {
         if self.target_modules.is_none() {
-            let names = default_target_modules(arch).iter().map(|s| s.to_string()).collect();
+            let names = arch.query_value().iter().map(|s| s.to_string()).collect();
             self.target_modules = Some(TargetModules::List(names));
         }
         self

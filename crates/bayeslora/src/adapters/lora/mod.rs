@@ -24,6 +24,6 @@ pub mod config;
 pub mod inject;
 pub mod layer;
 
-pub use config::{default_target_modules, scaling, LoraBias, LoraConfig, TargetModules};
+pub use config::{scaling, LoraBias, LoraConfig, TargetModules};
 pub use inject::{attach, AttachedAdapters, PEFT_PREFIX};
 pub use layer::LoraLayer;

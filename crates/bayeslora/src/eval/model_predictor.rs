@@ -1,13 +1,13 @@
-//! [`ModelPredictor`]: a trained [`Classifier`] as an [`eval::Predictor`](crate::eval::Predictor),
+//! [`ModelPredictor`]: a trained [`Classifier`] as a [`Predictor`],
 //! at the posterior mean (K = 0) or at posterior samples θ_k = μ + σ⊙ε_k drawn from the IVON
 //! posterior `N(μ, diag(σ²))`, σ² = 1/(ess·(h+δ)) (`specs/ivon.md`, "Posterior and prediction").
 //!
 //! Sample k's noise comes from a generator seeded by `(seed, k)`, so the same K samples are
 //! drawn for every batch of a pass and an evaluation is reproducible. Dropout is off.
-use super::Classifier;
+use super::Predictor;
 use crate::adapters::Ctx;
 use crate::data::Batch;
-use crate::eval::Predictor;
+use crate::train::Classifier;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
