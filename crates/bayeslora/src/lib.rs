@@ -3,7 +3,8 @@
 //! Bayesian low-rank finetuning of language models on candle: LoRA adapters trained with the IVON
 //! variational optimizer (IVON-LoRA, arXiv 2411.04421), evaluated with the posterior predictive.
 //!
-//! Data flows one way: `models` (load) → `adapters` (attach) → `data` → `train` → `eval` → `export`.
+//! Data flows one way: `models` (load; every linear an adapter slot) → `adapters` (attach) →
+//! `data` → `train` → `eval` → `plot` → `baselines` / `export`.
 
 pub mod adapters;
 mod atomic;
@@ -16,6 +17,7 @@ pub mod export;
 pub mod fuzz;
 pub mod models;
 pub mod ops;
+pub mod plot;
 pub mod train;
 
 pub use error::{Error, Result};

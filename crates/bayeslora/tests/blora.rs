@@ -198,7 +198,7 @@ fn bops_report_and_heat_map() -> Result<()> {
     assert!(report.adapter_ratio < 1.0 && report.ratio < 1.0, "{}", render_table(&report));
     let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
     let written = export::save_bops_report(&dir.path().join("bops"), &report)?;
-    let plots = export::plot_learned(&dir.path().join("learned"), &learned)?;
+    let plots = bayeslora::plot::plot_learned(&dir.path().join("learned"), &learned)?;
     for p in written.iter().chain(&plots) {
         let n = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
         assert!(n > 100, "{} is {n} bytes", p.display());

@@ -1,6 +1,7 @@
 //! Reliability diagrams: PNG and SVG are written and non-trivial. Set `BAYESLORA_PLOT_DIR` to
 //! keep the files for a look.
-use bayeslora::eval::{metrics::Binning, reliability_diagram, Panel, PredictiveAccumulator};
+use bayeslora::eval::{metrics::Binning, PredictiveAccumulator};
+use bayeslora::plot::{reliability_diagram, Panel};
 
 fn predictive(sharpness: f32, seed: u64) -> bayeslora::eval::Predictive {
     // a deterministic pseudo-random overconfident classifier

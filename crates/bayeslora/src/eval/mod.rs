@@ -1,5 +1,6 @@
-//! The posterior predictive, metrics, reports and plots. It takes predictions and does not know
-//! how they were trained.
+//! The posterior predictive, metrics and reports. It takes predictions and does not know how
+//! they were trained ([`ModelPredictor`] turns a trained model into predictions); the figures
+//! are drawn by [`crate::plot`].
 //!
 //! # Brief overview
 //! - [`evaluate`] runs a [`Predictor`] over an [`EncodedDataset`]: once with the mean weights
@@ -8,8 +9,7 @@
 //!   curve and the [`Predictive`]s (for OOD scores and reliability diagrams).
 //! - [`metrics`]: ACC, NLL, Brier, ECE-15 (torchmetrics), ECE-10 (ivon-lora), MCE, F1, MCC,
 //!   Pearson, Spearman, AUROC, AUPR, FPR@95 — golden-tested against torchmetrics/sklearn/scipy.
-//! - [`render_table`] prints several results as aligned text; [`reliability_diagram`] writes
-//!   PNG + SVG.
+//! - [`render_table`] prints several results as aligned text.
 //!
 //! # Example
 //! ```
@@ -34,14 +34,10 @@ use crate::{Error, Result};
 
 pub mod metrics;
 mod model_predictor;
-mod plot;
 mod predictive;
 mod report;
 
 pub use model_predictor::ModelPredictor;
-#[allow(unused_imports)] // used by the sweep plots
-pub(crate) use plot::register_fonts;
-pub use plot::{reliability_diagram, Panel};
 pub use predictive::{masked_softmax, Predictive, PredictiveAccumulator};
 pub use report::{ood_results, render_table, EvalResult, Metrics, OodResult, OodScore};
 

@@ -46,8 +46,7 @@ use crate::train::{Classifier, TaskModel};
 use crate::{atomic, Error, Result};
 
 pub use blora::{
-    load_compressed, plot_learned, read_compressed_posterior, save_blora_peft, save_bops_report, save_compressed,
-    ExportSizes,
+    load_compressed, read_compressed_posterior, save_blora_peft, save_bops_report, save_compressed, ExportSizes,
 };
 pub use config::{AdapterConfig, TaskType, CONFIG_FILE};
 pub use merge::merge;

@@ -372,6 +372,7 @@ pub fn plot(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> R
             named.push((format!("{} (K={k})", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
         }
     }
-    let panels: Vec<eval::Panel<'_>> = named.iter().map(|(n, b)| eval::Panel { name: n, bins: b }).collect();
-    Ok(eval::reliability_diagram(stem, title, &panels)?)
+    let panels: Vec<bayeslora::plot::Panel<'_>> =
+        named.iter().map(|(n, b)| bayeslora::plot::Panel { name: n, bins: b }).collect();
+    Ok(bayeslora::plot::reliability_diagram(stem, title, &panels)?)
 }

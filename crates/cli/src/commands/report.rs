@@ -6,7 +6,8 @@
 use crate::args::{ReportArgs, ReportWhat};
 use anyhow::{bail, Context, Result};
 use bayeslora::adapters::blora::{bops_report, render_table, AttachedBLora, BopsReport, LearnedLayer};
-use bayeslora::export::{plot_learned, save_bops_report};
+use bayeslora::export::save_bops_report;
+use bayeslora::plot::plot_learned;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

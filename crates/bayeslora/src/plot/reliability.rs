@@ -1,10 +1,6 @@
 //! Reliability diagrams (PNG and SVG) with plotters: one panel per method, bars of per-bin
 //! accuracy against the diagonal, the gap to the bin's mean confidence outlined in red, the
 //! count printed above each bar, and the ECE in the panel title.
-//!
-//! Text uses DejaVu Sans, bundled in the binary (`assets/DejaVuSans.ttf`, free licence in
-//! `assets/DejaVuSans.LICENSE`) and registered as "sans-serif", so plots need no system fonts or
-//! fontconfig. Should text still fail, the diagram is drawn again without text rather than failing.
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
@@ -12,7 +8,8 @@ use plotters::prelude::*;
 
 use crate::{Error, Result};
 
-use super::metrics::{Binning, ReliabilityBins};
+use super::{plot_err, register_fonts};
+use crate::eval::metrics::{Binning, ReliabilityBins};
 
 /// One panel of a reliability figure.
 #[derive(Debug, Clone)]
@@ -20,10 +17,6 @@ pub struct Panel<'a> {
     /// Method name, e.g. "IVON (K=10)".
     pub name: &'a str,
     pub bins: &'a ReliabilityBins,
-}
-
-fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { path: path.to_path_buf(), cause: std::io::Error::other(format!("drawing the plot failed: {e}")) }
 }
 
 /// Bars to draw: torchmetrics' extra conf = 1.0 bin is folded into the last bin for display.
@@ -115,17 +108,6 @@ fn draw<DB: DrawingBackend>(
     }
     root.present()?;
     Ok(())
-}
-
-/// Registers the bundled DejaVu Sans as "sans-serif" (once per process).
-pub(crate) fn register_fonts() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-        if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_err() {
-            tracing::warn!("the bundled font could not be read; plots will have no text");
-        }
-    });
 }
 
 /// Writes `<stem>.png` and `<stem>.svg`; returns their paths.
