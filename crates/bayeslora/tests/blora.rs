@@ -11,7 +11,7 @@ use bayeslora::adapters::Ctx;
 use bayeslora::data::{Batch, BatchTensors};
 use bayeslora::export;
 use bayeslora::models::{self, Backbone, LoadOptions, SequenceClassificationHead};
-use bayeslora::train::{Classifier, TaskModel};
+use bayeslora::train::{Adapters, BLora, Classifier, TaskModel};
 use bayeslora::{Error, Result};
 use candle_core::{Device, Tensor};
 
@@ -53,7 +53,7 @@ fn set(t: &candle_core::Var, v: &[f32]) -> Result<()> {
 fn gated(cfg: &BLoraConfig) -> Result<(TaskModel, AttachedBLora)> {
     let mut model = bare()?;
     let blora = attach_blora(&mut model.backbone, cfg, 3, &Device::Cpu)?;
-    model.blora = blora.clone();
+    model.adapters = Adapters::Blora(BLora { layers: blora.clone(), mu: 0.0, mu_warmup: 0 });
     for step in 0..2 {
         model.logits(&batch(6, step)?, &Ctx::train(step))?;
     }
@@ -157,7 +157,7 @@ fn compressed_round_trip(cfg: &BLoraConfig) -> Result<()> {
     let mut loaded = bare()?;
     let reloaded = export::load_compressed(dir.path(), &mut loaded, &Device::Cpu)?;
     assert_eq!(reloaded.learned()?, blora.learned()?);
-    assert_eq!(loaded.blora.len(), blora.len(), "the task model holds the loaded layers");
+    assert_eq!(loaded.adapters.len(), blora.len(), "the task model holds the loaded layers");
     let got = loaded.logits(&b, &Ctx::eval())?.to_vec2::<f32>()?;
     assert_eq!(got, want, "the compressed adapter reproduces the gated logits bit for bit");
     // Loading twice into the same model is refused (the modules already carry adapters).

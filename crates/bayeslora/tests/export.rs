@@ -132,7 +132,7 @@ fn pattern(shape: &[usize], k: usize, scale: f32) -> Result<Tensor> {
 fn adapted(dir: &Path, lora: &LoraConfig) -> Result<TaskModel> {
     let loaded = models::load(dir, &LoadOptions::default())?;
     let model = TaskModel::build(loaded, lora, 3, 7, &Device::Cpu)?;
-    for (k, (_, layer)) in model.adapters.layers.iter().enumerate() {
+    for (k, (_, layer)) in model.adapters.lora().expect("LoRA").layers.iter().enumerate() {
         let b = pattern(layer.lora_b().dims(), k, 0.3)?;
         layer.set_weights(&layer.lora_a().as_tensor().copy()?, &b)?;
     }
@@ -173,7 +173,7 @@ fn peft_bert_seqcls_matches_peft_logits() -> Result<()> {
     let mut model = bare(&bert_dir())?;
     let adapter = export::load_peft(&peft_dir().join("peft_bert_seqcls"), &mut model, &Device::Cpu)?;
     assert_eq!(model.adapters.len(), 4);
-    let q1 = model.adapters.get("encoder.layer.1.attention.self.query").expect("layer 1 query");
+    let q1 = model.adapters.lora().expect("LoRA").get("encoder.layer.1.attention.self.query").expect("layer 1 query");
     assert_eq!((q1.rank(), q1.scaling()), (2, 2.0), "rank/alpha_pattern");
     assert!(adapter.posterior.is_none(), "peft writes no sidecar");
     check("peft_bert_seqcls logits", &logits(&model, &io)?, get(&io, "peft_bert_seqcls.logits"), TOL)?;
@@ -404,8 +404,10 @@ fn gates_open(n: usize, open: usize) -> Vec<f32> {
 fn blora_model() -> Result<TaskModel> {
     let loaded = models::load(&bert_dir(), &LoadOptions::default())?;
     let model = TaskModel::build_blora(loaded, &blora_config(), 3, 7, &Device::Cpu)?;
-    assert_eq!(model.blora.len(), BLORA_RANKS.len());
-    for (k, ((m, layer), (want_m, rank))) in model.blora.layers.iter().zip(BLORA_RANKS).enumerate() {
+    assert_eq!(model.adapters.len(), BLORA_RANKS.len());
+    for (k, ((m, layer), (want_m, rank))) in
+        model.adapters.blora().expect("B-LoRA").layers.iter().zip(BLORA_RANKS).enumerate()
+    {
         assert_eq!(m, want_m, "module order");
         for (j, (var, slot, scale)) in
             [(layer.lora_a(), Slot::LoraA, 0.3), (layer.lora_e(), Slot::LoraE, 1.0), (layer.lora_b(), Slot::LoraB, 0.3)]
@@ -435,10 +437,22 @@ fn blora_model() -> Result<TaskModel> {
 fn write_blora_fixture(base: &str) -> Result<()> {
     let io = io()?;
     let model = blora_model()?;
-    export::save_blora_peft(&peft_dir().join(BLORA_ADAPTER), &model, &model.blora, &blora_config(), Some(base))?;
+    export::save_blora_peft(
+        &peft_dir().join(BLORA_ADAPTER),
+        &model,
+        model.adapters.blora().expect("B-LoRA"),
+        &blora_config(),
+        Some(base),
+    )?;
     let gated = logits(&model, &io)?.contiguous()?;
-    let ranks: serde_json::Map<String, serde_json::Value> =
-        model.blora.learned()?.into_iter().map(|(m, l)| (m, serde_json::json!(l.rank))).collect();
+    let ranks: serde_json::Map<String, serde_json::Value> = model
+        .adapters
+        .blora()
+        .expect("B-LoRA")
+        .learned()?
+        .into_iter()
+        .map(|(m, l)| (m, serde_json::json!(l.rank)))
+        .collect();
     let bytes: Vec<u8> = gated.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, gated.dims().to_vec(), &bytes).expect("f32 view");
@@ -460,7 +474,7 @@ fn blora_merge_folds_learned_ranks_and_refuses_activation_quantization() -> Resu
     let out = tmp.path().join("merged");
     export::merge(&model, &bert_dir(), &out)?;
     let merged = bare(&out)?;
-    assert!(merged.adapters.is_empty() && merged.blora.is_empty());
+    assert!(merged.adapters.is_empty());
     let gated = logits(&model, &io)?;
     assert!(gated.sub(&logits(&bare(&bert_dir())?, &io)?)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
     check("blora merged vs gated", &logits(&merged, &io)?, &gated, MERGE_TOL)?;
@@ -468,7 +482,7 @@ fn blora_merge_folds_learned_ranks_and_refuses_activation_quantization() -> Resu
     let loaded = models::load(&bert_dir(), &LoadOptions::default())?;
     let act = BLoraConfig { quantize_activations: true, ..blora_config() };
     let model = TaskModel::build_blora(loaded, &act, 3, 7, &Device::Cpu)?;
-    for (_, layer) in &model.blora.layers {
+    for (_, layer) in &model.adapters.blora().expect("B-LoRA").layers {
         for slot in [Slot::ActA, Slot::ActE, Slot::ActB] {
             layer.set_range(slot, Range { x_min: -1.0, x_max: 1.0 })?;
         }
@@ -489,7 +503,8 @@ fn blora_merge_folds_learned_ranks_and_refuses_activation_quantization() -> Resu
 fn rust_blora_export_matches_peft_logits() -> Result<()> {
     let io = io()?;
     let model = blora_model()?;
-    let learned: Vec<(String, usize)> = model.blora.learned()?.into_iter().map(|(m, l)| (m, l.rank)).collect();
+    let learned: Vec<(String, usize)> =
+        model.adapters.blora().expect("B-LoRA").learned()?.into_iter().map(|(m, l)| (m, l.rank)).collect();
     let want_ranks: Vec<(String, usize)> = BLORA_RANKS.iter().map(|&(m, r)| (m.to_string(), r)).collect();
     assert_eq!(learned, want_ranks, "learned ranks");
     let gated = logits(&model, &io)?;
@@ -513,7 +528,14 @@ fn rust_blora_export_matches_peft_logits() -> Result<()> {
         assert_eq!(tensors.get(&key).map(|(_, s)| s.clone()), Some(vec![r, 32]), "{key}");
     }
     // Layer 1 value's A has 4 bits: the exported A′ lies on the signed 4-bit grid (≤ 15 values).
-    let bits = model.blora.get("encoder.layer.1.attention.self.value").expect("module").learned()?.bits(Slot::LoraA);
+    let bits = model
+        .adapters
+        .blora()
+        .expect("B-LoRA")
+        .get("encoder.layer.1.attention.self.value")
+        .expect("module")
+        .learned()?
+        .bits(Slot::LoraA);
     assert_eq!(bits, Some(4));
     let weights = candle_core::safetensors::load(dir.join(export::WEIGHTS_FILE), &Device::Cpu)?;
     let a = get(&weights, "base_model.model.bert.encoder.layer.1.attention.self.value.lora_A.weight");

@@ -332,7 +332,7 @@ fn merge_from_gguf_writes_a_loadable_hf_folder() -> Result<()> {
             ..LoraConfig::default()
         };
         let model = TaskModel::build(loaded, &lora, 2, 3, &Device::Cpu)?;
-        for (_, layer) in &model.adapters.layers {
+        for (_, layer) in &model.adapters.lora().expect("LoRA").layers {
             let b = layer.lora_b();
             b.set(&Tensor::randn(0f32, 0.5, b.dims(), &Device::Cpu)?)?;
         }

@@ -228,7 +228,7 @@ fn blora_with_a_strong_prior_and_enough_steps_prunes_ranks_and_bits() {
     // outweighs the task, deterministic test-time gates end below the initial rank and 32 bits.
     let data = separable(32);
     let model = tiny_blora(0);
-    let before = model.blora.learned().unwrap();
+    let before = model.adapters.blora().expect("B-LoRA").learned().unwrap();
     assert!(before.iter().all(|(_, l)| l.rank == 4 && l.bits.values().all(|&b| b == 32)), "{before:?}");
     let mut cfg = config(OptimizerKind::Adamw, 60);
     cfg.schedule = bayeslora::train::Schedule::Constant;
@@ -236,10 +236,12 @@ fn blora_with_a_strong_prior_and_enough_steps_prunes_ranks_and_bits() {
     cfg.gates.lr = 0.5;
     let mut notes = Notes(Vec::new());
     let mut strong = model;
-    strong.blora_mu = 50.0;
+    if let bayeslora::train::Adapters::Blora(b) = &mut strong.adapters {
+        b.mu = 50.0;
+    }
     train::run(&strong, data, &cfg, &Device::Cpu, &mut notes, None, None).unwrap();
     assert!(notes.0.is_empty(), "{:?}", notes.0);
-    let after = strong.blora.learned().unwrap();
+    let after = strong.adapters.blora().expect("B-LoRA").learned().unwrap();
     assert!(after.iter().any(|(_, l)| l.rank < 4), "no rank pruned: {after:?}");
     assert!(after.iter().any(|(_, l)| l.bits.values().any(|&b| b < 32)), "no bit-width lowered: {after:?}");
 }

@@ -28,7 +28,7 @@ use super::{module_prefix, sidecar, task_type};
 use crate::adapters::blora::quantizer::{self, Range, Slot};
 use crate::adapters::blora::{attach_blora, render_table, AttachedBLora, BLoraConfig, BopsReport, LearnedLayer};
 use crate::adapters::lora::{LoraConfig, TargetModules, PEFT_PREFIX};
-use crate::train::{Classifier, TaskModel};
+use crate::train::{Adapters, BLora, Classifier, TaskModel};
 use crate::{atomic, Error, Result};
 
 /// `blora_compressed.safetensors`.
@@ -404,7 +404,7 @@ pub fn read_compressed_posterior(
 
 /// Reads a [`save_compressed`] folder into `model`: attaches the file's B-LoRA layers to the
 /// backbone (which must carry no adapter on those modules), sets A, E, B from their codes, the
-/// gates and ranges, and the head; `model.blora` (and `blora_mu`) become the file's. Returns the
+/// gates and ranges, and the head; `model.adapters` becomes the file's B-LoRA (prior μ included). Returns the
 /// attached layers.
 ///
 /// Errors: [`Error::Io`] naming a missing file, [`Error::BadFile`] for a foreign or inconsistent
@@ -529,8 +529,7 @@ pub fn load_compressed(dir: &Path, model: &mut TaskModel, device: &Device) -> Re
             var.set(&Tensor::from_vec(v, shape, var.device())?.to_dtype(var.dtype())?)?;
         }
     }
-    model.blora = attached.clone();
-    model.blora_mu = meta.config.mu;
+    model.adapters = Adapters::Blora(BLora { layers: attached.clone(), mu: meta.config.mu, mu_warmup: 0 });
     Ok(attached)
 }
 

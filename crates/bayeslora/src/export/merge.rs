@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::adapters::blora::quantizer::Slot;
 use crate::models::Backbone;
-use crate::train::TaskModel;
+use crate::train::{Adapters, TaskModel};
 use crate::{atomic, Error, Result};
 
 /// Files copied unchanged from the base folder when present.
@@ -83,19 +83,24 @@ pub fn merge(model: &TaskModel, base_dir: &Path, out: &Path) -> Result<PathBuf> 
         }
         Some(format!("bert.{rest}"))
     };
-    let mut deltas: HashMap<String, (f64, Tensor, Tensor)> = model
-        .adapters
-        .layers
-        .iter()
-        .map(|(m, l)| {
-            (
-                format!("{src_prefix}{m}.weight"),
-                (l.scaling(), l.lora_a().as_tensor().clone(), l.lora_b().as_tensor().clone()),
-            )
-        })
-        .collect();
+    let mut deltas: HashMap<String, (f64, Tensor, Tensor)> = HashMap::new();
+    let blora_layers = match &model.adapters {
+        Adapters::Bare => {
+            return Err(Error::config("adapters", "none", "nothing to merge: load or train an adapter first"))
+        }
+        Adapters::Lora(lora) => {
+            for (m, l) in &lora.layers {
+                deltas.insert(
+                    format!("{src_prefix}{m}.weight"),
+                    (l.scaling(), l.lora_a().as_tensor().clone(), l.lora_b().as_tensor().clone()),
+                );
+            }
+            &[][..]
+        }
+        Adapters::Blora(b) => &b.layers.layers[..],
+    };
     // B-LoRA: the test-time adapter at its learned rank and bits (as its PEFT export folds it).
-    for (m, layer) in &model.blora.layers {
+    for (m, layer) in blora_layers {
         let learned = layer.learned()?;
         let lossy: Vec<String> = learned
             .bits

@@ -42,7 +42,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::adapters::lora::{attach, scaling, LoraConfig, TargetModules, PEFT_PREFIX};
 use crate::eval::ModelPredictor;
 use crate::models::{Architecture, Backbone};
-use crate::train::{Classifier, TaskModel};
+use crate::train::{Adapters, Classifier, TaskModel};
 use crate::{atomic, Error, Result};
 
 pub use blora::{
@@ -135,7 +135,10 @@ fn task_type(model: &TaskModel) -> TaskType {
 /// `model.trainable()` with the names peft uses on disk, in the same order (adapter tensors,
 /// then the head), which is also the IVON optimizer's flat order.
 pub fn peft_named_vars(model: &TaskModel) -> Vec<(String, Var)> {
-    let mut vars = model.adapters.named_vars_with_prefix(module_prefix(model));
+    let mut vars = match model.adapters.lora() {
+        Some(lora) => lora.named_vars_with_prefix(module_prefix(model)),
+        None => Vec::new(),
+    };
     if let Some(h) = &model.head {
         vars.extend(h.named_vars().into_iter().map(|(n, v)| (format!("{PEFT_PREFIX}{n}"), v)));
     }
@@ -152,15 +155,23 @@ pub fn save_peft(
     options: &ExportOptions,
     posterior: Option<&ivon::Posterior>,
 ) -> Result<()> {
-    if model.adapters.is_empty() {
-        return Err(Error::config("adapters", "[]", "nothing to export: attach or load an adapter first"));
-    }
+    let adapters = match &model.adapters {
+        Adapters::Lora(a) if !a.is_empty() => a,
+        Adapters::Blora(_) => {
+            return Err(Error::config(
+                "adapters",
+                "B-LoRA",
+                "a B-LoRA model is exported by save_blora_peft (learned ranks) and save_compressed",
+            ))
+        }
+        _ => return Err(Error::config("adapters", "[]", "nothing to export: attach or load an adapter first")),
+    };
     let lora = options.lora.clone().with_default_targets(arch_of(&model.backbone));
     lora.validate()?;
     let prefix = module_prefix(model);
     let mut rank_pattern = BTreeMap::new();
     let mut alpha_pattern = BTreeMap::new();
-    for (module, layer) in &model.adapters.layers {
+    for (module, layer) in &adapters.layers {
         let r = layer.rank();
         let alpha = lora.alpha_for(module)?;
         let expected = scaling(alpha, r, lora.use_rslora);
@@ -184,7 +195,7 @@ pub fn save_peft(
         }
     }
     let target_modules =
-        target_modules_json(lora.target_modules.as_ref(), prefix, model.adapters.layers.iter().map(|(m, _)| m));
+        target_modules_json(lora.target_modules.as_ref(), prefix, adapters.layers.iter().map(|(m, _)| m));
     let fields = config::ConfigFields {
         lora: &lora,
         target_modules,
@@ -279,7 +290,7 @@ fn missing_file(path: PathBuf, hint: &str) -> Error {
 
 /// Loads the peft LoRA folder `dir` into `model`.
 ///
-/// When `model.adapters` is empty, the adapters the file holds are attached to the backbone
+/// When `model` carries no adapters ([`Adapters::Bare`]), the adapters the file holds are attached to the backbone
 /// (vars on `device`); otherwise the attached set must be the file's (same modules and ranks)
 /// and only their values are set. A `classifier` in the file replaces the head's values. With
 /// the sidecar present, the IVON posterior comes back for sampling.
@@ -381,10 +392,19 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
         }
     }
 
-    if model.adapters.is_empty() {
-        model.adapters = attach(&mut model.backbone, &lora, 0, device)?;
-    } else {
-        let have: BTreeSet<&str> = model.adapters.layers.iter().map(|(m, _)| m.as_str()).collect();
+    let fresh = model.adapters.is_empty();
+    let adapters = match &model.adapters {
+        _ if fresh => attach(&mut model.backbone, &lora, 0, device)?,
+        Adapters::Blora(_) | Adapters::Bare => {
+            return Err(Error::BadFile {
+                file: file.clone(),
+                reason: "the model carries B-LoRA layers; load a LoRA into a model without adapters".into(),
+            })
+        }
+        Adapters::Lora(a) => a.clone(),
+    };
+    if !fresh {
+        let have: BTreeSet<&str> = adapters.layers.iter().map(|(m, _)| m.as_str()).collect();
         let want: BTreeSet<&str> = modules.keys().map(String::as_str).collect();
         if have != want {
             let diff: Vec<&&str> = want.symmetric_difference(&have).take(3).collect();
@@ -397,7 +417,8 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
             });
         }
     }
-    for (module, layer) in &model.adapters.layers {
+    model.adapters = Adapters::Lora(adapters.clone());
+    for (module, layer) in &adapters.layers {
         let key = |ab: &str| format!("{PEFT_PREFIX}{prefix}{module}.{ab}.weight");
         let get = |ab: &str, expected: &[usize]| -> Result<Tensor> {
             let name = key(ab);

@@ -1,4 +1,5 @@
-//! The task model: a loaded backbone + LoRA adapters (+ a classification head for encoders),
+//! The task model: a loaded backbone + its adapters, LoRA or B-LoRA ([`Adapters`]) (+ a
+//! classification head for encoders),
 //! mapping a batch to class logits.
 //!
 //! Encoders (BERT, DeBERTa-v2/v3) classify from the pooled [CLS] state through a trainable head
@@ -19,16 +20,60 @@ use std::collections::HashMap;
 /// A backbone with adapters attached, ready to train and evaluate.
 pub struct TaskModel {
     pub backbone: Backbone,
-    /// LoRA adapters (empty for a B-LoRA model).
-    pub adapters: AttachedAdapters,
-    /// B-LoRA adapters (empty for a LoRA model).
-    pub blora: AttachedBLora,
-    /// B-LoRA's prior strength μ (the loss adds μ · Σ layer priors).
-    pub blora_mu: f64,
-    /// B-LoRA's prior warm-up in steps ([`BLoraConfig::mu_warmup_steps`]; 0: none).
-    pub blora_mu_warmup: usize,
+    /// The adapter the backbone carries: one kind per model.
+    pub adapters: Adapters,
     /// Encoders only.
     pub head: Option<SequenceClassificationHead>,
+}
+
+/// The adapter a [`TaskModel`] carries. One enum, so that every consumer (training, export,
+/// merge, reports) says what it does with each kind.
+#[derive(Debug, Clone, Default)]
+pub enum Adapters {
+    /// None attached yet (a bare model, e.g. before `export::load_peft`).
+    #[default]
+    Bare,
+    Lora(AttachedAdapters),
+    Blora(BLora),
+}
+
+/// B-LoRA's attached layers and the strength of its gate prior.
+#[derive(Debug, Clone)]
+pub struct BLora {
+    pub layers: AttachedBLora,
+    /// The prior strength μ (the loss adds μ · Σ layer priors).
+    pub mu: f64,
+    /// The prior's warm-up in steps ([`BLoraConfig::mu_warmup_steps`]; 0: none).
+    pub mu_warmup: usize,
+}
+
+impl Adapters {
+    /// The LoRA layers, if that is the kind.
+    pub fn lora(&self) -> Option<&AttachedAdapters> {
+        match self {
+            Adapters::Lora(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The B-LoRA layers, if that is the kind.
+    pub fn blora(&self) -> Option<&AttachedBLora> {
+        match self {
+            Adapters::Blora(b) => Some(&b.layers),
+            _ => None,
+        }
+    }
+    /// The number of adapted modules.
+    pub fn len(&self) -> usize {
+        match self {
+            Adapters::Bare => 0,
+            Adapters::Lora(a) => a.len(),
+            Adapters::Blora(b) => b.layers.len(),
+        }
+    }
+    /// Whether no module carries an adapter.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The gate logits' key marker: `….blora_gates.rank`, `….blora_gates.A.bits`.
@@ -48,7 +93,7 @@ impl TaskModel {
         let lora = lora.clone().with_default_targets(arch);
         let adapters = attach(&mut backbone, &lora, seed, device)?;
         let head = head_for(&backbone, &weights, num_labels, seed ^ 0x4EAD, device)?;
-        Ok(TaskModel { adapters, ..TaskModel::bare(backbone, head) })
+        Ok(TaskModel { adapters: Adapters::Lora(adapters), ..TaskModel::bare(backbone, head) })
     }
 
     /// As [`TaskModel::build`] with B-LoRA adapters (gated rank and bit-widths) per `blora`.
@@ -63,24 +108,13 @@ impl TaskModel {
         let cfg = blora.clone().with_default_targets(arch);
         let attached = attach_blora(&mut backbone, &cfg, seed, device)?;
         let head = head_for(&backbone, &weights, num_labels, seed ^ 0x4EAD, device)?;
-        Ok(TaskModel {
-            blora: attached,
-            blora_mu: cfg.mu,
-            blora_mu_warmup: cfg.mu_warmup_steps,
-            ..TaskModel::bare(backbone, head)
-        })
+        let blora = BLora { layers: attached, mu: cfg.mu, mu_warmup: cfg.mu_warmup_steps };
+        Ok(TaskModel { adapters: Adapters::Blora(blora), ..TaskModel::bare(backbone, head) })
     }
 
     /// A backbone without adapters (attach later, e.g. by `export::load_peft`).
     pub fn bare(backbone: Backbone, head: Option<SequenceClassificationHead>) -> Self {
-        TaskModel {
-            backbone,
-            adapters: AttachedAdapters::default(),
-            blora: AttachedBLora::default(),
-            blora_mu: 0.0,
-            blora_mu_warmup: 0,
-            head,
-        }
+        TaskModel { backbone, adapters: Adapters::Bare, head }
     }
 }
 
@@ -147,9 +181,15 @@ impl Classifier for TaskModel {
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
-        let mut vars = self.adapters.named_vars();
-        vars.extend(self.blora.named_weight_vars_with_prefix(""));
-        vars.extend(self.blora.named_gate_vars_with_prefix(""));
+        let mut vars = match &self.adapters {
+            Adapters::Bare => Vec::new(),
+            Adapters::Lora(a) => a.named_vars(),
+            Adapters::Blora(b) => {
+                let mut v = b.layers.named_weight_vars_with_prefix("");
+                v.extend(b.layers.named_gate_vars_with_prefix(""));
+                v
+            }
+        };
         if let Some(h) = &self.head {
             vars.extend(h.named_vars());
         }
@@ -165,23 +205,33 @@ impl Classifier for TaskModel {
     }
 
     fn regularizer_weight(&self, step: usize) -> f64 {
-        prior_ramp(step, self.blora_mu_warmup)
+        match &self.adapters {
+            Adapters::Blora(b) => prior_ramp(step, b.mu_warmup),
+            _ => 1.0,
+        }
     }
 
     fn regularizer(&self) -> Result<Option<Tensor>> {
-        match self.blora.regularizer()? {
-            Some(prior) if self.blora_mu != 0.0 => Ok(Some(prior.affine(self.blora_mu, 0.0)?)),
+        let Adapters::Blora(b) = &self.adapters else { return Ok(None) };
+        match b.layers.regularizer()? {
+            Some(prior) if b.mu != 0.0 => Ok(Some(prior.affine(b.mu, 0.0)?)),
             _ => Ok(None),
         }
     }
 
     /// B-LoRA's quantizer ranges (its weights and gates are vars, saved with `trainable`).
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        self.blora.named_ranges_with_prefix("")
+        match &self.adapters {
+            Adapters::Blora(b) => b.layers.named_ranges_with_prefix(""),
+            _ => Ok(Vec::new()),
+        }
     }
 
     fn load_buffers(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
-        self.blora.set_ranges_with_prefix("", saved)
+        match &self.adapters {
+            Adapters::Blora(b) => b.layers.set_ranges_with_prefix("", saved),
+            _ => Ok(()),
+        }
     }
 }
 

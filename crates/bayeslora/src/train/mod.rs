@@ -14,7 +14,7 @@ mod classifier;
 mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointState, Restored};
-pub use classifier::{head_for, TaskModel};
+pub use classifier::{head_for, Adapters, BLora, TaskModel};
 pub use schedule::{lr_at, Schedule};
 
 use crate::adapters::Ctx;

@@ -579,7 +579,8 @@ fn run_cell(
     if run.method == crate::config::Method::Blora {
         let (key, _) = adamw_key(cfg, task, m, seed, cache)?;
         // BOPs at an fp32 base, as `bayeslora report bops` prints by default.
-        let learned = cache.get(&key)?.model.blora.learned()?;
+        let model = &cache.get(&key)?.model;
+        let learned = model.adapters.blora().context("a B-LoRA method trained no B-LoRA layers")?.learned()?;
         let report = bayeslora::adapters::blora::bops_report(&learned, 32, 1.0)?;
         params["bops"] = super::report::summary(&report, &learned);
     }

@@ -14,7 +14,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
     let run = open_run(&args.run)?;
     let base_name = args.base_name.clone().unwrap_or_else(|| run.base.display().to_string());
     write_adapter(&run.model, &run.config, &base_name, run.posterior.as_ref(), &args.output)?;
-    let n = run.model.adapters.len() + run.model.blora.len();
+    let n = run.model.adapters.len();
     let sidecar = match (&run.posterior, run.config.method) {
         (None, _) => "",
         (Some(_), Method::Lora) => ", IVON posterior sidecar",
@@ -108,11 +108,11 @@ pub fn write_adapter(
         (None, None) => Vec::new(),
     };
     export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels })?;
-    if cfg.method == Method::Blora {
-        let peft = export::save_blora_peft(dir, model, &model.blora, &cfg.blora, Some(base_name))
+    if let Some(blora) = model.adapters.blora() {
+        let peft = export::save_blora_peft(dir, model, blora, &cfg.blora, Some(base_name))
             .with_context(|| format!("exporting the B-LoRA adapter to {}", dir.display()))?;
         let compressed_dir = dir.join("compressed");
-        let compressed = export::save_compressed(&compressed_dir, model, &model.blora, &cfg.blora, posterior)
+        let compressed = export::save_compressed(&compressed_dir, model, blora, &cfg.blora, posterior)
             .with_context(|| format!("exporting the compressed adapter to {}", compressed_dir.display()))?;
         let sizes = serde_json::json!({ "peft": peft, "compressed": compressed });
         super::pipeline::write_json(&dir.join("sizes.json"), &sizes)?;

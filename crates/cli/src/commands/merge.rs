@@ -25,7 +25,7 @@ pub fn run(args: MergeArgs) -> Result<ExitCode> {
     };
     let weights = export::merge(&model, &base, &args.output)
         .with_context(|| format!("merging into {}", args.output.display()))?;
-    let n = model.adapters.len() + model.blora.len();
+    let n = model.adapters.len();
     eprintln!("wrote {} ({n} adapted modules merged)", weights.display());
     Ok(ExitCode::SUCCESS)
 }

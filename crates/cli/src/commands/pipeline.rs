@@ -7,7 +7,7 @@ use bayeslora::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, T
 use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{self, EvalConfig, EvalResult, Predictive};
 use bayeslora::models::{self, Backbone, LoadOptions, LoadedModel};
-use bayeslora::train::{self, Optimizer, OptimizerKind, TaskModel};
+use bayeslora::train::{self, Adapters, Optimizer, OptimizerKind, TaskModel};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -302,13 +302,13 @@ fn evaluate_and_write(
     drop(predictor);
     bar.finish_and_clear();
     // B-LoRA: the learned ranks and bits, and the bit operations against LoRA of the same rank.
-    let bops = match cfg.method {
-        Method::Blora => {
-            let b = super::report::write_bops(&model.blora, &out.join("bops"), 32, 1.0)?;
+    let bops = match &model.adapters {
+        Adapters::Blora(b) => {
+            let b = super::report::write_bops(&b.layers, &out.join("bops"), 32, 1.0)?;
             eprintln!("{}", bayeslora::adapters::blora::render_table(&b.report));
             Some(super::report::summary(&b.report, &b.learned))
         }
-        Method::Lora => None,
+        Adapters::Lora(_) | Adapters::Bare => None,
     };
     let mut results = evaluation.results;
     for r in &mut results {

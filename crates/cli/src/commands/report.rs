@@ -15,11 +15,11 @@ pub fn run(args: ReportArgs) -> Result<ExitCode> {
     match args.what {
         ReportWhat::Bops => {
             let run = super::export::open_run(&args.run)?;
-            if run.model.blora.is_empty() {
+            let Some(blora) = run.model.adapters.blora() else {
                 bail!("{} is not a B-LoRA run (train with --method blora)", args.run.display());
-            }
+            };
             let stem = args.output.clone().unwrap_or_else(|| args.run.join("bops"));
-            let bops = write_bops(&run.model.blora, &stem, args.precision, args.tokens)?;
+            let bops = write_bops(blora, &stem, args.precision, args.tokens)?;
             println!("{}", render_table(&bops.report));
             for f in bops.files {
                 eprintln!("wrote {}", f.display());
