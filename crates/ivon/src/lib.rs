@@ -46,18 +46,19 @@
 //! assert!(std.iter().all(|&s| s > 0.0 && s < 1.0));
 //! # Ok(()) }
 //! ```
+pub mod config;
 mod error;
 mod flat;
+mod ivon;
 pub mod noise;
-pub mod optim;
 pub mod optimizer;
 pub mod posterior;
+pub mod update;
 
+pub use config::{GroupHyper, HessApprox, IvonConfig, IvonLoraTask, ParamGroup};
 pub use error::{Error, Result};
+pub use ivon::{Ivon, Sample, SyncFn};
 pub use noise::{NoiseFn, NoiseState};
-pub use optim::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
-pub use optimizer::{
-    new_hess, new_mean, new_momentum, nll_hess, sample_noise, Coefficients, GroupHyper, HessApprox, Ivon, IvonConfig,
-    IvonLoraTask, ParamGroup, Sample, SyncFn,
-};
+pub use optimizer::{AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
 pub use posterior::{ParamLayout, Posterior};
+pub use update::{new_hess, new_mean, new_momentum, nll_hess, sample_noise, Coefficients};

@@ -25,10 +25,11 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{GroupHyper, IvonConfig};
 use crate::error::{Error, Result};
 use crate::flat::{load_flat, save_flat};
 use crate::noise::NoiseState;
-use crate::optimizer::{GroupHyper, Ivon, IvonConfig};
+use crate::Ivon;
 
 /// Version of the state file layout (metadata key `ivon_state`).
 const FORMAT_VERSION: u32 = 1;
