@@ -59,7 +59,8 @@ fn tiny_bert_matches_transformers() -> Result<()> {
     check("forward == last hidden state", &hidden, &states[2], 0.0)?;
     let pooled = bert.pooled(&hidden, &ctx)?;
     check("pooled", &pooled, tensor(&io, "pooled"), TOL)?;
-    let head = SequenceClassificationHead::load_or_init(&loaded.weights, bert.config(), 3, 0, &Device::Cpu)?;
+    let head =
+        SequenceClassificationHead::load_or_init(&loaded.weights, &bert.config().head_config(), 3, 0, &Device::Cpu)?;
     check("logits", &head.forward(&pooled, &ctx)?, tensor(&io, "logits"), TOL)?;
     Ok(())
 }
@@ -125,7 +126,8 @@ fn tiny_lora_matches_peft() -> Result<()> {
     let ctx = Ctx::eval();
     let hidden = bert.forward(&ids, Some(&types), &mask, &ctx)?;
     check("lora_last_hidden_state", &hidden, tensor(&io, "lora_last_hidden_state"), TOL)?;
-    let head = SequenceClassificationHead::load_or_init(&loaded.weights, bert.config(), 3, 0, &Device::Cpu)?;
+    let head =
+        SequenceClassificationHead::load_or_init(&loaded.weights, &bert.config().head_config(), 3, 0, &Device::Cpu)?;
     let logits = head.forward(&bert.pooled(&hidden, &ctx)?, &ctx)?;
     check("lora_logits", &logits, tensor(&io, "lora_logits"), TOL)?;
     // The adapter matters: the logits differ from the base model's.

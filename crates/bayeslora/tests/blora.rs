@@ -20,9 +20,13 @@ fn bare() -> Result<TaskModel> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
     let loaded = models::load(&dir, &LoadOptions::default())?;
     let head = match &loaded.backbone {
-        Backbone::Bert(b) => {
-            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), 3, 0, &Device::Cpu)?)
-        }
+        Backbone::Bert(b) => Some(SequenceClassificationHead::load_or_init(
+            &loaded.weights,
+            &b.config().head_config(),
+            3,
+            0,
+            &Device::Cpu,
+        )?),
         _ => None,
     };
     Ok(TaskModel::bare(loaded.backbone, head))

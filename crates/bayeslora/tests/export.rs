@@ -64,9 +64,13 @@ fn get<'a>(t: &'a HashMap<String, Tensor>, name: &str) -> &'a Tensor {
 fn bare(dir: &Path) -> Result<TaskModel> {
     let loaded = models::load(dir, &LoadOptions::default())?;
     let head = match &loaded.backbone {
-        Backbone::Bert(b) => {
-            Some(SequenceClassificationHead::load_or_init(&loaded.weights, b.config(), 3, 0, &Device::Cpu)?)
-        }
+        Backbone::Bert(b) => Some(SequenceClassificationHead::load_or_init(
+            &loaded.weights,
+            &b.config().head_config(),
+            3,
+            0,
+            &Device::Cpu,
+        )?),
         _ => None,
     };
     Ok(TaskModel::bare(loaded.backbone, head))

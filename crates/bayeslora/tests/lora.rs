@@ -24,7 +24,8 @@ fn gradients_reach_every_adapter_var_and_no_base_weight() -> Result<()> {
     let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..LoraConfig::default() }.with_default_targets(Architecture::Bert);
     let lora = attach(&mut bert, &cfg, 42, &Device::Cpu)?;
     assert_eq!(lora.len(), 4, "query and value of 2 layers");
-    let head = SequenceClassificationHead::load_or_init(&loaded.weights, bert.config(), 3, 0, &Device::Cpu)?;
+    let head =
+        SequenceClassificationHead::load_or_init(&loaded.weights, &bert.config().head_config(), 3, 0, &Device::Cpu)?;
 
     let dev = Device::Cpu;
     let ids = Tensor::new(&[[5u32, 17, 3, 88, 2], [9, 4, 60, 0, 0]], &dev)?;

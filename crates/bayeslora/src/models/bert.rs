@@ -175,6 +175,15 @@ impl BertConfigRaw {
 }
 
 impl BertConfig {
+    /// What the classification head reads.
+    pub fn head_config(&self) -> HeadConfig {
+        HeadConfig {
+            hidden_size: self.hidden_size,
+            initializer_range: self.initializer_range,
+            dropout: self.classifier_dropout,
+        }
+    }
+
     /// Parses and resolves a config.json already read as JSON.
     pub fn from_json(value: &serde_json::Value, file: &Path) -> Result<Self> {
         parse_config::<BertConfigRaw>(value, file)?.into_config(file)
@@ -407,6 +416,17 @@ impl HasLinears for Bert {
     }
 }
 
+/// What a [`SequenceClassificationHead`] needs from its encoder's config (BERT's and DeBERTa's
+/// `head_config`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadConfig {
+    pub hidden_size: usize,
+    /// The std of a fresh head's weight (HF `_init_weights`).
+    pub initializer_range: f64,
+    /// The dropout before `classifier` (training only).
+    pub dropout: f32,
+}
+
 /// HF `BertForSequenceClassification`'s head: `pooled → dropout → classifier` with
 /// `classifier: Linear(C, K)`; K = 1 is regression (STS-B). The weights are trainable f32
 /// [`Var`]s (the backbone stays frozen), initialized as HF's `_init_weights`:
@@ -422,7 +442,7 @@ pub struct SequenceClassificationHead {
 
 impl SequenceClassificationHead {
     /// A freshly initialized head with `num_labels` outputs, drawn from `seed`.
-    pub fn new(config: &BertConfig, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(config: &HeadConfig, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
         if num_labels == 0 {
             return Err(Error::config("num_labels", 0, "must be at least 1 (1 = regression)"));
         }
@@ -433,14 +453,14 @@ impl SequenceClassificationHead {
         let w: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         let weight = Var::from_tensor(&Tensor::from_vec(w, (num_labels, config.hidden_size), device)?)?;
         let bias = Var::zeros(num_labels, DType::F32, device)?;
-        Ok(Self { weight, bias, dropout: config.classifier_dropout })
+        Ok(Self { weight, bias, dropout: config.dropout })
     }
 
     /// The checkpoint's `classifier.weight`/`classifier.bias` when present (their shape must
     /// match `num_labels`), else a fresh head as [`Self::new`].
     pub fn load_or_init(
         weights: &Weights,
-        config: &BertConfig,
+        config: &HeadConfig,
         num_labels: usize,
         seed: u64,
         device: &Device,
@@ -591,11 +611,11 @@ mod tests {
     #[test]
     fn head_init_is_seeded_and_rejects_zero_labels() -> Result<()> {
         let cfg = tiny_config();
-        let a = SequenceClassificationHead::new(&cfg, 3, 5, &Device::Cpu)?;
-        let b = SequenceClassificationHead::new(&cfg, 3, 5, &Device::Cpu)?;
+        let a = SequenceClassificationHead::new(&cfg.head_config(), 3, 5, &Device::Cpu)?;
+        let b = SequenceClassificationHead::new(&cfg.head_config(), 3, 5, &Device::Cpu)?;
         assert_eq!(max_abs_diff(a.vars()[0].as_tensor(), b.vars()[0].as_tensor())?.0, 0.0);
         assert_eq!(a.bias.as_tensor().abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
-        assert!(SequenceClassificationHead::new(&cfg, 0, 5, &Device::Cpu).is_err());
+        assert!(SequenceClassificationHead::new(&cfg.head_config(), 0, 5, &Device::Cpu).is_err());
         let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu)?;
         assert_eq!(a.forward(&x, &Ctx::eval())?.dims(), &[2, 3]);
         Ok(())

@@ -30,7 +30,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-use super::bert::BertConfig;
+use super::bert::HeadConfig;
 use super::config::parse_config;
 use super::encoder::{
     hidden_states, maybe_dropout, prepare_inputs, salt, LayerBody, LayerNorm, Loader, DROPOUT_SALT, EMBEDDINGS,
@@ -281,25 +281,13 @@ impl DebertaV2Config {
         1 + usize::from(self.c2p) + usize::from(self.p2c)
     }
 
-    /// The config [`super::bert::SequenceClassificationHead`] reads (hidden size, init range,
+    /// What [`super::bert::SequenceClassificationHead`] reads (hidden size, init range,
     /// classifier dropout): DeBERTa's `classifier` is the same `Linear(C, K)` head.
-    pub fn head_config(&self) -> BertConfig {
-        BertConfig {
-            vocab_size: self.vocab_size,
+    pub fn head_config(&self) -> HeadConfig {
+        HeadConfig {
             hidden_size: self.hidden_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            head_dim: self.head_dim,
-            intermediate_size: self.intermediate_size,
-            hidden_dropout_prob: self.hidden_dropout_prob,
-            attention_probs_dropout_prob: self.attention_probs_dropout_prob,
-            classifier_dropout: self.classifier_dropout,
-            max_position_embeddings: self.max_position_embeddings,
-            type_vocab_size: self.type_vocab_size,
             initializer_range: self.initializer_range,
-            layer_norm_eps: self.layer_norm_eps,
-            pad_token_id: self.pad_token_id,
-            num_labels: self.num_labels,
+            dropout: self.classifier_dropout,
         }
     }
 }

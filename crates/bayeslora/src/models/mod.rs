@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
-pub use bert::{Bert, BertConfig, SequenceClassificationHead};
+pub use bert::{Bert, BertConfig, HeadConfig, SequenceClassificationHead};
 pub use config::{load_tokenizer, Architecture};
 pub use deberta_v2::{DebertaV2, DebertaV2Config};
 pub use llama::{Llama, LlamaConfig};

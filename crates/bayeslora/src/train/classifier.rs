@@ -128,9 +128,13 @@ pub fn head_for(
     device: &Device,
 ) -> Result<Option<SequenceClassificationHead>> {
     Ok(match backbone {
-        Backbone::Bert(bert) => {
-            Some(SequenceClassificationHead::load_or_init(weights, bert.config(), num_labels, seed, device)?)
-        }
+        Backbone::Bert(bert) => Some(SequenceClassificationHead::load_or_init(
+            weights,
+            &bert.config().head_config(),
+            num_labels,
+            seed,
+            device,
+        )?),
         Backbone::DebertaV2(deberta) => Some(SequenceClassificationHead::load_or_init(
             weights,
             &deberta.config().head_config(),
