@@ -110,7 +110,7 @@ pub struct RunArgs {
     /// lora, or blora: learned rank and bit-widths, settings in the `[blora]` table (`method`)
     /// [default: lora].
     #[arg(long, value_enum)]
-    pub method: Option<crate::config::Method>,
+    pub method: Option<crate::config::AdapterKind>,
     /// B-LoRA prior strength μ, loss = task + μ · Σ gate priors (`[blora] mu`) [default: 0.01].
     #[arg(long)]
     pub mu: Option<f64>,

@@ -27,7 +27,7 @@ impl Default for EvalSettings {
 /// Which adapter a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-pub enum Method {
+pub enum AdapterKind {
     /// Plain LoRA (`[lora]`).
     #[default]
     Lora,
@@ -62,7 +62,7 @@ pub struct RunConfig {
     /// Dtype of the frozen weights and activations: "f32", "bf16" or "f16" (adapters and
     /// optimizer state stay f32).
     pub dtype: String,
-    pub method: Method,
+    pub method: AdapterKind,
     pub lora: LoraConfig,
     pub blora: BLoraConfig,
     pub train: TrainConfig,
@@ -109,7 +109,7 @@ impl Default for RunConfig {
             overwrite: false,
             device: "cpu".into(),
             dtype: "f32".into(),
-            method: Method::Lora,
+            method: AdapterKind::Lora,
             lora: LoraConfig::default(),
             blora: BLoraConfig::default(),
             train: lora_train_defaults(),
@@ -270,7 +270,7 @@ impl RunConfig {
         // One source for the gate learning rate: `[blora] gate_lr`.
         cfg.train.gates.lr = cfg.blora.gate_lr;
         cfg.train.validate()?;
-        if cfg.method == Method::Blora {
+        if cfg.method == AdapterKind::Blora {
             cfg.blora.validate()?;
         }
         Ok(cfg)

@@ -129,7 +129,7 @@ pub struct MethodEntry {
 
 /// A resolved method of the sweep.
 #[derive(Debug, Clone)]
-struct Method {
+struct SweepMethod {
     label: String,
     kind: MethodKind,
     run: toml::Table,
@@ -180,7 +180,7 @@ impl CompareConfig {
         Ok(())
     }
 
-    fn resolved_methods(&self) -> Result<Vec<Method>> {
+    fn resolved_methods(&self) -> Result<Vec<SweepMethod>> {
         self.methods
             .iter()
             .map(|label| {
@@ -192,7 +192,7 @@ impl CompareConfig {
                 };
                 let laplace = entry.laplace.unwrap_or_else(|| self.laplace.clone());
                 laplace.validate()?;
-                Ok(Method {
+                Ok(SweepMethod {
                     label: label.clone(),
                     kind,
                     run: entry.run,
@@ -206,7 +206,7 @@ impl CompareConfig {
 
     /// The run settings of one training: `[run]`, then the task's `run`, then the method's `run`,
     /// then task, seed, model and limits. AdamW-based kinds train with AdamW whatever the file says.
-    fn run_config(&self, task: &str, method: &Method, seed: u64) -> Result<RunConfig> {
+    fn run_config(&self, task: &str, method: &SweepMethod, seed: u64) -> Result<RunConfig> {
         let mut merged = toml::Value::try_from(RunConfig::default()).context("serializing defaults")?;
         let limits = self.task.get(task).cloned().unwrap_or_default();
         merge(&mut merged, toml::Value::Table(self.run.clone()));
@@ -400,7 +400,7 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
     std::fs::write(cfg.out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
     let mut bases = Bases::default();
     for task in &cfg.tasks {
-        let todo: Vec<(u64, &Method)> = cfg
+        let todo: Vec<(u64, &SweepMethod)> = cfg
             .seeds
             .iter()
             .flat_map(|&s| methods.iter().map(move |m| (s, m)))
@@ -451,7 +451,13 @@ fn ood_for(cfg: &CompareConfig, task: &str) -> Vec<String> {
 }
 
 /// The AdamW run that AdamW-based methods of this (task, seed) share.
-fn adamw_key(cfg: &CompareConfig, task: &str, m: &Method, seed: u64, cache: &mut Cache<'_>) -> Result<(String, f64)> {
+fn adamw_key(
+    cfg: &CompareConfig,
+    task: &str,
+    m: &SweepMethod,
+    seed: u64,
+    cache: &mut Cache<'_>,
+) -> Result<(String, f64)> {
     let run = cfg.run_config(task, m, seed)?;
     let key = cache.ensure(&run, &format!("{}/s{seed}", m.label))?;
     let secs = cache.get(&key)?.seconds;
@@ -461,7 +467,7 @@ fn adamw_key(cfg: &CompareConfig, task: &str, m: &Method, seed: u64, cache: &mut
 fn run_cell(
     cfg: &CompareConfig,
     task: &str,
-    m: &Method,
+    m: &SweepMethod,
     seed: u64,
     td: &TaskData,
     cache: &mut Cache<'_>,
@@ -576,7 +582,7 @@ fn run_cell(
             (r, secs, 0.0)
         }
     };
-    if run.method == crate::config::Method::Blora {
+    if run.method == crate::config::AdapterKind::Blora {
         let (key, _) = adamw_key(cfg, task, m, seed, cache)?;
         // BOPs at an fp32 base, as `bayeslora report bops` prints by default.
         let model = &cache.get(&key)?.model;

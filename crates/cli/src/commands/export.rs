@@ -1,7 +1,7 @@
 //! `bayeslora export RUN -o OUT`: a train run folder's newest checkpoint as a peft LoRA folder
 //! (+ the IVON posterior sidecar). Also the shared "open a run or an adapter" step of `merge`.
 use crate::args::ExportArgs;
-use crate::config::{Method, RunConfig};
+use crate::config::{AdapterKind, RunConfig};
 use anyhow::{bail, Context, Result};
 use bayeslora::export::{self, ExportOptions};
 use bayeslora::models::LoadedModel;
@@ -17,8 +17,8 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
     let n = run.model.adapters.len();
     let sidecar = match (&run.posterior, run.config.method) {
         (None, _) => "",
-        (Some(_), Method::Lora) => ", IVON posterior sidecar",
-        (Some(_), Method::Blora) => ", IVON posterior sidecar in compressed/",
+        (Some(_), AdapterKind::Lora) => ", IVON posterior sidecar",
+        (Some(_), AdapterKind::Blora) => ", IVON posterior sidecar in compressed/",
     };
     eprintln!("wrote {} ({n} adapted modules{sidecar})", args.output.display());
     Ok(ExitCode::SUCCESS)

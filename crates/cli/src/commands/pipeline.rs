@@ -1,6 +1,6 @@
 //! The steps `train` and `demo` share: load the model and data, attach LoRA, train with a
 //! progress bar, evaluate the mean and the posterior predictive, write every output.
-use crate::config::{Method, RunConfig};
+use crate::config::{AdapterKind, RunConfig};
 use crate::ui::progress::{eval_bar, TrainProgress};
 use anyhow::{bail, Context, Result};
 use bayeslora::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
@@ -154,8 +154,8 @@ pub struct RunOutcome {
 /// The task model of a run: LoRA or B-LoRA adapters per `cfg.method`.
 pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
     Ok(match cfg.method {
-        Method::Lora => TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, device)?,
-        Method::Blora => TaskModel::build_blora(loaded, &cfg.blora, num_labels, cfg.train.seed, device)?,
+        AdapterKind::Lora => TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, device)?,
+        AdapterKind::Blora => TaskModel::build_blora(loaded, &cfg.blora, num_labels, cfg.train.seed, device)?,
     })
 }
 
@@ -321,8 +321,8 @@ fn evaluate_and_write(
         r.info.insert("train".into(), serde_json::to_value(&cfg.train)?);
         r.info.insert("method".into(), serde_json::to_value(cfg.method)?);
         match cfg.method {
-            Method::Lora => r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?),
-            Method::Blora => r.info.insert("blora".into(), serde_json::to_value(&cfg.blora)?),
+            AdapterKind::Lora => r.info.insert("lora".into(), serde_json::to_value(&cfg.lora)?),
+            AdapterKind::Blora => r.info.insert("blora".into(), serde_json::to_value(&cfg.blora)?),
         };
         r.info.insert("dtype".into(), serde_json::json!(cfg.dtype));
         r.info.insert("train_seconds".into(), serde_json::json!(summary.seconds));
