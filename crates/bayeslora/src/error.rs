@@ -40,6 +40,12 @@ pub enum Error {
     /// Occurs when a configuration value is invalid.
     #[error("invalid {field} = {value}: {reason}")]
     InvalidConfig { field: String, value: String, reason: String },
+    /// Occurs when a training run's estimated peak memory exceeds what the device has (checked
+    /// before the model loads: `train::memory::check`).
+    #[error(
+        "this run needs about {needed} ({parts}) but {device}; {advice}, or pass --skip-memory-check to start anyway"
+    )]
+    MemoryEstimate { needed: String, parts: String, device: String, advice: String },
     /// Occurs when the training loss becomes NaN or infinite.
     #[error("non-finite loss {loss} at step {step}; lower the learning rate or check the data")]
     NonFiniteLoss { step: usize, loss: f32 },

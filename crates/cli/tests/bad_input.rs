@@ -304,3 +304,52 @@ fn issue_19_write_error_exits_2_and_names_the_path() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("/dev/full/run") && !err.contains("panicked"), "{err}");
 }
+
+/// A run whose memory estimate is absurd (MiniLM, 100,000 × 512 tokens: terabytes of
+/// activations) is refused before the model loads, with the estimate, the device's memory and
+/// what to try, and writes nothing; `--skip-memory-check` lets the same run start (and finish:
+/// 16 rows are one short batch) and is kept in its config.toml.
+#[test]
+fn issue_19_run_over_the_memory_estimate_is_refused_with_the_numbers() {
+    let Some(real) = minilm() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bayeslora"))
+            .args(["train", "--task", "sst2", "--train-limit", "16", "--eval-limit", "8", "--max-steps", "1"])
+            .args(["--samples", "0", "--batch-size", "100000", "--max-len", "512", "--model"])
+            .arg(&real)
+            .arg("-o")
+            .arg(&out)
+            .args(extra)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let o = train(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    for want in [
+        "this run needs about ",
+        " TiB (weights ",
+        "for batch 100000 × 512 tokens",
+        "but the CPU has ",
+        "--batch-size",
+        "--max-len",
+        "--skip-memory-check",
+    ] {
+        assert!(line.contains(want), "no `{want}` in: {line}");
+    }
+    assert!(!err.contains("loading"), "the model was loaded before the check: {err}");
+    assert!(!out.exists(), "the refused run wrote {}", out.display());
+
+    // The same run with --skip-memory-check starts: its 16 rows make one batch of short
+    // sentences, far below the worst case the estimate assumes.
+    let o = train(&["--skip-memory-check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("skip_memory_check = true"), "{config}");
+}

@@ -11,6 +11,7 @@
 //! samples per step; AdamW averages micro-batch gradients and optionally clips their norm.
 mod checkpoint;
 mod classifier;
+pub mod memory;
 mod predictor;
 mod schedule;
 
