@@ -31,6 +31,10 @@ pub enum Error {
         .reasons.join("\n  ")
     )]
     NoUsableCheckpoint { dir: PathBuf, reasons: Vec<String> },
+    /// Occurs when a checkpoint cannot be written (a full disk, a write error); training stops
+    /// there. `cause` names the file; `after` says what is left to resume from.
+    #[error("writing the checkpoint of step {step}: {cause}; {after}")]
+    CheckpointWrite { step: usize, cause: Box<Error>, after: String },
     /// Occurs when a data row cannot be parsed.
     #[error("{file}:{line}: {reason}")]
     DataRow { file: PathBuf, line: usize, reason: String },
