@@ -71,7 +71,8 @@ pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
 }
 
 /// Refuses a run whose peak-memory estimate exceeds the device's memory, before anything loads
-/// (`bayeslora::train::memory`; `skip_memory_check` turns it off). The estimate is skipped when
+/// (`bayeslora::train::memory`; `skip_memory_check` turns it off): `train` and `demo` call it
+/// before loading the model, `compare` before training each cell. The estimate is skipped when
 /// the model's shape cannot be read: [`load_model`] reports that problem next.
 pub fn check_memory(cfg: &RunConfig) -> Result<()> {
     let Some(given) = cfg.model.as_ref().filter(|_| !cfg.skip_memory_check) else { return Ok(()) };
