@@ -182,6 +182,20 @@ fn read_shapes_agrees_with_read() -> Result<()> {
     Ok(())
 }
 
+/// Issue 19, found by fuzzing: `general.alignment = 0` divided by zero in candle's GGUF reader
+/// (patched in vendor/candle-core); now both readers refuse the file, naming it.
+#[test]
+fn zero_alignment_is_a_bad_file() -> Result<()> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("align0.gguf");
+    write_gguf(&path, "llama", "mistral", &[("general.alignment", Value::U32(0))])?;
+    let err = gguf::load(&path, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("align0.gguf") && err.contains("general.alignment is 0"), "{err}");
+    let err = gguf::read_shapes(&path).unwrap_err().to_string();
+    assert!(err.contains("align0.gguf") && err.contains("general.alignment is 0"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn unsupported_architecture_is_named() -> Result<()> {
     let tmp = tempfile::tempdir().expect("tmp");
