@@ -31,6 +31,10 @@ pub enum Error {
         .reasons.join("\n  ")
     )]
     NoUsableCheckpoint { dir: PathBuf, reasons: Vec<String> },
+    /// Occurs when a checkpoint cannot be written (a full disk, a write error); training stops
+    /// there. `cause` names the file; `after` says what is left to resume from.
+    #[error("writing the checkpoint of step {step}: {cause}; {after}")]
+    CheckpointWrite { step: usize, cause: Box<Error>, after: String },
     /// Occurs when a data row cannot be parsed.
     #[error("{file}:{line}: {reason}")]
     DataRow { file: PathBuf, line: usize, reason: String },
@@ -40,6 +44,12 @@ pub enum Error {
     /// Occurs when a configuration value is invalid.
     #[error("invalid {field} = {value}: {reason}")]
     InvalidConfig { field: String, value: String, reason: String },
+    /// Occurs when a training run's estimated peak memory exceeds what the device has (checked
+    /// before the model loads: `train::memory::check`).
+    #[error(
+        "this run needs about {needed} ({parts}) but {device}; {advice}, or pass --skip-memory-check to start anyway"
+    )]
+    MemoryEstimate { needed: String, parts: String, device: String, advice: String },
     /// Occurs when the training loss becomes NaN or infinite.
     #[error("non-finite loss {loss} at step {step}; lower the learning rate or check the data")]
     NonFiniteLoss { step: usize, loss: f32 },

@@ -157,6 +157,45 @@ fn truncated_and_garbage_files_are_bad_files() -> Result<()> {
     Ok(())
 }
 
+/// The memory check's header-only read (`gguf::read_shapes`): the same config, HF names and
+/// shapes as the full read, without reading a tensor; a truncated file is refused, naming the
+/// tensor that would reach past its end.
+#[test]
+fn read_shapes_agrees_with_read() -> Result<()> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let full = tmp.path().join("full.gguf");
+    write_gguf(&full, "llama", "mistral", &[])?;
+    let (cfg, shapes) = gguf::read_shapes(&full)?;
+    let ckpt = gguf::read(&full)?;
+    assert_eq!(cfg, ckpt.config);
+    let mut names = ckpt.weights.names();
+    names.sort();
+    assert_eq!(shapes.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), names);
+    for (name, shape) in &shapes {
+        assert_eq!(shape, &ckpt.weights.shape_of(name)?, "{name}");
+    }
+    let bytes = std::fs::read(&full).expect("read");
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).expect("write");
+    let err = gguf::read_shapes(&cut).unwrap_err();
+    assert!(err.to_string().contains("cut.gguf") && err.to_string().contains("past the end of the file"), "{err}");
+    Ok(())
+}
+
+/// Issue 19, found by fuzzing: `general.alignment = 0` divided by zero in candle's GGUF reader
+/// (patched in vendor/candle-core); now both readers refuse the file, naming it.
+#[test]
+fn zero_alignment_is_a_bad_file() -> Result<()> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("align0.gguf");
+    write_gguf(&path, "llama", "mistral", &[("general.alignment", Value::U32(0))])?;
+    let err = gguf::load(&path, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("align0.gguf") && err.contains("general.alignment is 0"), "{err}");
+    let err = gguf::read_shapes(&path).unwrap_err().to_string();
+    assert!(err.contains("align0.gguf") && err.contains("general.alignment is 0"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn unsupported_architecture_is_named() -> Result<()> {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -259,6 +298,23 @@ fn smollm2_matches_transformers() -> Result<()> {
     assert_eq!(ckpt.special_tokens, gguf::SpecialTokens { bos: Some(1), eos: Some(2), unk: Some(0), pad: Some(2) });
     assert_eq!(ckpt.config.num_hidden_layers, 30);
     assert!(ckpt.config.tie_word_embeddings);
+    Ok(())
+}
+
+/// The memory check sizes the real SmolLM2 from its header: 134,515,008 parameters (as
+/// `bench train --shape configs/bench/smollm2_135m.json` counts them), 30 layers, q_proj in each.
+#[test]
+fn smollm2_shape_from_the_header() -> Result<()> {
+    let Some(path) = smollm2_path() else {
+        return Ok(());
+    };
+    let shape = bayeslora::train::memory::ModelShape::read(&path)?;
+    assert_eq!(shape.params, 134_515_008);
+    assert_eq!((shape.layers, shape.hidden, shape.intermediate, shape.heads), (30, 576, 1536, 9));
+    assert!(shape.gguf);
+    let q: Vec<_> = shape.linears.iter().filter(|(n, _, _)| n.ends_with(".self_attn.q_proj")).collect();
+    assert_eq!(q.len(), 30);
+    assert!(q.iter().all(|&&(_, i, o)| (i, o) == (576, 576)), "{q:?}");
     Ok(())
 }
 

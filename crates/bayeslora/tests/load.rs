@@ -127,3 +127,28 @@ fn bad_config_json_names_the_file() {
     let msg = load_err(dir.path()).to_string();
     assert!(msg.contains("config.json") && msg.contains("hidden_act"), "{msg}");
 }
+
+/// The memory check sizes a model folder from config.json and the safetensors headers alone
+/// (`train::memory::ModelShape::read`): every tensor's parameters, the config's sizes, the
+/// linears LoRA can target; a folder the loader refuses is refused here too.
+#[test]
+fn model_shape_from_config_and_headers() -> Result<()> {
+    use bayeslora::train::memory::ModelShape;
+    let shape = ModelShape::read(&tiny())?;
+    let loaded = models::load(&tiny(), &LoadOptions::default())?;
+    let w = &loaded.weights;
+    let mut params = 0u64;
+    for name in w.names() {
+        params += w.shape_of(&name)?.iter().product::<usize>() as u64;
+    }
+    assert_eq!(shape.params, params);
+    let cfg = &loaded.config_json;
+    assert_eq!(shape.layers as u64, cfg["num_hidden_layers"].as_u64().unwrap());
+    assert_eq!(shape.hidden as u64, cfg["hidden_size"].as_u64().unwrap());
+    assert_eq!(shape.intermediate as u64, cfg["intermediate_size"].as_u64().unwrap());
+    let query = shape.linears.iter().find(|(n, _, _)| n.ends_with("layer.0.attention.self.query")).expect("query");
+    assert_eq!((query.1, query.2), (shape.hidden, shape.hidden));
+    let broken = copy_tiny(|d| std::fs::write(d.join("config.json"), "{").expect("write"));
+    assert!(ModelShape::read(broken.path()).is_err());
+    Ok(())
+}

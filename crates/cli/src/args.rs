@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Skip malformed data rows (reporting how many) instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Start even when the run's memory estimate exceeds the device's memory (checked before
+    /// the model loads; `skip_memory_check`).
+    #[arg(long)]
+    pub skip_memory_check: bool,
     /// Optimizer of the adapter (TOML `[train] optimizer`) [default: ivon].
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,

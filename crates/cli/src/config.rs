@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub num_labels: Option<usize>,
     /// Skip malformed data rows (with a count) instead of failing on the first one.
     pub skip_bad_rows: bool,
+    /// Start even when the run's peak-memory estimate (`bayeslora::train::memory`) exceeds the
+    /// device's memory; without it such a run is refused before the model loads.
+    pub skip_memory_check: bool,
     pub max_len: usize,
     pub output: PathBuf,
     /// Clear the outputs of an earlier run in `output` before training (without it, `train`
@@ -104,6 +107,7 @@ impl Default for RunConfig {
             eval_limit: None,
             num_labels: None,
             skip_bad_rows: false,
+            skip_memory_check: false,
             max_len: 128,
             output: PathBuf::from("runs/latest"),
             overwrite: false,
@@ -167,6 +171,9 @@ impl RunConfig {
         }
         if args.skip_bad_rows {
             cfg.skip_bad_rows = true;
+        }
+        if args.skip_memory_check {
+            cfg.skip_memory_check = true;
         }
         if args.gradient_checkpointing {
             cfg.train.gradient_checkpointing = true;

@@ -17,6 +17,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("num_labels", "class count of a user JSONL task (default: inferred from the labels, 0..k)"),
     ("overwrite", "delete an earlier run's outputs in `output` first (not saved in config.toml)"),
     ("skip_bad_rows", "skip malformed rows (with a count) instead of stopping at the first"),
+    ("skip_memory_check", "start even when the peak-memory estimate exceeds the device's memory"),
     ("max_len", "truncate sequences to this many tokens"),
     ("output", "run folder: adapter, checkpoints, metrics, results, plots"),
     ("device", "cpu, cuda or cuda:N"),

@@ -304,3 +304,122 @@ fn issue_19_write_error_exits_2_and_names_the_path() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("/dev/full/run") && !err.contains("panicked"), "{err}");
 }
+
+/// A disk that fills up in the middle of a run. The checkpoint write of step 4 meets a real
+/// ENOSPC: while the write pauses after optimizer.safetensors (the kill campaign's hook), the
+/// test puts a link to /dev/full where state.json's temporary file goes (`state.json.tmp<pid>`).
+/// The run must exit 2 with one line naming that file and the previous checkpoint, leave no
+/// partial folder, keep checkpoint 2 as the newest, and resume from it to the adapter of an
+/// uninterrupted run.
+#[test]
+fn issue_19_disk_full_mid_run_keeps_the_previous_checkpoint_resumable() {
+    use std::time::{Duration, Instant};
+    let Some(real) = minilm() else { return };
+    if !Path::new("/dev/full").exists() {
+        eprintln!("skipping: no /dev/full");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let command = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bayeslora"));
+        c.args(["train", "--task", "sst2", "--train-limit", "48", "--eval-limit", "8", "--batch-size", "8"]);
+        c.args(["--max-len", "16", "--samples", "0", "--checkpoint-every", "2", "--max-steps", "6", "--model"]);
+        c.arg(&real).arg("-o").arg(out).args(extra);
+        // Both runs pause the same way, so they differ only in the full disk.
+        c.env("BAYESLORA_TEST_CHECKPOINT_PAUSE_MS", "300").env_remove("RUST_BACKTRACE");
+        c
+    };
+    let reference = tmp.path().join("reference");
+    let o = command(&reference, &[]).output().unwrap();
+    assert!(o.status.success(), "the uninterrupted run failed: {}", String::from_utf8_lossy(&o.stderr));
+
+    let out = tmp.path().join("full");
+    let log = tmp.path().join("stderr.txt");
+    let mut child = command(&out, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("checkpoints");
+    let partial = checkpoints.join("checkpoint-0000004.partial");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !partial.join("optimizer.safetensors").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its second checkpoint");
+        assert!(Instant::now() < deadline, "no second checkpoint after 5 minutes");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::os::unix::fs::symlink("/dev/full", partial.join(format!("state.json.tmp{}", child.id()))).unwrap();
+    let status = child.wait().unwrap();
+
+    let err = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    for want in [
+        "writing the checkpoint of step 4",
+        "checkpoint-0000004.partial/state.json: No space left on device",
+        "checkpoint-0000002 is intact",
+        "--resume",
+    ] {
+        assert!(line.contains(want), "no `{want}` in: {line}");
+    }
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    assert!(!partial.exists(), "the partial checkpoint was left behind");
+    assert!(!checkpoints.join("checkpoint-0000004").exists());
+    assert_eq!(std::fs::read_to_string(checkpoints.join("latest")).unwrap(), "checkpoint-0000002");
+
+    let o = command(&out, &["--resume"]).output().unwrap();
+    assert!(o.status.success(), "the resume failed: {}", String::from_utf8_lossy(&o.stderr));
+    let adapter = |run: &Path| std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(adapter(&out) == adapter(&reference), "the resumed adapter differs from the uninterrupted run's");
+}
+
+/// A run whose memory estimate is absurd (MiniLM, 100,000 × 512 tokens: terabytes of
+/// activations) is refused before the model loads, with the estimate, the device's memory and
+/// what to try, and writes nothing; `--skip-memory-check` lets the same run start (and finish:
+/// 16 rows are one short batch) and is kept in its config.toml.
+#[test]
+fn issue_19_run_over_the_memory_estimate_is_refused_with_the_numbers() {
+    let Some(real) = minilm() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_bayeslora"))
+            .args(["train", "--task", "sst2", "--train-limit", "16", "--eval-limit", "8", "--max-steps", "1"])
+            .args(["--samples", "0", "--batch-size", "100000", "--max-len", "512", "--model"])
+            .arg(&real)
+            .arg("-o")
+            .arg(&out)
+            .args(extra)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let o = train(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    for want in [
+        "this run needs about ",
+        " TiB (weights ",
+        "for batch 100000 × 512 tokens",
+        "but the CPU has ",
+        "--batch-size",
+        "--max-len",
+        "--skip-memory-check",
+    ] {
+        assert!(line.contains(want), "no `{want}` in: {line}");
+    }
+    assert!(!err.contains("loading"), "the model was loaded before the check: {err}");
+    assert!(!out.exists(), "the refused run wrote {}", out.display());
+
+    // The same run with --skip-memory-check starts: its 16 rows make one batch of short
+    // sentences, far below the worst case the estimate assumes.
+    let o = train(&["--skip-memory-check"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("skip_memory_check = true"), "{config}");
+}

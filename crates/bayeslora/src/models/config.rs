@@ -135,8 +135,17 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
             path.display()
         )));
     }
-    let mut tokenizer = Tokenizer::from_file(&path)
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}; is this a Hugging Face tokenizer.json?", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let not_a_tokenizer = |e: &dyn std::fmt::Display| {
+        Error::Tokenizer(format!("{}: {e}; is this a Hugging Face tokenizer.json?", path.display()))
+    };
+    // The JSON is checked before `tokenizers` parses it: tokenizers 0.23 panics (an `expect` in
+    // `decoders/mod.rs`) on a syntax error inside the `decoder` value, such as a file cut off
+    // after `"decoder":` or a control character in a string there (found by the tokenizer fuzz
+    // target).
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| not_a_tokenizer(&format!("invalid JSON ({e})")))?;
+    let mut tokenizer = text.parse::<Tokenizer>().map_err(|e| not_a_tokenizer(&e))?;
     tokenizer
         .with_truncation(None)
         .map_err(|e| Error::Tokenizer(format!("{}: cannot reset truncation: {e}", path.display())))?;
@@ -148,6 +157,19 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Issue 19, found by fuzzing: a tokenizer.json cut off inside its `decoder` value (or with a
+    /// control character in a string there) made `tokenizers` panic; now it is an error naming
+    /// the file.
+    #[test]
+    fn issue_19_broken_json_in_the_decoder_is_an_error_not_a_panic() {
+        for (name, text) in [("cut", "{\"decoder\":"), ("control", "{\"decoder\":\"1.\u{b}0\"}")] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            std::fs::write(dir.path().join("tokenizer.json"), text).expect("write");
+            let err = load_tokenizer(dir.path()).expect_err(name).to_string();
+            assert!(err.contains("tokenizer.json: invalid JSON"), "{name}: {err}");
+        }
+    }
 
     #[test]
     fn detects_families_and_rejects_unknown() {

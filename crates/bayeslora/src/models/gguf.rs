@@ -114,6 +114,40 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     })
 }
 
+/// Tensor names with their shapes.
+pub type TensorShapes = Vec<(String, Vec<usize>)>;
+
+/// The config and the HF-named tensor shapes of a GGUF file, from its header alone (no tensor
+/// data is read): what [`crate::train::memory`] needs to size a run before loading it. Fails
+/// like [`read`] on a damaged header, and when a tensor's data would reach past the end of the
+/// file.
+pub fn read_shapes(path: &Path) -> Result<(LlamaConfig, TensorShapes)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = std::io::BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| bad(path, format!("not a valid GGUF file ({})", inner(e))))?;
+    let config = Meta { content: &content, file: path }.config()?;
+    let mut shapes = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let dims = info.shape.dims().to_vec();
+        let elems = dims.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+        let dtype = info.ggml_dtype;
+        let bytes = (elems / dtype.block_size().max(1) as u64).saturating_mul(dtype.type_size() as u64);
+        let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+        if end > file_len {
+            return Err(bad(
+                path,
+                format!("tensor `{name}` ends at byte {end}, past the end of the file ({file_len})"),
+            ));
+        }
+        if let Some(hf) = hf_name(name) {
+            shapes.push((hf, dims));
+        }
+    }
+    shapes.sort();
+    Ok((config, shapes))
+}
+
 /// llama.cpp tensor name → HF name (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
 /// `None` for tensors the HF model has no slot for (`rope_freqs.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {

@@ -130,6 +130,18 @@ impl Checkpoint {
         Ok(final_dir)
     }
 
+    /// The error for a failed [`Checkpoint::save`] of `step`: the cause (which names the file)
+    /// and the newest good checkpoint left to resume from, if any.
+    pub fn write_failed(dir: &Path, step: usize, cause: Error) -> Error {
+        let after = match Self::latest(dir) {
+            Some(previous) => {
+                format!("{} is intact: make room, then continue from it with --resume", previous.display())
+            }
+            None => "no earlier checkpoint to resume from: make room, then train again with --overwrite".into(),
+        };
+        Error::CheckpointWrite { step, cause: Box::new(cause), after }
+    }
+
     /// The newest checkpoint under `dir` whose files match its manifest (or, for a checkpoint
     /// without a manifest, that has its files), if any. `latest` is not trusted: a kill between
     /// the rename and its update, or a damaged `latest`, must not hide a good checkpoint.

@@ -11,6 +11,7 @@
 //! samples per step; AdamW averages micro-batch gradients and optionally clips their norm.
 mod checkpoint;
 mod classifier;
+pub mod memory;
 mod schedule;
 
 pub use checkpoint::{Checkpoint, CheckpointState, Restored};
@@ -491,7 +492,8 @@ pub fn run(
         let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
         if let Some(dir) = &cfg.checkpoint_dir {
             if periodic || stop || step == total {
-                let path = Checkpoint::save(dir, step, cfg, model, &opt, gates.as_ref(), &batcher)?;
+                let path = Checkpoint::save(dir, step, cfg, model, &opt, gates.as_ref(), &batcher)
+                    .map_err(|e| Checkpoint::write_failed(dir, step, e))?;
                 observer.checkpoint(step, &path);
             }
         }

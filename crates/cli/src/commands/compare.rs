@@ -269,6 +269,7 @@ impl Cache<'_> {
         if self.models.contains_key(&key) {
             return Ok(key);
         }
+        pipeline::check_memory(cfg)?;
         let loaded = self.bases.get(cfg)?;
         let device = pipeline::device(&cfg.device)?;
         let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };

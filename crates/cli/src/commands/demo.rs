@@ -42,6 +42,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         base.model = Some(assets::ensure(&assets::MINILM)?);
     }
     let cfg = RunConfig::resolve(base, &args.run)?;
+    pipeline::check_memory(&cfg)?;
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
     let data = pipeline::load_data(&cfg, &encoder, &loaded)?;

@@ -71,6 +71,32 @@ pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
     Ok(loaded)
 }
 
+/// Refuses a run whose peak-memory estimate exceeds the device's memory, before anything loads
+/// (`bayeslora::train::memory`; `skip_memory_check` turns it off): `train` and `demo` call it
+/// before loading the model, `compare` before training each cell. The estimate is skipped when
+/// the model's shape cannot be read: [`load_model`] reports that problem next.
+pub fn check_memory(cfg: &RunConfig) -> Result<()> {
+    let Some(given) = cfg.model.as_ref().filter(|_| !cfg.skip_memory_check) else { return Ok(()) };
+    let path = crate::assets::resolve(given)?;
+    let (rank, targets) = match cfg.method {
+        AdapterKind::Lora => (cfg.lora.r, cfg.lora.target_modules.clone()),
+        AdapterKind::Blora => (cfg.blora.r, cfg.blora.target_modules.clone()),
+    };
+    let run = train::memory::RunShape {
+        batch_size: cfg.train.batch.batch_size,
+        max_len: cfg.max_len,
+        dtype: cfg.compute_dtype()?,
+        gradient_checkpointing: cfg.train.gradient_checkpointing,
+        optimizer: cfg.train.optimizer,
+        rank,
+        targets,
+    };
+    if let Some(est) = train::memory::check(&path, &run, &device(&cfg.device)?)? {
+        tracing::info!(bytes = est.total(), "memory estimate: {}", train::memory::human(est.total()));
+    }
+    Ok(())
+}
+
 /// Tokenized train and eval sets.
 pub struct Data {
     pub task: Task,

@@ -26,6 +26,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             );
         }
     }
+    pipeline::check_memory(&cfg)?;
     let loaded = pipeline::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
     let data = pipeline::load_data(&cfg, &encoder, &loaded)?;

@@ -557,6 +557,10 @@ impl Content {
             Some(Value::I32(v)) if *v >= 0 => *v as u64,
             _ => DEFAULT_ALIGNMENT,
         };
+        // bayeslora patch: an alignment of 0 is an error, not a division by zero (vendor/README.md).
+        if alignment == 0 {
+            crate::bail!("gguf: general.alignment is 0")
+        }
         let tensor_data_offset = position.div_ceil(alignment) * alignment;
         Ok(Self {
             magic,
