@@ -21,6 +21,10 @@ pub(crate) enum Kernel {
     /// `fused.cu`: `rms_{fwd,bwd}`, `rope`, `swiglu_{fwd,bwd}`, each `_<dtype>` (see
     /// `ops::fused`).
     Fused,
+    /// `blora.cu`: B-LoRA's `quantize_{fwd,bwd,dz}` and `range_{partial,update}` (see
+    /// `ops::quantize`) and `hard_concrete_{fwd,bwd}` (see `ops::hard_concrete`), each
+    /// `_f32`/`_f64`.
+    BLora,
 }
 
 impl Kernel {
@@ -30,6 +34,7 @@ impl Kernel {
             Kernel::Dropout => ("dropout", ptx::DROPOUT),
             Kernel::FlashAttention => ("flash_attention", ptx::FLASH_ATTENTION),
             Kernel::Fused => ("fused", ptx::FUSED),
+            Kernel::BLora => ("blora", ptx::BLORA),
         }
     }
 

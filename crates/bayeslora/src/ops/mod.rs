@@ -27,9 +27,11 @@ mod dropout;
 mod flash_attention;
 mod fused;
 mod gelu;
+mod hard_concrete;
 mod layer_norm;
 mod linear;
 mod norm;
+pub(crate) mod quantize;
 
 pub use attention::{attention, plain_attention, AttentionMask};
 pub use checkpoint::{backward, checkpoint, Segment};
@@ -39,8 +41,10 @@ pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
     flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
 };
+pub use hard_concrete::{hard_concrete, HardConcrete};
 pub use linear::frozen_linear;
 pub use norm::{layer_norm, rms_norm};
+pub use quantize::{gated_quantize, update_range, PARAMS as QUANTIZE_PARAMS};
 
 use candle_core::{DType, Result, Tensor, D};
 

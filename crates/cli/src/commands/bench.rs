@@ -1,7 +1,7 @@
 //! `bayeslora bench attention`: fused vs plain attention forward+backward per shape (see
 //! [`run_attention`]).
 //!
-//! `bayeslora bench train`: LoRA training throughput (tokens/s, step time), peak memory and MFU
+//! `bayeslora bench train`: LoRA (or, with `--method blora`, B-LoRA) training throughput (tokens/s, step time), peak memory and MFU
 //! on fixed-shape synthetic batches (`--batch-size` × `--max-len` tokens, no padding).
 //!
 //! Two sources of a model:
@@ -24,7 +24,7 @@
 //! never resets within a process. Optimizer step times alone: `cargo bench -p ivon`.
 use super::pipeline;
 use crate::args::{BenchArgs, BenchObjective, BenchWhat};
-use crate::config::RunConfig;
+use crate::config::{AdapterKind, RunConfig};
 use anyhow::{bail, Context, Result};
 use bayeslora::adapters::lora::{LoraConfig, TargetModules};
 use bayeslora::adapters::Ctx;
@@ -307,8 +307,18 @@ impl Classifier for CausalLm<'_> {
         self.inner.trainable()
     }
 
+    fn is_gate(&self, name: &str) -> bool {
+        self.inner.is_gate(name)
+    }
+
+    /// The LM loss, plus B-LoRA's μ-weighted gate prior (without its warm-up ramp, which would
+    /// scale the LM loss too: a timing run needs the prior's cost, not its schedule).
     fn regularizer(&self) -> bayeslora::Result<Option<Tensor>> {
-        Ok(self.pending.borrow_mut().take())
+        let lm = self.pending.borrow_mut().take();
+        Ok(match (lm, self.inner.regularizer()?) {
+            (Some(lm), Some(prior)) => Some(lm.add(&prior)?),
+            (lm, prior) => lm.or(prior),
+        })
     }
 }
 
@@ -394,7 +404,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             (serde_json::Value::Null, Some(TargetModules::List(names))) => serde_json::json!(names),
             _ => targets_json.clone(),
         };
-        let model = TaskModel::build(loaded, &cfg.lora, 2, 0, &device)?;
+        let model = pipeline::build_model(&cfg, loaded, 2, &device)?;
         let lm = CausalLm { inner: &model, pending: RefCell::new(None), last: RefCell::new(None) };
         let trained: &dyn Classifier = match objective {
             BenchObjective::CausalLm => &lm,
@@ -461,6 +471,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             "gradient_checkpointing": t.gradient_checkpointing,
             "threads": candle_core::utils::get_num_threads(),
             "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha, "target_modules": cfg.lora.target_modules},
+            "method": cfg.method,
+            "blora": (cfg.method == AdapterKind::Blora).then(|| serde_json::to_value(&cfg.blora)).transpose()?,
             // The fields of earlier bench JSON (bench/results/2026-11-24_*).
             "optimizer": opt,
             "batch_size": t.batch.batch_size,

@@ -17,7 +17,7 @@
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
 
-use crate::Result;
+use crate::{ops, Result};
 
 /// Temperature β of the binary concrete.
 pub const BETA: f64 = 2.0 / 3.0;
@@ -71,10 +71,21 @@ pub(crate) fn logistic_noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Hard-concrete samples for `log_alpha` given logistic `noise` of the same shape.
+/// The hard-concrete constants of every gate, with or without the bit gates' nested hard-off.
+fn hard_concrete(hard_off: bool) -> ops::HardConcrete {
+    ops::HardConcrete { beta: BETA, gamma: GAMMA, zeta: ZETA, hard_off: hard_off.then_some(HARD_OFF) }
+}
+
+/// Hard-concrete samples for `log_alpha: [n]` given logistic `noise` of the same shape (one op
+/// per direction, [`ops::hard_concrete`]; the same floats as `sigmoid` and an affine clamp
+/// composed from candle ops on each device).
 pub(crate) fn sample(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
-    let s = sigmoid(&log_alpha.add(noise)?.affine(1.0 / BETA, 0.0)?)?;
-    Ok(s.affine(ZETA - GAMMA, GAMMA)?.clamp(0f32, 1f32)?)
+    Ok(ops::hard_concrete(log_alpha, noise, hard_concrete(false))?)
+}
+
+/// [`sample`] times [`hard_off_mask`]: the bit gates of one quantizer, in one op.
+pub(crate) fn sample_bits(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::hard_concrete(log_alpha, noise, hard_concrete(true))?)
 }
 
 /// `x + (round(x) − x).detach()`: rounds in the forward pass, identity in the backward pass.
@@ -170,6 +181,18 @@ mod tests {
             // Exactly-one samples exist too: the stretch puts mass on both ends.
             assert!(z.contains(&1.0) && z.contains(&0.0));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn bit_samples_are_samples_under_the_hard_off_mask() -> Result<()> {
+        let la = Tensor::new(&[3.0f32, 0.2, -2.0, 5.0, 1.0], &Device::Cpu)?;
+        let noise = Tensor::new(&[-1.0f32, 0.5, 0.3, -0.2, 2.0], &Device::Cpu)?;
+        let bits = sample_bits(&la, &noise)?.to_vec1::<f32>()?;
+        let want = sample(&la, &noise)?.mul(&hard_off_mask(&la)?)?.to_vec1::<f32>()?;
+        assert_eq!(bits, want);
+        assert_eq!(&bits[2..], &[0.0; 3], "off at log α −2 and after");
+        assert!(bits[0] > 0.0 && bits[1] > 0.0);
         Ok(())
     }
 

@@ -1,0 +1,371 @@
+// B-LoRA's training kernels: the Bayesian Bits gated residual quantizer and its running range
+// (see `ops::quantize`, whose CPU code is the reference these kernels equal to the bit), and the
+// hard-concrete gate samples (see `ops::hard_concrete`):
+//
+//   quantize_fwd:  q = x2 + z4(e4 + z8(e8 + z16(e16 + z32 e32))) of clip(x), one pass;
+//   quantize_bwd:  dx = g * dclip/dx (straight through the rounding) and, per block, the f64
+//                  partial sums of dL/dz_b = sum g * dq/dz_b;
+//   quantize_dz:   one block adds the partials in a fixed tree: deterministic, no atomics;
+//   range_partial: per-block min/max of x (NaN marks a block that saw a non-finite value);
+//   range_update:  one block: the running range widened by x's extremes and the grid's
+//                  parameters (PARAMS floats, the layout of `ops::quantize::PARAMS`);
+//   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread.
+//
+// Every multiply, add and subtract of the ladder is an explicit _rn intrinsic: nvcc would
+// otherwise contract `rest - round(rest/s)*s` into an FMA, and the levels would differ from the
+// CPU's (and candle's composed ops') in the last bit. max/min are candle's CPU ones (a < b ? b : a),
+// not fmaxf, so a NaN propagates as it does on the CPU.
+#include "dtype.cuh"
+
+#define PARAMS 14
+#define THREADS 256
+
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+// Half away from zero, exact (as Rust's f32::round / f64::round).
+__device__ __forceinline__ float round_away(float v) { return roundf(v); }
+__device__ __forceinline__ double round_away(double v) { return round(v); }
+__device__ __forceinline__ float to_float_rn(float v) { return v; }
+__device__ __forceinline__ float to_float_rn(double v) { return __double2float_rn(v); }
+template <typename T> __device__ __forceinline__ T from_double_rn(double v);
+template <> __device__ __forceinline__ float from_double_rn<float>(double v) { return __double2float_rn(v); }
+template <> __device__ __forceinline__ double from_double_rn<double>(double v) { return v; }
+
+template <typename T> __device__ __forceinline__ T max_c(T a, T b) { return a < b ? b : a; }
+template <typename T> __device__ __forceinline__ T min_c(T a, T b) { return a > b ? b : a; }
+
+template <typename T> __device__ __forceinline__ T inf();
+template <> __device__ __forceinline__ float inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double inf<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+template <typename T> __device__ __forceinline__ T nan();
+template <> __device__ __forceinline__ float nan<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// One value's ladder [x2, e4, e8, e16, e32] under the parameters p.
+template <typename T>
+__device__ __forceinline__ void levels_of(T v, const T (&p)[PARAMS], T (&l)[5]) {
+    const T xc = min_c(max_c(v, p[0]), p[1]);
+    const T x2 = mul_rn(min_c(max_c(round_away(mul_rn(xc, p[9])), p[2]), p[3]), p[4]);
+    l[0] = x2;
+    T rest = sub_rn(xc, x2);
+    // Residual level codes stay within +-2^(b/2 - 1) (`RESIDUAL_BOUND` in ops::quantize).
+    const float bound[4] = {2.0f, 8.0f, 128.0f, 32768.0f};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const T k = (T)bound[i];
+        const T e = mul_rn(min_c(max_c(round_away(mul_rn(rest, p[10 + i])), -k), k), p[5 + i]);
+        rest = sub_rn(rest, e);
+        l[i + 1] = e;
+    }
+}
+
+// a3 = e16 + e32 z32, a2 = e8 + a3 z16, a1 = e4 + a2 z8; returns q = x2 + a1 z4.
+template <typename T>
+__device__ __forceinline__ T nested(const T (&l)[5], const T (&z)[4], T (&a)[3]) {
+    a[2] = add_rn(l[3], mul_rn(l[4], z[3]));
+    a[1] = add_rn(l[2], mul_rn(a[2], z[2]));
+    a[0] = add_rn(l[1], mul_rn(a[1], z[1]));
+    return add_rn(l[0], mul_rn(a[0], z[0]));
+}
+
+// candle's max/min backward through the clip: 1 inside, 1/2 at a bound, 0 outside.
+template <typename T>
+__device__ __forceinline__ T clip_factor(T v, T lo, T hi) {
+    const double a = v > lo ? 1.0 : (v == lo ? 0.5 : 0.0);
+    const double b = v < hi ? 1.0 : (v == hi ? 0.5 : 0.0);
+    return (T)(a * b);
+}
+
+// Mirrors `QuantizeParams` in src/ops/quantize.rs.
+struct QuantizeParams {
+    uint64_t n;
+    uint32_t want_dx;
+    uint32_t pad;
+};
+
+template <typename T>
+__device__ __forceinline__ void load_params(const T* prm, const T* zs, T (&p)[PARAMS], T (&z)[4]) {
+#pragma unroll
+    for (int i = 0; i < PARAMS; ++i) p[i] = prm[i];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) z[i] = zs[i];
+}
+
+template <typename T>
+__device__ void quantize_fwd(const QuantizeParams qp, const T* __restrict__ x, const T* __restrict__ prm,
+                             const T* __restrict__ zs, T* __restrict__ y) {
+    T p[PARAMS], z[4];
+    load_params(prm, zs, p, z);
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < qp.n; i += stride) {
+        T l[5], a[3];
+        levels_of(x[i], p, l);
+        y[i] = nested(l, z, a);
+    }
+}
+
+// Sums each of v[0..K) over the block (blockDim.x == THREADS) in a fixed order; thread 0 gets the
+// sums.
+template <int K>
+__device__ __forceinline__ void block_sum_f64(double (&v)[K]) {
+    __shared__ double partial[K][THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffff, v[k], o);
+        if (lane == 0) partial[k][warp] = v[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            double s = lane < THREADS / 32 ? partial[k][lane] : 0.0;
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+            v[k] = s;
+        }
+    }
+}
+
+// dx[i] = g[i] * dclip/dx (when want_dx) and partial[4 * block + b] = this block's sum of
+// g * dq/dz_b, dq/dz_b = (z4 ... z_{b/2}) * a_b with a = [a1, a2, a3, e32], in f64 as on the CPU.
+template <typename T>
+__device__ void quantize_bwd(const QuantizeParams qp, const T* __restrict__ x, const T* __restrict__ prm,
+                             const T* __restrict__ zs, const T* __restrict__ g, T* __restrict__ dx,
+                             double* __restrict__ partial) {
+    T p[PARAMS], z[4];
+    load_params(prm, zs, p, z);
+    const double z0 = (double)z[0], z1 = (double)z[1], z2 = (double)z[2];
+    const double w[4] = {1.0, z0, z0 * z1, z0 * z1 * z2};
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < qp.n; i += stride) {
+        const T v = x[i], gi = g[i];
+        T l[5], a[3];
+        levels_of(v, p, l);
+        nested(l, z, a);
+        const double gd = (double)gi;
+        const T t[4] = {a[0], a[1], a[2], l[4]};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[k] = __dadd_rn(acc[k], __dmul_rn(__dmul_rn(gd, w[k]), (double)t[k]));
+        if (qp.want_dx) dx[i] = mul_rn(gi, clip_factor(v, p[0], p[1]));
+    }
+    block_sum_f64<4>(acc);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) partial[4 * blockIdx.x + k] = acc[k];
+    }
+}
+
+// One block: dz[b] = sum over blocks of partial[4 * block + b].
+template <typename T>
+__device__ void quantize_dz(const uint32_t blocks, const double* __restrict__ partial, T* __restrict__ dz) {
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    for (uint32_t j = threadIdx.x; j < blocks; j += blockDim.x) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[k] += partial[4 * j + k];
+    }
+    block_sum_f64<4>(acc);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) dz[k] = from_double_rn<T>(acc[k]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The running range. Extremes in x's dtype; a NaN extreme marks "saw a non-finite value".
+
+template <typename T>
+__device__ __forceinline__ T nan_min(T a, T b) {
+    return (isnan(a) || isnan(b)) ? nan<T>() : min_c(a, b);
+}
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+    return (isnan(a) || isnan(b)) ? nan<T>() : max_c(a, b);
+}
+
+// Min and max over the block (blockDim.x == THREADS); thread 0 gets them.
+template <typename T>
+__device__ __forceinline__ void block_min_max(T& lo, T& hi) {
+    __shared__ T part[2][THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = nan_min(lo, __shfl_down_sync(0xffffffff, lo, o));
+        hi = nan_max(hi, __shfl_down_sync(0xffffffff, hi, o));
+    }
+    if (lane == 0) {
+        part[0][warp] = lo;
+        part[1][warp] = hi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        lo = lane < THREADS / 32 ? part[0][lane] : inf<T>();
+        hi = lane < THREADS / 32 ? part[1][lane] : -inf<T>();
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = nan_min(lo, __shfl_down_sync(0xffffffff, lo, o));
+            hi = nan_max(hi, __shfl_down_sync(0xffffffff, hi, o));
+        }
+    }
+}
+
+template <typename T>
+__device__ void range_partial(const uint64_t n, const T* __restrict__ x, T* __restrict__ partial) {
+    T lo = inf<T>(), hi = -inf<T>();
+    bool bad = false;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const T v = x[i];
+        if (isfinite(v)) {
+            lo = min_c(lo, v);
+            hi = max_c(hi, v);
+        } else {
+            bad = true;
+        }
+    }
+    if (bad) lo = nan<T>();
+    block_min_max(lo, hi);
+    if (threadIdx.x == 0) {
+        partial[2 * blockIdx.x] = lo;
+        partial[2 * blockIdx.x + 1] = hi;
+    }
+}
+
+// out = [x_min, x_max, PARAMS grid parameters], all in T; range = the old [x_min, x_max], f32.
+template <typename T>
+__device__ void range_update(const uint32_t blocks, const T* __restrict__ partial, const float* __restrict__ range,
+                             T* __restrict__ out) {
+    T lo_t = inf<T>(), hi_t = -inf<T>();
+    for (uint32_t j = threadIdx.x; j < blocks; j += blockDim.x) {
+        lo_t = nan_min(lo_t, partial[2 * j]);
+        hi_t = nan_max(hi_t, partial[2 * j + 1]);
+    }
+    block_min_max(lo_t, hi_t);
+    if (threadIdx.x != 0) return;
+    // The old path: extremes cast to f32, widened in f32 (see `update_range_cpu`).
+    const float lo = to_float_rn(lo_t), hi = to_float_rn(hi_t);
+    const float x_min = range[0], x_max = range[1];
+    const bool finite = !isnan(lo_t) && !isnan(hi_t) && fabsf(__fsub_rn(hi, lo)) < inf<float>();
+    const float m = max_c(max_c(max_c(x_max, -x_min), hi), -lo);
+    const bool sgn = min_c(x_min, lo) < 0.0f;
+    const float new_min = finite ? (sgn ? -m : 0.0f) : x_min;
+    const float new_max = finite ? m : x_max;
+    // The grid in f64: s_b = (x_max - x_min) / D_b, and 1/s_b.
+    const double divisors[5] = {3.0, 15.0, 255.0, 65535.0, 4294967295.0};
+    const double dlo = (double)new_min, dhi = (double)new_max, width = __dsub_rn(dhi, dlo);
+    const double sgnd = dlo < 0.0 ? 1.0 : 0.0;
+    out[0] = (T)new_min;
+    out[1] = (T)new_max;
+    out[2] = from_double_rn<T>(dlo);
+    out[3] = from_double_rn<T>(dhi);
+    out[4] = from_double_rn<T>(__dadd_rn(__dmul_rn(sgnd, -1.0), 0.0));
+    out[5] = from_double_rn<T>(__dadd_rn(__dmul_rn(sgnd, -2.0), 3.0));
+#pragma unroll
+    for (int i = 0; i < 5; ++i) {
+        const double s = __ddiv_rn(width, divisors[i]);
+        out[6 + i] = from_double_rn<T>(s);
+        out[11 + i] = from_double_rn<T>(__ddiv_rn(1.0, s));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hard-concrete samples z = clamp(sigma((la + n)/beta)(zeta - gamma) + gamma, 0, 1) * mask, with
+// sigma(x) = (1 + tanh(x/2))/2, op for op as candle's CUDA kernels compute the composed path: each
+// affine a*x + b is one fused multiply-add, tanh is tanhf, the clamp is fmaxf/fminf. The mask is
+// the cumulative product of [la > hard_off] (when use_hard_off).
+
+// Mirrors `HardConcreteParams` in src/ops/hard_concrete.rs.
+struct HardConcreteParams {
+    double inv_beta;
+    double stretch;
+    double gamma;
+    double hard_off;
+    uint32_t n;
+    uint32_t use_hard_off;
+};
+
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+__device__ __forceinline__ float tanh_c(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_c(double v) { return tanh(v); }
+__device__ __forceinline__ float fmax_c(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double fmax_c(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float fmin_c(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double fmin_c(double a, double b) { return fmin(a, b); }
+
+// (v before the clamp, t = tanh(..)) of one gate.
+template <typename T>
+__device__ __forceinline__ void hc_pre_clamp(const HardConcreteParams& p, T la, T n, T& v, T& t) {
+    const T half = (T)0.5, zero = (T)0.0;
+    const T b = fma_rn(add_rn(la, n), (T)p.inv_beta, zero);
+    t = tanh_c(fma_rn(b, half, zero));
+    const T s = fma_rn(t, half, half);
+    v = fma_rn(s, (T)p.stretch, (T)p.gamma);
+}
+
+template <typename T>
+__device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                                  T* __restrict__ z) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    T m = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? (T)1.0 : (T)0.0);
+        z[i] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
+    }
+}
+
+// d(sum g z)/d la through the composed path's backward: the mask, the clamp (1/2 on a bound),
+// each affine, and tanh's -(dt (t^2 - 1)).
+template <typename T>
+__device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                                  const T* __restrict__ g, T* __restrict__ dla) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const T half = (T)0.5, zero = (T)0.0, one = (T)1.0;
+    T m = one;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
+        const T lo = v > zero ? one : (v == zero ? half : zero);
+        const T hi = v < one ? one : (v == one ? half : zero);
+        const T dv = mul_rn(mul_rn(g[i], m), mul_rn(lo, hi));
+        const T dt = fma_rn(fma_rn(dv, (T)p.stretch, zero), half, zero);
+        const T du = -mul_rn(dt, fma_rn(mul_rn(t, t), one, -one));
+        dla[i] = fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
+    }
+}
+
+#define BLORA_KERNELS(SUFFIX, T)                                                                         \
+    extern "C" __global__ void quantize_fwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
+                                                     const T* z, T* y) {                                   \
+        quantize_fwd<T>(p, x, prm, z, y);                                                                  \
+    }                                                                                                      \
+    extern "C" __global__ void quantize_bwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
+                                                     const T* z, const T* g, T* dx, double* partial) {     \
+        quantize_bwd<T>(p, x, prm, z, g, dx, partial);                                                     \
+    }                                                                                                      \
+    extern "C" __global__ void quantize_dz_##SUFFIX(const uint32_t blocks, const double* partial, T* dz) { \
+        quantize_dz<T>(blocks, partial, dz);                                                               \
+    }                                                                                                      \
+    extern "C" __global__ void range_partial_##SUFFIX(const uint64_t n, const T* x, T* partial) {          \
+        range_partial<T>(n, x, partial);                                                                   \
+    }                                                                                                      \
+    extern "C" __global__ void range_update_##SUFFIX(const uint32_t blocks, const T* partial,              \
+                                                     const float* range, T* out) {                         \
+        range_update<T>(blocks, partial, range, out);                                                      \
+    }                                                                                                      \
+    extern "C" __global__ void hard_concrete_fwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
+                                                          const T* noise, T* z) {                          \
+        hard_concrete_fwd<T>(p, la, noise, z);                                                             \
+    }                                                                                                      \
+    extern "C" __global__ void hard_concrete_bwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
+                                                          const T* noise, const T* g, T* dla) {            \
+        hard_concrete_bwd<T>(p, la, noise, g, dla);                                                        \
+    }
+
+BLORA_KERNELS(f32, float)
+BLORA_KERNELS(f64, double)

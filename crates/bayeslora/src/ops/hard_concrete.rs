@@ -1,0 +1,387 @@
+//! Hard-concrete gate samples (Louizos et al. 2018, arXiv 1712.01312; `specs/blora.md` "Gates")
+//! as one op per direction, for CPU and CUDA tensors: B-LoRA draws one per quantizer (four bit
+//! gates) and one per layer (its rank gates) every training step.
+//!
+//! `z = clamp(σ((log α + n)/β)(ζ − γ) + γ, 0, 1)` for logistic noise n, times the nested
+//! hard-off mask `∏_{k≤i} [log α_k > t]` when a threshold t is given (Bayesian Bits' bit gates:
+//! a gate at or below t is off with every later one). σ(x) is `(1 + tanh(x/2))/2`.
+//!
+//! Composed from candle ops this was ~15 tiny kernels forward and ~10 backward per sample, each
+//! a launch on the GPU for a vector of 4. Here each direction is one launch (one thread: the
+//! vectors are a handful of gates). Each device reproduces its own composed ops to the bit:
+//! the CPU with candle's CPU affine (`v·a + b`, two roundings) and `f32::tanh`, CUDA with candle's
+//! CUDA affine (a fused multiply-add) and `tanhf`; so a forward's gates are the ones the composed
+//! path drew (unit tests below, `tests/cuda_fused.rs`). The two devices differ from each other in
+//! the last bits, as the composed ops did. The backward is the composed path's chain rule.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::quantize::LadderFloat;
+
+/// The hard-concrete constants (B-LoRA's: β = 2/3, γ = −0.1, ζ = 1.1) and the optional nested
+/// hard-off threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HardConcrete {
+    /// Temperature β.
+    pub beta: f64,
+    /// Lower stretch γ.
+    pub gamma: f64,
+    /// Upper stretch ζ.
+    pub zeta: f64,
+    /// Gates after the first with log α at or below this are off (`None`: no mask).
+    pub hard_off: Option<f64>,
+}
+
+/// Samples `z: [n]` for `log_alpha: [n]` and logistic `noise: [n]` (same dtype, f32 or f64),
+/// differentiable in `log_alpha`.
+pub fn hard_concrete(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+    if log_alpha.rank() != 1 || noise.dims() != log_alpha.dims() || noise.dtype() != log_alpha.dtype() {
+        candle_core::bail!(
+            "hard_concrete: log α and noise must be one [n] vector dtype, got {:?} {:?} and {:?} {:?}",
+            log_alpha.dims(),
+            log_alpha.dtype(),
+            noise.dims(),
+            noise.dtype()
+        );
+    }
+    if !matches!(log_alpha.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!("hard_concrete: f32 or f64, got {:?}", log_alpha.dtype());
+    }
+    log_alpha.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc))
+}
+
+/// The constants of one step of the composed path in `T` (candle's affine casts its f64 factors
+/// to the tensor's dtype).
+#[derive(Clone, Copy)]
+struct Consts<T> {
+    inv_beta: T,
+    stretch: T,
+    gamma: T,
+    hard_off: Option<T>,
+}
+
+impl<T: LadderFloat> Consts<T> {
+    fn of(hc: &HardConcrete) -> Self {
+        Consts {
+            inv_beta: T::from_f64(1.0 / hc.beta),
+            stretch: T::from_f64(hc.zeta - hc.gamma),
+            gamma: T::from_f64(hc.gamma),
+            hard_off: hc.hard_off.map(T::from_f64),
+        }
+    }
+}
+
+/// `tanh` of the float types (`f32::tanh`/`f64::tanh`, as candle's CPU op).
+trait Tanh {
+    fn tanh_c(self) -> Self;
+}
+impl Tanh for f32 {
+    fn tanh_c(self) -> Self {
+        self.tanh()
+    }
+}
+impl Tanh for f64 {
+    fn tanh_c(self) -> Self {
+        self.tanh()
+    }
+}
+
+/// The composed path's forward of one gate on the CPU: (v before the clamp, t = tanh(..)).
+fn pre_clamp<T: LadderFloat + Tanh>(la: T, n: T, c: &Consts<T>) -> (T, T) {
+    let half = T::HALF;
+    let b = (la + n) * c.inv_beta + T::ZERO;
+    let t = (b * half + T::ZERO).tanh_c();
+    let s = t * half + half;
+    (s * c.stretch + c.gamma, t)
+}
+
+/// The nested hard-off mask, as the composed path's cumulative product of 0/1.
+fn mask<T: LadderFloat>(la: &[T], hard_off: Option<T>) -> Vec<T> {
+    let mut m = T::ONE;
+    la.iter()
+        .map(|&a| match hard_off {
+            Some(t) => {
+                m = m * if a > t { T::ONE } else { T::ZERO };
+                m
+            }
+            None => T::ONE,
+        })
+        .collect()
+}
+
+fn sample_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Vec<T> {
+    let m = mask(la, c.hard_off);
+    la.iter().zip(noise).zip(m).map(|((&a, &n), m)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE) * m).collect()
+}
+
+/// d(Σ g·z)/d log α through the composed path's backward: the mask, the clamp (½ on a bound),
+/// each affine, and tanh's `−(dt·(t² − 1))`.
+fn grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
+    let m = mask(la, c.hard_off);
+    let half = T::HALF;
+    la.iter()
+        .zip(noise)
+        .zip(g.iter().zip(m))
+        .map(|((&a, &n), (&g, m))| {
+            let (v, t) = pre_clamp(a, n, c);
+            let side = |inside: bool, tie: bool| {
+                if inside {
+                    T::ONE
+                } else if tie {
+                    half
+                } else {
+                    T::ZERO
+                }
+            };
+            let dv = g * m * (side(v > T::ZERO, v == T::ZERO) * side(v < T::ONE, v == T::ONE));
+            let dt = (dv * c.stretch + T::ZERO) * half + T::ZERO;
+            let du = -(dt * (t * t * T::ONE - T::ONE));
+            (du * half + T::ZERO) * c.inv_beta + T::ZERO
+        })
+        .collect()
+}
+
+/// The contiguous elements of a CPU input of type `T`.
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("hard_concrete: inputs must be contiguous") };
+    Ok(&data[a..b])
+}
+
+/// [`hard_concrete`]'s forward: inputs log α and noise.
+struct Sample(HardConcrete);
+
+/// Its backward: inputs log α, noise and the upstream gradient; output d log α.
+struct SampleGrad(HardConcrete);
+
+impl CustomOp2 for Sample {
+    fn name(&self) -> &'static str {
+        "hard-concrete"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(sample_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(&self.0))),
+            DType::F64 => CpuStorage::F64(sample_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(&self.0))),
+            other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        la: &Tensor,
+        noise: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &SampleGrad(self.0))?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for SampleGrad {
+    fn name(&self) -> &'static str {
+        "hard-concrete-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = &self.0;
+        let out = match s1.dtype() {
+            DType::F32 => {
+                CpuStorage::F32(grad_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, &Consts::of(c)))
+            }
+            DType::F64 => {
+                CpuStorage::F64(grad_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, &Consts::of(c)))
+            }
+            other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)])?, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
+    use super::HardConcrete;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result};
+
+    /// `HardConcreteParams` in `kernels/blora.cu`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    struct HardConcreteParams {
+        inv_beta: f64,
+        stretch: f64,
+        gamma: f64,
+        hard_off: f64,
+        n: u32,
+        use_hard_off: u32,
+    }
+    // SAFETY: plain-old-data with the kernel's C layout.
+    unsafe impl DeviceRepr for HardConcreteParams {}
+
+    /// `<entry>_<dtype>(params, inputs.., out)` on one thread, out `[n]` of the inputs' dtype.
+    pub(super) fn launch(entry: &str, hc: &HardConcrete, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+        fn go<T: CudaDType + DeviceRepr>(
+            entry: &str,
+            params: HardConcreteParams,
+            inputs: &[(&CudaStorage, &Layout)],
+        ) -> Result<CudaStorage> {
+            let dev = inputs[0].0.device().clone();
+            let func = Kernel::BLora.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
+            let views = inputs
+                .iter()
+                .map(|(s, l)| contiguous_view::<T>(s, l, "hard_concrete input"))
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: the kernel writes all n elements.
+            let mut out = unsafe { dev.alloc::<T>(params.n as usize)? };
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&params);
+            for v in &views {
+                b.arg(v);
+            }
+            b.arg(&mut out);
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/blora.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(T::wrap_cuda_slice(out, dev))
+        }
+        let dtype = inputs[0].0.dtype();
+        if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
+            candle_core::bail!("{entry}: inputs of one dtype");
+        }
+        let n = inputs[0].1.shape().elem_count();
+        let params = HardConcreteParams {
+            inv_beta: 1.0 / hc.beta,
+            stretch: hc.zeta - hc.gamma,
+            gamma: hc.gamma,
+            hard_off: hc.hard_off.unwrap_or(0.0),
+            n: u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{entry}: {n} gates")))?,
+            use_hard_off: hc.hard_off.is_some() as u32,
+        };
+        match dtype {
+            DType::F32 => go::<f32>(entry, params, inputs),
+            DType::F64 => go::<f64>(entry, params, inputs),
+            other => candle_core::bail!("{entry}: no CUDA kernel for {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    const HC: HardConcrete = HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+
+    /// The composed path (candle ops): the reference on each device.
+    fn composed(la: &Tensor, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+        let b = la.add(noise)?.affine(1.0 / hc.beta, 0.0)?;
+        let s = b.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)?;
+        let z = s.affine(hc.zeta - hc.gamma, hc.gamma)?.clamp(0f32, 1f32)?;
+        let Some(t) = hc.hard_off else { return Ok(z) };
+        let open = la.gt(t)?.to_dtype(la.dtype())?;
+        let mut acc = open.narrow(0, 0, 1)?;
+        let mut parts = vec![acc.clone()];
+        for i in 1..open.dim(0)? {
+            acc = acc.mul(&open.narrow(0, i, 1)?)?;
+            parts.push(acc.clone());
+        }
+        z.mul(&Tensor::cat(&parts, 0)?)
+    }
+
+    #[test]
+    fn samples_and_gradients_equal_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        // Logits across the range (clamped at 0 and 1, soft, hard-off in the middle), noises
+        // that put some samples exactly on a bound of the clamp.
+        let la: Vec<f32> = vec![6.0, 0.3, -1.0, 2.5, -2.0, 1.0, 30.0, -30.0, 0.0, -0.4, 1.7];
+        let mut noise: Vec<f32> = (0..la.len()).map(|i| (i as f32 * 1.37).sin() * 3.0).collect();
+        noise[9] = 0.4; // log α + n = 0: s = ½, v = 0.5
+        let w = Tensor::randn(0f32, 1.0, la.len(), &dev)?;
+        for hc in [HC, HardConcrete { hard_off: None, ..HC }] {
+            for dtype in [DType::F32, DType::F64] {
+                let n = Tensor::new(noise.as_slice(), &dev)?.to_dtype(dtype)?;
+                let w = w.to_dtype(dtype)?;
+                let run = |fused: bool| -> Result<(Vec<f64>, Vec<f64>)> {
+                    let v = Var::from_tensor(&Tensor::new(la.as_slice(), &dev)?.to_dtype(dtype)?)?;
+                    let z =
+                        if fused { hard_concrete(v.as_tensor(), &n, hc)? } else { composed(v.as_tensor(), &n, hc)? };
+                    let g = z.mul(&w)?.sum_all()?.backward()?;
+                    let dla = g.get(v.as_tensor()).map(|t| t.to_dtype(DType::F64)?.to_vec1::<f64>()).transpose()?;
+                    Ok((z.to_dtype(DType::F64)?.to_vec1::<f64>()?, dla.unwrap_or_default()))
+                };
+                let ((zf, gf), (zc, gc)) = (run(true)?, run(false)?);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&zf), bits(&zc), "{dtype:?} {hc:?}: samples {zf:?} vs {zc:?}");
+                assert!(zf.contains(&0.0) && zf.contains(&1.0) && zf.iter().any(|z| 0.0 < *z && *z < 1.0));
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+                for (a, b) in gf.iter().zip(&gc) {
+                    assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{dtype:?} {hc:?}: d log α {gf:?} vs {gc:?}");
+                }
+                assert!(gf.iter().any(|g| g.abs() > 1e-3), "soft samples pass a gradient: {gf:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() -> Result<()> {
+        // Away from the clamp's bounds the sample is smooth in log α.
+        let dev = Device::Cpu;
+        let hc = HardConcrete { hard_off: None, ..HC };
+        let la0 = [0.3f64, -0.2, 0.9, -1.1];
+        let noise = Tensor::new(&[0.1f64, -0.4, 0.2, 0.5], &dev)?;
+        let w = Tensor::new(&[1.0f64, -2.0, 0.5, 3.0], &dev)?;
+        let v = Var::new(&la0, &dev)?;
+        let grads = hard_concrete(v.as_tensor(), &noise, hc)?.mul(&w)?.sum_all()?.backward()?;
+        let g = grads.get(v.as_tensor()).map(|t| t.to_vec1::<f64>()).transpose()?.unwrap_or_default();
+        let eps = 1e-6;
+        for i in 0..4 {
+            let at = |d: f64| -> Result<f64> {
+                let mut la = la0;
+                la[i] += d;
+                hard_concrete(&Tensor::new(&la, &dev)?, &noise, hc)?.mul(&w)?.sum_all()?.to_scalar::<f64>()
+            };
+            let fd = (at(eps)? - at(-eps)?) / (2.0 * eps);
+            assert!((fd - g[i]).abs() <= 1e-7 * (1.0 + fd.abs()), "d log α[{i}]: fd {fd} vs {}", g[i]);
+        }
+        Ok(())
+    }
+}
