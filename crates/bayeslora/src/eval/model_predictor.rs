@@ -96,6 +96,20 @@ impl<'a> ModelPredictor<'a> {
         Ok(ModelPredictor { model, device: device.clone(), vars, mean, std, seed, current: None })
     }
 
+    /// A predictor over a loaded adapter: its stored IVON posterior when there is one (see
+    /// [`Self::from_posterior`]; K > 0 allowed), else the vars as they are (K = 0 only).
+    pub fn stored(
+        model: &'a dyn Classifier,
+        posterior: Option<&ivon::Posterior>,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        match posterior {
+            Some(p) => Self::from_posterior(model, p.mean.clone(), Some(p.std()), device, seed),
+            None => Self::point(model, device),
+        }
+    }
+
     fn write(&self, values: &[f32]) -> Result<()> {
         let mut offset = 0;
         for v in &self.vars {

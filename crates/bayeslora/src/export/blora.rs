@@ -355,33 +355,11 @@ pub fn save_compressed(
     let (files, total_bytes) = sizes_of(&[tensors_path, json_path])?;
     match posterior {
         Some(p) => {
-            let named = model.posterior_vars();
-            if named.len() != p.params.len() {
-                return Err(Error::config(
-                    "posterior",
-                    format!("{} tensors", p.params.len()),
-                    format!(
-                        "the B-LoRA model has {} (A, E, B and the head); pass this model's IVON state",
-                        named.len()
-                    ),
-                ));
-            }
-            for ((key, var), layout) in named.iter().zip(&p.params) {
-                if var.dims() != layout.shape.as_slice() {
-                    return Err(Error::TensorShape {
-                        file: dir.join(sidecar::POSTERIOR_TENSORS),
-                        name: key.clone(),
-                        expected: var.dims().to_vec(),
-                        got: layout.shape.clone(),
-                    });
-                }
-            }
-            let keys: Vec<String> = named.into_iter().map(|(n, _)| n).collect();
             let extras = serde_json::Map::from_iter([(
                 "parameterisation".to_string(),
                 serde_json::json!("B-LoRA A, E, B at the initial rank (+ head), before the gates and quantizers"),
             )]);
-            sidecar::write(dir, &keys, p, &extras)?;
+            sidecar::write(dir, &model.posterior_vars(), p, &extras)?;
         }
         None => sidecar::remove_stale(dir)?,
     }

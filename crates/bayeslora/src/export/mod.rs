@@ -211,20 +211,7 @@ pub fn save_peft(
         .collect::<Result<_>>()?;
     write_peft_files(dir, &tensors, &fields)?;
     match posterior {
-        Some(p) => {
-            let keys: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-            for ((key, var), layout) in named.iter().zip(&p.params) {
-                if var.dims() != layout.shape.as_slice() {
-                    return Err(Error::TensorShape {
-                        file: dir.join(sidecar::POSTERIOR_TENSORS),
-                        name: key.clone(),
-                        expected: var.dims().to_vec(),
-                        got: layout.shape.clone(),
-                    });
-                }
-            }
-            sidecar::write(dir, &keys, p, &options.extras)
-        }
+        Some(p) => sidecar::write(dir, &named, p, &options.extras),
         None => sidecar::remove_stale(dir),
     }
 }
@@ -277,10 +264,7 @@ impl PeftAdapter {
     /// A predictor over the loaded model: posterior samples when the sidecar was found (K > 0
     /// allowed), else the mean adapter only.
     pub fn predictor<'a>(&self, model: &'a TaskModel, device: &Device, seed: u64) -> Result<ModelPredictor<'a>> {
-        match &self.posterior {
-            Some((_, p)) => ModelPredictor::from_posterior(model, p.mean.clone(), Some(p.std()), device, seed),
-            None => ModelPredictor::point(model, device),
-        }
+        ModelPredictor::stored(model, self.posterior.as_ref().map(|(_, p)| p), device, seed)
     }
 }
 
@@ -393,15 +377,14 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
     }
 
     let fresh = model.adapters.is_empty();
-    let adapters = match &model.adapters {
-        _ if fresh => attach(&mut model.backbone, &lora, 0, device)?,
-        Adapters::Blora(_) | Adapters::Bare => {
-            return Err(Error::BadFile {
-                file: file.clone(),
-                reason: "the model carries B-LoRA layers; load a LoRA into a model without adapters".into(),
-            })
-        }
-        Adapters::Lora(a) => a.clone(),
+    if fresh {
+        model.adapters = Adapters::Lora(attach(&mut model.backbone, &lora, 0, device)?);
+    }
+    let Some(adapters) = model.adapters.lora().cloned() else {
+        return Err(Error::BadFile {
+            file: file.clone(),
+            reason: "the model carries B-LoRA layers; load a LoRA into a model without adapters".into(),
+        });
     };
     if !fresh {
         let have: BTreeSet<&str> = adapters.layers.iter().map(|(m, _)| m.as_str()).collect();
@@ -417,7 +400,6 @@ pub fn load_peft(dir: &Path, model: &mut TaskModel, device: &Device) -> Result<P
             });
         }
     }
-    model.adapters = Adapters::Lora(adapters.clone());
     for (module, layer) in &adapters.layers {
         let key = |ab: &str| format!("{PEFT_PREFIX}{prefix}{module}.{ab}.weight");
         let get = |ab: &str, expected: &[usize]| -> Result<Tensor> {

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::{atomic, Error, Result};
@@ -69,25 +69,37 @@ pub(crate) const ECE_CONVENTION: &str = "ECE-15: torchmetrics CalibrationError(n
 norm='l1'), top-label, bins [lo, hi), conf == 1 in its own bin; ECE-10: ivon-lora, bins (lo, hi]; \
 the predictive averages softmax probabilities over K posterior samples";
 
-/// Writes the sidecar for `posterior`, whose flat order is `keys` (names in the adapter file).
+/// Writes the sidecar for `posterior`, whose flat order is `named`'s (each tensor's name in the
+/// adapter file and its var, whose shape the posterior's layout must have).
 pub(crate) fn write(
     dir: &Path,
-    keys: &[String],
+    named: &[(String, Var)],
     posterior: &ivon::Posterior,
     extras: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<()> {
     let file = dir.join(POSTERIOR_TENSORS);
-    if keys.len() != posterior.params.len() {
+    if named.len() != posterior.params.len() {
         return Err(Error::config(
             "posterior",
             format!("{} vars", posterior.params.len()),
-            format!("the model has {} trainable tensors; pass the optimizer of this model", keys.len()),
+            format!("the model has {} trainable tensors; pass the optimizer of this model", named.len()),
         ));
     }
+    for ((key, var), layout) in named.iter().zip(&posterior.params) {
+        if var.dims() != layout.shape.as_slice() {
+            return Err(Error::TensorShape {
+                file: file.clone(),
+                name: key.clone(),
+                expected: var.dims().to_vec(),
+                got: layout.shape.clone(),
+            });
+        }
+    }
+
     let mut tensors = HashMap::new();
-    let mut params = Vec::with_capacity(keys.len());
+    let mut params = Vec::with_capacity(named.len());
     let mut offset = 0;
-    for (key, p) in keys.iter().zip(&posterior.params) {
+    for ((key, _), p) in named.iter().zip(&posterior.params) {
         let n: usize = p.shape.iter().product();
         if offset + n > posterior.mean.len() {
             return Err(Error::BadFile {

@@ -13,8 +13,7 @@ use super::export::{adapter_num_labels, bare_model};
 use crate::args::PredictArgs;
 use anyhow::{bail, Context, Result};
 use bayeslora::data::{self, Batch, DataSpec, Format, Task, TextEncoder};
-use bayeslora::eval::ModelPredictor;
-use bayeslora::eval::{PredictiveAccumulator, Predictor};
+use bayeslora::eval::{ModelPredictor, PredictiveAccumulator, Predictor};
 use bayeslora::export;
 use bayeslora::models::{self, Backbone, LoadOptions};
 use serde_json::{json, Value};
@@ -69,10 +68,7 @@ pub fn run(args: PredictArgs) -> Result<ExitCode> {
         }
         (None, _) => 0,
     };
-    let mut predictor = match &posterior {
-        Some((_, p)) => ModelPredictor::from_posterior(&model, p.mean.clone(), Some(p.std()), &device, args.seed)?,
-        None => ModelPredictor::point(&model, &device)?,
-    };
+    let mut predictor = ModelPredictor::stored(&model, posterior.as_ref().map(|(_, p)| p), &device, args.seed)?;
 
     let input: Box<dyn BufRead> = match &args.input {
         Some(p) => Box::new(std::io::BufReader::new(
