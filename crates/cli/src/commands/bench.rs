@@ -449,7 +449,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             "tokens_per_s": tok_s.round(),
             "peak_gib": round(memory.peak as f64 / (1u64 << 30) as f64, 2),
             "mfu_vs_989": round(flops / ANCHOR_PEAK_FLOPS, 3),
-            "time_to_first_step_s": memory.first_step.map(|t| round((t - built).as_secs_f64(), 2)),
+            "time_to_first_step_s": memory.first_step.map(|t| round((t - built).as_secs_f64(), 4)),
             // Ours.
             "stack": "bayeslora",
             "version": env!("CARGO_PKG_VERSION"),
