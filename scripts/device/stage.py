@@ -3,8 +3,8 @@
 most 64 MiB with the working tree. Resumable and checksummed; standard library only.
 
 Here, once:
-    python3 scripts/device/stage.py prep FILE [--chunk-mib 35]
-        writes chunk i of FILE to .stage/<i>/<name>.<i> with its SHA-256, for every i
+    python3 scripts/device/stage.py prep FILE [--chunk-mib 35] [--prefix P]
+        writes chunk i of FILE to .stage/<P><i>/<name>.<i> with its SHA-256, for every i
 Then on the device, one call per chunk, in the same warm machine (carry [".stage/<i>"]; the
 working tree is ~29 MB, so a 35 MiB chunk keeps a call under 64 MiB):
     python3 scripts/device/stage.py recv [--into DIR]
@@ -39,7 +39,7 @@ def prep(a):
     with open(a.file, "rb") as f:
         for i in range(n):
             data = f.read(chunk)
-            folder = os.path.join(".stage", f"{i:03}")
+            folder = os.path.join(".stage", f"{a.prefix}{i:03}")
             os.makedirs(folder, exist_ok=True)
             part = os.path.join(folder, f"{name}.{i:03}")
             with open(part, "wb") as out:
@@ -47,7 +47,7 @@ def prep(a):
             meta = {"name": name, "index": i, "count": n, "sha256": hashlib.sha256(data).hexdigest()}
             with open(part + ".json", "w") as out:
                 json.dump(meta, out)
-    print(f"{n} chunks of {a.chunk_mib} MiB under .stage/")
+    print(f"{n} chunks of {a.chunk_mib} MiB under .stage/{a.prefix}NNN/")
 
 
 def recv(a):
@@ -102,6 +102,7 @@ def main():
     p = sub.add_parser("prep")
     p.add_argument("file")
     p.add_argument("--chunk-mib", type=int, default=35)
+    p.add_argument("--prefix", default="", help="chunk folders .stage/<prefix>NNN (several files at once)")
     for name in ("recv", "status"):
         q = sub.add_parser(name)
         q.add_argument("--into", default=os.path.expanduser("~/stage"))
