@@ -273,14 +273,21 @@ impl RunConfig {
         if let Some(v) = &args.dtype {
             cfg.dtype = v.clone();
         }
-        cfg.compute_dtype()?;
-        // One source for the gate learning rate: `[blora] gate_lr`.
-        cfg.train.gates.lr = cfg.blora.gate_lr;
-        cfg.train.validate()?;
-        if cfg.method == AdapterKind::Blora {
-            cfg.blora.validate()?;
-        }
+        cfg.finish()?;
         Ok(cfg)
+    }
+
+    /// The last step of every way a run's settings are built (flags over a file in `train`,
+    /// merged tables in `compare`): derives the settings that have one source elsewhere and
+    /// validates. Today that is the gate learning rate, whose one source is `[blora] gate_lr`.
+    pub fn finish(&mut self) -> Result<()> {
+        self.compute_dtype()?;
+        self.train.gates.lr = self.blora.gate_lr;
+        self.train.validate()?;
+        if self.method == AdapterKind::Blora {
+            self.blora.validate()?;
+        }
+        Ok(())
     }
 
     /// Reads `<run>/config.toml` as `train` wrote it, with its paths taken relative to the run

@@ -19,6 +19,14 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // Before anything touches candle: its thread pools and the allocator are set once.
     runtime::tune_cpu();
+    // Errors print their chain, never a backtrace: candle attaches one to every error when
+    // RUST_BACKTRACE is set (some GPU machines set it), which buried the message under 25
+    // `<unknown>` frames. Panics still follow RUST_BACKTRACE; RUST_LIB_BACKTRACE=1 brings the
+    // error backtraces back for debugging.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Single-threaded `main` here: no other thread reads the environment yet.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = args::Cli::parse();
     let filter = if cli.verbose { "info,bayeslora=debug" } else { "warn" };
     tracing_subscriber::fmt()

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::MethodKind;
 use crate::eval::metrics::ReliabilityBins;
 use crate::eval::{ood_results, EvalCost, EvalResult, Evaluation, Metrics, OodResult, OodScore};
-use crate::plot::{k_curve_plot, reliability_diagram, KCurve, Panel};
+use crate::adapters::blora::LearnedLayer;
+use crate::plot::{k_curve_plot, plot_learned, reliability_diagram, KCurve, Panel};
 use crate::{Error, Result};
 
 /// Identifies one cell of a sweep.
@@ -763,6 +764,26 @@ pub fn write_summary(out: &Path, title: &str) -> Result<(Summary, Vec<PathBuf>)>
             let stem = out.join("plots").join(format!("k_curve_{task}"));
             written.extend(k_curve_plot(&stem, &format!("{title} — {task}"), &curves)?);
         }
+        for (method, learned) in learned_maps(&cells, &task) {
+            let stem = out.join("plots").join(format!("learned_{task}_{method}"));
+            written.extend(plot_learned(&stem, &learned)?);
+        }
     }
     Ok((summary, written))
+}
+
+/// Per B-LoRA method of `task`, the learned ranks and bits of its lowest seed (`params.bops.learned`,
+/// written by `compare`): the run whose per-layer heat map the summary shows.
+fn learned_maps(cells: &[Cell], task: &str) -> BTreeMap<String, Vec<(String, LearnedLayer)>> {
+    let mut first: BTreeMap<String, &Cell> = BTreeMap::new();
+    for c in cells.iter().filter(|c| c.task == task && !c.params["bops"]["learned"].is_null()) {
+        let e = first.entry(c.method.clone()).or_insert(c);
+        if c.seed < e.seed {
+            *e = c;
+        }
+    }
+    first
+        .into_iter()
+        .filter_map(|(m, c)| serde_json::from_value(c.params["bops"]["learned"].clone()).ok().map(|l| (m, l)))
+        .collect()
 }

@@ -222,7 +222,7 @@ impl CompareConfig {
         cfg.train.batch.seed = seed;
         cfg.train.optimizer = if method.kind.uses_ivon() { OptimizerKind::Ivon } else { OptimizerKind::Adamw };
         cfg.train.checkpoint_dir = None;
-        cfg.train.validate()?;
+        cfg.finish().with_context(|| format!("run settings of method `{}` on {task}", method.label))?;
         Ok(cfg)
     }
 }
@@ -699,6 +699,19 @@ lr = 0.1
         // the ensemble's member 0 is the AdamW run: same settings, same cache key
         let e = cfg.run_config("sst2", &ms[2], 7).unwrap();
         assert_eq!(a.to_toml().unwrap(), e.to_toml().unwrap());
+    }
+
+    #[test]
+    fn blora_gate_lr_reaches_the_gate_optimizer() {
+        // `[run.blora] gate_lr` is the one source of the gates' learning rate; compare once
+        // trained every B-LoRA cell at the default 0.01 whatever the file said.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/compare/minilm_blora_long.toml");
+        let cfg = CompareConfig::load(&path).unwrap();
+        let ms = cfg.resolved_methods().unwrap();
+        let blora = ms.iter().find(|m| m.label == "blora_mu1").unwrap();
+        let run = cfg.run_config("mrpc", blora, 0).unwrap();
+        assert_eq!((run.blora.gate_lr, run.train.gates.lr, run.blora.mu), (0.05, 0.05, 1.0));
+        assert_eq!(run.train.epochs, 10, "the task's epochs");
     }
 
     #[test]

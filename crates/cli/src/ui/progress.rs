@@ -26,8 +26,13 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
         // If a handler is already installed (tests), keep going without one.
         let _ = ctrlc::set_handler(move || {
             if f.swap(true, Ordering::SeqCst) {
-                // Second Ctrl-C: the user insists.
-                std::process::exit(130);
+                // Second Ctrl-C: the user insists. `_exit`, not `exit`: exit's handlers tear the
+                // CUDA driver down while the main thread may be inside a CUDA call, which then
+                // fails with CUDA_ERROR_DEINITIALIZED and prints a spurious error. Nothing is
+                // lost: checkpoints and results are written to a temporary file and renamed.
+                eprintln!("\ninterrupt: aborted (the last checkpoint is kept)");
+                // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
+                unsafe { libc::_exit(130) };
             }
             eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
         });
