@@ -710,7 +710,11 @@ lr = 0.1
         let ms = cfg.resolved_methods().unwrap();
         let blora = ms.iter().find(|m| m.label == "blora_mu1").unwrap();
         let run = cfg.run_config("mrpc", blora, 0).unwrap();
-        assert_eq!((run.blora.gate_lr, run.train.gates.lr, run.blora.mu), (0.05, 0.05, 1.0));
+        assert_eq!((run.blora.gate_lr, run.train.gates.lr, run.blora.mu), (0.01, 0.01, 1.0));
+        let mut other = cfg.clone();
+        other.run.insert("blora".into(), toml::toml! { gate_lr = 0.2 }.into());
+        let run = other.run_config("mrpc", blora, 0).unwrap();
+        assert_eq!((run.blora.gate_lr, run.train.gates.lr), (0.2, 0.2), "the file's value, not the default");
         assert_eq!(run.train.epochs, 10, "the task's epochs");
     }
 
