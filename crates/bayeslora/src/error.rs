@@ -51,6 +51,9 @@ pub enum Error {
     )]
     MemoryEstimate { needed: String, parts: String, device: String, advice: String },
     /// Occurs when the training loss becomes NaN or infinite.
+    /// Occurs when the ranks of a data-parallel run disagree or a collective fails.
+    #[error("data-parallel training: {0}")]
+    Distributed(String),
     #[error("non-finite loss {loss} at step {step}; lower the learning rate or check the data")]
     NonFiniteLoss { step: usize, loss: f32 },
     /// Occurs when the tokenizer fails to load or encode.

@@ -133,13 +133,15 @@ fn blora_cells_get_a_learned_heat_map_per_method() {
         c.write(out).unwrap();
     }
     let (summary, written) = write_summary(out, "minilm").unwrap();
-    for name in ["plots/learned_mrpc_blora.png", "plots/learned_mrpc_blora_mu1.png", "plots/learned_mrpc_rank_only.svg"] {
+    for name in ["plots/learned_mrpc_blora.png", "plots/learned_mrpc_blora_mu1.png", "plots/learned_mrpc_rank_only.svg"]
+    {
         assert!(written.contains(&out.join(name)), "{name} not written: {written:?}");
     }
     assert!(!written.iter().any(|p| p.to_string_lossy().contains("learned_mrpc_lora")), "LoRA has no gates");
     // The summary's cost table carries the learned rank and bits that the maps draw.
     let md = summary.markdown();
-    let row = md.lines().find(|l| l.starts_with("| rank_only |") && l.contains("98.7")).unwrap_or_else(|| panic!("{md}"));
+    let row =
+        md.lines().find(|l| l.starts_with("| rank_only |") && l.contains("98.7")).unwrap_or_else(|| panic!("{md}"));
     assert!(row.contains("5.3"), "{row}");
 }
 

@@ -254,7 +254,8 @@ fn issue_19_hostile_inputs_exit_2_with_one_clear_line_and_no_output() {
         let _ = std::fs::remove_dir_all(&out);
         // RUST_BACKTRACE=1 as some machines set it: candle then attaches a backtrace to every
         // error, and the message must still be one line.
-        let o = Command::new(env!("CARGO_BIN_EXE_bayeslora")).args(&c.args).env("RUST_BACKTRACE", "1").output().unwrap();
+        let o =
+            Command::new(env!("CARGO_BIN_EXE_bayeslora")).args(&c.args).env("RUST_BACKTRACE", "1").output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
         let mut problems = Vec::new();
@@ -267,7 +268,16 @@ fn issue_19_hostile_inputs_exit_2_with_one_clear_line_and_no_output() {
         if errors.len() != 1 {
             problems.push(format!("{} error lines", errors.len()));
         }
-        for bad in ["panicked", "stack backtrace", "<unknown>", "  0: ", "RUST_BACKTRACE", "Some(", "List([", "os error 2): No such"] {
+        for bad in [
+            "panicked",
+            "stack backtrace",
+            "<unknown>",
+            "  0: ",
+            "RUST_BACKTRACE",
+            "Some(",
+            "List([",
+            "os error 2): No such",
+        ] {
             if err.contains(bad) {
                 problems.push(format!("`{bad}` in the output"));
             }

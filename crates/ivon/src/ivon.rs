@@ -290,6 +290,24 @@ impl Ivon {
                 f(&mut self.avg_curv)?;
             }
         }
+        self.update()
+    }
+
+    /// [`Ivon::step`] with `sync`, an all-reduce-mean over the workers, applied to ḡ and then to
+    /// the curvature statistic before the update (ivon-opt's `sync=True`), whatever
+    /// `config.sync` and the stored hook say: for a communicator that lives only as long as a
+    /// training loop (data-parallel training).
+    pub fn step_synced(&mut self, sync: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
+        if self.count == 0 {
+            return Err(Error::NoSamples);
+        }
+        sync(&mut self.avg_grad)?;
+        sync(&mut self.avg_curv)?;
+        self.update()
+    }
+
+    /// Steps 5–9 of the update from the (synchronised) sample averages.
+    fn update(&mut self) -> Result<()> {
         self.step += 1;
         let approx = self.config.hess_approx;
         for g in &self.groups {

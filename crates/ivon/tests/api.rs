@@ -265,6 +265,42 @@ fn sync_hook_sees_gradient_and_curvature_means() {
 }
 
 #[test]
+fn step_synced_equals_the_stored_hook_without_config_sync() {
+    // The same halving as above, passed per call (a communicator that lives in a training loop):
+    // the same update as the stored hook with `sync: true`, even with `sync: false` in the config.
+    let run = |synced: bool| {
+        let theta = var(&[0.1, 0.2, -0.3]);
+        let mut opt = Ivon::new(vec![theta.clone()], IvonConfig { sync: !synced, ..small_config() }).unwrap();
+        if !synced {
+            opt.set_sync_fn(Box::new(|v: &mut [f32]| {
+                v.iter_mut().for_each(|x| *x *= 0.5);
+                Ok(())
+            }));
+        }
+        for _ in 0..3 {
+            opt.with_sampled_params(|| quad(&theta)).unwrap();
+            if synced {
+                let mut calls = 0;
+                opt.step_synced(&mut |v: &mut [f32]| {
+                    calls += 1;
+                    v.iter_mut().for_each(|x| *x *= 0.5);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(calls, 2, "ḡ and the curvature statistic");
+            } else {
+                opt.step().unwrap();
+            }
+        }
+        (opt.mean_flat().to_vec(), opt.hess_flat().to_vec())
+    };
+    assert_eq!(run(true), run(false));
+    let theta = var(&[0.1]);
+    let mut opt = Ivon::new(vec![theta], small_config()).unwrap();
+    assert!(matches!(opt.step_synced(&mut |_: &mut [f32]| Ok(())), Err(ivon::Error::NoSamples)));
+}
+
+#[test]
 fn optimizer_trait_trains_with_all_three() {
     let run = |opt: &mut dyn Optimizer, theta: &Var| -> f32 {
         for t in 0..200 {

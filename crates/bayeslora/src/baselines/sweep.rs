@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::MethodKind;
+use crate::adapters::blora::LearnedLayer;
 use crate::eval::metrics::ReliabilityBins;
 use crate::eval::{ood_results, EvalCost, EvalResult, Evaluation, Metrics, OodResult, OodScore};
-use crate::adapters::blora::LearnedLayer;
 use crate::plot::{k_curve_plot, plot_learned, reliability_diagram, KCurve, Panel};
 use crate::{Error, Result};
 

@@ -11,6 +11,7 @@
 //! samples per step; AdamW averages micro-batch gradients and optionally clips their norm.
 mod checkpoint;
 mod classifier;
+pub mod dist;
 pub mod memory;
 mod schedule;
 
@@ -378,11 +379,32 @@ pub fn run(
     resume: Option<&std::path::Path>,
     evaluate: Option<&mut EvalFn<'_>>,
 ) -> Result<(TrainSummary, Optimizer)> {
+    run_data_parallel(model, train, cfg, device, observer, resume, evaluate, &mut dist::Single)
+}
+
+/// [`run`] as one rank of a data-parallel group ([`dist`] says how a step is shared): every rank
+/// calls it with the same model, data and config, and its own `comm`. Rank 0 writes the
+/// checkpoints and runs `evaluate`; the others pass the same `cfg` and may pass no evaluation.
+/// Resuming reads rank 0's checkpoint on every rank (the ranks other than 0 then reseed their
+/// IVON noise from it); the step count and the batcher's position carry over, so a run may resume
+/// with another world size.
+#[allow(clippy::too_many_arguments)]
+pub fn run_data_parallel(
+    model: &dyn Classifier,
+    train: Arc<EncodedDataset>,
+    cfg: &TrainConfig,
+    device: &Device,
+    observer: &mut dyn Observer,
+    resume: Option<&std::path::Path>,
+    evaluate: Option<&mut EvalFn<'_>>,
+    comm: &mut dyn dist::Communicator,
+) -> Result<(TrainSummary, Optimizer)> {
     cfg.validate()?;
+    let (rank, world) = (comm.rank(), comm.world_size());
     let mut opt = Optimizer::new(model, cfg)?;
     let mut gates = GateOptimizer::new(model, cfg)?;
     let mut batcher = Batcher::new(train, cfg.batch.clone())?;
-    let total = cfg.total_steps(batcher.batches_per_epoch());
+    let total = cfg.total_steps((batcher.batches_per_epoch() / world).max(1));
     let mut step = 0;
     if let Some(dir) = resume {
         let restored = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?;
@@ -390,6 +412,12 @@ pub fn run(
             observer.note(note);
         }
         step = restored.state.step;
+    }
+    if rank > 0 {
+        // Each rank its own noise: rank 0 keeps the one-process stream.
+        if let Optimizer::Ivon(o) = &mut opt {
+            o.set_seed(cfg.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
+        }
     }
     if let Some(g) = &gates {
         if let Some(message) = g.unreachable_threshold(cfg, step, total)? {
@@ -406,13 +434,16 @@ pub fn run(
         if let Some(g) = gates.as_mut() {
             g.follow_schedule(lr / cfg.base_lr());
         }
-        let micro: Vec<Batch> = (0..cfg.grad_accum).map(|_| batcher.next_batch()).collect();
+        // All ranks draw the step's grad_accum × world micro-batches; rank r takes r, r + world, …
+        let micro: Vec<Batch> =
+            (0..cfg.grad_accum * world).map(|_| batcher.next_batch()).skip(rank).step_by(world).collect();
         let step_tokens: usize = micro.iter().map(|b| b.num_real_tokens).sum();
         let micro: Vec<BatchTensors> = micro.iter().map(|b| b.to_tensors(device)).collect::<Result<_>>()?;
         let t0 = Instant::now();
+        // Dropout follows the micro-batch's global index: the same masks whatever the world size.
         let ctx_for = |i: usize| Ctx {
             checkpoint: cfg.gradient_checkpointing,
-            ..Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum + i) as u64))
+            ..Ctx::train(Ctx::train(cfg.seed).seed_for((step * cfg.grad_accum * world + rank + i * world) as u64))
         };
         // Gate gradients are averaged over every backward of the step (micro-batches × samples).
         let mut gate_grads = gates.as_ref().map(|g| GradMean::new(&g.vars));
@@ -434,11 +465,17 @@ pub fn run(
                         Ok(acc / micro.len() as f32)
                     })?;
                 }
-                let mean = sum / cfg.ivon.mc_samples as f32;
+                let mean = reduce_loss(comm, sum / cfg.ivon.mc_samples as f32)?;
                 if !cfg.allow_nonfinite_loss {
                     check_finite(mean, step + 1)?;
                 }
-                o.step()?;
+                if world > 1 {
+                    o.step_synced(&mut |buf: &mut [f32]| {
+                        comm.all_reduce_mean(buf).map_err(|e| ivon::Error::Sync(e.to_string()))
+                    })?;
+                } else {
+                    o.step()?;
+                }
                 mean
             }
             other => {
@@ -454,11 +491,11 @@ pub fn run(
                     }
                     weight_grads.add(&grads)?;
                 }
-                let mean = loss_sum / micro.len() as f32;
+                let mean = reduce_loss(comm, loss_sum / micro.len() as f32)?;
                 if !cfg.allow_nonfinite_loss {
                     check_finite(mean, step + 1)?;
                 }
-                let grads = weight_grads.finish()?;
+                let grads = all_reduce_grads(comm, weight_grads.finish()?, &vars)?;
                 let grads = match cfg.max_grad_norm {
                     Some(max) => clip_grad_norm(grads, &vars, max)?,
                     None => grads,
@@ -468,9 +505,16 @@ pub fn run(
             }
         };
         if let (Some(g), Some(grads)) = (gates.as_mut(), gate_grads) {
-            ivon::Optimizer::step(&mut g.opt, &grads.finish()?)?;
+            let grads = all_reduce_grads(comm, grads.finish()?, &g.vars)?;
+            ivon::Optimizer::step(&mut g.opt, &grads)?;
         }
         step += 1;
+        if world > 1 {
+            sync_buffers(comm, model)?;
+        }
+        if world > 1 && (step % dist::CHECK_EVERY == 0 || step == total) {
+            dist::check_agree(comm, trained_checksum(model)?, step)?;
+        }
         tokens += step_tokens;
         last_loss = loss_value;
         let info = StepInfo {
@@ -482,15 +526,22 @@ pub fn run(
             seconds: t0.elapsed().as_secs_f64(),
         };
         let flow = observer.step(&info);
-        if cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total {
+        if rank == 0 && cfg.eval_every > 0 && step % cfg.eval_every == 0 && step < total {
             if let Some(f) = evaluate.as_mut() {
                 let (acc, nll) = f(model)?;
                 observer.eval(step, acc, nll);
             }
         }
-        let stop = flow.is_break();
+        let mut stop = flow.is_break();
+        if world > 1 {
+            // One rank's Ctrl-C stops every rank at the same step (a rank alone would leave the
+            // others waiting in the next collective).
+            let mut any = [f32::from(u8::from(stop))];
+            comm.all_reduce_mean(&mut any)?;
+            stop = any[0] > 0.0;
+        }
         let periodic = cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0;
-        if let Some(dir) = &cfg.checkpoint_dir {
+        if let Some(dir) = cfg.checkpoint_dir.as_ref().filter(|_| rank == 0) {
             if periodic || stop || step == total {
                 let path = Checkpoint::save(dir, step, cfg, model, &opt, gates.as_ref(), &batcher)
                     .map_err(|e| Checkpoint::write_failed(dir, step, e))?;
@@ -587,6 +638,79 @@ impl GateOptimizer {
         let lr = if factor.is_finite() { self.base_lr * factor } else { self.base_lr };
         ivon::Optimizer::set_learning_rate(&mut self.opt, lr);
     }
+}
+
+/// The step's loss averaged over the ranks (itself on one rank).
+fn reduce_loss(comm: &mut dyn dist::Communicator, loss: f32) -> Result<f32> {
+    if comm.world_size() == 1 {
+        return Ok(loss);
+    }
+    let mut buf = [loss];
+    comm.all_reduce_mean(&mut buf)?;
+    Ok(buf[0])
+}
+
+/// The gradients of `vars` averaged over the ranks in one collective (unchanged on one rank).
+fn all_reduce_grads(comm: &mut dyn dist::Communicator, grads: GradStore, vars: &[Var]) -> Result<GradStore> {
+    if comm.world_size() == 1 {
+        return Ok(grads);
+    }
+    let mut flat = Vec::new();
+    let mut parts = Vec::with_capacity(vars.len());
+    for v in vars {
+        let g = match grads.get(v) {
+            Some(g) => g.clone(),
+            None => v.as_tensor().zeros_like()?,
+        };
+        parts.push((g.shape().clone(), g.dtype(), g.device().clone()));
+        flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    comm.all_reduce_mean(&mut flat)?;
+    let mut out = GradStore::default();
+    let mut at = 0;
+    for (v, (shape, dtype, device)) in vars.iter().zip(parts) {
+        let n = shape.elem_count();
+        let g = Tensor::from_slice(&flat[at..at + n], shape, &device)?.to_dtype(dtype)?;
+        out.insert(v.as_tensor(), g);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Averages the model's running statistics (B-LoRA's quantizer ranges, each rank's updated from
+/// its own micro-batches) over the ranks, so that every rank quantizes with the same ranges.
+fn sync_buffers(comm: &mut dyn dist::Communicator, model: &dyn Classifier) -> Result<()> {
+    let buffers = model.buffers()?;
+    if buffers.is_empty() {
+        return Ok(());
+    }
+    let mut flat = Vec::new();
+    for (_, t) in &buffers {
+        flat.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    comm.all_reduce_mean(&mut flat)?;
+    let mut synced = std::collections::HashMap::with_capacity(buffers.len());
+    let mut at = 0;
+    for (name, t) in buffers {
+        let n = t.elem_count();
+        let mean = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
+        synced.insert(name, mean);
+        at += n;
+    }
+    model.load_buffers(&synced)
+}
+
+/// The fingerprint of the trained values (adapter, head, gates) and running statistics that the
+/// ranks compare.
+fn trained_checksum(model: &dyn Classifier) -> Result<u64> {
+    let mut values = Vec::new();
+    for (_, v) in model.trainable() {
+        values.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    for (_, t) in model.buffers()? {
+        values.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(dist::checksum(&values))
 }
 
 /// The running mean of the gradients of `vars` over several backward passes.
