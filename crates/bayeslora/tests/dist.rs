@@ -4,29 +4,17 @@
 mod common;
 use common::{snapshot, StopAt};
 
-use bayeslora::data::{BatchConfig, EncodedDataset};
+use bayeslora::data::EncodedDataset;
 use bayeslora::train::dist::{Communicator, LocalRank};
 use bayeslora::train::{self, Observer, OptimizerKind, Silent, TaskModel, TrainConfig};
 use candle_core::Device;
 use std::sync::Arc;
 
+/// The tiny-model settings at batch 4 with `grad_accum` micro-batches a step.
 fn config(kind: OptimizerKind, steps: usize, grad_accum: usize) -> TrainConfig {
-    let mut cfg = TrainConfig {
-        optimizer: kind,
-        max_steps: Some(steps),
-        grad_accum,
-        batch: BatchConfig { batch_size: 4, seed: 3, ..Default::default() },
-        seed: 11,
-        ..Default::default()
-    };
-    cfg.adamw.lr = 1e-2;
-    cfg.adamw.weight_decay = 0.0;
-    cfg.ivon.lr = 0.1;
-    cfg.ivon.ess = 1e4;
-    cfg.ivon.hess_init = 1e-2;
-    cfg.ivon.weight_decay = 0.0;
-    cfg.ivon.rescale_lr = false;
-    cfg.ivon.clip_radius = 0.2;
+    let mut cfg = common::train_config(kind, steps);
+    cfg.grad_accum = grad_accum;
+    cfg.batch.batch_size = 4;
     cfg
 }
 
@@ -136,25 +124,6 @@ fn rank_zero_checkpoints_and_the_run_resumes_with_another_world_size() {
     assert!(d < 1e-6, "resumed on another world size vs straight: max |Δ| {d:e}");
 }
 
-fn blora(quantize: bool) -> TaskModel {
-    use bayeslora::adapters::blora::BLoraConfig;
-    use bayeslora::adapters::lora::TargetModules;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = bayeslora::models::load(&dir, &Default::default()).unwrap();
-    let cfg = BLoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        mu: 0.05,
-        quantize,
-        quantize_activations: quantize,
-        quantize_base: quantize,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    TaskModel::build_blora(loaded, &cfg, 3, 0, &Device::Cpu).unwrap()
-}
-
 #[test]
 fn blora_gate_logits_are_reduced_like_the_weights() {
     let mut one_cfg = config(OptimizerKind::Adamw, 8, 2);
@@ -163,11 +132,11 @@ fn blora_gate_logits_are_reduced_like_the_weights() {
     cfg.grad_accum = 1;
     // Rank gates only: two ranks are one process with twice the accumulation.
     let one = {
-        let m = blora(false);
+        let m = common::tiny_blora(0, false);
         train::run(&m, data(), &one_cfg, &Device::Cpu, &mut Silent, None, None).unwrap();
         snapshot(&m)
     };
-    let two = ranks(2, &cfg, || blora(false), None, || Box::new(Silent));
+    let two = ranks(2, &cfg, || common::tiny_blora(0, false), None, || Box::new(Silent));
     assert_eq!(two[0], two[1], "every rank holds the same weights and gate logits");
     let d = max_diff(&one, &two[0]);
     assert!(d < 1e-6, "2 ranks vs 1 process: max |Δ| {d:e}");
@@ -175,6 +144,6 @@ fn blora_gate_logits_are_reduced_like_the_weights() {
     // norm's) from its own micro-batches; they are averaged after every step, so the ranks agree
     // (the loop compares checksums of weights, gates and ranges) but differ from one process,
     // which updates them micro-batch after micro-batch.
-    let two = ranks(2, &cfg, || blora(true), None, || Box::new(Silent));
+    let two = ranks(2, &cfg, || common::tiny_blora(0, true), None, || Box::new(Silent));
     assert_eq!(two[0], two[1]);
 }

@@ -4,7 +4,7 @@
 mod common;
 use common::{snapshot, StopAt};
 
-use bayeslora::data::{BatchConfig, EncodedDataset};
+use bayeslora::data::EncodedDataset;
 use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{evaluate, EvalConfig};
 use bayeslora::train::{self, Checkpoint, Classifier, Observer, OptimizerKind, StepInfo, TaskModel, TrainConfig};
@@ -21,22 +21,7 @@ fn separable(n: usize) -> Arc<EncodedDataset> {
 }
 
 fn config(kind: OptimizerKind, steps: usize) -> TrainConfig {
-    let mut cfg = TrainConfig {
-        optimizer: kind,
-        max_steps: Some(steps),
-        batch: BatchConfig { batch_size: 8, seed: 3, ..Default::default() },
-        seed: 11,
-        ..Default::default()
-    };
-    cfg.adamw.lr = 1e-2;
-    cfg.adamw.weight_decay = 0.0;
-    cfg.ivon.lr = 0.1;
-    cfg.ivon.ess = 1e4;
-    cfg.ivon.hess_init = 1e-2;
-    cfg.ivon.weight_decay = 0.0;
-    cfg.ivon.rescale_lr = false;
-    cfg.ivon.clip_radius = 0.2;
-    cfg
+    common::train_config(kind, steps)
 }
 
 struct Losses(Vec<f32>);
@@ -144,19 +129,7 @@ fn posterior_predictive_restores_the_mean_and_differs_from_it() {
 
 /// The tiny BERT with B-LoRA (r 4, rank and bit gates, μ 0.05) on query and value.
 fn tiny_blora(seed: u64) -> TaskModel {
-    use bayeslora::adapters::blora::BLoraConfig;
-    use bayeslora::adapters::lora::TargetModules;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = bayeslora::models::load(&dir, &Default::default()).unwrap();
-    let cfg = BLoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        mu: 0.05,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    TaskModel::build_blora(loaded, &cfg, 3, seed, &Device::Cpu).unwrap()
+    common::tiny_blora(seed, true)
 }
 
 fn gate_values(model: &TaskModel) -> Vec<f32> {

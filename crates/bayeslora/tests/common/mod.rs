@@ -100,3 +100,48 @@ impl Observer for StopAt {
         }
     }
 }
+
+/// The training settings of the tiny-model tests: `steps` optimizer steps of batch 8, seeds 3 and
+/// 11, AdamW lr 1e-2 and an IVON that learns the separable task in a few dozen steps.
+#[allow(dead_code)]
+pub fn train_config(kind: bayeslora::train::OptimizerKind, steps: usize) -> bayeslora::train::TrainConfig {
+    let mut cfg = bayeslora::train::TrainConfig {
+        optimizer: kind,
+        max_steps: Some(steps),
+        batch: bayeslora::data::BatchConfig { batch_size: 8, seed: 3, ..Default::default() },
+        seed: 11,
+        ..Default::default()
+    };
+    cfg.adamw.lr = 1e-2;
+    cfg.adamw.weight_decay = 0.0;
+    cfg.ivon.lr = 0.1;
+    cfg.ivon.ess = 1e4;
+    cfg.ivon.hess_init = 1e-2;
+    cfg.ivon.weight_decay = 0.0;
+    cfg.ivon.rescale_lr = false;
+    cfg.ivon.clip_radius = 0.2;
+    cfg
+}
+
+/// The tiny random BERT with B-LoRA (r 4, α 8, μ 0.05) on query and value; `quantize` turns the
+/// quantizers (weights, activations, base) on, otherwise only the rank gates act.
+#[allow(dead_code)]
+pub fn tiny_blora(seed: u64, quantize: bool) -> TaskModel {
+    use bayeslora::adapters::blora::BLoraConfig;
+    use bayeslora::adapters::lora::TargetModules;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
+    let loaded = bayeslora::models::load(&dir, &Default::default()).expect("tiny BERT fixture loads");
+    let defaults = BLoraConfig::default();
+    let cfg = BLoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        mu: 0.05,
+        quantize: quantize && defaults.quantize,
+        quantize_activations: quantize && defaults.quantize_activations,
+        quantize_base: quantize && defaults.quantize_base,
+        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
+        ..defaults
+    };
+    TaskModel::build_blora(loaded, &cfg, 3, seed, &Device::Cpu).expect("B-LoRA attaches")
+}
