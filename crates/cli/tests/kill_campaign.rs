@@ -36,9 +36,13 @@ impl Rng {
 }
 
 fn command(model: &Path, out: &Path, extra: &str) -> Command {
+    command_steps(model, out, extra, STEPS)
+}
+
+fn command_steps(model: &Path, out: &Path, extra: &str, steps: u64) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bayeslora"));
     c.args(["train", "--task", "sst2", "--train-limit", "64", "--eval-limit", "16", "--batch-size", "8"]);
-    c.args(["--max-len", "32", "--samples", "0", "--checkpoint-every", "2", "--max-steps", &STEPS.to_string()]);
+    c.args(["--max-len", "32", "--samples", "0", "--checkpoint-every", "2", "--max-steps", &steps.to_string()]);
     c.arg("--model").arg(model).arg("-o").arg(out);
     if !extra.is_empty() {
         c.arg(extra);
@@ -194,4 +198,33 @@ fn issue_19_kill_campaign_20_sigkills_resume_bit_for_bit() {
         assert!(x == y, "seed {seed}: {name} differs from the uninterrupted run's");
     }
     println!("seed {seed}: {KILLS}/{KILLS} kills resumed to a bit-identical adapter, optimizer state and metrics");
+}
+
+#[test]
+fn one_interrupt_delivered_twice_checkpoints_and_does_not_abort() {
+    // Ctrl-C in a terminal signals the whole process group, and a wrapper such as `timeout`
+    // forwards it to its child too: the child gets SIGINT twice, 0.1 ms apart. That is one
+    // interrupt (finish the step, checkpoint, exit 130), not the "Ctrl-C again" that aborts.
+    let Some(model) = minilm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut c = command_steps(&model, &out, "", 100_000);
+    c.stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while logged(&out) < 2 {
+        assert!(Instant::now() < deadline, "no step logged in 2 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: signals a child process this test started and still owns.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+        libc::kill(pid, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted at step") && !err.contains("aborted"), "{err}");
+    assert!(has_sealed_checkpoint(&out), "{err}");
 }

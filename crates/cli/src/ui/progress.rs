@@ -23,23 +23,35 @@ pub fn interrupt_flag() -> Arc<AtomicBool> {
     FLAG.get_or_init(|| {
         let flag = Arc::new(AtomicBool::new(false));
         let f = flag.clone();
+        let first = std::sync::OnceLock::<Instant>::new();
         // If a handler is already installed (tests), keep going without one.
         let _ = ctrlc::set_handler(move || {
-            if f.swap(true, Ordering::SeqCst) {
-                // Second Ctrl-C: the user insists. `_exit`, not `exit`: exit's handlers tear the
-                // CUDA driver down while the main thread may be inside a CUDA call, which then
-                // fails with CUDA_ERROR_DEINITIALIZED and prints a spurious error. Nothing is
-                // lost: checkpoints and results are written to a temporary file and renamed.
-                eprintln!("\ninterrupt: aborted (the last checkpoint is kept)");
-                // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
-                unsafe { libc::_exit(130) };
+            let since = first.get_or_init(Instant::now).elapsed();
+            if !f.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
+                return;
             }
-            eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)");
+            // The same interrupt delivered twice: Ctrl-C in a terminal signals the whole
+            // foreground process group, and a wrapper such as `timeout` forwards it to its child
+            // as well, 0.1 ms apart (measured). Only a later second Ctrl-C means "abort".
+            if since <= DOUBLE_SIGNAL {
+                return;
+            }
+            // `_exit`, not `exit`: exit's handlers tear the CUDA driver down while the main
+            // thread may be inside a CUDA call, which then fails with CUDA_ERROR_DEINITIALIZED
+            // and prints a spurious error. Nothing is lost: checkpoints and results are written
+            // to a temporary file and renamed.
+            eprintln!("\ninterrupt: aborted (the last checkpoint is kept)");
+            // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
+            unsafe { libc::_exit(130) };
         });
         flag
     })
     .clone()
 }
+
+/// A second interrupt within this time of the first is the same interrupt delivered twice.
+const DOUBLE_SIGNAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Seconds between two plain progress lines when stderr is not a terminal.
 pub const PLAIN_EVERY: f64 = 10.0;
