@@ -197,3 +197,36 @@ impl RunConfig {
         self.train.checkpoint_dir.clone().unwrap_or_else(|| self.output.join("checkpoints"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `open_run` takes the stored paths relative to the folder it is given, wherever `train`
+    /// was started: `output` becomes the folder, a checkpoint folder inside it moves along.
+    #[test]
+    fn open_run_moves_paths_with_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stored = RunConfig { output: "runs/a".into(), ..Default::default() };
+        stored.train.checkpoint_dir = Some("runs/a/ckpt".into());
+        std::fs::write(dir.path().join("config.toml"), stored.to_toml().unwrap()).unwrap();
+        let cfg = RunConfig::open_run(dir.path()).unwrap();
+        assert_eq!(cfg.output, dir.path());
+        assert_eq!(cfg.checkpoint_dir(), dir.path().join("ckpt"));
+        assert_eq!(RunConfig::default().checkpoint_dir(), PathBuf::from("runs/latest/checkpoints"));
+    }
+
+    /// The messages the CLI printed before this module moved into the library, word for word:
+    /// a wrong dtype names the setting; a folder without config.toml names the file and says
+    /// what it should be, with the I/O error as the source.
+    #[test]
+    fn errors_name_the_setting_and_the_file() {
+        let e = compute_dtype("bf32").unwrap_err().to_string();
+        assert_eq!(e, "dtype = \"bf32\": use \"f32\", \"bf16\" or \"f16\"");
+        let dir = tempfile::tempdir().unwrap();
+        let e = RunConfig::open_run(dir.path()).unwrap_err();
+        let source = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        assert!(e.to_string().ends_with("config.toml; is this a folder written by `bayeslora train`?"), "{e}");
+        assert!(!source.is_empty(), "the I/O error is the source of {e}");
+    }
+}
