@@ -59,6 +59,18 @@ pub enum Error {
     /// Occurs when the tokenizer fails to load or encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Occurs when a step of a run (`run`: open, load, train, evaluate, export) fails or cannot
+    /// start; `context` says which step and file and, where there is one, the fix; `source` (if
+    /// any) why. Printed as a chain, `context: source`, like anyhow's `with_context`.
+    #[error("{context}")]
+    Run {
+        context: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+    /// An error from serde_json (a value that cannot be represented as JSON).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
     /// An error from the IVON optimizer crate.
     #[error(transparent)]
     Ivon(#[from] ivon::Error),
@@ -72,8 +84,37 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), cause: source }
     }
+    /// Shorthand for [`Error::Run`] without a source.
+    pub fn run(context: impl Into<String>) -> Self {
+        Error::Run { context: context.into(), source: None }
+    }
     /// Shorthand for [`Error::InvalidConfig`].
     pub fn config(field: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Error::InvalidConfig { field: field.into(), value: value.to_string(), reason: reason.into() }
+    }
+}
+
+/// `with_context` for library results and options, as anyhow has it for the binary: wraps the
+/// error as the source of an [`Error::Run`] whose message says what was being done.
+pub(crate) trait Context<T> {
+    fn context(self, context: impl Into<String>) -> Result<T>;
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>> Context<T> for std::result::Result<T, E> {
+    fn context(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::Run { context: context.into(), source: Some(e.into()) })
+    }
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| Error::Run { context: context().into(), source: Some(e.into()) })
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, context: impl Into<String>) -> Result<T> {
+        self.ok_or_else(|| Error::run(context))
+    }
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T> {
+        self.ok_or_else(|| Error::run(context()))
     }
 }

@@ -4,7 +4,8 @@
 //! variational optimizer (IVON-LoRA, arXiv 2411.04421), evaluated with the posterior predictive.
 //!
 //! Data flows one way: `models` (load; every linear an adapter slot) → `adapters` (attach) →
-//! `data` → `train` → `eval` → `plot` → `baselines` / `export`.
+//! `data` → `train` → `eval` → `plot` → `baselines` / `export`; `run` opens, trains, evaluates and
+//! exports a run folder with all of them, so each command of the binary is a few lines.
 
 pub mod adapters;
 mod atomic;
@@ -18,6 +19,7 @@ pub mod fuzz;
 pub mod models;
 pub mod ops;
 pub mod plot;
+pub mod run;
 pub mod train;
 
 pub use error::{Error, Result};

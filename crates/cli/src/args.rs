@@ -1,5 +1,5 @@
 //! Command-line flags (raw). `config.rs` merges them over the defaults and an optional TOML file
-//! into a validated [`crate::config::RunConfig`].
+//! into a validated [`bayeslora::run::RunConfig`].
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -52,6 +52,16 @@ pub enum OptimizerArg {
     Ivon,
     Adamw,
     Sgd,
+}
+
+/// Adapter choice on the command line (`method`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AdapterArg {
+    /// Plain LoRA (`[lora]`).
+    Lora,
+    /// B-LoRA: learned rank and bit-widths (`[blora]`; `--lora-r`, `--lora-alpha` and
+    /// `--target-modules` set its r, alpha and targets).
+    Blora,
 }
 
 /// Flags shared by `train` and `demo`; every one overrides the same key of `--config`.
@@ -114,7 +124,7 @@ pub struct RunArgs {
     /// lora, or blora: learned rank and bit-widths, settings in the `[blora]` table (`method`)
     /// [default: lora].
     #[arg(long, value_enum)]
-    pub method: Option<crate::config::AdapterKind>,
+    pub method: Option<AdapterArg>,
     /// B-LoRA prior strength μ, loss = task + μ · Σ gate priors (`[blora] mu`) [default: 0.01].
     #[arg(long)]
     pub mu: Option<f64>,
@@ -397,7 +407,7 @@ pub struct PredictArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
+    use bayeslora::run::RunConfig;
     use clap::CommandFactory;
 
     /// `train --help` states the defaults `RunConfig::default()` really has (so the two cannot

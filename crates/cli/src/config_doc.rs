@@ -2,8 +2,8 @@
 //! [`RunConfig::default`] so the keys and defaults cannot drift from the code: the test
 //! `config_reference_is_current` fails when the file differs, and rewrites it when run with
 //! `BAYESLORA_BLESS=1`.
-use crate::config::RunConfig;
 use bayeslora::adapters::lora::TargetModules;
+use bayeslora::run::RunConfig;
 use std::collections::BTreeMap;
 
 /// What each key means (every key of the table must have one: the test checks).

@@ -11,6 +11,7 @@ mod config;
 mod config_doc;
 mod oom;
 mod runtime;
+mod steps;
 mod ui;
 
 use clap::Parser;

@@ -22,14 +22,14 @@
 //! context and anything a memory pool holds, unlike PyTorch's `max_memory_allocated` (the
 //! allocator's peak of live tensors). On the CPU it is the process's peak RSS (`VmHWM`), which
 //! never resets within a process. Optimizer step times alone: `cargo bench -p ivon`.
-use super::pipeline;
 use crate::args::{BenchArgs, BenchObjective, BenchWhat};
-use crate::config::{AdapterKind, RunConfig};
+use crate::{config, steps};
 use anyhow::{bail, Context, Result};
 use bayeslora::adapters::lora::{LoraConfig, TargetModules};
 use bayeslora::adapters::Ctx;
 use bayeslora::data::{BatchConfig, BatchTensors, Encoded, EncodedDataset, Format, Label, Task};
 use bayeslora::models::{Architecture, Backbone, Llama, LlamaConfig, LoadOptions, LoadedModel, Weights};
+use bayeslora::run::{self, AdapterKind, RunConfig};
 use bayeslora::train::{self, Classifier, Observer, OptimizerKind, StepInfo, TaskModel};
 use candle_core::{DType, Device, Tensor, Var};
 use std::cell::RefCell;
@@ -358,7 +358,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             ..Default::default()
         };
     }
-    let mut cfg = RunConfig::resolve(base, &args.run)?;
+    let mut cfg = config::resolve(base, &args.run)?;
     // peft's "all-linear" (lm_head excluded).
     let mut targets_json = serde_json::json!(null);
     if let Some(TargetModules::List(names)) = &cfg.lora.target_modules {
@@ -368,7 +368,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             cfg.lora.target_modules = Some(TargetModules::List(ALL_LINEAR.iter().map(|s| s.to_string()).collect()));
         }
     }
-    let device = pipeline::device(&cfg.device)?;
+    let device = run::device(&cfg.device)?;
     let dtype = cfg.compute_dtype()?;
     let steps = cfg.train.max_steps.unwrap_or(20);
     let warmup = args.warmup;
@@ -404,7 +404,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             (serde_json::Value::Null, Some(TargetModules::List(names))) => serde_json::json!(names),
             _ => targets_json.clone(),
         };
-        let model = pipeline::build_model(&cfg, loaded, 2, &device)?;
+        let model = run::build_model(&cfg, loaded, 2, &device)?;
         let lm = CausalLm { inner: &model, pending: RefCell::new(None), last: RefCell::new(None) };
         let trained: &dyn Classifier = match objective {
             BenchObjective::CausalLm => &lm,
@@ -483,7 +483,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         println!("{row}");
         rows.push(row);
     }
-    pipeline::write_json(&args.out, &rows)?;
+    run::write_json(&args.out, &rows)?;
     println!("wrote {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -512,8 +512,8 @@ fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize, usize, usize)>
 /// the path's first call (includes whatever candle's allocator keeps cached). A path that fails
 /// (out of memory) gets an `error` field instead of times.
 fn run_attention(args: &BenchArgs) -> Result<ExitCode> {
-    let device = pipeline::device(args.run.device.as_deref().unwrap_or("cuda"))?;
-    let dtype = crate::config::compute_dtype(args.run.dtype.as_deref().unwrap_or("f32"))?;
+    let device = run::device(args.run.device.as_deref().unwrap_or("cuda"))?;
+    let dtype = run::compute_dtype(args.run.dtype.as_deref().unwrap_or("f32"))?;
     let iters = args.run.max_steps.unwrap_or(20).max(1);
     let warmup = args.warmup;
     let mut rows = Vec::new();
@@ -595,15 +595,15 @@ fn run_attention(args: &BenchArgs) -> Result<ExitCode> {
             rows.push(row);
         }
     }
-    pipeline::write_json(&args.out, &rows)?;
+    run::write_json(&args.out, &rows)?;
     println!("wrote {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
 
-/// [`pipeline::load_model`] in `dtype`.
+/// [`steps::load_model`] in `dtype`.
 fn load_model(cfg: &RunConfig, dtype: DType, device: &Device) -> Result<LoadedModel> {
     if dtype == DType::F32 {
-        return pipeline::load_model(cfg);
+        return steps::load_model(cfg);
     }
     let given = cfg.model.as_ref().context("no model given: pass --model or --shape")?;
     let path = &crate::assets::resolve(given)?;

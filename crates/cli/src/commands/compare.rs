@@ -20,19 +20,20 @@
 //!
 //! Each method is one arm of [`run_cell`]: build its predictor (from the shared trained models),
 //! then [`score`] it; a new method is a new [`MethodKind`] and a new arm.
-use super::pipeline;
-use crate::config::{merge, RunConfig};
-use crate::ui::progress::{eval_bar, TrainProgress};
+use crate::config::merge;
+use crate::steps;
+use crate::ui::progress::{eval_bar, Terminal, TrainProgress};
 use anyhow::{bail, Context, Result};
 use bayeslora::baselines::sweep::{ood_entries, write_summary, Cell, CellCost, CellKey, OodEntry};
 use bayeslora::baselines::{
     collect_logits, fit_temperature, holdout, laplace, EnsemblePredictor, LaplaceConfig, McDropoutPredictor,
     MethodKind, TemperaturePredictor,
 };
-use bayeslora::data::{self, ChoiceFilter, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
+use bayeslora::data::{self, ChoiceFilter, EncodedDataset, Format, Split, Task, TextEncoder};
 use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{self, metrics::Binning, EvalConfig, Evaluation, Predictor};
 use bayeslora::models::{Backbone, LoadedModel};
+use bayeslora::run::{self, AdapterKind, RunConfig};
 use bayeslora::train::{self, Optimizer, OptimizerKind, TaskModel};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -256,7 +257,7 @@ impl Bases {
         if let Some(m) = self.loaded.get(&key) {
             return Ok(m.clone());
         }
-        let m = pipeline::load_model(cfg)?;
+        let m = steps::load_model(cfg)?;
         self.loaded.insert(key, m.clone());
         Ok(m)
     }
@@ -269,11 +270,11 @@ impl Cache<'_> {
         if self.models.contains_key(&key) {
             return Ok(key);
         }
-        pipeline::check_memory(cfg)?;
+        steps::check_memory(cfg)?;
         let loaded = self.bases.get(cfg)?;
-        let device = pipeline::device(&cfg.device)?;
+        let device = run::device(&cfg.device)?;
         let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };
-        let model = pipeline::build_model(cfg, loaded, num_labels, &device)?;
+        let model = run::build_model(cfg, loaded, num_labels, &device)?;
         let mut progress = TrainProgress::new(label);
         let t0 = Instant::now();
         let (summary, opt) = train::run(&model, self.train.clone(), &cfg.train, &device, &mut progress, None, None)?;
@@ -338,14 +339,8 @@ fn load_ood(
     let mut out = Vec::new();
     for name in cfg.ood_tasks.iter().filter(|t| t.as_str() != id.task.name()) {
         let task = Task::from_name(name)?;
-        let mut spec = DataSpec::standard(task, Split::Dev, &pipeline::data_dir())?;
-        spec.limit = run.eval_limit;
-        if run.skip_bad_rows {
-            spec.on_bad_row = OnBadRow::Skip;
-        }
-        if decoder {
-            spec.format = Some(Format::Prompt);
-        }
+        // The task's dev split as `run` reads its own (limit, bad rows, prompt format).
+        let mut spec = run::data_spec(run, task, &None, Split::Dev, run.eval_limit, decoder)?;
         if task.is_multiple_choice() && id.task.is_multiple_choice() {
             spec.choices = ChoiceFilter::Exactly(id.num_classes);
         }
@@ -380,7 +375,7 @@ pub fn run(args: crate::args::CompareArgs) -> Result<ExitCode> {
         cfg.out = out.clone();
     }
     if let Some(device) = &args.device {
-        pipeline::device(device)?;
+        run::device(device)?;
         cfg.run.insert("device".into(), toml::Value::String(device.clone()));
     }
     if !args.aggregate_only {
@@ -416,7 +411,7 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
         let base = cfg.run_config(task, &methods[0], cfg.seeds[0])?;
         let loaded = bases.get(&base)?;
         let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), base.max_len)?;
-        let data = pipeline::load_data(&base, &encoder, &loaded)?;
+        let data = run::load_data(&base, &encoder, &loaded, &mut Terminal::default())?;
         let decoder = matches!(loaded.backbone, Backbone::Llama(_));
         drop(loaded);
         let ood = load_ood(cfg, &base, &encoder, decoder, &data.eval)?;
@@ -474,7 +469,7 @@ fn run_cell(
     cache: &mut Cache<'_>,
 ) -> Result<Cell> {
     let run = cfg.run_config(task, m, seed)?;
-    let device = pipeline::device(&run.device)?;
+    let device = run::device(&run.device)?;
     let eval_cfg = |k: usize| EvalConfig {
         method: m.label.clone(),
         num_samples: k,
@@ -497,7 +492,7 @@ fn run_cell(
         MethodKind::Base => {
             let loaded = cache.bases.get(&run)?;
             let num_labels = if td.eval.task.is_regression() { 1 } else { td.train.num_classes };
-            let model = pipeline::build_model(&run, loaded, num_labels, &device)?;
+            let model = run::build_model(&run, loaded, num_labels, &device)?;
             let mut p = ModelPredictor::point(&model, &device)?;
             (score(&mut p, td, &eval_cfg(0))?, 0.0, 0.0)
         }
@@ -583,13 +578,13 @@ fn run_cell(
             (r, secs, 0.0)
         }
     };
-    if run.method == crate::config::AdapterKind::Blora {
+    if run.method == AdapterKind::Blora {
         let (key, _) = adamw_key(cfg, task, m, seed, cache)?;
         // BOPs at an fp32 base, as `bayeslora report bops` prints by default.
         let model = &cache.get(&key)?.model;
         let learned = model.adapters.blora().context("a B-LoRA method trained no B-LoRA layers")?.learned()?;
         let report = bayeslora::adapters::blora::bops_report(&learned, 32, 1.0)?;
-        params["bops"] = super::report::summary(&report, &learned);
+        params["bops"] = run::bops_summary(&report, &learned);
     }
     let Scored { ev, ood, eval_seconds, ood_seconds } = scored;
     let cost = CellCost {

@@ -2,13 +2,13 @@
 //! fetched once with pip) on real SST-2 sentences with AdamW and with IVON, then compares
 //! accuracy and calibration of the AdamW point estimate, IVON at its mean and IVON's posterior
 //! predictive, as a table, `runs/demo/results.json` and a reliability diagram.
-use super::pipeline::{self, RunOutcome};
 use crate::args::DemoArgs;
-use crate::assets;
-use crate::config::RunConfig;
+use crate::ui::progress::Terminal;
+use crate::{assets, config, steps};
 use anyhow::Result;
 use bayeslora::adapters::lora::{LoraConfig, TargetModules};
 use bayeslora::data::TextEncoder;
+use bayeslora::run::{self, RunConfig, RunOutcome};
 use bayeslora::train::OptimizerKind;
 use std::process::ExitCode;
 
@@ -41,11 +41,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     if args.run.model.is_none() {
         base.model = Some(assets::ensure(&assets::MINILM)?);
     }
-    let cfg = RunConfig::resolve(base, &args.run)?;
-    pipeline::check_memory(&cfg)?;
-    let loaded = pipeline::load_model(&cfg)?;
+    let cfg = config::resolve(base, &args.run)?;
+    steps::check_memory(&cfg)?;
+    let loaded = steps::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
+    let mut term = Terminal::default();
+    let data = run::load_data(&cfg, &encoder, &loaded, &mut term)?;
     eprintln!(
         "demo: {} on {} ({} train / {} eval examples), LoRA r={} on {}",
         cfg.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -60,10 +61,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         let mut run_cfg = cfg.clone();
         run_cfg.train.optimizer = kind;
         run_cfg.output = cfg.output.join(label);
-        let loaded = pipeline::load_model(&run_cfg)?;
+        let loaded = steps::load_model(&run_cfg)?;
         // The demo always starts over: an earlier demo's checkpoints and metrics are replaced.
-        pipeline::clear_outputs(&run_cfg)?;
-        outcomes.push(pipeline::train_and_eval(&run_cfg, label, &data, pipeline::Start::Fresh, loaded)?);
+        run::clear_outputs(&run_cfg)?;
+        outcomes.push(run::train_and_eval(&run_cfg, label, &data, run::Start::Fresh, loaded, &mut term)?);
     }
     let results: Vec<_> = outcomes.iter().flat_map(|o| o.results.iter().cloned()).collect();
     println!("\n{}", bayeslora::eval::render_table(&results));
@@ -71,9 +72,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         println!("{:>6}: trained in {:.0} s ({:.0} tokens/s)", o.label, o.train_seconds, o.tokens_per_second);
     }
     std::fs::create_dir_all(&cfg.output)?;
-    pipeline::write_json(&cfg.output.join("results.json"), &results)?;
-    let plots =
-        pipeline::plot(&outcomes, &cfg.output.join("reliability"), "SST-2, all-MiniLM-L6-v2 + LoRA", cfg.eval.bins)?;
+    run::write_json(&cfg.output.join("results.json"), &results)?;
+    let plots = run::plot_reliability(
+        &outcomes,
+        &cfg.output.join("reliability"),
+        "SST-2, all-MiniLM-L6-v2 + LoRA",
+        cfg.eval.bins,
+    )?;
     println!("results: {}", cfg.output.join("results.json").display());
     for p in plots {
         println!("plot: {}", p.display());

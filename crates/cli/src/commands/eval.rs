@@ -1,8 +1,9 @@
 //! `bayeslora eval RUN`: re-evaluates a run folder from its config and newest checkpoint.
-use super::pipeline::{self, Start};
 use crate::args::EvalArgs;
-use crate::config::RunConfig;
+use crate::steps;
+use crate::ui::progress::Terminal;
 use anyhow::{bail, Result};
+use bayeslora::run::{self, RunConfig, Start};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -19,7 +20,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     if args.eval_limit.is_some() {
         cfg.eval_limit = args.eval_limit;
     }
-    let ckpt_dir = cfg.train.checkpoint_dir.clone().unwrap_or_else(|| cfg.output.join("checkpoints"));
+    let ckpt_dir = cfg.checkpoint_dir();
     if !has_checkpoint_folder(&ckpt_dir) {
         bail!(
             "{}: no checkpoint to evaluate; train the run first (bayeslora train -o {})",
@@ -28,11 +29,12 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         );
     }
     // The newest good checkpoint, as it is: an interrupted run is evaluated where it stopped.
-    let loaded = pipeline::load_model(&cfg)?;
+    let loaded = steps::load_model(&cfg)?;
     let encoder = bayeslora::data::TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
+    let mut term = Terminal::default();
+    let data = run::load_data(&cfg, &encoder, &loaded, &mut term)?;
     let label = format!("{:?}", cfg.train.optimizer).to_lowercase();
-    let outcome = pipeline::train_and_eval(&cfg, &label, &data, Start::Evaluate, loaded)?;
+    let outcome = run::train_and_eval(&cfg, &label, &data, Start::Evaluate, loaded, &mut term)?;
     println!("{}", bayeslora::eval::render_table(&outcome.results));
     Ok(ExitCode::SUCCESS)
 }

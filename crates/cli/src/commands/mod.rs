@@ -5,7 +5,6 @@ mod demo;
 mod eval;
 mod export;
 mod merge;
-mod pipeline;
 mod predict;
 mod report;
 mod train;

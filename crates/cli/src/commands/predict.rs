@@ -9,20 +9,20 @@
 //! sidecar, K = 0: the mean adapter alone, MI = 0. A B-LoRA adapter folder (`compressed/`
 //! inside) is served in its compressed form, the gated model at its learned ranks and bits;
 //! trained with IVON, its sidecar there samples A, E, B, each sample then quantized as trained.
-use super::export::{adapter_num_labels, bare_model};
 use crate::args::PredictArgs;
 use anyhow::{bail, Context, Result};
 use bayeslora::data::{self, Batch, DataSpec, Format, Task, TextEncoder};
 use bayeslora::eval::{ModelPredictor, PredictiveAccumulator, Predictor};
 use bayeslora::export;
 use bayeslora::models::{self, Backbone, LoadOptions};
+use bayeslora::run::{self, adapter_num_labels, bare_model};
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
 
 pub fn run(args: PredictArgs) -> Result<ExitCode> {
-    let device = super::pipeline::device(&args.device)?;
+    let device = run::device(&args.device)?;
     let model_path = crate::assets::resolve(&args.model)?;
     let loaded = models::load(&model_path, &LoadOptions { device: device.clone(), ..Default::default() })
         .with_context(|| format!("loading {}", model_path.display()))?;

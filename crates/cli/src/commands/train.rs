@@ -1,18 +1,20 @@
 //! `bayeslora train`: one run from flags and/or a TOML file.
-use super::pipeline::{self, Start};
 use crate::args::RunArgs;
-use crate::config::RunConfig;
+use crate::config;
+use crate::steps;
+use crate::ui::progress::Terminal;
 use anyhow::{bail, Result};
 use bayeslora::data::TextEncoder;
+use bayeslora::run::{self, RunConfig, Start};
 use std::process::ExitCode;
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    let cfg = RunConfig::resolve(RunConfig::default(), &args)?;
+    let cfg = config::resolve(RunConfig::default(), &args)?;
     let start = if args.resume { Start::Resume } else { Start::Fresh };
     if start == Start::Fresh {
-        let earlier = pipeline::existing_outputs(&cfg);
+        let earlier = run::existing_outputs(&cfg);
         if cfg.overwrite {
-            pipeline::clear_outputs(&cfg)?;
+            run::clear_outputs(&cfg)?;
         } else if !earlier.is_empty() {
             let names: Vec<String> = earlier
                 .iter()
@@ -26,15 +28,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             );
         }
     }
-    pipeline::check_memory(&cfg)?;
-    let loaded = pipeline::load_model(&cfg)?;
+    steps::check_memory(&cfg)?;
+    let loaded = steps::load_model(&cfg)?;
     let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
-    let data = pipeline::load_data(&cfg, &encoder, &loaded)?;
+    let mut term = Terminal::default();
+    let data = run::load_data(&cfg, &encoder, &loaded, &mut term)?;
     let label = format!("{:?}", cfg.train.optimizer).to_lowercase();
-    let outcome = pipeline::train_and_eval(&cfg, &label, &data, start, loaded)?;
+    let outcome = run::train_and_eval(&cfg, &label, &data, start, loaded, &mut term)?;
     println!("{}", bayeslora::eval::render_table(&outcome.results));
-    let plots =
-        pipeline::plot(std::slice::from_ref(&outcome), &cfg.output.join("reliability"), &cfg.task, cfg.eval.bins)?;
+    let plots = run::plot_reliability(
+        std::slice::from_ref(&outcome),
+        &cfg.output.join("reliability"),
+        &cfg.task,
+        cfg.eval.bins,
+    )?;
     println!("results: {}", cfg.output.join("results.json").display());
     for p in plots {
         println!("plot: {}", p.display());

