@@ -50,10 +50,10 @@ pub enum Error {
         "this run needs about {needed} ({parts}) but {device}; {advice}, or pass --skip-memory-check to start anyway"
     )]
     MemoryEstimate { needed: String, parts: String, device: String, advice: String },
-    /// Occurs when the training loss becomes NaN or infinite.
     /// Occurs when the ranks of a data-parallel run disagree or a collective fails.
     #[error("data-parallel training: {0}")]
     Distributed(String),
+    /// Occurs when the training loss becomes NaN or infinite.
     #[error("non-finite loss {loss} at step {step}; lower the learning rate or check the data")]
     NonFiniteLoss { step: usize, loss: f32 },
     /// Occurs when the tokenizer fails to load or encode.
