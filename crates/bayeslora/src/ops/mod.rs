@@ -25,6 +25,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
+mod erf;
 mod flash_attention;
 mod fused;
 mod gelu;
