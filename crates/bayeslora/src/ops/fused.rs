@@ -5,7 +5,8 @@
 //! ~120 µs per call on a 7B-shaped layer — with a full-size temporary each. The ops here read and
 //! write every element once (`kernels/fused.cu`), in f32 whatever the storage dtype.
 //! `ops::{rms_norm, rope, swiglu}` take them for f32/bf16/f16 tensors on CUDA ([`fused_applies`]);
-//! the CPU keeps the composed paths, whose floats CPU runs and the demo reproduce.
+//! on the CPU, RMSNorm and SwiGLU take `ops::cpu_fused` (the composed path's forward floats) and
+//! rope stays composed.
 //!
 //! The CPU implementations below (in f64) are the reference for the formulas: the unit tests check
 //! them against the composed ops and finite differences; the GPU tests (`tests/cuda_fused.rs`)

@@ -7,7 +7,8 @@
 //! is recorded), and evaluates exactly the same f32 (or f64) expressions in
 //! the same order as candle (`backprop.rs`, `Op::Unary(_, GeluErf)`), so the values are bit for
 //! bit those of the composed path (the tests check it). Kept for the backward: the input, as
-//! before, and the erf values (libm's `erff` was 13 % of a MiniLM training step).
+//! before, and the erf values (libm's `erff` was 13 % of a MiniLM training step). In f32 the
+//! forward's erf runs in SIMD lanes (`ops::erf`, libm's values bit for bit).
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -44,12 +45,6 @@ struct GeluErf {
 #[derive(Debug, Clone)]
 struct GeluErfGrad {
     erf: Option<CpuStorage>,
-}
-
-/// The f32 forward of one element, as candle's `GeluErf::f32`.
-#[inline]
-fn fwd_f32(v: f32) -> f32 {
-    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
 }
 
 #[inline]
@@ -95,6 +90,29 @@ fn grad_f64_erf(x: f64, e: f64, g: f64) -> f64 {
     let scaled_exp_arg = (neg_half_square.exp() * 0.398942 + 0.0) * x;
     let erf_scaled_sqrt = e * 0.5 + 0.0;
     g * ((scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt)
+}
+
+/// The f32 forward over a slice: `e = erf(x · FRAC_1_SQRT_2)` in SIMD lanes (`ops::erf`, libm's
+/// values bit for bit), then `y = (e + 1) · 0.5 · x`; `e` is returned when `keep` (for the
+/// backward, else empty). The same floats as candle's `GeluErf::f32` element by element.
+fn fwd_f32_lanes(x: &[f32], keep: bool) -> (Vec<f32>, Vec<f32>) {
+    let (mut y, mut e) = (vec![0f32; x.len()], vec![0f32; if keep { x.len() } else { 0 }]);
+    let work = |y: &mut [f32], e: &mut [f32], x: &[f32]| {
+        for (e, &x) in e.iter_mut().zip(x) {
+            *e = x * std::f32::consts::FRAC_1_SQRT_2;
+        }
+        super::erf::erf_in_place(e);
+        for ((y, &e), &x) in y.iter_mut().zip(e.iter()).zip(x) {
+            *y = (e + 1.) * 0.5 * x;
+        }
+    };
+    if keep {
+        let tasks = y.par_chunks_mut(CHUNK).zip(e.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)));
+        tasks.for_each(|(y, (e, x))| work(y, e, x));
+    } else {
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| work(y, &mut vec![0f32; x.len()], x));
+    }
+    (y, e)
 }
 
 /// `(y, erf(x/√2))` of the forward, both kept.
@@ -159,17 +177,16 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let Some(saved) = &self.saved else {
             let out = match s {
-                CpuStorage::F32(x) => CpuStorage::F32(map(contiguous(x, l, "input")?, fwd_f32)),
+                CpuStorage::F32(x) => CpuStorage::F32(fwd_f32_lanes(contiguous(x, l, "input")?, false).0),
                 CpuStorage::F64(x) => CpuStorage::F64(map(contiguous(x, l, "input")?, fwd_f64)),
                 other => candle_core::bail!("gelu: unsupported dtype {:?}", other.dtype()),
             };
             return Ok((out, l.shape().clone()));
         };
-        // The same expressions as `fwd_f32`/`fwd_f64`, with the erf kept.
+        // The same expressions as candle's `GeluErf::f32`/`fwd_f64`, with the erf kept.
         let (out, erf) = match s {
             CpuStorage::F32(x) => {
-                let erf = |v: f32| candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2);
-                let (y, e) = fwd_saving(contiguous(x, l, "input")?, erf, |v, e| (e + 1.) * 0.5 * v);
+                let (y, e) = fwd_f32_lanes(contiguous(x, l, "input")?, true);
                 (CpuStorage::F32(y), CpuStorage::F32(e))
             }
             CpuStorage::F64(x) => {

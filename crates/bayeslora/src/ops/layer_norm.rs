@@ -50,11 +50,16 @@ struct FusedLayerNormGrad {
     eps: f64,
 }
 
-/// The float types the CPU op runs in.
-trait Float: Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> {
+/// The float types the CPU ops run in (here and in `ops::cpu_fused`).
+pub(crate) trait Float:
+    Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+{
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
     fn sqrt(self) -> Self;
+    /// `e^x`, as candle's `exp` (std's, which calls the platform libm).
+    fn exp(self) -> Self;
+    fn neg(self) -> Self;
     fn is_finite(self) -> bool;
     fn from_f64(v: f64) -> Self;
     /// A contiguous row's sum in candle's `vec_reduce_sum` order.
@@ -72,6 +77,12 @@ impl Float for f32 {
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn neg(self) -> Self {
+        -self
     }
     fn is_finite(self) -> bool {
         f32::is_finite(self)
@@ -102,6 +113,12 @@ impl Float for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn neg(self) -> Self {
+        -self
     }
     fn is_finite(self) -> bool {
         f64::is_finite(self)
@@ -174,24 +191,26 @@ fn row_stats<T: Float>(x: &[T], centered: &mut [T], sq: &mut [T], inv_c: T, eps:
     (mean, (var.mul(T::from_f64(1.0)) + eps).sqrt())
 }
 
-fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some(v) = T::cpu(s) else { candle_core::bail!("layer_norm: {what} has dtype {:?}", s.dtype()) };
+pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some(v) = T::cpu(s) else { candle_core::bail!("{what} has dtype {:?}", s.dtype()) };
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("layer_norm: {what} must be contiguous"),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
-fn tensor_vec<T: Float>(t: &Tensor) -> Result<Vec<T>> {
+/// A frozen CPU tensor's values; `what` names it in errors ("layer_norm weight").
+pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("layer_norm: weight is not on the CPU") };
-    Ok(slice::<T>(s, layout, "weight")?.to_vec())
+    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("{what} is not on the CPU") };
+    Ok(slice::<T>(s, layout, what)?.to_vec())
 }
 
 impl FusedLayerNorm {
     fn fwd<T: Float>(&self, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-        let x = slice::<T>(s, l, "input")?;
-        let (w, b) = (tensor_vec::<T>(&self.weight)?, tensor_vec::<T>(&self.bias)?);
+        let x = slice::<T>(s, l, "layer_norm input")?;
+        let (w, b) =
+            (tensor_vec::<T>(&self.weight, "layer_norm weight")?, tensor_vec::<T>(&self.bias, "layer_norm bias")?);
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
         let mut y = vec![T::default(); x.len()];
@@ -234,8 +253,8 @@ impl CustomOp1 for FusedLayerNorm {
 
 impl FusedLayerNormGrad {
     fn bwd<T: Float>(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<CpuStorage> {
-        let (x, g) = (slice::<T>(xs, xl, "input")?, slice::<T>(gs, gl, "gradient")?);
-        let w = tensor_vec::<T>(&self.weight)?;
+        let (x, g) = (slice::<T>(xs, xl, "layer_norm input")?, slice::<T>(gs, gl, "layer_norm gradient")?);
+        let w = tensor_vec::<T>(&self.weight, "layer_norm weight")?;
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
         let mut dx = vec![T::default(); x.len()];

@@ -20,10 +20,12 @@
 mod attention;
 mod checkpoint;
 mod cpu_attention;
+mod cpu_fused;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
+mod erf;
 mod flash_attention;
 mod fused;
 mod gelu;
@@ -108,10 +110,15 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// SwiGLU's gating, `silu(gate) · up` (same shape and dtype), differentiable in both.
 ///
 /// For f32/bf16/f16 on CUDA one fused op per direction (`ops::fused`, f32 math, one rounding);
-/// elsewhere exactly `gate.silu()?.mul(up)`.
+/// for f32/f64 on the CPU one multithreaded op per direction (`ops::cpu_fused`), bit for bit
+/// `gate.silu()?.mul(up)` and its backward; elsewhere exactly that composition.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused::fused_applies(gate) && up.dims() == gate.dims() && up.dtype() == gate.dtype() {
+    let same = up.dims() == gate.dims() && up.dtype() == gate.dtype() && up.device().same_device(gate.device());
+    if fused::fused_applies(gate) && same {
         return fused::swiglu(gate, up);
+    }
+    if cpu_fused::applies(gate) && same {
+        return cpu_fused::swiglu(gate, up);
     }
     gate.silu()?.mul(up)
 }

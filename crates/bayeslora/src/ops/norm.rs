@@ -5,8 +5,9 @@ use candle_core::{Result, Tensor, D};
 /// `x / sqrt(mean(x²) + eps) · weight` over the last dim; `x: [.., C]`, `weight: [C]`. The
 /// normalised row is rounded to x's dtype before the weight, as HF's `LlamaRMSNorm`.
 ///
-/// For f32/bf16/f16 on CUDA with a frozen weight of x's dtype this is one fused op per direction
-/// (`ops::fused`; the weight gets no gradient); elsewhere the composed ops below.
+/// With a frozen weight of x's dtype this is one fused op per direction (the weight gets no
+/// gradient): for f32/bf16/f16 on CUDA `ops::fused`; for f32/f64 on the CPU `ops::cpu_fused`
+/// (multithreaded, the same forward floats). Elsewhere the composed ops below.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let frozen_weight_fits = || {
         !weight.track_op() && weight.dtype() == x.dtype() && x.rank() > 0 && weight.dims() == [x.dims()[x.rank() - 1]]
@@ -14,10 +15,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if super::fused::fused_applies(x) && frozen_weight_fits() {
         return super::fused::rms_norm(x, weight, eps);
     }
+    if super::cpu_fused::applies(x) && frozen_weight_fits() && x.elem_count() > 0 {
+        return super::cpu_fused::rms_norm(x, weight, eps);
+    }
     rms_norm_composed(x, weight, eps)
 }
 
-/// [`rms_norm`] composed from candle primitives (the CPU path; the weight may be trained).
+/// [`rms_norm`] composed from candle primitives (the weight may be trained).
 pub(crate) fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(super::stats_dtype(dtype))?;
