@@ -544,9 +544,14 @@ fn blora_layer_training_step_matches_cpu() -> Result<()> {
                 };
                 let grads = y.mul(&wy.to_device(dev)?)?.sum_all()?.backward()?;
                 let mut g = Vec::new();
-                for (name, v) in l.weight_vars().into_iter().chain(l.gate_vars()) {
+                for (name, v) in l.weight_vars() {
                     if let Some(t) = grads.get(v.as_tensor()) {
                         g.push((name, t.clone()));
+                    }
+                }
+                for (name, v) in l.gate_vars() {
+                    if let Some(t) = v.grad(&grads)? {
+                        g.push((name, t));
                     }
                 }
                 Ok((y, g))

@@ -117,6 +117,8 @@ pub(crate) fn nested_prefix(z: &Tensor) -> Result<Tensor> {
 
 /// Which bit gates may be on (4, 8, 16, 32 bits) as 0/1 `[4]` on the logits' device: all up to
 /// the first with log α ≤ −2, none after. Computed on the device (no host read in a step).
+/// The per-quantizer reference of [`super::bank::PriorPlan`]'s mask.
+#[cfg(test)]
 pub(crate) fn hard_off_mask(log_alpha: &Tensor) -> Result<Tensor> {
     cumprod(&log_alpha.gt(HARD_OFF)?.to_dtype(log_alpha.dtype())?)
 }
@@ -132,13 +134,17 @@ pub(crate) fn bits_from_open(open: usize) -> u32 {
 }
 
 /// E[bits] = 2 + 2 q₄ + 4 q₄q₈ + 8 q₄q₈q₁₆ + 16 q₄q₈q₁₆q₃₂ for the open probabilities `q: [4]`
-/// (already zero where hard-off) → `[1]`.
+/// (already zero where hard-off) → `[1]`. The per-quantizer reference of
+/// [`super::bank::PriorPlan`].
+#[cfg(test)]
 pub(crate) fn expected_bits(q: &Tensor) -> Result<Tensor> {
     let added = Tensor::new(&[2f32, 4., 8., 16.], q.device())?.to_dtype(q.dtype())?;
     Ok(cumprod(q)?.mul(&added)?.sum_keepdim(0)?.affine(1.0, 2.0)?)
 }
 
-/// Expected number of open nested gates, Σᵢ ∏_{k≤i} qₖ → `[1]`.
+/// Expected number of open nested gates, Σᵢ ∏_{k≤i} qₖ → `[1]` (the per-layer reference of
+/// [`super::bank::PriorPlan`]).
+#[cfg(test)]
 pub(crate) fn expected_open(q: &Tensor) -> Result<Tensor> {
     Ok(cumprod(q)?.sum_keepdim(0)?)
 }
