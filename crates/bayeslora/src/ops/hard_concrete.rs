@@ -50,6 +50,35 @@ pub fn hard_concrete(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Re
     log_alpha.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc))
 }
 
+/// B-LoRA's rank multiplier `[1, m₂, …, m_r]` from the rank gates' logits `log_alpha: [n]`
+/// (n = r − 1) and logistic `noise: [n]` (same dtype, f32 or f64), differentiable in `log_alpha`:
+/// z = the hard-concrete samples (no hard-off), `m = acc + (round(acc) − acc).detach()` for the
+/// cumulative product `acc` of z (0/1 forward, the product's gradient backward), and the first
+/// component's constant 1 in front: `[n + 1]`.
+///
+/// Composed from candle ops this was ~15 ops forward (the sample, n − 1 products, the round and
+/// the straight-through sub/add, a cat) and as many backward, per layer and step; here it is one
+/// op per direction, the same floats as that composition on each device (its backward sums the
+/// product's chain rule in the order candle's autograd does).
+pub fn rank_multiplier(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+    if hc.hard_off.is_some() {
+        candle_core::bail!("rank_multiplier: rank gates have no hard-off threshold");
+    }
+    if log_alpha.rank() != 1 || noise.dims() != log_alpha.dims() || noise.dtype() != log_alpha.dtype() {
+        candle_core::bail!(
+            "rank_multiplier: log α and noise must be one [n] vector dtype, got {:?} {:?} and {:?} {:?}",
+            log_alpha.dims(),
+            log_alpha.dtype(),
+            noise.dims(),
+            noise.dtype()
+        );
+    }
+    if !matches!(log_alpha.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!("rank_multiplier: f32 or f64, got {:?}", log_alpha.dtype());
+    }
+    log_alpha.contiguous()?.apply_op2(&noise.detach().contiguous()?, RankSample(hc))
+}
+
 /// The constants of one step of the composed path in `T` (candle's affine casts its f64 factors
 /// to the tensor's dtype).
 #[derive(Clone, Copy)]
@@ -114,31 +143,62 @@ fn sample_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Ve
     la.iter().zip(noise).zip(m).map(|((&a, &n), m)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE) * m).collect()
 }
 
-/// d(Σ g·z)/d log α through the composed path's backward: the mask, the clamp (½ on a bound),
-/// each affine, and tanh's `−(dt·(t² − 1))`.
+/// d(g·z)/d log α of one gate through the composed path's backward, for the upstream gradient
+/// `g` already times the mask: the clamp (½ on a bound), each affine, and tanh's `−(dt·(t² − 1))`.
+fn chain<T: LadderFloat + Tanh>(a: T, n: T, g: T, c: &Consts<T>) -> T {
+    let half = T::HALF;
+    let (v, t) = pre_clamp(a, n, c);
+    let side = |inside: bool, tie: bool| {
+        if inside {
+            T::ONE
+        } else if tie {
+            half
+        } else {
+            T::ZERO
+        }
+    };
+    let dv = g * (side(v > T::ZERO, v == T::ZERO) * side(v < T::ONE, v == T::ONE));
+    let dt = (dv * c.stretch + T::ZERO) * half + T::ZERO;
+    let du = -(dt * (t * t * T::ONE - T::ONE));
+    (du * half + T::ZERO) * c.inv_beta + T::ZERO
+}
+
+/// d(Σ g·z)/d log α through the composed path's backward (the mask, then [`chain`]).
 fn grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
     let m = mask(la, c.hard_off);
-    let half = T::HALF;
-    la.iter()
-        .zip(noise)
-        .zip(g.iter().zip(m))
-        .map(|((&a, &n), (&g, m))| {
-            let (v, t) = pre_clamp(a, n, c);
-            let side = |inside: bool, tie: bool| {
-                if inside {
-                    T::ONE
-                } else if tie {
-                    half
-                } else {
-                    T::ZERO
-                }
-            };
-            let dv = g * m * (side(v > T::ZERO, v == T::ZERO) * side(v < T::ONE, v == T::ONE));
-            let dt = (dv * c.stretch + T::ZERO) * half + T::ZERO;
-            let du = -(dt * (t * t * T::ONE - T::ONE));
-            (du * half + T::ZERO) * c.inv_beta + T::ZERO
-        })
-        .collect()
+    la.iter().zip(noise).zip(g.iter().zip(m)).map(|((&a, &n), (&g, m))| chain(a, n, g * m, c)).collect()
+}
+
+/// The clamped samples z and their cumulative products (the composed path's `acc`).
+fn samples_and_products<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> (Vec<T>, Vec<T>) {
+    let z: Vec<T> = la.iter().zip(noise).map(|(&a, &n)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE)).collect();
+    let mut acc = Vec::with_capacity(z.len());
+    for (i, &zi) in z.iter().enumerate() {
+        acc.push(if i == 0 { zi } else { acc[i - 1] * zi });
+    }
+    (z, acc)
+}
+
+/// [`rank_multiplier`]'s forward on the CPU: `[1, acc + (round(acc) − acc)]`.
+fn rank_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Vec<T> {
+    let (_, acc) = samples_and_products(la, noise, c);
+    std::iter::once(T::ONE).chain(acc.into_iter().map(|a| a + (a.round_away() - a))).collect()
+}
+
+/// [`rank_multiplier`]'s backward on the CPU for the upstream gradient `g: [n + 1]`: the gradient
+/// of each product `G_i = g_{i+1} + G_{i+1}·z_{i+1}` (straight through the round; the constant
+/// gets none), `dz_i = G_i·acc_{i−1}` (`G_0` for the first), then [`chain`].
+fn rank_grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
+    let n = la.len();
+    let (z, acc) = samples_and_products(la, noise, c);
+    let mut out = vec![T::ZERO; n];
+    let mut big_g = T::ZERO;
+    for i in (0..n).rev() {
+        big_g = if i + 1 == n { g[i + 1] } else { g[i + 1] + big_g * z[i + 1] };
+        let dz = if i == 0 { big_g } else { big_g * acc[i - 1] };
+        out[i] = chain(la[i], noise[i], dz, c);
+    }
+    out
 }
 
 /// The contiguous elements of a CPU input of type `T`.
@@ -176,7 +236,8 @@ impl CustomOp2 for Sample {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+        let n = l1.shape().elem_count();
+        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)], n)?, l1.shape().clone()))
     }
 
     fn bwd(
@@ -228,7 +289,107 @@ impl CustomOp3 for SampleGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)])?, l1.shape().clone()))
+        let n = l1.shape().elem_count();
+        Ok((cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)], n)?, l1.shape().clone()))
+    }
+}
+
+/// [`rank_multiplier`]'s forward: inputs log α and noise, output `[n + 1]`.
+struct RankSample(HardConcrete);
+
+/// Its backward: inputs log α, noise and the upstream gradient `[n + 1]`; output d log α `[n]`.
+struct RankSampleGrad(HardConcrete);
+
+impl CustomOp2 for RankSample {
+    fn name(&self) -> &'static str {
+        "rank-multiplier"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let c = &self.0;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(rank_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(c))),
+            DType::F64 => CpuStorage::F64(rank_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(c))),
+            other => candle_core::bail!("rank_multiplier: f32 or f64, got {other:?}"),
+        };
+        Ok((out, Shape::from(l1.shape().elem_count() + 1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        Ok((cuda::launch("rank_gates_fwd", &self.0, &[(s1, l1), (s2, l2)], n + 1)?, Shape::from(n + 1)))
+    }
+
+    fn bwd(
+        &self,
+        la: &Tensor,
+        noise: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &RankSampleGrad(self.0))?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for RankSampleGrad {
+    fn name(&self) -> &'static str {
+        "rank-multiplier-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = &self.0;
+        if l3.shape().elem_count() != l1.shape().elem_count() + 1 {
+            candle_core::bail!("rank_multiplier backward: gradient {:?} for {:?} gates", l3.shape(), l1.shape());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(rank_grad_cpu(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                &Consts::of(c),
+            )),
+            DType::F64 => CpuStorage::F64(rank_grad_cpu(
+                cpu_slice(s1, l1)?,
+                cpu_slice(s2, l2)?,
+                cpu_slice(s3, l3)?,
+                &Consts::of(c),
+            )),
+            other => candle_core::bail!("rank_multiplier: f32 or f64, got {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        if l3.shape().elem_count() != n + 1 {
+            candle_core::bail!("rank_multiplier backward: gradient {:?} for {:?} gates", l3.shape(), l1.shape());
+        }
+        Ok((cuda::launch("rank_gates_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)], n)?, l1.shape().clone()))
     }
 }
 
@@ -255,12 +416,19 @@ mod cuda {
     // SAFETY: plain-old-data with the kernel's C layout.
     unsafe impl DeviceRepr for HardConcreteParams {}
 
-    /// `<entry>_<dtype>(params, inputs.., out)` on one thread, out `[n]` of the inputs' dtype.
-    pub(super) fn launch(entry: &str, hc: &HardConcrete, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+    /// `<entry>_<dtype>(params, inputs.., out)` on one thread for the `n` gates of the first
+    /// input, out `[out_len]` of the inputs' dtype.
+    pub(super) fn launch(
+        entry: &str,
+        hc: &HardConcrete,
+        inputs: &[(&CudaStorage, &Layout)],
+        out_len: usize,
+    ) -> Result<CudaStorage> {
         fn go<T: CudaDType + DeviceRepr>(
             entry: &str,
             params: HardConcreteParams,
             inputs: &[(&CudaStorage, &Layout)],
+            out_len: usize,
         ) -> Result<CudaStorage> {
             let dev = inputs[0].0.device().clone();
             let func = Kernel::BLora.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
@@ -268,8 +436,8 @@ mod cuda {
                 .iter()
                 .map(|(s, l)| contiguous_view::<T>(s, l, "hard_concrete input"))
                 .collect::<Result<Vec<_>>>()?;
-            // SAFETY: the kernel writes all n elements.
-            let mut out = unsafe { dev.alloc::<T>(params.n as usize)? };
+            // SAFETY: the kernel writes all out_len elements.
+            let mut out = unsafe { dev.alloc::<T>(out_len)? };
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&func);
             b.arg(&params);
@@ -296,8 +464,8 @@ mod cuda {
             use_hard_off: hc.hard_off.is_some() as u32,
         };
         match dtype {
-            DType::F32 => go::<f32>(entry, params, inputs),
-            DType::F64 => go::<f64>(entry, params, inputs),
+            DType::F32 => go::<f32>(entry, params, inputs, out_len),
+            DType::F64 => go::<f64>(entry, params, inputs, out_len),
             other => candle_core::bail!("{entry}: no CUDA kernel for {other:?}"),
         }
     }

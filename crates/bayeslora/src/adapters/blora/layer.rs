@@ -331,9 +331,7 @@ impl BLoraLayer {
         if ctx.train {
             let n = self.r - 1;
             let noise = Tensor::from_vec(gates::logistic_noise(n, Self::noise_seed(ctx, salt, RANK_NOISE)), n, dev)?;
-            let z = gates::sample(&logits.as_tensor()?, &noise)?;
-            let m = gates::nested_prefix(&z)?;
-            Ok(Some(Tensor::cat(&[&Tensor::ones(1, DType::F32, dev)?, &m], 0)?))
+            Ok(Some(gates::rank_multiplier(&logits.as_tensor()?, &noise)?))
         } else {
             let rank = self.learned_rank()?;
             let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
