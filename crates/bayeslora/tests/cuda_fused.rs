@@ -559,6 +559,48 @@ fn rank_multiplier_matches_composed_cuda_and_cpu() -> Result<()> {
     Ok(())
 }
 
+/// The windowed gate ops (`hard_concrete_at`, `rank_multiplier_at`: a gate vector read straight
+/// from B-LoRA's gate bank, its gradient scattered into the whole bank) on CUDA against the CPU:
+/// samples to a few ulps (CUDA's tanhf), bank gradients to 1e-5, zero outside the window.
+#[test]
+fn windowed_gate_ops_match_cpu() -> Result<()> {
+    let gpu = cuda();
+    let values: Vec<f32> = (0..29).map(|i| ((i * 7) % 11) as f32 * 0.7 - 3.0).collect();
+    let bits = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+    let rank = ops::HardConcrete { hard_off: None, ..bits };
+    for (offset, n) in [(0usize, 4usize), (5, 4), (9, 7), (25, 4)] {
+        let noise: Vec<f32> = (0..n).map(|i| ((i + offset) as f32 * 1.37).sin() * 2.0).collect();
+        for rank_op in [false, true] {
+            let run = |dev: &Device| -> Result<(Vec<f64>, Vec<f64>)> {
+                let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
+                let nz = Tensor::new(noise.as_slice(), dev)?;
+                let out = if rank_op {
+                    ops::rank_multiplier_at(bank.as_tensor(), offset, &nz, rank)?
+                } else {
+                    ops::hard_concrete_at(bank.as_tensor(), offset, &nz, bits)?
+                };
+                let w = Tensor::arange(0f32, out.elem_count() as f32, dev)?.affine(0.3, 1.0)?;
+                let grads = out.mul(&w)?.sum_all()?.backward()?;
+                let g = grads.get(bank.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?;
+                Ok((host_f64(&out)?, g))
+            };
+            let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
+            let what = format!("window {offset}+{n} (rank op: {rank_op})");
+            assert_eq!(g.1.len(), values.len(), "{what}: the gradient spans the bank");
+            for (name, got, want) in [("out", &g.0, &c.0), ("d bank", &g.1, &c.1)] {
+                assert_eq!(got.len(), want.len(), "{what} {name}");
+                for (a, b) in got.iter().zip(want.iter()) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} {name}: {got:?} vs {want:?}");
+                }
+            }
+            for (i, v) in g.1.iter().enumerate() {
+                assert!((offset..offset + n).contains(&i) || *v == 0.0, "{what}: gradient outside the window");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A B-LoRA layer's training forward and backward on CUDA (fused range, quantizer and their
 /// backward; candle ops for the gate samples and the matmuls) against the same layer on the
 /// CPU: outputs and the gradients of A, E, B and every gate logit, f32, with and without the

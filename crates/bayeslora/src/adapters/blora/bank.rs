@@ -338,3 +338,49 @@ impl PriorPlan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops;
+
+    /// The windowed ops read a gate vector straight from the bank: the same samples and the same
+    /// bank gradient (zero outside the window) as a narrow of the bank followed by the plain op.
+    #[test]
+    fn windowed_gate_ops_equal_narrow_then_op() -> Result<()> {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..23).map(|i| ((i * 7) % 11) as f32 * 0.7 - 3.0).collect();
+        let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+        let rank_hc = ops::HardConcrete { hard_off: None, ..hc };
+        for (offset, n) in [(0usize, 4usize), (5, 4), (9, 7), (19, 4), (0, 23)] {
+            let noise = Tensor::from_vec(gates::logistic_noise(n, offset as u64), n, &dev)?;
+            let w = Tensor::from_vec((0..=n).map(|i| 1.0 + 0.25 * i as f32).collect::<Vec<_>>(), n + 1, &dev)?;
+            for rank in [false, true] {
+                let run = |windowed: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+                    let bank = Var::new(values.as_slice(), &dev)?;
+                    let out = match (windowed, rank) {
+                        (true, false) => ops::hard_concrete_at(bank.as_tensor(), offset, &noise, hc)?,
+                        (true, true) => ops::rank_multiplier_at(bank.as_tensor(), offset, &noise, rank_hc)?,
+                        (false, false) => ops::hard_concrete(&bank.as_tensor().narrow(0, offset, n)?, &noise, hc)?,
+                        (false, true) => {
+                            ops::rank_multiplier(&bank.as_tensor().narrow(0, offset, n)?, &noise, rank_hc)?
+                        }
+                    };
+                    let loss = out.mul(&w.narrow(0, 0, out.elem_count())?)?.sum_all()?;
+                    let g = loss.backward()?.get(bank.as_tensor()).map(|g| g.to_vec1::<f32>()).transpose()?;
+                    Ok((out.to_vec1::<f32>()?, g.unwrap_or_default()))
+                };
+                let (a, b) = (run(true)?, run(false)?);
+                assert_eq!(a.0, b.0, "offset {offset} n {n} rank {rank}: samples");
+                assert_eq!(a.1, b.1, "offset {offset} n {n} rank {rank}: bank gradient");
+                assert_eq!(a.1.len(), values.len());
+                assert!(a.1.iter().enumerate().all(|(i, g)| (offset..offset + n).contains(&i) || *g == 0.0));
+            }
+        }
+        let bank = Tensor::new(values.as_slice(), &dev)?;
+        let noise = Tensor::zeros(4, DType::F32, &dev)?;
+        assert!(ops::hard_concrete_at(&bank, 20, &noise, hc).is_err(), "a window past the end is an error");
+        assert!(ops::hard_concrete_at(&bank, 0, &noise.to_dtype(DType::F64)?, hc).is_err(), "one dtype");
+        Ok(())
+    }
+}

@@ -19,6 +19,7 @@ use candle_core::D;
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
+use super::bank::GateRef;
 use crate::{ops, Result};
 
 /// Temperature β of the binary concrete.
@@ -87,13 +88,27 @@ pub(crate) fn sample(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
 }
 
 /// [`sample`] times [`hard_off_mask`]: the bit gates of one quantizer, in one op.
+#[cfg(test)]
 pub(crate) fn sample_bits(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
     Ok(ops::hard_concrete(log_alpha, noise, hard_concrete(true))?)
+}
+
+/// A quantizer's bit gates `gates: [4]` sampled with logistic `noise`, zero where hard-off, read
+/// straight from the bank ([`ops::hard_concrete_at`]: no narrow in the autograd graph).
+pub(crate) fn sample_bits_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::hard_concrete_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(true))?)
+}
+
+/// A layer's rank multiplier `[1, m₂, …, m_r]` from its rank gates `gates: [r − 1]` in the bank
+/// and logistic `noise` ([`ops::rank_multiplier_at`]).
+pub(crate) fn rank_multiplier_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::rank_multiplier_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(false))?)
 }
 
 /// The rank multiplier `[1, nested_prefix(sample(log_alpha, noise))]` of a layer's rank gates
 /// `log_alpha: [r − 1]`, in one op per direction ([`ops::rank_multiplier`]; the same floats as
 /// [`sample`], [`nested_prefix`] and a 1 in front composed from candle ops).
+#[cfg(test)]
 pub(crate) fn rank_multiplier(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
     Ok(ops::rank_multiplier(log_alpha, noise, hard_concrete(false))?)
 }

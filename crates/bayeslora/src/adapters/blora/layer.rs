@@ -331,7 +331,7 @@ impl BLoraLayer {
         if ctx.train {
             let n = self.r - 1;
             let noise = Tensor::from_vec(gates::logistic_noise(n, Self::noise_seed(ctx, salt, RANK_NOISE)), n, dev)?;
-            Ok(Some(gates::rank_multiplier(&logits.as_tensor()?, &noise)?))
+            Ok(Some(gates::rank_multiplier_of(logits, &noise)?))
         } else {
             let rank = self.learned_rank()?;
             let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();

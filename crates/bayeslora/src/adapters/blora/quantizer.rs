@@ -280,9 +280,8 @@ impl Quantizer {
 
     /// Sampled bit gates `[4]` (zero where hard-off) from logistic noise of `noise_seed`.
     fn sample_gates(&self, noise_seed: u64) -> Result<Tensor> {
-        let logits = self.logits.as_tensor()?;
-        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, logits.device())?;
-        gates::sample_bits(&logits, &noise)
+        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
+        gates::sample_bits_of(&self.logits, &noise)
     }
 
     /// Quantizes `x`: while training (range widened first, gates sampled with `noise_seed`) the
