@@ -452,7 +452,7 @@ mod cuda {
     use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
     use super::{HardConcrete, Window};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -487,7 +487,7 @@ mod cuda {
         w: Window,
         out: Out,
     ) -> Result<CudaStorage> {
-        fn go<T: CudaDType + DeviceRepr>(
+        fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             entry: &str,
             params: HardConcreteParams,
             inputs: &[(&CudaStorage, &Layout)],
