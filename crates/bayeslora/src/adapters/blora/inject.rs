@@ -367,6 +367,36 @@ mod tests {
             Ok(())
         })?;
         println!("prior fwd+bwd, 60 layers: per layer (composed) {composed:.3} ms, one plan {plan:.3} ms");
+        // Ops the autograd graph records (each one kernel forward, one or more backward).
+        let mut sum: Option<Tensor> = None;
+        for (_, l) in &a.layers {
+            let r = l.regularizer_reference(GateCost::Bops)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&r)?,
+                None => r,
+            });
+        }
+        let nodes = |t: &Tensor| t.sorted_nodes().len();
+        let old_nodes = sum.as_ref().map_or(0, nodes);
+        let new_nodes = a.regularizer()?.as_ref().map_or(0, nodes);
+        println!("prior graph nodes, 60 layers: per layer (composed) {old_nodes}, one plan {new_nodes}");
+        // A layer's training forward (tiny x) with everything but the matmuls being gates and
+        // quantizers: its graph size now.
+        let x = Tensor::ones((2, 64), DType::F32, &Device::Cpu)?;
+        let (_, l) = &a.layers[0];
+        let y = Adapter::forward(l.as_ref(), &x, &Ctx::train(1), 0)?;
+        println!("one layer's adapter forward graph nodes now: {}", nodes(&y));
+        let la = Var::new(&[0.5f32; 7], &Device::Cpu)?;
+        let noise = Tensor::new(&[0.1f32; 7], &Device::Cpu)?;
+        let composed = Tensor::cat(
+            &[
+                &Tensor::ones(1, DType::F32, &Device::Cpu)?,
+                &super::super::gates::nested_prefix(&super::super::gates::sample(la.as_tensor(), &noise)?)?,
+            ],
+            0,
+        )?;
+        let fused = super::super::gates::rank_multiplier(la.as_tensor(), &noise)?;
+        println!("rank multiplier graph nodes (r 8): composed {}, fused {}", nodes(&composed), nodes(&fused));
         Ok(())
     }
 
