@@ -18,6 +18,8 @@ tests=("$@")
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 mkdir -p .device
+# Build with readable errors first, then list the built test executables (a no-op build).
+cargo test --release -p bayeslora --features cuda "${args[@]}" --no-run
 cargo test --release -p bayeslora --features cuda "${args[@]}" --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
