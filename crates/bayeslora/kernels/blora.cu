@@ -10,6 +10,8 @@
 //   range_update:  one block: the running range widened by x's extremes and the grid's
 //                  parameters (PARAMS floats, the layout of `ops::quantize::PARAMS`);
 //   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread.
+//   rank_gates_fwd/bwd: a layer's rank multiplier (samples, nested product, straight-through
+//                      round), one thread.
 //
 // Every multiply, add and subtract of the ladder is an explicit _rn intrinsic: nvcc would
 // otherwise contract `rest - round(rest/s)*s` into an FMA, and the levels would differ from the
@@ -318,24 +320,76 @@ __device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restric
     }
 }
 
-// d(sum g z)/d la through the composed path's backward: the mask, the clamp (1/2 on a bound),
-// each affine, and tanh's -(dt (t^2 - 1)).
+// d(gm z)/d la of one gate through the composed path's backward, for the upstream gradient gm
+// already times the mask: the clamp (1/2 on a bound), each affine, and tanh's -(dt (t^2 - 1)).
+template <typename T>
+__device__ __forceinline__ T hc_chain(const HardConcreteParams& p, T v, T t, T gm) {
+    const T half = (T)0.5, zero = (T)0.0, one = (T)1.0;
+    const T lo = v > zero ? one : (v == zero ? half : zero);
+    const T hi = v < one ? one : (v == one ? half : zero);
+    const T dv = mul_rn(gm, mul_rn(lo, hi));
+    const T dt = fma_rn(fma_rn(dv, (T)p.stretch, zero), half, zero);
+    const T du = -mul_rn(dt, fma_rn(mul_rn(t, t), one, -one));
+    return fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
+}
+
+// d(sum g z)/d la through the composed path's backward: the mask, then hc_chain.
 template <typename T>
 __device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
                                   const T* __restrict__ g, T* __restrict__ dla) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const T half = (T)0.5, zero = (T)0.0, one = (T)1.0;
+    const T zero = (T)0.0, one = (T)1.0;
     T m = one;
     for (uint32_t i = 0; i < p.n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
         if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
-        const T lo = v > zero ? one : (v == zero ? half : zero);
-        const T hi = v < one ? one : (v == one ? half : zero);
-        const T dv = mul_rn(mul_rn(g[i], m), mul_rn(lo, hi));
-        const T dt = fma_rn(fma_rn(dv, (T)p.stretch, zero), half, zero);
-        const T du = -mul_rn(dt, fma_rn(mul_rn(t, t), one, -one));
-        dla[i] = fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
+        dla[i] = hc_chain(p, v, t, mul_rn(g[i], m));
+    }
+}
+
+// B-LoRA's rank multiplier (`ops::rank_multiplier`): m = [1, acc + (round(acc) - acc)] for the
+// cumulative products acc of the clamped samples (no hard-off), as candle's CUDA kernels compute
+// the composition (each op rounded on its own).
+template <typename T>
+__device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               T* __restrict__ m) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    m[0] = (T)1.0;
+    T acc = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        acc = i == 0 ? z : mul_rn(acc, z);
+        m[i + 1] = add_rn(acc, sub_rn(round_away(acc), acc));
+    }
+}
+
+// Its backward for the upstream gradient g [n + 1]: G_i = g[i + 1] + G_{i+1} z_{i+1} (straight
+// through the round), dz_i = G_i acc_{i-1} (G_0 for the first), then hc_chain. dla holds the
+// products acc_i until the reverse pass overwrites them.
+template <typename T>
+__device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               const T* __restrict__ g, T* __restrict__ dla) {
+    if (blockIdx.x != 0 || threadIdx.x != 0 || p.n == 0) return;
+    T acc = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        acc = i == 0 ? z : mul_rn(acc, z);
+        dla[i] = acc;
+    }
+    T big_g = (T)0.0, z_next = (T)0.0;
+    for (uint32_t k = p.n; k-- > 0;) {
+        T v, t;
+        hc_pre_clamp(p, la[k], noise[k], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        big_g = k + 1 == p.n ? g[k + 1] : add_rn(g[k + 1], mul_rn(big_g, z_next));
+        const T dz = k == 0 ? big_g : mul_rn(big_g, dla[k - 1]);
+        dla[k] = hc_chain(p, v, t, dz);
+        z_next = z;
     }
 }
 
@@ -365,6 +419,14 @@ __device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restric
     extern "C" __global__ void hard_concrete_bwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
                                                           const T* noise, const T* g, T* dla) {            \
         hard_concrete_bwd<T>(p, la, noise, g, dla);                                                        \
+    }                                                                                                      \
+    extern "C" __global__ void rank_gates_fwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
+                                                       const T* noise, T* m) {                             \
+        rank_gates_fwd<T>(p, la, noise, m);                                                                \
+    }                                                                                                      \
+    extern "C" __global__ void rank_gates_bwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
+                                                       const T* noise, const T* g, T* dla) {               \
+        rank_gates_bwd<T>(p, la, noise, g, dla);                                                           \
     }
 
 BLORA_KERNELS(f32, float)

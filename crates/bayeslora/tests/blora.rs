@@ -48,8 +48,8 @@ fn config() -> BLoraConfig {
     }
 }
 
-fn set(t: &candle_core::Var, v: &[f32]) -> Result<()> {
-    Ok(t.set(&Tensor::new(v, t.device())?)?)
+fn set(t: &bayeslora::adapters::blora::GateRef, v: &[f32]) -> Result<()> {
+    t.set(&Tensor::new(v, t.device())?)
 }
 
 /// A model with B-LoRA attached, ranges set by two training forwards, and gates set by hand so
@@ -104,12 +104,17 @@ fn a_training_step_reaches_weights_and_gates() -> Result<()> {
         assert!(grads.get(v.as_tensor()).is_some(), "{name} has no gradient");
         reached.0 += 1;
     }
-    for (name, v) in blora.named_gate_vars_with_prefix("bert.") {
-        let g = grads.get(v.as_tensor()).map(|g| g.abs()?.sum_all()?.to_scalar::<f32>()).transpose()?.unwrap_or(0.0);
-        // act_B feeds no counted matmul: no prior gradient, and no task gradient when its 4-bit
-        // sample is clamped to 0. Every other gate var gets the prior's gradient at least.
-        assert!(g > 0.0 || name.ends_with("act_B.bits"), "{name} has no gradient");
-        reached.1 += usize::from(g > 0.0);
+    let bank: Vec<String> = blora.named_gate_vars_with_prefix("bert.").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(bank, ["base_model.model.bert.blora_gates"], "every gate in one var");
+    for (module, layer) in &blora.layers {
+        for (name, v) in layer.gate_vars() {
+            let g = v.grad(&grads)?.map(|g| g.abs()?.sum_all()?.to_scalar::<f32>()).transpose()?.unwrap_or(0.0);
+            // act_B feeds no counted matmul: no prior gradient, and no task gradient when its
+            // 4-bit sample is clamped to 0. Every other gate vector gets the prior's gradient
+            // at least.
+            assert!(g > 0.0 || name.ends_with("act_B.bits"), "{module}.{name} has no gradient");
+            reached.1 += usize::from(g > 0.0);
+        }
     }
     assert_eq!(reached.0, 3 * 4, "A, E, B of 4 layers");
     assert!(reached.1 >= 6 * 4, "{}", reached.1);

@@ -503,6 +503,104 @@ fn hard_concrete_matches_composed_cuda_and_cpu() -> Result<()> {
     Ok(())
 }
 
+/// The rank multiplier the op replaced, composed from candle ops on any device: the samples,
+/// the straight-through round of their cumulative product, a 1 in front.
+fn composed_rank_multiplier(la: &Tensor, noise: &Tensor, hc: ops::HardConcrete) -> Result<Tensor> {
+    let z = composed_hard_concrete(la, noise, hc)?;
+    let mut acc = z.narrow(0, 0, 1)?;
+    let mut parts = vec![acc.clone()];
+    for i in 1..z.dim(0)? {
+        acc = acc.mul(&z.narrow(0, i, 1)?)?;
+        parts.push(acc.clone());
+    }
+    let p = Tensor::cat(&parts, 0)?;
+    let m = p.add(&p.round()?.sub(&p)?.detach())?;
+    Ok(Tensor::cat(&[&Tensor::ones(1, la.dtype(), la.device())?, &m], 0)?)
+}
+
+/// The fused rank multiplier (`ops::rank_multiplier`, kernels rank_gates_fwd/bwd) on CUDA: the
+/// composed CUDA ops' floats forward, their log α gradient to f32 rounding, and the CPU op's.
+#[test]
+fn rank_multiplier_matches_composed_cuda_and_cpu() -> Result<()> {
+    let gpu = cuda();
+    let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: None };
+    for n in [1usize, 3, 7, 15] {
+        for spread in [0.5f32, 3.0, 30.0] {
+            let la: Vec<f32> = (0..n).map(|i| spread * ((i * 7 + 3) % 5) as f32 / 4.0 - 0.3 * spread).collect();
+            let noise: Vec<f32> = (0..n).map(|i| (i as f32 * 1.37).sin() * 2.0).collect();
+            let w = randn(&[n + 1], 1.0)?;
+            let run = |dev: &Device, composed: bool| -> Result<(Vec<f64>, Vec<f64>)> {
+                let v = Var::from_tensor(&Tensor::new(la.as_slice(), dev)?)?;
+                let nz = Tensor::new(noise.as_slice(), dev)?;
+                let m = if composed {
+                    composed_rank_multiplier(v.as_tensor(), &nz, hc)?
+                } else {
+                    ops::rank_multiplier(v.as_tensor(), &nz, hc)?
+                };
+                let grads = m.mul(&w.to_device(dev)?)?.sum_all()?.backward()?;
+                let g = grads.get(v.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?;
+                Ok((host_f64(&m)?, g))
+            };
+            let (fused, composed, cpu) = (run(&gpu, false)?, run(&gpu, true)?, run(&Device::Cpu, false)?);
+            let what = format!("rank_multiplier n {n} spread {spread}");
+            assert_bits(&format!("{what} vs the composed CUDA ops"), &fused.0, &composed.0, false);
+            assert!(fused.0[0] == 1.0 && fused.0.iter().all(|&m| m == 0.0 || m == 1.0), "{what}: {:?}", fused.0);
+            for (name, got, want, tol) in [
+                ("d log α vs composed CUDA", &fused.1, &composed.1, 1e-6),
+                ("d log α vs CPU", &fused.1, &cpu.1, 1e-5),
+            ] {
+                assert_eq!(got.len(), want.len(), "{what} {name}");
+                for (a, b) in got.iter().zip(want.iter()) {
+                    assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} {name}: {got:?} vs {want:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The windowed gate ops (`hard_concrete_at`, `rank_multiplier_at`: a gate vector read straight
+/// from B-LoRA's gate bank, its gradient scattered into the whole bank) on CUDA against the CPU:
+/// samples to a few ulps (CUDA's tanhf), bank gradients to 1e-5, zero outside the window.
+#[test]
+fn windowed_gate_ops_match_cpu() -> Result<()> {
+    let gpu = cuda();
+    let values: Vec<f32> = (0..29).map(|i| ((i * 7) % 11) as f32 * 0.7 - 3.0).collect();
+    let bits = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+    let rank = ops::HardConcrete { hard_off: None, ..bits };
+    for (offset, n) in [(0usize, 4usize), (5, 4), (9, 7), (25, 4)] {
+        let noise: Vec<f32> = (0..n).map(|i| ((i + offset) as f32 * 1.37).sin() * 2.0).collect();
+        for rank_op in [false, true] {
+            let run = |dev: &Device| -> Result<(Vec<f64>, Vec<f64>)> {
+                let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
+                let nz = Tensor::new(noise.as_slice(), dev)?;
+                let out = if rank_op {
+                    ops::rank_multiplier_at(bank.as_tensor(), offset, &nz, rank)?
+                } else {
+                    ops::hard_concrete_at(bank.as_tensor(), offset, &nz, bits)?
+                };
+                let w = Tensor::arange(0f32, out.elem_count() as f32, dev)?.affine(0.3, 1.0)?;
+                let grads = out.mul(&w)?.sum_all()?.backward()?;
+                let g = grads.get(bank.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?;
+                Ok((host_f64(&out)?, g))
+            };
+            let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
+            let what = format!("window {offset}+{n} (rank op: {rank_op})");
+            assert_eq!(g.1.len(), values.len(), "{what}: the gradient spans the bank");
+            for (name, got, want) in [("out", &g.0, &c.0), ("d bank", &g.1, &c.1)] {
+                assert_eq!(got.len(), want.len(), "{what} {name}");
+                for (a, b) in got.iter().zip(want.iter()) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what} {name}: {got:?} vs {want:?}");
+                }
+            }
+            for (i, v) in g.1.iter().enumerate() {
+                assert!((offset..offset + n).contains(&i) || *v == 0.0, "{what}: gradient outside the window");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A B-LoRA layer's training forward and backward on CUDA (fused range, quantizer and their
 /// backward; candle ops for the gate samples and the matmuls) against the same layer on the
 /// CPU: outputs and the gradients of A, E, B and every gate logit, f32, with and without the
@@ -544,9 +642,14 @@ fn blora_layer_training_step_matches_cpu() -> Result<()> {
                 };
                 let grads = y.mul(&wy.to_device(dev)?)?.sum_all()?.backward()?;
                 let mut g = Vec::new();
-                for (name, v) in l.weight_vars().into_iter().chain(l.gate_vars()) {
+                for (name, v) in l.weight_vars() {
                     if let Some(t) = grads.get(v.as_tensor()) {
                         g.push((name, t.clone()));
+                    }
+                }
+                for (name, v) in l.gate_vars() {
+                    if let Some(t) = v.grad(&grads)? {
+                        g.push((name, t));
                     }
                 }
                 Ok((y, g))

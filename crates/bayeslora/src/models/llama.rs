@@ -501,7 +501,13 @@ impl DecoderLayer {
             .filter_map(|l| l.adapter.as_ref())
             .flat_map(|ad| ad.named_vars().into_iter().chain(ad.named_gate_vars()))
             .map(|(_, v)| v)
-            .collect()
+            .fold(Vec::new(), |mut vars: Vec<Var>, v| {
+                // B-LoRA's gate bank is one var shared by every adapted linear: list it once.
+                if !vars.iter().any(|w| w.id() == v.id()) {
+                    vars.push(v);
+                }
+                vars
+            })
     }
 
     /// [`DecoderLayer::forward`], or with `ctx.checkpoint` the same through

@@ -35,19 +35,83 @@ pub struct HardConcrete {
 /// Samples `z: [n]` for `log_alpha: [n]` and logistic `noise: [n]` (same dtype, f32 or f64),
 /// differentiable in `log_alpha`.
 pub fn hard_concrete(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
-    if log_alpha.rank() != 1 || noise.dims() != log_alpha.dims() || noise.dtype() != log_alpha.dtype() {
+    same_length("hard_concrete", log_alpha, noise)?;
+    hard_concrete_at(log_alpha, 0, noise, hc)
+}
+
+/// [`hard_concrete`] of the `n` gates `logits[offset..offset + n]` of a longer vector `logits`
+/// (B-LoRA's gate bank), `n` = the length of `noise`: `[n]`. The gradient goes to the whole
+/// vector (zero outside the window), with no narrow in the autograd graph, whose backward would
+/// cost a zero-fill, a cat and an add per gate vector.
+pub fn hard_concrete_at(logits: &Tensor, offset: usize, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+    let w = Window::check("hard_concrete", logits, offset, noise)?;
+    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc, w))
+}
+
+/// B-LoRA's rank multiplier `[1, m₂, …, m_r]` from the rank gates' logits `log_alpha: [n]`
+/// (n = r − 1) and logistic `noise: [n]` (same dtype, f32 or f64), differentiable in `log_alpha`:
+/// z = the hard-concrete samples (no hard-off), `m = acc + (round(acc) − acc).detach()` for the
+/// cumulative product `acc` of z (0/1 forward, the product's gradient backward), and the first
+/// component's constant 1 in front: `[n + 1]`.
+///
+/// Composed from candle ops this was ~15 ops forward (the sample, n − 1 products, the round and
+/// the straight-through sub/add, a cat) and as many backward, per layer and step; here it is one
+/// op per direction, the same floats as that composition on each device (its backward sums the
+/// product's chain rule in the order candle's autograd does).
+pub fn rank_multiplier(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+    same_length("rank_multiplier", log_alpha, noise)?;
+    rank_multiplier_at(log_alpha, 0, noise, hc)
+}
+
+/// [`rank_multiplier`] of the gates `logits[offset..offset + n]` of a longer vector, as
+/// [`hard_concrete_at`]: `[n + 1]`, the gradient to the whole vector.
+pub fn rank_multiplier_at(logits: &Tensor, offset: usize, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
+    if hc.hard_off.is_some() {
+        candle_core::bail!("rank_multiplier: rank gates have no hard-off threshold");
+    }
+    let w = Window::check("rank_multiplier", logits, offset, noise)?;
+    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, RankSample(hc, w))
+}
+
+fn same_length(what: &str, log_alpha: &Tensor, noise: &Tensor) -> Result<()> {
+    if noise.dims() != log_alpha.dims() {
         candle_core::bail!(
-            "hard_concrete: log α and noise must be one [n] vector dtype, got {:?} {:?} and {:?} {:?}",
+            "{what}: log α and noise must have one shape, got {:?} and {:?}",
             log_alpha.dims(),
-            log_alpha.dtype(),
-            noise.dims(),
-            noise.dtype()
+            noise.dims()
         );
     }
-    if !matches!(log_alpha.dtype(), DType::F32 | DType::F64) {
-        candle_core::bail!("hard_concrete: f32 or f64, got {:?}", log_alpha.dtype());
+    Ok(())
+}
+
+/// The gates an op reads: `n` logits from `offset` of its first input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Window {
+    offset: usize,
+    n: usize,
+}
+
+impl Window {
+    /// Checks `logits: [len]` and `noise: [n]` (one float dtype, f32 or f64, offset + n ≤ len).
+    fn check(what: &str, logits: &Tensor, offset: usize, noise: &Tensor) -> Result<Window> {
+        if logits.rank() != 1 || noise.rank() != 1 || noise.dtype() != logits.dtype() {
+            candle_core::bail!(
+                "{what}: log α and noise must be [len] and [n] vectors of one dtype, got {:?} {:?} and {:?} {:?}",
+                logits.dims(),
+                logits.dtype(),
+                noise.dims(),
+                noise.dtype()
+            );
+        }
+        if !matches!(logits.dtype(), DType::F32 | DType::F64) {
+            candle_core::bail!("{what}: f32 or f64, got {:?}", logits.dtype());
+        }
+        let n = noise.elem_count();
+        if offset.checked_add(n).is_none_or(|end| end > logits.elem_count()) {
+            candle_core::bail!("{what}: gates {offset}..{offset}+{n} past the {} logits", logits.elem_count());
+        }
+        Ok(Window { offset, n })
     }
-    log_alpha.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc))
 }
 
 /// The constants of one step of the composed path in `T` (candle's affine casts its f64 factors
@@ -114,31 +178,62 @@ fn sample_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Ve
     la.iter().zip(noise).zip(m).map(|((&a, &n), m)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE) * m).collect()
 }
 
-/// d(Σ g·z)/d log α through the composed path's backward: the mask, the clamp (½ on a bound),
-/// each affine, and tanh's `−(dt·(t² − 1))`.
+/// d(g·z)/d log α of one gate through the composed path's backward, for the upstream gradient
+/// `g` already times the mask: the clamp (½ on a bound), each affine, and tanh's `−(dt·(t² − 1))`.
+fn chain<T: LadderFloat + Tanh>(a: T, n: T, g: T, c: &Consts<T>) -> T {
+    let half = T::HALF;
+    let (v, t) = pre_clamp(a, n, c);
+    let side = |inside: bool, tie: bool| {
+        if inside {
+            T::ONE
+        } else if tie {
+            half
+        } else {
+            T::ZERO
+        }
+    };
+    let dv = g * (side(v > T::ZERO, v == T::ZERO) * side(v < T::ONE, v == T::ONE));
+    let dt = (dv * c.stretch + T::ZERO) * half + T::ZERO;
+    let du = -(dt * (t * t * T::ONE - T::ONE));
+    (du * half + T::ZERO) * c.inv_beta + T::ZERO
+}
+
+/// d(Σ g·z)/d log α through the composed path's backward (the mask, then [`chain`]).
 fn grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
     let m = mask(la, c.hard_off);
-    let half = T::HALF;
-    la.iter()
-        .zip(noise)
-        .zip(g.iter().zip(m))
-        .map(|((&a, &n), (&g, m))| {
-            let (v, t) = pre_clamp(a, n, c);
-            let side = |inside: bool, tie: bool| {
-                if inside {
-                    T::ONE
-                } else if tie {
-                    half
-                } else {
-                    T::ZERO
-                }
-            };
-            let dv = g * m * (side(v > T::ZERO, v == T::ZERO) * side(v < T::ONE, v == T::ONE));
-            let dt = (dv * c.stretch + T::ZERO) * half + T::ZERO;
-            let du = -(dt * (t * t * T::ONE - T::ONE));
-            (du * half + T::ZERO) * c.inv_beta + T::ZERO
-        })
-        .collect()
+    la.iter().zip(noise).zip(g.iter().zip(m)).map(|((&a, &n), (&g, m))| chain(a, n, g * m, c)).collect()
+}
+
+/// The clamped samples z and their cumulative products (the composed path's `acc`).
+fn samples_and_products<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> (Vec<T>, Vec<T>) {
+    let z: Vec<T> = la.iter().zip(noise).map(|(&a, &n)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE)).collect();
+    let mut acc = Vec::with_capacity(z.len());
+    for (i, &zi) in z.iter().enumerate() {
+        acc.push(if i == 0 { zi } else { acc[i - 1] * zi });
+    }
+    (z, acc)
+}
+
+/// [`rank_multiplier`]'s forward on the CPU: `[1, acc + (round(acc) − acc)]`.
+fn rank_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Vec<T> {
+    let (_, acc) = samples_and_products(la, noise, c);
+    std::iter::once(T::ONE).chain(acc.into_iter().map(|a| a + (a.round_away() - a))).collect()
+}
+
+/// [`rank_multiplier`]'s backward on the CPU for the upstream gradient `g: [n + 1]`: the gradient
+/// of each product `G_i = g_{i+1} + G_{i+1}·z_{i+1}` (straight through the round; the constant
+/// gets none), `dz_i = G_i·acc_{i−1}` (`G_0` for the first), then [`chain`].
+fn rank_grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
+    let n = la.len();
+    let (z, acc) = samples_and_products(la, noise, c);
+    let mut out = vec![T::ZERO; n];
+    let mut big_g = T::ZERO;
+    for i in (0..n).rev() {
+        big_g = if i + 1 == n { g[i + 1] } else { g[i + 1] + big_g * z[i + 1] };
+        let dz = if i == 0 { big_g } else { big_g * acc[i - 1] };
+        out[i] = chain(la[i], noise[i], dz, c);
+    }
+    out
 }
 
 /// The contiguous elements of a CPU input of type `T`.
@@ -148,11 +243,66 @@ fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Re
     Ok(&data[a..b])
 }
 
-/// [`hard_concrete`]'s forward: inputs log α and noise.
-struct Sample(HardConcrete);
+/// One direction of an op on the CPU: `f(window of log α, noise, gradient or [], constants)`.
+type CpuPass<T> = fn(&[T], &[T], &[T], &Consts<T>) -> Vec<T>;
 
-/// Its backward: inputs log α, noise and the upstream gradient; output d log α.
-struct SampleGrad(HardConcrete);
+/// Runs `f` on the inputs; with `scatter` its result goes into zeros of log α's length (the
+/// backward's gradient of the whole logit vector).
+fn cpu_pass<T: LadderFloat + Tanh + candle_core::WithDType>(
+    inputs: &[(&CpuStorage, &Layout)],
+    w: Window,
+    hc: &HardConcrete,
+    scatter: bool,
+    f: CpuPass<T>,
+) -> Result<Vec<T>> {
+    let la = cpu_slice::<T>(inputs[0].0, inputs[0].1)?;
+    let noise = cpu_slice::<T>(inputs[1].0, inputs[1].1)?;
+    let g: &[T] = match inputs.get(2) {
+        Some((s, l)) => cpu_slice::<T>(s, l)?,
+        None => &[],
+    };
+    let out = f(&la[w.offset..w.offset + w.n], noise, g, &Consts::of(hc));
+    if !scatter || la.len() == w.n {
+        return Ok(out);
+    }
+    let mut full = vec![T::ZERO; la.len()];
+    full[w.offset..w.offset + w.n].copy_from_slice(&out);
+    Ok(full)
+}
+
+fn cpu_run(
+    inputs: &[(&CpuStorage, &Layout)],
+    w: Window,
+    hc: &HardConcrete,
+    scatter: bool,
+    (f32_pass, f64_pass): (CpuPass<f32>, CpuPass<f64>),
+) -> Result<CpuStorage> {
+    Ok(match inputs[0].0.dtype() {
+        DType::F32 => CpuStorage::F32(cpu_pass(inputs, w, hc, scatter, f32_pass)?),
+        DType::F64 => CpuStorage::F64(cpu_pass(inputs, w, hc, scatter, f64_pass)?),
+        other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
+    })
+}
+
+fn sample_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], _g: &[T], c: &Consts<T>) -> Vec<T> {
+    sample_cpu(la, noise, c)
+}
+
+fn rank_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], _g: &[T], c: &Consts<T>) -> Vec<T> {
+    rank_cpu(la, noise, c)
+}
+
+/// [`hard_concrete_at`]'s forward: inputs log α and noise, output `[n]`.
+struct Sample(HardConcrete, Window);
+
+/// Its backward: inputs log α, noise and the upstream gradient; output d log α (log α's shape).
+struct SampleGrad(HardConcrete, Window);
+
+/// [`rank_multiplier_at`]'s forward: inputs log α and noise, output `[n + 1]`.
+struct RankSample(HardConcrete, Window);
+
+/// Its backward: inputs log α, noise and the upstream gradient `[n + 1]`; output d log α.
+struct RankSampleGrad(HardConcrete, Window);
 
 impl CustomOp2 for Sample {
     fn name(&self) -> &'static str {
@@ -160,12 +310,8 @@ impl CustomOp2 for Sample {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(sample_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(&self.0))),
-            DType::F64 => CpuStorage::F64(sample_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, &Consts::of(&self.0))),
-            other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
-        };
-        Ok((out, l1.shape().clone()))
+        let out = cpu_run(&[(s1, l1), (s2, l2)], self.1, &self.0, false, (sample_pass, sample_pass))?;
+        Ok((out, Shape::from(self.1.n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -176,7 +322,8 @@ impl CustomOp2 for Sample {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+        let out = cuda::Out::Len(self.1.n);
+        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)], self.1, out)?, Shape::from(self.1.n)))
     }
 
     fn bwd(
@@ -186,7 +333,7 @@ impl CustomOp2 for Sample {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &SampleGrad(self.0))?;
+        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &SampleGrad(self.0, self.1))?;
         Ok((Some(d), None))
     }
 }
@@ -205,16 +352,7 @@ impl CustomOp3 for SampleGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c = &self.0;
-        let out = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(grad_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, &Consts::of(c)))
-            }
-            DType::F64 => {
-                CpuStorage::F64(grad_cpu(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, &Consts::of(c)))
-            }
-            other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
-        };
+        let out = cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, (grad_cpu, grad_cpu))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -228,16 +366,93 @@ impl CustomOp3 for SampleGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)])?, l1.shape().clone()))
+        let out = cuda::Out::Scatter(l1.shape().elem_count());
+        let d = cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)], self.1, out)?;
+        Ok((d, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for RankSample {
+    fn name(&self) -> &'static str {
+        "rank-multiplier"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_run(&[(s1, l1), (s2, l2)], self.1, &self.0, false, (rank_pass, rank_pass))?;
+        Ok((out, Shape::from(self.1.n + 1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = self.1.n;
+        let m = cuda::launch("rank_gates_fwd", &self.0, &[(s1, l1), (s2, l2)], self.1, cuda::Out::Len(n + 1))?;
+        Ok((m, Shape::from(n + 1)))
+    }
+
+    fn bwd(
+        &self,
+        la: &Tensor,
+        noise: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &RankSampleGrad(self.0, self.1))?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for RankSampleGrad {
+    fn name(&self) -> &'static str {
+        "rank-multiplier-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l3.shape().elem_count() != self.1.n + 1 {
+            candle_core::bail!("rank_multiplier backward: gradient {:?} for {} gates", l3.shape(), self.1.n);
+        }
+        let out = cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, (rank_grad_cpu, rank_grad_cpu))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l3.shape().elem_count() != self.1.n + 1 {
+            candle_core::bail!("rank_multiplier backward: gradient {:?} for {} gates", l3.shape(), self.1.n);
+        }
+        let out = cuda::Out::Scatter(l1.shape().elem_count());
+        let d = cuda::launch("rank_gates_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)], self.1, out)?;
+        Ok((d, l1.shape().clone()))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
-    use super::HardConcrete;
+    use super::{HardConcrete, Window};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -255,12 +470,29 @@ mod cuda {
     // SAFETY: plain-old-data with the kernel's C layout.
     unsafe impl DeviceRepr for HardConcreteParams {}
 
-    /// `<entry>_<dtype>(params, inputs.., out)` on one thread, out `[n]` of the inputs' dtype.
-    pub(super) fn launch(entry: &str, hc: &HardConcrete, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
-        fn go<T: CudaDType + DeviceRepr>(
+    /// What a launch returns: `Len(k)`, the k values the kernel writes; `Scatter(len)`, zeros of
+    /// `len` with the kernel's n values at the window (the gradient of the whole logit vector).
+    #[derive(Clone, Copy)]
+    pub(super) enum Out {
+        Len(usize),
+        Scatter(usize),
+    }
+
+    /// `<entry>_<dtype>(params, window of input 0, inputs 1.., out)` on one thread for the
+    /// window's n gates.
+    pub(super) fn launch(
+        entry: &str,
+        hc: &HardConcrete,
+        inputs: &[(&CudaStorage, &Layout)],
+        w: Window,
+        out: Out,
+    ) -> Result<CudaStorage> {
+        fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             entry: &str,
             params: HardConcreteParams,
             inputs: &[(&CudaStorage, &Layout)],
+            w: Window,
+            out: Out,
         ) -> Result<CudaStorage> {
             let dev = inputs[0].0.device().clone();
             let func = Kernel::BLora.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
@@ -268,36 +500,43 @@ mod cuda {
                 .iter()
                 .map(|(s, l)| contiguous_view::<T>(s, l, "hard_concrete input"))
                 .collect::<Result<Vec<_>>>()?;
-            // SAFETY: the kernel writes all n elements.
-            let mut out = unsafe { dev.alloc::<T>(params.n as usize)? };
+            let la = views[0].slice(w.offset..w.offset + w.n);
+            let (mut buf, start, end) = match out {
+                // SAFETY: the kernel writes all k elements.
+                Out::Len(k) => (unsafe { dev.alloc::<T>(k)? }, 0, k),
+                Out::Scatter(len) => (dev.alloc_zeros::<T>(len)?, w.offset, w.offset + w.n),
+            };
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&func);
-            b.arg(&params);
-            for v in &views {
-                b.arg(v);
+            {
+                let mut dst = buf.slice_mut(start..end);
+                let mut b = stream.launch_builder(&func);
+                b.arg(&params);
+                b.arg(&la);
+                for v in &views[1..] {
+                    b.arg(v);
+                }
+                b.arg(&mut dst);
+                let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/blora.cu.
+                unsafe { b.launch(cfg) }.w()?;
             }
-            b.arg(&mut out);
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/blora.cu.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(T::wrap_cuda_slice(out, dev))
+            Ok(T::wrap_cuda_slice(buf, dev))
         }
         let dtype = inputs[0].0.dtype();
         if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
             candle_core::bail!("{entry}: inputs of one dtype");
         }
-        let n = inputs[0].1.shape().elem_count();
         let params = HardConcreteParams {
             inv_beta: 1.0 / hc.beta,
             stretch: hc.zeta - hc.gamma,
             gamma: hc.gamma,
             hard_off: hc.hard_off.unwrap_or(0.0),
-            n: u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{entry}: {n} gates")))?,
+            n: u32::try_from(w.n).map_err(|_| candle_core::Error::Msg(format!("{entry}: {} gates", w.n)))?,
             use_hard_off: hc.hard_off.is_some() as u32,
         };
         match dtype {
-            DType::F32 => go::<f32>(entry, params, inputs),
-            DType::F64 => go::<f64>(entry, params, inputs),
+            DType::F32 => go::<f32>(entry, params, inputs, w, out),
+            DType::F64 => go::<f64>(entry, params, inputs, w, out),
             other => candle_core::bail!("{entry}: no CUDA kernel for {other:?}"),
         }
     }

@@ -43,7 +43,7 @@ pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
     flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
 };
-pub use hard_concrete::{hard_concrete, HardConcrete};
+pub use hard_concrete::{hard_concrete, hard_concrete_at, rank_multiplier, rank_multiplier_at, HardConcrete};
 pub use linear::frozen_linear;
 pub use norm::{layer_norm, rms_norm};
 pub use quantize::{gated_quantize, update_range, PARAMS as QUANTIZE_PARAMS};

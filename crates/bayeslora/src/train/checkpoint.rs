@@ -395,9 +395,14 @@ fn apply(
 ) -> Result<CheckpointState> {
     let file = ckpt.join("trainable.safetensors");
     for (name, var) in model.trainable() {
+        let legacy = match saved.trainable.get(&name) {
+            Some(_) => None,
+            None => model.legacy_trainable(&name, &saved.trainable)?,
+        };
         let t = saved
             .trainable
             .get(&name)
+            .or(legacy.as_ref())
             .ok_or_else(|| Error::MissingTensor { file: file.clone(), name: name.clone() })?;
         if t.dims() != var.dims() {
             return Err(Error::TensorShape {

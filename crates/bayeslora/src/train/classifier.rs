@@ -76,8 +76,9 @@ impl Adapters {
     }
 }
 
-/// The gate logits' key marker: `….blora_gates.rank`, `….blora_gates.A.bits`.
-const GATE_MARK: &str = ".blora_gates.";
+/// The gate logits' key marker: the bank `….blora_gates` (and the per-layer `….blora_gates.rank`,
+/// `….blora_gates.lora_A.bits` of older checkpoints).
+const GATE_MARK: &str = ".blora_gates";
 
 impl TaskModel {
     /// Attaches LoRA per `lora` (its default targets if none are given) and, for encoders, a
@@ -219,6 +220,15 @@ impl Classifier for TaskModel {
         let Adapters::Blora(b) = &self.adapters else { return Ok(None) };
         match b.layers.regularizer()? {
             Some(prior) if b.mu != 0.0 => Ok(Some(prior.affine(b.mu, 0.0)?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn legacy_trainable(&self, name: &str, saved: &HashMap<String, Tensor>) -> Result<Option<Tensor>> {
+        match &self.adapters {
+            Adapters::Blora(b) if b.layers.named_gate_vars_with_prefix("").iter().any(|(n, _)| n == name) => {
+                b.layers.bank_from_per_layer("", saved)
+            }
             _ => Ok(None),
         }
     }

@@ -62,6 +62,17 @@ pub trait Classifier {
     fn regularizer_weight(&self, _step: usize) -> f64 {
         1.0
     }
+    /// A trainable var that an older checkpoint stored under other names (`saved`: its
+    /// trainable tensors), rebuilt from them; `None` when there is nothing to rebuild (the
+    /// checkpoint then fails to load with the var's name). B-LoRA: the gate bank from the
+    /// per-layer gate vectors of checkpoints written before the gates were one var.
+    fn legacy_trainable(
+        &self,
+        _name: &str,
+        _saved: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// State that is not trained but must survive a resume (B-LoRA's quantizer ranges, fixed
     /// at the first forward), with stable names; restored by [`Classifier::load_buffers`].
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {

@@ -14,9 +14,12 @@
 //!
 //! Every tensor here is a small vector (`[4]` bit gates, `[r − 1]` rank gates), f32 on the
 //! logits' device; the uniform noise comes from a seeded generator so a step is reproducible.
-use candle_core::{Tensor, D};
+#[cfg(test)]
+use candle_core::D;
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
+use super::bank::GateRef;
 use crate::{ops, Result};
 
 /// Temperature β of the binary concrete.
@@ -79,22 +82,46 @@ fn hard_concrete(hard_off: bool) -> ops::HardConcrete {
 /// Hard-concrete samples for `log_alpha: [n]` given logistic `noise` of the same shape (one op
 /// per direction, [`ops::hard_concrete`]; the same floats as `sigmoid` and an affine clamp
 /// composed from candle ops on each device).
+#[cfg(test)]
 pub(crate) fn sample(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
     Ok(ops::hard_concrete(log_alpha, noise, hard_concrete(false))?)
 }
 
 /// [`sample`] times [`hard_off_mask`]: the bit gates of one quantizer, in one op.
+#[cfg(test)]
 pub(crate) fn sample_bits(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
     Ok(ops::hard_concrete(log_alpha, noise, hard_concrete(true))?)
 }
 
+/// A quantizer's bit gates `gates: [4]` sampled with logistic `noise`, zero where hard-off, read
+/// straight from the bank ([`ops::hard_concrete_at`]: no narrow in the autograd graph).
+pub(crate) fn sample_bits_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::hard_concrete_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(true))?)
+}
+
+/// A layer's rank multiplier `[1, m₂, …, m_r]` from its rank gates `gates: [r − 1]` in the bank
+/// and logistic `noise` ([`ops::rank_multiplier_at`]).
+pub(crate) fn rank_multiplier_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::rank_multiplier_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(false))?)
+}
+
+/// The rank multiplier `[1, nested_prefix(sample(log_alpha, noise))]` of a layer's rank gates
+/// `log_alpha: [r − 1]`, in one op per direction ([`ops::rank_multiplier`]; the same floats as
+/// [`sample`], [`nested_prefix`] and a 1 in front composed from candle ops).
+#[cfg(test)]
+pub(crate) fn rank_multiplier(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    Ok(ops::rank_multiplier(log_alpha, noise, hard_concrete(false))?)
+}
+
 /// `x + (round(x) − x).detach()`: rounds in the forward pass, identity in the backward pass.
+#[cfg(test)]
 pub(crate) fn ste_round(x: &Tensor) -> Result<Tensor> {
     Ok(x.add(&x.round()?.sub(x)?.detach())?)
 }
 
 /// Cumulative product of a vector `[n]` → `[n]`, differentiable (n is a rank or 4: a short loop
-/// of scalar products).
+/// of scalar products). The composed reference of [`rank_multiplier`] and the prior's masks.
+#[cfg(test)]
 pub(crate) fn cumprod(v: &Tensor) -> Result<Tensor> {
     let n = v.dim(D::Minus1)?;
     if n == 0 {
@@ -111,12 +138,15 @@ pub(crate) fn cumprod(v: &Tensor) -> Result<Tensor> {
 
 /// Rank multipliers of components 2..r from their gates `z: [r − 1]`: the straight-through
 /// round of the cumulative product (forward 0/1; backward through the product).
+#[cfg(test)]
 pub(crate) fn nested_prefix(z: &Tensor) -> Result<Tensor> {
     ste_round(&cumprod(z)?)
 }
 
 /// Which bit gates may be on (4, 8, 16, 32 bits) as 0/1 `[4]` on the logits' device: all up to
 /// the first with log α ≤ −2, none after. Computed on the device (no host read in a step).
+/// The per-quantizer reference of [`super::bank::PriorPlan`]'s mask.
+#[cfg(test)]
 pub(crate) fn hard_off_mask(log_alpha: &Tensor) -> Result<Tensor> {
     cumprod(&log_alpha.gt(HARD_OFF)?.to_dtype(log_alpha.dtype())?)
 }
@@ -132,13 +162,17 @@ pub(crate) fn bits_from_open(open: usize) -> u32 {
 }
 
 /// E[bits] = 2 + 2 q₄ + 4 q₄q₈ + 8 q₄q₈q₁₆ + 16 q₄q₈q₁₆q₃₂ for the open probabilities `q: [4]`
-/// (already zero where hard-off) → `[1]`.
+/// (already zero where hard-off) → `[1]`. The per-quantizer reference of
+/// [`super::bank::PriorPlan`].
+#[cfg(test)]
 pub(crate) fn expected_bits(q: &Tensor) -> Result<Tensor> {
     let added = Tensor::new(&[2f32, 4., 8., 16.], q.device())?.to_dtype(q.dtype())?;
     Ok(cumprod(q)?.mul(&added)?.sum_keepdim(0)?.affine(1.0, 2.0)?)
 }
 
-/// Expected number of open nested gates, Σᵢ ∏_{k≤i} qₖ → `[1]`.
+/// Expected number of open nested gates, Σᵢ ∏_{k≤i} qₖ → `[1]` (the per-layer reference of
+/// [`super::bank::PriorPlan`]).
+#[cfg(test)]
 pub(crate) fn expected_open(q: &Tensor) -> Result<Tensor> {
     Ok(cumprod(q)?.sum_keepdim(0)?)
 }
@@ -226,6 +260,46 @@ mod tests {
         let g = g.get(soft.as_tensor()).map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default();
         // d(z1 + z1 z2)/dz1 = 1 + z2, d/dz2 = z1.
         assert!((g[0] - 1.7).abs() < 1e-6 && (g[1] - 0.9).abs() < 1e-6, "{g:?}");
+        Ok(())
+    }
+
+    /// The fused rank multiplier against the composition it replaced (sample, nested prefix, a 1
+    /// in front): the same floats forward, the same log α gradient, for soft, clamped and mixed
+    /// gates and every length up to 9.
+    #[test]
+    fn rank_multiplier_equals_the_composed_ops() -> Result<()> {
+        for n in 1..=9usize {
+            for (k, spread) in [0.5f32, 3.0, 30.0].iter().enumerate() {
+                let la: Vec<f32> = (0..n).map(|i| spread * ((i * 7 + k * 3) % 5) as f32 / 4.0 - 0.3 * spread).collect();
+                let noise = Tensor::from_vec(logistic_noise(n, (10 * n + k) as u64), n, &Device::Cpu)?;
+                let w = Tensor::from_vec((0..=n).map(|i| 1.0 - 0.3 * i as f32).collect::<Vec<_>>(), n + 1, &Device::Cpu)?;
+                let run = |fused: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+                    let v = Var::new(la.as_slice(), &Device::Cpu)?;
+                    let m = if fused {
+                        rank_multiplier(v.as_tensor(), &noise)?
+                    } else {
+                        let m = nested_prefix(&sample(v.as_tensor(), &noise)?)?;
+                        Tensor::cat(&[&Tensor::ones(1, DType::F32, &Device::Cpu)?, &m], 0)?
+                    };
+                    let g = m.mul(&w)?.sum_all()?.backward()?;
+                    let g = g.get(v.as_tensor()).map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default();
+                    Ok((m.to_vec1::<f32>()?, g))
+                };
+                let ((mf, gf), (mc, gc)) = (run(true)?, run(false)?);
+                assert_eq!(mf, mc, "n {n}, spread {spread}");
+                assert_eq!(mf[0], 1.0);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&gf), bits(&gc), "n {n}, spread {spread}: {gf:?} vs {gc:?}");
+            }
+        }
+        // The soft case passes a gradient (asserted against the hand-computed product rule in
+        // nested_prefix_rounds_forward_and_passes_gradient for the composition).
+        let v = Var::new(&[0.1f32, 0.2, -0.1], &Device::Cpu)?;
+        let noise = Tensor::new(&[0.0f32, 0.1, -0.2], &Device::Cpu)?;
+        let g = rank_multiplier(v.as_tensor(), &noise)?.sum_all()?.backward()?;
+        let g = g.get(v.as_tensor()).map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default();
+        assert!(g.iter().all(|x| x.abs() > 1e-3), "{g:?}");
+        assert!(ops::rank_multiplier(v.as_tensor(), &noise, hard_concrete(true)).is_err(), "no hard-off");
         Ok(())
     }
 

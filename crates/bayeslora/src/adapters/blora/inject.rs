@@ -5,19 +5,29 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
-use super::config::BLoraConfig;
+use super::bank::{GateBank, PriorPlan};
+use super::config::{BLoraConfig, GateCost};
 use super::layer::{BLoraLayer, LearnedLayer};
 use crate::adapters::lora::inject::select_targets;
 use crate::adapters::lora::PEFT_PREFIX;
 use crate::adapters::{Adapter, Ctx, HasLinears};
 use crate::{Error, Result};
 
-/// The B-LoRA layers [`attach_blora`] installed, in the model's module order.
+/// The B-LoRA layers [`attach_blora`] installed, in the model's module order, with the one
+/// [`GateBank`] that holds all their gate logits.
 #[derive(Debug, Clone, Default)]
 pub struct AttachedBLora {
     /// `(HF module name, layer)`; the same `Arc` sits in the model's [`Linear`].
     pub layers: Vec<(String, Arc<BLoraLayer>)>,
+    /// Every layer's gates (`None` without gates).
+    bank: Option<Arc<GateBank>>,
+    /// The prior of every layer as one computation over the bank, and its cost.
+    prior: Option<(Arc<PriorPlan>, GateCost)>,
 }
+
+/// The name of the bank's var under [`PEFT_PREFIX`] and a model prefix: one flat `[G]` vector,
+/// layer after layer (see [`super::bank`]).
+pub const GATE_BANK_NAME: &str = "blora_gates";
 
 impl AttachedBLora {
     pub fn len(&self) -> usize {
@@ -47,10 +57,39 @@ impl AttachedBLora {
         self.named(prefix, BLoraLayer::weight_vars)
     }
 
-    /// The gate logits, `base_model.model.{prefix}{module}.blora_gates.rank` etc.: for the gate
-    /// optimizer (Adam at `gate_lr`, no weight decay).
+    /// The gate logits of every layer in one var, `base_model.model.{prefix}blora_gates`
+    /// (`[G]`, layer after layer; each layer's part is [`BLoraLayer::gate_vars`]): for the gate
+    /// optimizer (Adam at `gate_lr`, no weight decay). Empty without gates.
     pub fn named_gate_vars_with_prefix(&self, prefix: &str) -> Vec<(String, Var)> {
-        self.named(prefix, BLoraLayer::gate_vars)
+        self.bank.iter().map(|b| (format!("{PEFT_PREFIX}{prefix}{GATE_BANK_NAME}"), b.var().clone())).collect()
+    }
+
+    /// The bank of every layer's gate logits.
+    pub fn gate_bank(&self) -> Option<&Arc<GateBank>> {
+        self.bank.as_ref()
+    }
+
+    /// The bank's values from the per-layer gate tensors `{module}.blora_gates.rank` and
+    /// `{module}.blora_gates.<slot>.bits` under `base_model.model.{prefix}` in `saved` (the
+    /// layout of checkpoints written before the gates were one var); `None` when `saved` lacks
+    /// any of them.
+    pub fn bank_from_per_layer(&self, prefix: &str, saved: &HashMap<String, Tensor>) -> Result<Option<Tensor>> {
+        let Some(bank) = &self.bank else { return Ok(None) };
+        let mut parts = Vec::new();
+        for (m, l) in &self.layers {
+            for (s, g) in l.gate_vars() {
+                let Some(t) = saved.get(&format!("{PEFT_PREFIX}{prefix}{m}.{s}")) else { return Ok(None) };
+                if t.elem_count() != g.elem_count() {
+                    return Err(Error::config(
+                        &format!("{m}.{s}"),
+                        format!("{:?}", t.dims()),
+                        format!("expected {} gate logits", g.elem_count()),
+                    ));
+                }
+                parts.push(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_device(bank.var().device())?);
+            }
+        }
+        Ok(Some(Tensor::cat(&parts, 0)?))
     }
 
     /// Every layer's full state (weights, gates, ranges) under the same keys.
@@ -102,18 +141,12 @@ impl AttachedBLora {
     }
 
     /// The summed gate prior of every layer (μ not included; scalar): `None` when no layer has
-    /// gates.
+    /// gates. One vectorised computation over the bank ([`PriorPlan`]), not one per layer.
     pub fn regularizer(&self) -> Result<Option<Tensor>> {
-        let mut total: Option<Tensor> = None;
-        for (_, l) in &self.layers {
-            if let Some(r) = l.regularizer()? {
-                total = Some(match total {
-                    Some(t) => t.add(&r)?,
-                    None => r,
-                });
-            }
+        match (&self.bank, &self.prior) {
+            (Some(bank), Some((plan, cost))) => Ok(Some(plan.prior(bank.var().as_tensor(), *cost)?)),
+            _ => Ok(None),
         }
-        Ok(total)
     }
 
     /// Learned rank and bits per module (deterministic gates).
@@ -152,9 +185,31 @@ pub fn attach_blora(
         built.push(BLoraLayer::new(linear.in_features(), linear.out_features(), config, layer_seed, device)?);
     }
     let norm = built.iter().map(BLoraLayer::full_bops).sum::<f64>() / built.len().max(1) as f64;
-    let mut attached = AttachedBLora::default();
-    for ((name, linear), mut layer) in selected.into_iter().zip(built) {
+    // Every layer's gates into one bank, in layer order (each layer's own order within).
+    let mut values = Vec::with_capacity(built.iter().map(BLoraLayer::gate_count).sum());
+    for layer in &built {
+        for (_, g) in layer.gate_vars() {
+            values.extend(g.to_vec()?);
+        }
+    }
+    let bank = (!values.is_empty()).then(|| GateBank::new(&values, device)).transpose()?;
+    let mut offset = 0;
+    for layer in &mut built {
         layer.set_bops_norm(norm)?;
+        if let Some(bank) = &bank {
+            layer.bind_gates(bank, offset)?;
+            offset += layer.gate_count();
+        }
+    }
+    let prior = match &bank {
+        Some(_) => {
+            let costs: Vec<_> = built.iter().map(BLoraLayer::cost_terms).collect();
+            Some((Arc::new(PriorPlan::new(&costs, device)?), config.cost))
+        }
+        None => None,
+    };
+    let mut attached = AttachedBLora { bank, prior, ..AttachedBLora::default() };
+    for ((name, linear), layer) in selected.into_iter().zip(built) {
         let layer = Arc::new(layer);
         linear.adapter = Some(layer.clone() as Arc<dyn Adapter>);
         attached.layers.push((name, layer));
@@ -208,7 +263,7 @@ mod tests {
         assert_eq!(w[0], "base_model.model.bert.layers.0.q_proj.lora_A.weight");
         assert_eq!(w[1], "base_model.model.bert.layers.0.q_proj.lora_E");
         let g: Vec<String> = a.named_gate_vars_with_prefix("").into_iter().map(|(n, _)| n).collect();
-        assert_eq!(g[0], "base_model.model.layers.0.q_proj.blora_gates.rank");
+        assert_eq!(g, ["base_model.model.blora_gates"], "one var for every gate");
         // Gates at 6: every prior ≈ its all-on value; two same-shaped layers of norm 1 each → ≈ 2·(≈1).
         let prior = a.regularizer()?.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or_default();
         assert!(prior > 1.5 && prior <= 2.0 + 1e-5, "{prior}");
@@ -220,6 +275,128 @@ mod tests {
         assert_eq!(m.layers[0].forward(&x, &Ctx::train(0))?.to_vec2::<f32>()?, vec![vec![5f32; 3]]);
         // A second attach on the same modules is refused.
         assert!(attach_blora(&mut m, &cfg(&["q_proj"]), 1, &Device::Cpu).is_err());
+        Ok(())
+    }
+
+    /// The bank holds every layer's gates in layer order; the model's prior is the sum of the
+    /// layers' composed priors (same value to f32 rounding, same gradient), whatever the cost.
+    #[test]
+    fn one_bank_and_one_prior_for_every_layer() -> Result<()> {
+        for cost in [GateCost::Bops, GateCost::Const] {
+            let mut m = toy()?;
+            let c = BLoraConfig { r: 3, cost, quantize_base: true, ..cfg(&["q_proj", "v_proj"]) };
+            let a = attach_blora(&mut m, &c, 2, &Device::Cpu)?;
+            let bank = a.gate_bank().ok_or_else(|| Error::config("t", "", "bank"))?.var().clone();
+            // Distinct values everywhere, set through the layers' views.
+            let mut at = 0;
+            for (k, (_, l)) in a.layers.iter().enumerate() {
+                for (j, (_, g)) in l.gate_vars().into_iter().enumerate() {
+                    assert_eq!(g.offset(), at, "layer {k} gate {j}: layer after layer, no gap");
+                    at += g.elem_count();
+                    let v: Vec<f32> = (0..g.elem_count()).map(|i| ((k * 7 + j * 3 + i) % 11) as f32 * 0.6 - 2.8).collect();
+                    g.set(&Tensor::new(v.as_slice(), &Device::Cpu)?)?;
+                    assert_eq!(g.to_vec()?, v);
+                }
+            }
+            assert_eq!(at, bank.elem_count());
+            let prior = a.regularizer()?.ok_or_else(|| Error::config("t", "", "prior"))?;
+            let mut sum: Option<Tensor> = None;
+            for (_, l) in &a.layers {
+                let r = l.regularizer_reference(cost)?;
+                sum = Some(match sum {
+                    Some(s) => s.add(&r)?,
+                    None => r,
+                });
+            }
+            let sum = sum.ok_or_else(|| Error::config("t", "", "layers"))?;
+            let (p, s) = (prior.to_scalar::<f32>()?, sum.to_scalar::<f32>()?);
+            assert!((p - s).abs() <= 1e-6 * s.abs(), "{cost:?}: {p} vs {s}");
+            let grad = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.backward()?.get(bank.as_tensor()).map(|g| g.to_vec1::<f32>()).transpose()?.unwrap_or_default())
+            };
+            let (gp, gs) = (grad(&prior)?, grad(&sum)?);
+            assert_eq!(gp.len(), bank.elem_count());
+            for (x, y) in gp.iter().zip(&gs) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{cost:?}: {gp:?} vs {gs:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Timing on the CPU (run with `--ignored --nocapture`): the prior's forward + backward over
+    /// 60 adapted linears (SmolLM2-135M's q,v: 6 quantizers and 7 rank gates each), per layer
+    /// (the composed path this replaced) against the one vectorised computation, min of 20.
+    #[test]
+    #[ignore]
+    fn prior_timing_60_layers() -> Result<()> {
+        struct Many(Vec<Linear>);
+        impl HasLinears for Many {
+            fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+                self.0.iter_mut().enumerate().map(|(i, l)| (format!("layers.{i}.q_proj"), l)).collect()
+            }
+        }
+        let mut m = Many(
+            (0..60)
+                .map(|_| Ok(Linear::new(Tensor::zeros((64, 64), DType::F32, &Device::Cpu)?, None)))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let a = attach_blora(&mut m, &BLoraConfig { r: 8, ..cfg(&["q_proj"]) }, 0, &Device::Cpu)?;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                f()?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(best)
+        };
+        let composed = time(&|| {
+            let mut sum: Option<Tensor> = None;
+            for (_, l) in &a.layers {
+                let r = l.regularizer_reference(GateCost::Bops)?;
+                sum = Some(match sum {
+                    Some(s) => s.add(&r)?,
+                    None => r,
+                });
+            }
+            sum.map(|s| s.backward()).transpose()?;
+            Ok(())
+        })?;
+        let plan = time(&|| {
+            a.regularizer()?.map(|p| p.backward()).transpose()?;
+            Ok(())
+        })?;
+        println!("prior fwd+bwd, 60 layers: per layer (composed) {composed:.3} ms, one plan {plan:.3} ms");
+        // Ops the autograd graph records (each one kernel forward, one or more backward).
+        let mut sum: Option<Tensor> = None;
+        for (_, l) in &a.layers {
+            let r = l.regularizer_reference(GateCost::Bops)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&r)?,
+                None => r,
+            });
+        }
+        let nodes = |t: &Tensor| t.sorted_nodes().len();
+        let old_nodes = sum.as_ref().map_or(0, nodes);
+        let new_nodes = a.regularizer()?.as_ref().map_or(0, nodes);
+        println!("prior graph nodes, 60 layers: per layer (composed) {old_nodes}, one plan {new_nodes}");
+        // A layer's training forward (tiny x) with everything but the matmuls being gates and
+        // quantizers: its graph size now.
+        let x = Tensor::ones((2, 64), DType::F32, &Device::Cpu)?;
+        let (_, l) = &a.layers[0];
+        let y = Adapter::forward(l.as_ref(), &x, &Ctx::train(1), 0)?;
+        println!("one layer's adapter forward graph nodes now: {}", nodes(&y));
+        let la = Var::new(&[0.5f32; 7], &Device::Cpu)?;
+        let noise = Tensor::new(&[0.1f32; 7], &Device::Cpu)?;
+        let composed = Tensor::cat(
+            &[
+                &Tensor::ones(1, DType::F32, &Device::Cpu)?,
+                &super::super::gates::nested_prefix(&super::super::gates::sample(la.as_tensor(), &noise)?)?,
+            ],
+            0,
+        )?;
+        let fused = super::super::gates::rank_multiplier(la.as_tensor(), &noise)?;
+        println!("rank multiplier graph nodes (r 8): composed {}, fused {}", nodes(&composed), nodes(&fused));
         Ok(())
     }
 

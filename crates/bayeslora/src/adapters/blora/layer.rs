@@ -14,11 +14,13 @@
 //! [`Adapter::forward_with_base`]) and feeds `Q_x(x)` to the adapter path too. The base bias stays
 //! f32 (the fork quantizes it with W0's quantizer; bias adds are not counted in BOPs).
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
+use super::bank::{GateBank, GateRef, LayerCost, PriorPlan};
 use super::config::{BLoraConfig, GateCost, InitE};
 use super::gates;
 use super::quantizer::{Quantizer, Range, Slot};
@@ -32,7 +34,7 @@ const GATE_SALT: u64 = 0xB1_6A_7E_00_00_00_00_00;
 /// The rank gates' noise index after the eight quantizer slots.
 const RANK_NOISE: u64 = 9;
 /// Bits counted for tensors that are not quantized (f32 compute).
-const FULL_BITS: f64 = 32.0;
+const FULL_BITS: f64 = super::bank::FULL_BITS as f64;
 
 /// What training learned for one layer: its rank and each quantized tensor's bit-width, from
 /// the deterministic test-time gates.
@@ -84,7 +86,7 @@ pub struct BLoraLayer {
     /// `[out, r]`, f32.
     lora_b: Var,
     /// log α of the rank gates of components 2..r, `[r − 1]` (`prune_rank` and r > 1).
-    rank_logits: Option<Var>,
+    rank_logits: Option<GateRef>,
     /// One per quantized tensor, in [`Slot`] order.
     quantizers: Vec<Quantizer>,
     quantize_base: bool,
@@ -136,11 +138,7 @@ impl BLoraLayer {
         let lora_a = Var::from_tensor(&Tensor::from_vec(a, (r, in_features), device)?)?;
         let lora_b = Var::from_tensor(&Tensor::from_vec(b, (out_features, r), device)?)?;
         let lora_e = Var::from_tensor(&Tensor::from_vec(e, (r, 1), device)?)?;
-        let rank_logits = if cfg.prune_rank && r > 1 {
-            Some(Var::from_tensor(&Tensor::full(cfg.rank_gate_init as f32, r - 1, device)?)?)
-        } else {
-            None
-        };
+        let rank_len = if cfg.prune_rank && r > 1 { r - 1 } else { 0 };
         let slots: Vec<Slot> = Slot::ALL
             .into_iter()
             .filter(|s| {
@@ -152,8 +150,19 @@ impl BLoraLayer {
                     }
             })
             .collect();
-        let quantizers =
-            slots.into_iter().map(|s| Quantizer::new(s, cfg.bit_gate_init, device)).collect::<Result<Vec<_>>>()?;
+        // The layer's gates in one bank (rank gates, then each quantizer's bit gates), until
+        // `attach_blora` moves every layer into the model's bank.
+        let mut init = vec![cfg.rank_gate_init as f32; rank_len];
+        for _ in &slots {
+            init.extend(cfg.bit_gate_init.map(|a| a as f32));
+        }
+        let bank = GateBank::new(&init, device)?;
+        let rank_logits = (rank_len > 0).then(|| GateRef::new(&bank, 0, rank_len)).transpose()?;
+        let quantizers = slots
+            .into_iter()
+            .enumerate()
+            .map(|(k, s)| Ok(Quantizer::with_logits(s, GateRef::new(&bank, rank_len + 4 * k, 4)?)))
+            .collect::<Result<Vec<_>>>()?;
         let mut layer = BLoraLayer {
             in_features,
             out_features,
@@ -230,13 +239,56 @@ impl BLoraLayer {
         ]
     }
 
-    /// Gate logits for the gate optimizer (Adam at `gate_lr`): `blora_gates.rank` `[r − 1]` and
-    /// `blora_gates.<slot>.bits` `[4]` (4-, 8-, 16-, 32-bit gates).
-    pub fn gate_vars(&self) -> Vec<(String, Var)> {
-        let mut v: Vec<(String, Var)> =
+    /// The layer's gate logits, views into the model's [`GateBank`] (whose one var the gate
+    /// optimizer trains): `blora_gates.rank` `[r − 1]` and `blora_gates.<slot>.bits` `[4]` (4-,
+    /// 8-, 16-, 32-bit gates), in bank order.
+    pub fn gate_vars(&self) -> Vec<(String, GateRef)> {
+        let mut v: Vec<(String, GateRef)> =
             self.rank_logits.iter().map(|l| ("blora_gates.rank".to_string(), l.clone())).collect();
         v.extend(self.quantizers.iter().map(|q| (format!("blora_gates.{}.bits", q.slot.name()), q.logits.clone())));
         v
+    }
+
+    /// The bank holding this layer's gates (`None` without gates).
+    pub fn gate_bank(&self) -> Option<&Arc<GateBank>> {
+        match (&self.rank_logits, self.quantizers.first()) {
+            (Some(l), _) => Some(l.bank()),
+            (None, Some(q)) => Some(q.logits.bank()),
+            (None, None) => None,
+        }
+    }
+
+    /// How many gate logits the layer has: r − 1 rank gates (if any) and 4 per quantizer.
+    pub fn gate_count(&self) -> usize {
+        self.rank_logits.as_ref().map_or(0, GateRef::elem_count) + 4 * self.quantizers.len()
+    }
+
+    /// Moves the layer's gates to `bank` at `offset` (their values must already be there, in
+    /// [`Self::gate_vars`] order: [`super::attach_blora`] builds the bank from them).
+    pub(crate) fn bind_gates(&mut self, bank: &Arc<GateBank>, offset: usize) -> Result<()> {
+        let mut at = offset;
+        if let Some(l) = self.rank_logits.as_mut() {
+            l.rebind(bank, at)?;
+            at += l.elem_count();
+        }
+        for q in &mut self.quantizers {
+            q.logits.rebind(bank, at)?;
+            at += 4;
+        }
+        Ok(())
+    }
+
+    /// What the prior needs of this layer (offsets into its bank).
+    pub(crate) fn cost_terms(&self) -> LayerCost {
+        LayerCost {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            r: self.r,
+            quantize_base: self.quantize_base,
+            rank: self.rank_logits.as_ref().map(GateRef::offset),
+            bits: self.quantizers.iter().map(|q| (q.slot, q.logits.offset())).collect(),
+            bops_norm: self.bops_norm,
+        }
     }
 
     pub(crate) fn quantizer(&self, slot: Slot) -> Option<&Quantizer> {
@@ -279,9 +331,7 @@ impl BLoraLayer {
         if ctx.train {
             let n = self.r - 1;
             let noise = Tensor::from_vec(gates::logistic_noise(n, Self::noise_seed(ctx, salt, RANK_NOISE)), n, dev)?;
-            let z = gates::sample(logits.as_tensor(), &noise)?;
-            let m = gates::nested_prefix(&z)?;
-            Ok(Some(Tensor::cat(&[&Tensor::ones(1, DType::F32, dev)?, &m], 0)?))
+            Ok(Some(gates::rank_multiplier_of(logits, &noise)?))
         } else {
             let rank = self.learned_rank()?;
             let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
@@ -291,7 +341,7 @@ impl BLoraLayer {
 
     fn learned_rank(&self) -> Result<usize> {
         match &self.rank_logits {
-            Some(l) => Ok(1 + gates::open_prefix(&l.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)),
+            Some(l) => Ok(1 + gates::open_prefix(&l.to_vec()?)),
             None => Ok(self.r),
         }
     }
@@ -357,14 +407,6 @@ impl BLoraLayer {
         })
     }
 
-    /// Expected bits of a slot's tensor, `[1]`: from its gates, or 32 when it is not quantized.
-    fn expected_bits(&self, slot: Slot, dev: &Device) -> Result<Tensor> {
-        match self.quantizer(slot) {
-            Some(q) => gates::expected_bits(&q.prob_open()?),
-            None => Ok(Tensor::new(&[FULL_BITS as f32], dev)?),
-        }
-    }
-
     /// The layer's gate prior (μ not included), a scalar differentiable in the gate logits:
     /// `Σ_g cost(g) · P(g and every lower gate on)`.
     ///
@@ -377,45 +419,10 @@ impl BLoraLayer {
     /// Rank gates enter through the cumulative product, as the forward uses them (the fork's prior
     /// uses each rank gate's own marginal instead).
     pub fn regularizer_with(&self, cost: GateCost) -> Result<Tensor> {
-        let dev = self.lora_a.device().clone();
-        let rank_q = match &self.rank_logits {
-            Some(l) => Some(gates::prob_open(l.as_tensor())?),
-            None => None,
+        let Some(bank) = self.gate_bank() else {
+            return Err(Error::config("blora prior", "no gates", "this layer has neither rank nor bit gates"));
         };
-        match cost {
-            GateCost::Bops => {
-                let b = |s| self.expected_bits(s, &dev);
-                let rank = match &rank_q {
-                    Some(q) => gates::expected_open(q)?.affine(1.0, 1.0)?,
-                    None => Tensor::new(&[self.r as f32], &dev)?,
-                };
-                let (i, o) = (self.in_features as f64, self.out_features as f64);
-                let bx = b(Slot::Input)?;
-                let per_rank = bx
-                    .mul(&b(Slot::LoraA)?)?
-                    .affine(i, 0.0)?
-                    .add(&b(Slot::ActA)?.mul(&b(Slot::LoraE)?)?)?
-                    .add(&b(Slot::ActE)?.mul(&b(Slot::LoraB)?)?.affine(o, 0.0)?)?;
-                let mut total = rank.mul(&per_rank)?;
-                if self.quantize_base {
-                    total = total.add(&bx.mul(&b(Slot::Base)?)?.affine(i * o, 0.0)?)?;
-                }
-                Ok(total.affine(1.0 / self.bops_norm, 0.0)?.squeeze(0)?)
-            }
-            GateCost::Const => {
-                let mut open = Tensor::zeros(1, DType::F32, &dev)?;
-                let mut count = 0usize;
-                if let Some(q) = &rank_q {
-                    open = open.add(&gates::expected_open(q)?)?;
-                    count += self.r - 1;
-                }
-                for q in &self.quantizers {
-                    open = open.add(&gates::expected_open(&q.prob_open()?)?)?;
-                    count += 4;
-                }
-                Ok(open.affine(1.0 / count.max(1) as f64, 0.0)?.squeeze(0)?)
-            }
-        }
+        PriorPlan::new(&[self.cost_terms()], bank.var().device())?.prior(bank.var().as_tensor(), cost)
     }
 
     /// Every tensor of the adapter's state, named: the weights, the gate logits and each
@@ -423,7 +430,10 @@ impl BLoraLayer {
     /// reload the layer exactly.
     pub fn named_state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> =
-            self.weight_vars().into_iter().chain(self.gate_vars()).map(|(n, v)| (n, v.as_tensor().clone())).collect();
+            self.weight_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        for (n, g) in self.gate_vars() {
+            out.push((n, g.as_tensor()?.copy()?));
+        }
         out.extend(self.named_ranges()?);
         Ok(out)
     }
@@ -443,8 +453,11 @@ impl BLoraLayer {
 
     /// Restores [`Self::named_state`]; every name must be present with its shape.
     pub fn set_state(&self, state: &HashMap<String, Tensor>) -> Result<()> {
-        for (name, var) in self.weight_vars().into_iter().chain(self.gate_vars()) {
+        for (name, var) in self.weight_vars() {
             var.set(&state_tensor(state, &name, var.dims())?.to_device(var.device())?)?;
+        }
+        for (name, gates) in self.gate_vars() {
+            gates.set(&state_tensor(state, &name, &gates.dims())?)?;
         }
         self.set_ranges(state)
     }
@@ -509,8 +522,9 @@ impl Adapter for BLoraLayer {
         self.weight_vars()
     }
 
+    /// The bank's one var (shared by every layer of the model: the same var from each).
     fn named_gate_vars(&self) -> Vec<(String, Var)> {
-        self.gate_vars()
+        self.gate_bank().map(|b| ("blora_gates".to_string(), b.var().clone())).into_iter().collect()
     }
 
     fn regularizer(&self) -> Result<Option<Tensor>> {
@@ -530,6 +544,9 @@ impl Adapter for BLoraLayer {
 }
 
 #[cfg(test)]
+mod prior_reference;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -537,8 +554,8 @@ mod tests {
         BLoraConfig { r: 4, lora_dropout: 0.0, init_e: InitE::Normal, ..BLoraConfig::default() }
     }
 
-    fn set_logits(v: &Var, vals: &[f32]) -> Result<()> {
-        Ok(v.set(&Tensor::new(vals, v.device())?)?)
+    fn set_logits(v: &GateRef, vals: &[f32]) -> Result<()> {
+        v.set(&Tensor::new(vals, v.device())?)
     }
 
     #[test]
@@ -619,17 +636,20 @@ mod tests {
         assert_eq!(y1.to_vec2::<f32>()?, y2.to_vec2::<f32>()?);
         assert_ne!(y1.to_vec2::<f32>()?, l.forward(&x, &Ctx::train(6), 3)?.to_vec2::<f32>()?);
         // A clamped sample (z = 0 or 1) passes no gradient to its logit: sum over a few steps.
-        let vars: Vec<(String, Var)> = l.gate_vars().into_iter().chain(l.weight_vars()).collect();
-        let mut seen = vec![0f32; vars.len()];
+        let (gate_vars, weight_vars) = (l.gate_vars(), l.weight_vars());
+        let mut seen = vec![0f32; gate_vars.len() + weight_vars.len()];
         for step in 0..8 {
             let grads = l.forward(&x, &Ctx::train(step), 3)?.sqr()?.sum_all()?.backward()?;
-            for ((_, v), s) in vars.iter().zip(seen.iter_mut()) {
-                if let Some(g) = grads.get(v.as_tensor()) {
+            let gate_grads = gate_vars.iter().map(|(_, v)| v.grad(&grads)).collect::<Result<Vec<_>>>()?;
+            let weight_grads = weight_vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned());
+            for (g, s) in gate_grads.into_iter().chain(weight_grads).zip(seen.iter_mut()) {
+                if let Some(g) = g {
                     *s += g.abs()?.sum_all()?.to_scalar::<f32>()?;
                 }
             }
         }
-        for ((name, _), s) in vars.iter().zip(&seen) {
+        let names = gate_vars.iter().map(|(n, _)| n).chain(weight_vars.iter().map(|(n, _)| n));
+        for (name, s) in names.zip(&seen) {
             assert!(*s > 0.0, "{name} gets a gradient");
         }
         Ok(())
@@ -678,11 +698,11 @@ mod tests {
         let eps = 1e-2f32;
         for (name, v) in l.gate_vars() {
             // act_B feeds no matmul of the layer: no BOPs, no gradient.
-            let g = match grads.get(v.as_tensor()) {
+            let g = match v.grad(&grads)? {
                 Some(g) => g.to_vec1::<f32>()?,
                 None => vec![0.0; v.elem_count()],
             };
-            let x0 = v.as_tensor().to_vec1::<f32>()?;
+            let x0 = v.to_vec()?;
             for i in 0..x0.len() {
                 let eval = |d: f32| -> Result<f32> {
                     let mut x = x0.clone();

@@ -5,6 +5,7 @@
 //! # Brief overview
 //! - [`config`]: [`BLoraConfig`] (LoRA's field names plus the gate switches) and
 //!   [`Architecture::query_key_value`](crate::models::Architecture::query_key_value) (q, k, v);
+//! - [`bank`]: every gate logit of a model in one var ([`GateBank`]), the prior over it;
 //! - [`gates`]: hard-concrete sampling, P(z > 0), the deterministic test rule, nested rank gates;
 //! - [`quantizer`]: the Bayesian Bits residual quantizer (2/4/8/16/32 bits) and its range;
 //! - [`layer`]: [`BLoraLayer`], the [`crate::adapters::Adapter`], its prior and learned table;
@@ -35,6 +36,7 @@
 //! # let _ = loss;
 //! # Ok::<(), bayeslora::Error>(())
 //! ```
+pub mod bank;
 pub mod bops;
 pub mod config;
 pub mod gates;
@@ -42,8 +44,9 @@ pub mod inject;
 pub mod layer;
 pub mod quantizer;
 
+pub use bank::{GateBank, GateRef};
 pub use bops::{bops_report, render_table, BopsReport, BopsRow, BopsTotals};
 pub use config::{BLoraConfig, GateCost, InitE};
-pub use inject::{attach_blora, AttachedBLora};
+pub use inject::{attach_blora, AttachedBLora, GATE_BANK_NAME};
 pub use layer::{BLoraLayer, EvalWeights, LearnedLayer};
 pub use quantizer::{Range, Slot};

@@ -33,8 +33,9 @@
 //!   residual is ≈ the f32 value itself: at test time 32 bits means the clipped f32 value.
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
+use super::bank::GateRef;
 use super::gates;
 use crate::ops::quantize::{DIVISORS, PARAMS};
 use crate::{ops, Error, Result};
@@ -204,12 +205,13 @@ pub(crate) fn quantize_fixed(x: &Tensor, range: &Range, bits: u32) -> Result<Ten
     dequantize(&codes(x, range, bits)?, range, bits)
 }
 
-/// One tensor's quantizer: its bit-gate logits (a trainable [`Var`], `[4]`) and its range.
+/// One tensor's quantizer: its bit-gate logits (`[4]` in the model's [`super::bank::GateBank`])
+/// and its range.
 #[derive(Debug)]
 pub(crate) struct Quantizer {
     pub slot: Slot,
     /// log α of the 4-, 8-, 16-, 32-bit gates, f32 `[4]`.
-    pub logits: Var,
+    pub logits: GateRef,
     state: Mutex<RangeState>,
 }
 
@@ -226,13 +228,16 @@ struct RangeState {
 }
 
 impl Quantizer {
+    /// A quantizer with its bit gates at `init` in a bank of their own.
+    #[cfg(test)]
     pub fn new(slot: Slot, init: [f64; 4], device: &Device) -> Result<Self> {
         let v: Vec<f32> = init.iter().map(|&a| a as f32).collect();
-        Ok(Quantizer {
-            slot,
-            logits: Var::from_tensor(&Tensor::from_vec(v, 4, device)?)?,
-            state: Mutex::new(RangeState::default()),
-        })
+        Ok(Self::with_logits(slot, GateRef::standalone(&v, device)?))
+    }
+
+    /// A quantizer whose bit gates are `logits` (`[4]`).
+    pub fn with_logits(slot: Slot, logits: GateRef) -> Self {
+        Quantizer { slot, logits, state: Mutex::new(RangeState::default()) }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, RangeState>> {
@@ -257,7 +262,7 @@ impl Quantizer {
     }
 
     pub fn logits_host(&self) -> Result<Vec<f32>> {
-        Ok(self.logits.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        self.logits.to_vec()
     }
 
     /// The deterministic bit-width: 2, 4, 8, 16 or 32.
@@ -265,16 +270,18 @@ impl Quantizer {
         Ok(gates::bits_from_open(gates::open_prefix(&self.logits_host()?)))
     }
 
-    /// P(gate open) of the four bit gates, zero where hard-off, differentiable: `[4]`.
+    /// P(gate open) of the four bit gates, zero where hard-off, differentiable: `[4]` (the
+    /// per-quantizer prior's term; the tests' reference for [`super::bank::PriorPlan`]).
+    #[cfg(test)]
     pub fn prob_open(&self) -> Result<Tensor> {
-        Ok(gates::prob_open(self.logits.as_tensor())?.mul(&gates::hard_off_mask(self.logits.as_tensor())?)?)
+        let logits = self.logits.as_tensor()?;
+        Ok(gates::prob_open(&logits)?.mul(&gates::hard_off_mask(&logits)?)?)
     }
 
     /// Sampled bit gates `[4]` (zero where hard-off) from logistic noise of `noise_seed`.
     fn sample_gates(&self, noise_seed: u64) -> Result<Tensor> {
-        let logits = self.logits.as_tensor();
-        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, logits.device())?;
-        gates::sample_bits(logits, &noise)
+        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
+        gates::sample_bits_of(&self.logits, &noise)
     }
 
     /// Quantizes `x`: while training (range widened first, gates sampled with `noise_seed`) the
@@ -319,6 +326,7 @@ impl Quantizer {
 mod tests {
     use super::*;
     use crate::ops::quantize::{levels_of, RESIDUAL_BOUND};
+    use candle_core::Var;
 
     fn quantize_residual(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor> {
         Ok(ops::gated_quantize(x, params, z)?)
@@ -606,7 +614,7 @@ mod tests {
             Quantizer::new(Slot::Base, [6.0, 6.0, 6.0, -6.0], &Device::Cpu)?,
             Quantizer::new(Slot::Base, [6.0; 4], &Device::Cpu)?,
         );
-        b.logits.set(a.logits.as_tensor())?;
+        b.logits.set(&a.logits.as_tensor()?)?;
         let w = Tensor::randn(0f32, 0.1, (8, 6), &Device::Cpu)?.to_dtype(DType::BF16)?;
         let got = a.forward(&w, true, 3)?;
         assert_eq!(got.dtype(), DType::BF16);
