@@ -545,10 +545,9 @@ fn rank_multiplier_matches_composed_cuda_and_cpu() -> Result<()> {
             let what = format!("rank_multiplier n {n} spread {spread}");
             assert_bits(&format!("{what} vs the composed CUDA ops"), &fused.0, &composed.0, false);
             assert!(fused.0[0] == 1.0 && fused.0.iter().all(|&m| m == 0.0 || m == 1.0), "{what}: {:?}", fused.0);
-            for (name, got, want, tol) in [
-                ("d log α vs composed CUDA", &fused.1, &composed.1, 1e-6),
-                ("d log α vs CPU", &fused.1, &cpu.1, 1e-5),
-            ] {
+            for (name, got, want, tol) in
+                [("d log α vs composed CUDA", &fused.1, &composed.1, 1e-6), ("d log α vs CPU", &fused.1, &cpu.1, 1e-5)]
+            {
                 assert_eq!(got.len(), want.len(), "{what} {name}");
                 for (a, b) in got.iter().zip(want.iter()) {
                     assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what} {name}: {got:?} vs {want:?}");

@@ -76,7 +76,11 @@ impl GateRef {
     /// from [`Self::to_vec`]).
     pub(crate) fn rebind(&mut self, bank: &Arc<GateBank>, offset: usize) -> Result<()> {
         if offset + self.len > bank.len() {
-            return Err(Error::config("gate offset", offset, format!("{} gates past a bank of {}", self.len, bank.len())));
+            return Err(Error::config(
+                "gate offset",
+                offset,
+                format!("{} gates past a bank of {}", self.len, bank.len()),
+            ));
         }
         self.bank = bank.clone();
         self.offset = offset;
@@ -332,7 +336,8 @@ impl PriorPlan {
                     rows.push(open.clone());
                 }
                 rows.push(self.zero.clone());
-                let table = Tensor::cat(&rows, 0)?.index_select(&self.open_idx, 0)?.reshape((self.layers, OPEN_COLS))?;
+                let table =
+                    Tensor::cat(&rows, 0)?.index_select(&self.open_idx, 0)?.reshape((self.layers, OPEN_COLS))?;
                 Ok(table.sum(1)?.mul(&self.inv_count)?.sum_all()?)
             }
         }

@@ -14,9 +14,9 @@
 //!
 //! Every tensor here is a small vector (`[4]` bit gates, `[r − 1]` rank gates), f32 on the
 //! logits' device; the uniform noise comes from a seeded generator so a step is reproducible.
+use candle_core::Tensor;
 #[cfg(test)]
 use candle_core::D;
-use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
 use super::bank::GateRef;
@@ -272,7 +272,8 @@ mod tests {
             for (k, spread) in [0.5f32, 3.0, 30.0].iter().enumerate() {
                 let la: Vec<f32> = (0..n).map(|i| spread * ((i * 7 + k * 3) % 5) as f32 / 4.0 - 0.3 * spread).collect();
                 let noise = Tensor::from_vec(logistic_noise(n, (10 * n + k) as u64), n, &Device::Cpu)?;
-                let w = Tensor::from_vec((0..=n).map(|i| 1.0 - 0.3 * i as f32).collect::<Vec<_>>(), n + 1, &Device::Cpu)?;
+                let w =
+                    Tensor::from_vec((0..=n).map(|i| 1.0 - 0.3 * i as f32).collect::<Vec<_>>(), n + 1, &Device::Cpu)?;
                 let run = |fused: bool| -> Result<(Vec<f32>, Vec<f32>)> {
                     let v = Var::new(la.as_slice(), &Device::Cpu)?;
                     let m = if fused {

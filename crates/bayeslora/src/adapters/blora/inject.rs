@@ -293,7 +293,8 @@ mod tests {
                 for (j, (_, g)) in l.gate_vars().into_iter().enumerate() {
                     assert_eq!(g.offset(), at, "layer {k} gate {j}: layer after layer, no gap");
                     at += g.elem_count();
-                    let v: Vec<f32> = (0..g.elem_count()).map(|i| ((k * 7 + j * 3 + i) % 11) as f32 * 0.6 - 2.8).collect();
+                    let v: Vec<f32> =
+                        (0..g.elem_count()).map(|i| ((k * 7 + j * 3 + i) % 11) as f32 * 0.6 - 2.8).collect();
                     g.set(&Tensor::new(v.as_slice(), &Device::Cpu)?)?;
                     assert_eq!(g.to_vec()?, v);
                 }

@@ -14,7 +14,7 @@ impl BLoraLayer {
     fn expected_bits_reference(&self, slot: Slot, dev: &Device) -> Result<Tensor> {
         match self.quantizer(slot) {
             Some(q) => gates::expected_bits(&q.prob_open()?),
-            None => Ok(Tensor::new(&[FULL_BITS as f32], dev)?),
+            None => Ok(Tensor::new(&[FULL_BITS], dev)?),
         }
     }
 
@@ -60,7 +60,6 @@ impl BLoraLayer {
             }
         }
     }
-
 }
 
 #[cfg(test)]
