@@ -639,6 +639,20 @@ mod tests {
     /// gates and all 16 hard gate patterns (each gate closed or open, as at test time): the
     /// forward to the bit (up to the sign of a zero), dL/dx exactly, dL/dz to the dtype's
     /// rounding.
+    /// N(0, std²) samples of `shape` from `seed` (Box–Muller over a seeded StdRng).
+    fn seeded_normal(shape: (usize, usize), std: f64, seed: u64, dev: &Device) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n = shape.0 * shape.1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (rng.random::<f64>().max(1e-12), rng.random::<f64>());
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, shape, dev)?)
+    }
+
     #[test]
     fn fused_op_matches_the_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -651,10 +665,12 @@ mod tests {
             for r in ranges {
                 let scale = f64::from(r.x_max);
                 let shift = if r.signed() { 0.0 } else { 0.5 * scale };
-                let x0 = Tensor::randn(0f64, scale, (29, 11), &dev)?.affine(1.0, shift)?.to_dtype(dtype)?;
+                // Seeded inputs: the dL/dz check sits near the f32 tolerance for some draws, and a
+                // test must fail the same way every time it fails.
+                let x0 = seeded_normal((29, 11), scale, 7, &dev)?.affine(1.0, shift)?.to_dtype(dtype)?;
                 let x0 = with_specials(&x0, &r)?;
                 let p = r.params(dtype, &dev)?;
-                let w = Tensor::randn(0f64, 1.0, (29, 11), &dev)?.to_dtype(dtype)?;
+                let w = seeded_normal((29, 11), 1.0, 8, &dev)?.to_dtype(dtype)?;
                 let f64s = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
                 for gates in &gate_sets {
                     let run = |fused: bool, x_var: bool| -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
