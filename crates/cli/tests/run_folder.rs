@@ -25,10 +25,13 @@ fn train_args(model: &Path, out: &Path, steps: usize) -> Vec<String> {
 }
 
 /// The `step` of every step row of metrics.jsonl, in order.
+/// The steps logged in metrics.jsonl. A last line without its newline is skipped: a reader
+/// polling the file while the run appends (or after a kill -9 mid-write) can see half a line.
 fn steps(out: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is JSON"))
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every complete line is JSON"))
         .filter(|r| r.get("loss").is_some())
         .filter_map(|r| r["step"].as_u64())
         .collect()
@@ -102,6 +105,8 @@ fn issue_19_metrics_survive_kill_9_and_resume_writes_each_step_once() {
     let o = bin().args(&args).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(steps(&out), (1..=total as u64).collect::<Vec<_>>(), "each step exactly once");
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(text.ends_with('\n') && !text.contains("\"lo{"), "the torn line was cut: {text}");
 }
 
 #[test]
