@@ -666,24 +666,16 @@ fn all_reduce_grads(comm: &mut dyn dist::Communicator, grads: GradStore, vars: &
     if comm.world_size() == 1 {
         return Ok(grads);
     }
-    let mut flat = Vec::new();
-    let mut parts = Vec::with_capacity(vars.len());
-    for v in vars {
-        let g = match grads.get(v) {
-            Some(g) => g.clone(),
-            None => v.as_tensor().zeros_like()?,
-        };
-        parts.push((g.shape().clone(), g.dtype(), g.device().clone()));
-        flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
-    comm.all_reduce_mean(&mut flat)?;
+    let local = vars
+        .iter()
+        .map(|v| match grads.get(v) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut out = GradStore::default();
-    let mut at = 0;
-    for (v, (shape, dtype, device)) in vars.iter().zip(parts) {
-        let n = shape.elem_count();
-        let g = Tensor::from_slice(&flat[at..at + n], shape, &device)?.to_dtype(dtype)?;
+    for (v, g) in vars.iter().zip(all_reduce_tensors(comm, &local)?) {
         out.insert(v.as_tensor(), g);
-        at += n;
     }
     Ok(out)
 }
@@ -691,37 +683,43 @@ fn all_reduce_grads(comm: &mut dyn dist::Communicator, grads: GradStore, vars: &
 /// Averages the model's running statistics (B-LoRA's quantizer ranges, each rank's updated from
 /// its own micro-batches) over the ranks, so that every rank quantizes with the same ranges.
 fn sync_buffers(comm: &mut dyn dist::Communicator, model: &dyn Classifier) -> Result<()> {
-    let buffers = model.buffers()?;
-    if buffers.is_empty() {
+    let (names, local): (Vec<String>, Vec<Tensor>) = model.buffers()?.into_iter().unzip();
+    if local.is_empty() {
         return Ok(());
     }
-    let mut flat = Vec::new();
-    for (_, t) in &buffers {
-        flat.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
+    let synced = names.into_iter().zip(all_reduce_tensors(comm, &local)?).collect();
+    model.load_buffers(&synced)
+}
+
+/// `tensors` averaged over the ranks in one collective, each back in its shape, dtype and device.
+fn all_reduce_tensors(comm: &mut dyn dist::Communicator, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    let mut flat = flat_f32(tensors)?;
     comm.all_reduce_mean(&mut flat)?;
-    let mut synced = std::collections::HashMap::with_capacity(buffers.len());
     let mut at = 0;
-    for (name, t) in buffers {
+    let mut out = Vec::with_capacity(tensors.len());
+    for t in tensors {
         let n = t.elem_count();
-        let mean = Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
-        synced.insert(name, mean);
+        out.push(Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?.to_dtype(t.dtype())?);
         at += n;
     }
-    model.load_buffers(&synced)
+    Ok(out)
+}
+
+/// Every value of `tensors`, in order, as one f32 vector.
+fn flat_f32<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<Vec<f32>> {
+    let mut flat = Vec::new();
+    for t in tensors {
+        flat.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(flat)
 }
 
 /// The fingerprint of the trained values (adapter, head, gates) and running statistics that the
 /// ranks compare.
 fn trained_checksum(model: &dyn Classifier) -> Result<u64> {
-    let mut values = Vec::new();
-    for (_, v) in model.trainable() {
-        values.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
-    for (_, t) in model.buffers()? {
-        values.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(dist::checksum(&values))
+    let trained: Vec<Tensor> = model.trainable().into_iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let buffers: Vec<Tensor> = model.buffers()?.into_iter().map(|(_, t)| t).collect();
+    Ok(dist::checksum(&flat_f32(trained.iter().chain(&buffers))?))
 }
 
 /// The running mean of the gradients of `vars` over several backward passes.
