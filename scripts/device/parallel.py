@@ -20,11 +20,13 @@ SPEC is CONFIG[:SPLIT][+OPTION...]:
                    ivon_ess<X> with the lowest mean K-sample NLL over NAME's tasks gives X
                    (written to $OUT/<stem>-choice.txt); implies +after=NAME
 
+Keep the processes within the GPU's memory: one Qwen2.5-Coder-1.5B process holds ~10-15 GB
+in bf16 (eight on an 80 GB H100 ran out of memory), a MiniLM one ~1-2 GB.
+
 Each process logs to $OUT/<stem>-<part>.log; when a sweep's processes end, the sweep is
 aggregated (`compare --aggregate-only`: summary.md/.csv/.json and plots) and its summary and
-a tarball of its cells, summaries and plots are written to $OUT/<stem>-summary.md and
-$OUT/<stem>.tgz. Needs .device/bayeslora (scripts/device/run.sh unpacks it) and, for staged
-models, BAYESLORA_ASSETS (default ~/assets).
+its summary is copied to $OUT/<stem>-summary.md; at the end every sweep's cells, summaries
+and PNG plots go into one $OUT/sweeps.tgz (a device call returns only a few files). Unpacks .device/*.xz itself; staged models are read from BAYESLORA_ASSETS (default ~/assets).
 """
 import glob
 import json
@@ -151,11 +153,6 @@ class Sweep:
             s = os.path.join(self.out, "summary.md")
             if os.path.exists(s):
                 shutil.copy(s, os.path.join(out_dir, f"{self.stem}-summary.md"))
-            with tarfile.open(os.path.join(out_dir, f"{self.stem}.tgz"), "w:gz") as tar:
-                for p in sorted(glob.glob(os.path.join(self.out, "**", "*"), recursive=True)):
-                    rel = os.path.relpath(p, self.out)
-                    if os.path.isfile(p) and (rel.startswith("cells/") or "/" not in rel):
-                        tar.add(p, arcname=os.path.join(os.path.basename(self.out), rel))
         self.aggregated = True
 
 
@@ -179,9 +176,42 @@ def choose_ess(source, out_dir):
     return best
 
 
+def prepare_env():
+    """Unpacks .device/*.xz once (as scripts/device/run.sh does) and points the binary at the
+    staged models and the CUDA libraries."""
+    import lzma
+    for xz in glob.glob(".device/*.xz"):
+        exe = xz[:-3]
+        if os.path.exists(exe) and os.path.getmtime(exe) >= os.path.getmtime(xz):
+            continue
+        with lzma.open(xz) as src, open(exe, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.chmod(exe, 0o755)
+    os.environ.setdefault("BAYESLORA_ASSETS", os.path.expanduser("~/assets"))
+    lib = "/usr/local/cuda/lib64"
+    if lib not in os.environ.get("LD_LIBRARY_PATH", ""):
+        os.environ["LD_LIBRARY_PATH"] = lib + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+
+
+def pack(sweeps, out_dir):
+    """One tarball, $OUT/sweeps.tgz, with every sweep's cells, summaries and learned/reliability
+    plots (a device call returns only a few files, so one archive carries them all)."""
+    path = os.path.join(out_dir, "sweeps.tgz")
+    with tarfile.open(path, "w:gz") as tar:
+        for out in sorted({s.out for s in sweeps.values()}):
+            for p in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
+                rel = os.path.relpath(p, out)
+                keep = rel.startswith("cells/") or "/" not in rel or (
+                    rel.startswith("plots/") and p.endswith(".png"))
+                if os.path.isfile(p) and keep:
+                    tar.add(p, arcname=os.path.join(os.path.basename(out), rel))
+    print(f"parallel: packed {path}", flush=True)
+
+
 def main():
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
+    prepare_env()
     limit = float(sys.argv[1])
     end = time.time() + limit
     out_dir = os.environ.get("OUT", "/tmp/out")
@@ -190,12 +220,20 @@ def main():
     for spec in sys.argv[2:]:
         s = Sweep(spec)
         sweeps[s.stem] = s
+    for s in sweeps.values():
+        if s.after is not None and s.after not in sweeps:
+            raise SystemExit(f"parallel: {s.stem} waits for sweep {s.after!r}, which is not on the "
+                             f"command line (name it there too; finished cells are not rerun)")
     while True:
         for s in sweeps.values():
             if not s.started and (s.after is None or sweeps[s.after].aggregated):
                 left = end - time.time() - 20
                 if left > 30:
-                    s.start(left, out_dir, sweeps)
+                    try:
+                        s.start(left, out_dir, sweeps)
+                    except SystemExit as e:
+                        print(f"parallel: {s.stem}: not started: {e}", flush=True)
+                        s.started, s.aggregated = True, True
                 else:
                     s.started, s.aggregated = True, True
                     print(f"parallel: {s.stem}: not started, {left:.0f} s left", flush=True)
@@ -207,6 +245,7 @@ def main():
     for s in sweeps.values():
         cells = glob.glob(os.path.join(s.out, "cells", "*", "*", "*.json"))
         print(f"parallel: {s.stem}: {len(cells)} cells in {s.out}", flush=True)
+    pack(sweeps, out_dir)
 
 
 if __name__ == "__main__":
