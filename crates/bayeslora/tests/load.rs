@@ -145,6 +145,7 @@ fn model_shape_from_config_and_headers() -> Result<()> {
     let cfg = &loaded.config_json;
     assert_eq!(shape.layers as u64, cfg["num_hidden_layers"].as_u64().unwrap());
     assert_eq!(shape.hidden as u64, cfg["hidden_size"].as_u64().unwrap());
+    assert_eq!(loaded.hidden_size(), Some(shape.hidden));
     assert_eq!(shape.intermediate as u64, cfg["intermediate_size"].as_u64().unwrap());
     let query = shape.linears.iter().find(|(n, _, _)| n.ends_with("layer.0.attention.self.query")).expect("query");
     assert_eq!((query.1, query.2), (shape.hidden, shape.hidden));

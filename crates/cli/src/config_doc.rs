@@ -68,6 +68,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("train.ivon.weight_decay", "weight decay δ (also the prior precision)"),
     ("train.ivon.mc_samples", "weight samples per step"),
     ("train.ivon.clip_radius", "element-wise clip of the update direction (each weight moves ≤ lr·clip per step)"),
+    ("ivon_size_defaults", "on models with hidden size ≥ 1024, IVON's clip_radius / ess left at 3e-2 / 1e6 become 1e-2 / 1e7 (measured on Qwen2.5-Coder-1.5B); false keeps them"),
     ("train.ivon.rescale_lr", "scale lr by (h₀ + δ) as ivon-opt's rescale_lr"),
     ("train.ivon.debias", "bias-correct the momentum"),
     ("train.ivon.hess_approx", "price (reparameterization) or gradsq"),

@@ -92,6 +92,12 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The model's hidden size (`hidden_size` of its config.json, or of the config read from a
+    /// GGUF), if it states one.
+    pub fn hidden_size(&self) -> Option<usize> {
+        self.config_json.get("hidden_size").and_then(|v| v.as_u64()).map(|v| v as usize)
+    }
+
     /// The tokenizer, or an error naming the missing tokenizer.json.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {

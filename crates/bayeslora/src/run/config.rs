@@ -83,6 +83,9 @@ pub struct RunConfig {
     pub blora: BLoraConfig,
     pub train: TrainConfig,
     pub eval: EvalSettings,
+    /// Let IVON's step and noise follow the model's width ([`RunConfig::apply_size_defaults`]):
+    /// on by default; off keeps `train.ivon` exactly as written.
+    pub ivon_size_defaults: bool,
 }
 
 /// Optimizer defaults for LoRA runs of a few hundred to a few thousand steps.
@@ -109,6 +112,44 @@ pub fn lora_train_defaults() -> TrainConfig {
     t
 }
 
+/// Hidden size from which a model counts as large for IVON's defaults.
+pub const IVON_LARGE_HIDDEN: usize = 1024;
+/// IVON's (clip_radius, ess) on large models, replacing the small-model (3e-2, 1e6).
+pub const IVON_LARGE_CLIP_ESS: (f64, f64) = (1e-2, 1e7);
+
+impl RunConfig {
+    /// IVON defaults that follow the model's width, so that no task needs tuning at either size.
+    /// [`lora_train_defaults`]' clip_radius 3e-2 / ess 1e6 were measured on MiniLM (hidden 384)
+    /// and SmolLM2-135M (576); on Qwen2.5-Coder-1.5B (1536) clip 3e-2 diverged on all six
+    /// commonsense tasks, and clip 1e-2 at ess 1e6 lost 6 points in the K = 10 predictive to
+    /// posterior noise (σ ≈ 0.032, larger than the LoRA A entries), while clip 1e-2 / ess 1e7
+    /// trained every task with the predictive at least as accurate as the mean (ARC-C 69.9 %,
+    /// WG-S 62.0 %; `docs/results.md`, `configs/compare/qwen_ivon_noise.toml`). So from hidden
+    /// size [`IVON_LARGE_HIDDEN`] on, with IVON and settings still at the small-model defaults,
+    /// this sets [`IVON_LARGE_CLIP_ESS`] and returns a note saying so; any other clip or ess, or
+    /// `ivon_size_defaults = false`, is kept as written. Idempotent.
+    pub fn apply_size_defaults(&mut self, hidden_size: Option<usize>) -> Option<String> {
+        let small = lora_train_defaults().ivon;
+        let ivon = &mut self.train.ivon;
+        let hidden = hidden_size?;
+        let untouched = ivon.clip_radius == small.clip_radius && ivon.ess == small.ess;
+        if !self.ivon_size_defaults
+            || self.train.optimizer != crate::train::OptimizerKind::Ivon
+            || hidden < IVON_LARGE_HIDDEN
+            || !untouched
+        {
+            return None;
+        }
+        (ivon.clip_radius, ivon.ess) = IVON_LARGE_CLIP_ESS;
+        Some(format!(
+            "IVON: hidden size {hidden} ≥ {IVON_LARGE_HIDDEN}, so clip_radius {:e} and ess {:e} instead of the \
+             small-model {:e} / {:e} (measured on Qwen2.5-Coder-1.5B, docs/results.md); set \
+             ivon_size_defaults = false to keep them",
+            ivon.clip_radius, ivon.ess, small.clip_radius, small.ess
+        ))
+    }
+}
+
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
@@ -131,6 +172,7 @@ impl Default for RunConfig {
             blora: BLoraConfig::default(),
             train: lora_train_defaults(),
             eval: EvalSettings::default(),
+            ivon_size_defaults: true,
         }
     }
 }
@@ -201,6 +243,52 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::OptimizerKind;
+
+    fn ivon_run() -> RunConfig {
+        let mut c = RunConfig::default();
+        c.train.optimizer = OptimizerKind::Ivon;
+        c
+    }
+
+    /// A 1.5B-wide model gets clip 1e-2 / ess 1e7 once (with a note); narrow models, AdamW, a
+    /// clip or ess the user wrote, the switch off, or an unknown width keep what they have.
+    #[test]
+    fn ivon_size_defaults_follow_the_width_and_respect_what_was_written() {
+        let mut wide = ivon_run();
+        let note = wide.apply_size_defaults(Some(1536)).expect("a note");
+        assert!(note.contains("1536") && note.contains("ivon_size_defaults = false"), "{note}");
+        assert_eq!((wide.train.ivon.clip_radius, wide.train.ivon.ess), IVON_LARGE_CLIP_ESS);
+        assert_eq!(wide.apply_size_defaults(Some(1536)), None, "idempotent");
+        assert_eq!((wide.train.ivon.clip_radius, wide.train.ivon.ess), IVON_LARGE_CLIP_ESS);
+
+        let small = lora_train_defaults().ivon;
+        let keeps = |mut c: RunConfig, hidden: Option<usize>| {
+            let before = c.train.ivon.clone();
+            assert_eq!(c.apply_size_defaults(hidden), None);
+            assert_eq!(c.train.ivon, before);
+        };
+        keeps(ivon_run(), Some(384));
+        keeps(ivon_run(), Some(896));
+        keeps(ivon_run(), None);
+        let mut adamw = RunConfig::default();
+        adamw.train.optimizer = OptimizerKind::Adamw;
+        keeps(adamw, Some(4096));
+        let mut written = ivon_run();
+        written.train.ivon.clip_radius = small.clip_radius * 2.0;
+        keeps(written, Some(4096));
+        let mut written = ivon_run();
+        written.train.ivon.ess = 1e8;
+        keeps(written, Some(4096));
+        let mut off = ivon_run();
+        off.ivon_size_defaults = false;
+        keeps(off, Some(4096));
+        // The switch is a setting of the run: it travels through config.toml.
+        let mut c = ivon_run();
+        c.ivon_size_defaults = false;
+        let back: RunConfig = toml::from_str(&c.to_toml().unwrap()).unwrap();
+        assert!(!back.ivon_size_defaults);
+    }
 
     /// `open_run` takes the stored paths relative to the folder it is given, wherever `train`
     /// was started: `output` becomes the folder, a checkpoint folder inside it moves along.

@@ -294,6 +294,13 @@ pub fn train_and_eval(
     loaded: LoadedModel,
     hooks: &mut dyn Hooks,
 ) -> Result<RunOutcome> {
+    let mut sized = cfg.clone();
+    if start != Start::Evaluate {
+        if let Some(note) = sized.apply_size_defaults(loaded.hidden_size()) {
+            hooks.note(&format!("note: {note}"));
+        }
+    }
+    let cfg = &sized;
     let device = device(&cfg.device)?;
     let model_path = loaded.dir.clone();
     let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };

@@ -77,6 +77,10 @@ pub struct CompareConfig {
     pub method: BTreeMap<String, MethodEntry>,
     /// Per-task data limits, e.g. `[task.rte] train_limit = 600` (pairs cost ~3× a sentence).
     pub task: BTreeMap<String, TaskEntry>,
+    /// The model's hidden size once the sweep has loaded it, for IVON's size defaults
+    /// ([`RunConfig::apply_size_defaults`]); not a setting.
+    #[serde(skip)]
+    pub hidden_size: Option<usize>,
 }
 
 /// `[task.<name>]`: data limits of one task (over the sweep's `train_limit` / `eval_limit`).
@@ -110,6 +114,7 @@ impl Default for CompareConfig {
             run: toml::Table::new(),
             method: BTreeMap::new(),
             task: BTreeMap::new(),
+            hidden_size: None,
         }
     }
 }
@@ -223,6 +228,7 @@ impl CompareConfig {
         cfg.train.batch.seed = seed;
         cfg.train.optimizer = if method.kind.uses_ivon() { OptimizerKind::Ivon } else { OptimizerKind::Adamw };
         cfg.train.checkpoint_dir = None;
+        cfg.apply_size_defaults(self.hidden_size);
         cfg.finish().with_context(|| format!("run settings of method `{}` on {task}", method.label))?;
         Ok(cfg)
     }
@@ -391,6 +397,8 @@ pub fn run(args: crate::args::CompareArgs) -> Result<ExitCode> {
 
 /// Runs every missing cell of the sweep (the aggregate is written after each task).
 pub fn sweep(cfg: &CompareConfig) -> Result<()> {
+    let mut cfg = cfg.clone();
+    let cfg = &mut cfg;
     let methods = cfg.resolved_methods()?;
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(cfg.out.join("compare.toml"), toml::to_string_pretty(cfg)?)?;
@@ -410,6 +418,14 @@ pub fn sweep(cfg: &CompareConfig) -> Result<()> {
         // Data once per task, with the first method's settings (max_len, device).
         let base = cfg.run_config(task, &methods[0], cfg.seeds[0])?;
         let loaded = bases.get(&base)?;
+        if cfg.hidden_size.is_none() {
+            cfg.hidden_size = loaded.hidden_size();
+            let mut probe = base.clone();
+            probe.train.optimizer = bayeslora::train::OptimizerKind::Ivon;
+            if let Some(note) = probe.apply_size_defaults(cfg.hidden_size) {
+                eprintln!("note: {note} (methods whose file leaves IVON's clip_radius and ess unset)");
+            }
+        }
         let encoder = TextEncoder::new(loaded.tokenizer()?.clone(), base.max_len)?;
         let data = run::load_data(&base, &encoder, &loaded, &mut Terminal::default())?;
         let decoder = matches!(loaded.backbone, Backbone::Llama(_));
