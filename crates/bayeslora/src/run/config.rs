@@ -264,7 +264,7 @@ mod tests {
 
         let small = lora_train_defaults().ivon;
         let keeps = |mut c: RunConfig, hidden: Option<usize>| {
-            let before = c.train.ivon.clone();
+            let before = c.train.ivon;
             assert_eq!(c.apply_size_defaults(hidden), None);
             assert_eq!(c.train.ivon, before);
         };
