@@ -49,24 +49,9 @@ pub(crate) fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result
     xf.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
-/// The CUDA op: RMSNorm of `x: [.., C]` with the frozen `weight: [C]` (same dtype), kept out of
-/// the graph.
-fn fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let c = x.dim(D::Minus1)?;
-    if weight.dims() != [c] || weight.dtype() != x.dtype() {
-        candle_core::bail!(
-            "rms_norm: weight must be [{c}] {:?}, got {:?} {:?}",
-            x.dtype(),
-            weight.dims(),
-            weight.dtype()
-        );
-    }
-    x.contiguous()?.apply_op1(FusedRmsNorm { weight: weight.contiguous()?, eps })
-}
-
-/// The CPU op: RMSNorm of `x: [.., C]` with a frozen `weight: [C]` of x's dtype, kept out of
-/// the graph.
-fn threaded(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// Refuses a weight that is not `[C]` of x's dtype for `x: [.., C]` (C > 0): the fused ops
+/// hold it as a constant of their own dtype.
+fn check_weight(x: &Tensor, weight: &Tensor) -> Result<()> {
     let c = x.dim(D::Minus1)?;
     if c == 0 || weight.dims() != [c] || weight.dtype() != x.dtype() {
         candle_core::bail!(
@@ -76,6 +61,20 @@ fn threaded(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             weight.dtype()
         );
     }
+    Ok(())
+}
+
+/// The CUDA op: RMSNorm of `x: [.., C]` with the frozen `weight: [C]` (same dtype), kept out of
+/// the graph.
+fn fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_weight(x, weight)?;
+    x.contiguous()?.apply_op1(FusedRmsNorm { weight: weight.contiguous()?, eps })
+}
+
+/// The CPU op: RMSNorm of `x: [.., C]` with a frozen `weight: [C]` of x's dtype, kept out of
+/// the graph.
+fn threaded(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_weight(x, weight)?;
     x.contiguous()?.apply_op1(CpuRmsNorm { weight: weight.contiguous()?.detach(), eps })
 }
 

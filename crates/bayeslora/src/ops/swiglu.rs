@@ -31,8 +31,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()?.mul(up)
 }
 
-/// The CUDA op: `silu(gate) · up` (same shape and dtype), differentiable in both.
-fn fused(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// Refuses a gate and up of different shapes or dtypes.
+fn check_pair(gate: &Tensor, up: &Tensor) -> Result<()> {
     if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
         candle_core::bail!(
             "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
@@ -42,20 +42,18 @@ fn fused(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.dtype()
         );
     }
+    Ok(())
+}
+
+/// The CUDA op: `silu(gate) · up` (same shape and dtype), differentiable in both.
+fn fused(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    check_pair(gate, up)?;
     gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)
 }
 
 /// The CPU op: `silu(gate) · up`, both `[..]` of one shape and dtype, differentiable in both.
 fn threaded(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.dims() != up.dims() || gate.dtype() != up.dtype() {
-        candle_core::bail!(
-            "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
-            gate.dims(),
-            gate.dtype(),
-            up.dims(),
-            up.dtype()
-        );
-    }
+    check_pair(gate, up)?;
     gate.contiguous()?.apply_op2(&up.contiguous()?, CpuSwiglu)
 }
 
