@@ -10,7 +10,7 @@ fn main() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         let ptx = cudaforge::KernelBuilder::new()
             .source_dir("kernels")
-            .watch(["kernels/dtype.cuh"])
+            .watch(["kernels/dtype.cuh", "kernels/pack.cuh", "kernels/exact.cuh"])
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()

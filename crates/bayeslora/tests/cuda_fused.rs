@@ -1,4 +1,4 @@
-//! The fused CUDA RMSNorm, rotary embedding and SwiGLU (`kernels/fused.cu`) against the composed
+//! The CUDA RMSNorm, rotary embedding and SwiGLU (`kernels/{rms_norm,rope,swiglu}.cu`) against the composed
 //! CPU path (the reference), forward and input gradients, and B-LoRA's quantizer and range
 //! (`kernels/quantize.cu`) against their CPU ops bit for bit and the gated layer against the CPU,
 //! run on the GPU machine: `cargo test --release -p bayeslora --features cuda --test cuda_fused`.

@@ -15,6 +15,8 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("train_limit", "use only the first N training rows"),
     ("eval_limit", "use only the first N evaluation rows"),
     ("num_labels", "class count of a user JSONL task (default: inferred from the labels, 0..k)"),
+    ("label_words", "decoders: one label word per class, scored after the prompt (jsonl_text needs them, e.g. [\" no\", \" yes\"])"),
+    ("template", "decoders: the jsonl_text prompt with {text} and {text_pair} (default \"{text}\\nAnswer:\")"),
     ("overwrite", "delete an earlier run's outputs in `output` first (not saved in config.toml)"),
     ("skip_bad_rows", "skip malformed rows (with a count) instead of stopping at the first"),
     ("skip_memory_check", "start even when the peak-memory estimate exceeds the device's memory"),
@@ -111,6 +113,7 @@ fn keys() -> BTreeMap<String, String> {
     all.train_limit = Some(1);
     all.eval_limit = Some(1);
     all.num_labels = Some(2);
+    all.template = Some("t".into());
     all.lora.target_modules = Some(TargetModules::List(vec![]));
     all.lora.modules_to_save = Some(vec![]);
     all.blora.target_modules = Some(TargetModules::List(vec![]));

@@ -363,42 +363,10 @@ fn decoder_predict_scores_the_task_it_was_trained_on() {
     let Some(gguf) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = bayeslora(&[
-        "train",
-        "--model",
-        gguf.to_str().unwrap_or_default(),
-        "--task",
-        "sst2",
-        "--max-steps",
-        "2",
-        "--train-limit",
-        "8",
-        "--eval-limit",
-        "4",
-        "--batch-size",
-        "2",
-        "--samples",
-        "0",
-        "--optimizer",
-        "adamw",
-        "-o",
-        out.to_str().unwrap_or_default(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    train_decoder(&gguf, &out, &["--task", "sst2", "--train-limit", "8", "--eval-limit", "4"]);
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "a wonderful, moving film\ndull and far too long\n").unwrap();
-    let o = bayeslora(&[
-        "predict",
-        "--model",
-        gguf.to_str().unwrap_or_default(),
-        "--adapter",
-        out.join("adapter").to_str().unwrap_or_default(),
-        "--input",
-        input.to_str().unwrap_or_default(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let rows: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSONL")).collect();
+    let rows = predict_rows(&gguf, &out.join("adapter"), &input);
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let probs = r["probs"].as_object().expect("probs");
@@ -407,4 +375,68 @@ fn decoder_predict_scores_the_task_it_was_trained_on() {
     }
     // SmolLM2-Instruct already knows sentiment: the clear cases go the right way.
     assert_eq!((rows[0]["label"].as_str(), rows[1]["label"].as_str()), (Some("positive"), Some("negative")));
+}
+
+/// Issue 18: a decoder trained on a user JSONL text task (the run's own label words and
+/// template) predicts plain text with those words after that prompt, reading both from the
+/// adapter's task file; a run folder stands for its adapter.
+#[test]
+fn issue_18_decoder_predict_serves_a_jsonl_text_task() {
+    let Some(gguf) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("reviews.jsonl");
+    let rows = [
+        ("a wonderful, moving film", 1),
+        ("dull and far too long", 0),
+        ("I loved every minute", 1),
+        ("a waste of two hours", 0),
+    ];
+    let text: String = rows.iter().map(|(t, l)| format!("{{\"text\": \"{t}\", \"label\": {l}}}\n")).collect();
+    std::fs::write(&data, text).unwrap();
+    let config = dir.path().join("run.toml");
+    let toml = format!(
+        "task = \"jsonl_text\"\ntrain_file = {data:?}\neval_file = {data:?}\nlabel_words = [\" no\", \" yes\"]\n\
+         template = \"Review: {{text}}\\nDid the reviewer like it?\"\n"
+    );
+    std::fs::write(&config, toml).unwrap();
+    let out = dir.path().join("run");
+    train_decoder(&gguf, &out, &["--config", config.to_str().unwrap_or_default()]);
+    let task = std::fs::read_to_string(out.join("adapter/adapter_task.json")).unwrap();
+    assert!(task.contains("\" yes\"") && task.contains("Did the reviewer like it?"), "{task}");
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "a wonderful, moving film\n{\"text\": \"dull and far too long\"}\n").unwrap();
+    let rows = predict_rows(&gguf, &out, &input);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let probs = r["probs"].as_object().expect("probs");
+        assert_eq!(probs.keys().collect::<Vec<_>>(), ["0", "1"], "{r}");
+        assert!(r.get("choice").is_none(), "not multiple choice: {r}");
+        let sum: f64 = probs.values().filter_map(serde_json::Value::as_f64).sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{r}");
+    }
+}
+
+/// `bayeslora train` of a decoder for two AdamW steps of batch 2 (the mean only) into `out`,
+/// with `extra` flags (the task); asserts success.
+fn train_decoder(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["train", "--model", model.to_str().unwrap_or_default(), "-o", out.to_str().unwrap_or_default()];
+    args.extend(["--max-steps", "2", "--batch-size", "2", "--samples", "0", "--optimizer", "adamw"]);
+    args.extend(extra);
+    let o = bayeslora(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `bayeslora predict` of `input` with `adapter` over `model`: the JSON rows (asserts success).
+fn predict_rows(model: &Path, adapter: &Path, input: &Path) -> Vec<serde_json::Value> {
+    let o = bayeslora(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap_or_default(),
+        "--adapter",
+        adapter.to_str().unwrap_or_default(),
+        "--input",
+        input.to_str().unwrap_or_default(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSONL")).collect()
 }

@@ -56,7 +56,8 @@ pub use sidecar::{PosteriorMeta, PosteriorParam, POSTERIOR_JSON, POSTERIOR_TENSO
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// `adapter_task.json` (ours, beside peft's files, which it leaves alone): the task an adapter
-/// was trained on and its class names, so `predict` prints `positive`, not `LABEL_1`.
+/// was trained on, its class names (so `predict` prints `positive`, not `LABEL_1`) and, for a
+/// decoder trained on its own label words, those words and the prompt template.
 pub const TASK_FILE: &str = "adapter_task.json";
 
 /// What [`TASK_FILE`] holds.
@@ -65,6 +66,13 @@ pub struct AdapterTask {
     pub task: String,
     /// Class names in class order (empty for regression).
     pub labels: Vec<String>,
+    /// A decoder's label words, one per class, when the run set its own (`jsonl_text`; GLUE
+    /// tasks have theirs in `Task::decoder_template`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_words: Vec<String>,
+    /// A decoder's prompt template with `{text}` and `{text_pair}`, when the run set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// Writes [`TASK_FILE`] into `dir` (atomically).

@@ -20,7 +20,7 @@ pub enum Architecture {
     Bert,
     /// DeBERTa-v2/v3 encoders (`deberta_v2.rs`): DebertaV2Model, DebertaV2ForSequenceClassification.
     DebertaV2,
-    /// Llama-family decoders (`llama.rs`): Llama, Mistral, Qwen2.
+    /// Llama-family decoders (`llama/`): Llama, Mistral, Qwen2.
     Llama,
 }
 

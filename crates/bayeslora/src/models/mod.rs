@@ -3,8 +3,9 @@
 //! The one entry point is [`load`]: it reads config.json, picks the architecture
 //! ([`Architecture::detect`]), opens the weights ([`Weights`]: safetensors, single or sharded,
 //! memory-mapped), builds the [`Backbone`] and loads tokenizer.json (fixed truncation and
-//! padding removed). One file per architecture (`bert.rs`, `llama.rs`), each in the shape of
-//! candle's `models/llama.rs`, calling [`crate::ops`] for everything that needs a gradient.
+//! padding removed). One file (or folder) per architecture (`bert.rs`, `llama/`), each in the
+//! shape of candle's `models/llama.rs`, calling [`crate::ops`] for everything that needs a
+//! gradient.
 //! Models know the adapter slot ([`linear::Adapter`]), never LoRA itself.
 //!
 //! ```no_run

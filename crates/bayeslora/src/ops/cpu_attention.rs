@@ -205,7 +205,7 @@ mod gemm_scalar {
 
 impl Float for f32 {
     fn row_sum(row: &[Self]) -> Self {
-        super::layer_norm::row_sum(row)
+        super::cpu::row_sum(row)
     }
     fn exp(self) -> Self {
         f32::exp(self)

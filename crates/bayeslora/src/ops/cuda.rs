@@ -1,5 +1,8 @@
-//! Our CUDA kernels (`crates/bayeslora/kernels/*.cu`, compiled to PTX by the build script) and
-//! how they are launched on candle's device and stream.
+//! Our CUDA kernels (`crates/bayeslora/kernels/*.cu`, compiled to PTX by the build script, one
+//! file per op named after its `ops/*.rs`) and how they are launched on candle's device and
+//! stream: the module of each file ([`Kernel`]), the dtype suffix of entry points, contiguous
+//! views, launch configurations, and the launches every op shares ([`launch`],
+//! [`launch_elementwise`]).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
@@ -18,13 +21,22 @@ pub(crate) enum Kernel {
     /// `flash_attention.cu`: entry points `flash_{fwd,bwd}_<dtype>_d<D>` and helpers (see
     /// `ops::flash_attention`).
     FlashAttention,
-    /// `fused.cu`: `rms_{fwd,bwd}`, `rope`, `swiglu_{fwd,bwd}`, each `_<dtype>` (see
-    /// `ops::fused`).
-    Fused,
-    /// `blora.cu`: B-LoRA's `quantize_{fwd,bwd,dz}` and `range_{partial,update}` (see
-    /// `ops::quantize`) and `hard_concrete_{fwd,bwd}` (see `ops::hard_concrete`), each
-    /// `_f32`/`_f64`.
-    BLora,
+    /// `rms_norm.cu`: `rms_{fwd,bwd}_<dtype>` (see `ops::rms_norm`).
+    RmsNorm,
+    /// `rope.cu`: `rope_<dtype>` (see `ops::rope`).
+    Rope,
+    /// `swiglu.cu`: `swiglu_{fwd,bwd}_<dtype>` (see `ops::swiglu`).
+    Swiglu,
+    /// `layout.cu`: `heads_<dtype>` (see `ops::layout`).
+    Layout,
+    /// `cast.cu`: `cast_<from>_<to>` between f32 and bf16/f16 (see `ops::cast`).
+    Cast,
+    /// `quantize.cu`: B-LoRA's `quantize_{fwd,bwd,dz}` and `range_{partial,update}`, each
+    /// `_f32`/`_f64` (see `ops::quantize`).
+    Quantize,
+    /// `hard_concrete.cu`: `hard_concrete_{fwd,bwd}` and `rank_gates_{fwd,bwd}`, each
+    /// `_f32`/`_f64` (see `ops::hard_concrete`).
+    HardConcrete,
 }
 
 impl Kernel {
@@ -33,8 +45,13 @@ impl Kernel {
             Kernel::CrossEntropy => ("cross_entropy", ptx::CROSS_ENTROPY),
             Kernel::Dropout => ("dropout", ptx::DROPOUT),
             Kernel::FlashAttention => ("flash_attention", ptx::FLASH_ATTENTION),
-            Kernel::Fused => ("fused", ptx::FUSED),
-            Kernel::BLora => ("blora", ptx::BLORA),
+            Kernel::RmsNorm => ("rms_norm", ptx::RMS_NORM),
+            Kernel::Rope => ("rope", ptx::ROPE),
+            Kernel::Swiglu => ("swiglu", ptx::SWIGLU),
+            Kernel::Layout => ("layout", ptx::LAYOUT),
+            Kernel::Cast => ("cast", ptx::CAST),
+            Kernel::Quantize => ("quantize", ptx::QUANTIZE),
+            Kernel::HardConcrete => ("hard_concrete", ptx::HARD_CONCRETE),
         }
     }
 
@@ -112,4 +129,67 @@ pub(crate) fn launch_elementwise<P: DeviceRepr>(
         _ => candle_core::bail!("no CUDA kernel {module} for dtype {:?}", input.dtype()),
     };
     Ok(CudaStorage { slice, device: dev })
+}
+
+/// A contiguous input of a kernel: storage, layout, and its name for errors.
+pub(crate) type Input<'a> = (&'a CudaStorage, &'a Layout, &'a str);
+
+/// Elements per 16-byte access of `dtype` (`Pack<T>::N` in the kernels).
+pub(crate) fn pack(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+/// Threads per block for a grid-stride loop over `items`, and the number of blocks: enough to
+/// fill the GPU several times over, the loop covers the rest.
+pub(crate) fn grid(items: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launches `<entry>_<dtype>(params, inputs.., out)` of `kernel` with a fresh output of
+/// `out_len` elements of the first input's dtype (every input has that dtype; f32, bf16 or f16):
+/// the launch of the memory-bound kernels that include `pack.cuh`.
+pub(crate) fn launch<P: DeviceRepr>(
+    kernel: Kernel,
+    entry: &str,
+    cfg: LaunchConfig,
+    params: P,
+    inputs: &[Input<'_>],
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let dtype = inputs[0].0.dtype();
+    if let Some((_, _, what)) = inputs.iter().find(|(s, _, _)| s.dtype() != dtype) {
+        candle_core::bail!("{entry}: {what} is not {dtype:?} like the input");
+    }
+    fn go<T: CudaDType + DeviceRepr, P: DeviceRepr>(
+        kernel: Kernel,
+        entry: &str,
+        cfg: LaunchConfig,
+        params: P,
+        inputs: &[Input<'_>],
+        out_len: usize,
+    ) -> Result<CudaStorage> {
+        let dev = inputs[0].0.device().clone();
+        let func = kernel.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
+        let views = inputs.iter().map(|(s, l, what)| contiguous_view::<T>(s, l, what)).collect::<Result<Vec<_>>>()?;
+        // SAFETY: the kernel writes all out_len elements.
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&params);
+        for v in &views {
+            b.arg(v);
+        }
+        b.arg(&out);
+        // SAFETY: the argument list matches `<entry>_<dtype>` in the kernel's .cu file (checked by
+        // the GPU tests).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev))
+    }
+    match dtype {
+        DType::F32 => go::<f32, P>(kernel, entry, cfg, params, inputs, out_len),
+        DType::BF16 => go::<half::bf16, P>(kernel, entry, cfg, params, inputs, out_len),
+        DType::F16 => go::<half::f16, P>(kernel, entry, cfg, params, inputs, out_len),
+        other => candle_core::bail!("{entry}: no CUDA kernel for {other:?}"),
+    }
 }

@@ -456,7 +456,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
-    /// `HardConcreteParams` in `kernels/blora.cu`.
+    /// `HardConcreteParams` in `kernels/hard_concrete.cu`.
     #[repr(C)]
     #[derive(Debug, Clone, Copy)]
     struct HardConcreteParams {
@@ -495,7 +495,7 @@ mod cuda {
             out: Out,
         ) -> Result<CudaStorage> {
             let dev = inputs[0].0.device().clone();
-            let func = Kernel::BLora.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
+            let func = Kernel::HardConcrete.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
             let views = inputs
                 .iter()
                 .map(|(s, l)| contiguous_view::<T>(s, l, "hard_concrete input"))
@@ -517,7 +517,7 @@ mod cuda {
                 }
                 b.arg(&mut dst);
                 let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-                // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/blora.cu.
+                // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/hard_concrete.cu.
                 unsafe { b.launch(cfg) }.w()?;
             }
             Ok(T::wrap_cuda_slice(buf, dev))

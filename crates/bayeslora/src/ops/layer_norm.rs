@@ -1,6 +1,8 @@
-//! LayerNorm with a frozen affine as one CPU op per direction, multithreaded over rows.
+//! LayerNorm (BERT), `(x − mean) / √(var + eps) · weight + bias`, with a backward; with a frozen
+//! affine on the CPU (f32/f64) one op per direction ([`FusedLayerNorm`]), elsewhere the composed
+//! candle ops ([`layer_norm`] picks).
 //!
-//! The composed path (`ops::norm::layer_norm`) runs nine serial candle ops forward (two means,
+//! The composed path runs nine serial candle ops forward (two means,
 //! broadcast sub/div/mul/add, `sqr`, `sqrt`, `affine`) and about twenty backward, each writing a
 //! `[B·T, C]` temporary, and keeps several of them alive for the backward. [`FusedLayerNorm`]
 //! keeps only its input: the backward recomputes each row's mean and σ (two passes over C).
@@ -11,6 +13,7 @@
 //! values are bit for bit those of the composed path. The backward is the closed form
 //! `dx = (ĝ − mean ĝ − x̂ · mean(ĝ x̂)) / σ` with `ĝ = dy · w`, equal to the composed backward up
 //! to rounding (the tests bound it).
+use super::cpu::{slice, tensor_vec, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -18,16 +21,37 @@ use rayon::prelude::*;
 /// Rows per rayon task (C = 384 for MiniLM: 24 KiB of f32 per task).
 const ROWS: usize = 16;
 
-/// Whether `ops::layer_norm` takes the fused path: CPU f32/f64, frozen `[C]` weight and bias of
-/// x's dtype.
-pub(crate) fn fused_applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+/// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim (biased variance, as torch).
+///
+/// On the CPU (f32/f64) with a frozen weight and bias this is one multithreaded op per direction
+/// (the same forward floats as the composed path); elsewhere the composed ops.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if threaded_applies(x, weight, bias) {
+        return threaded(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] composed from candle primitives (weight and bias may be trained). Statistics
+/// in f32 (bf16 inputs are widened), as HF transformers does.
+pub(crate) fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(super::stats_dtype(dtype))?;
+    let centered = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let std = centered.sqr()?.mean_keepdim(D::Minus1)?.affine(1.0, eps)?.sqrt()?;
+    centered.broadcast_div(&std)?.to_dtype(dtype)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Whether [`layer_norm`] takes the CPU op: CPU f32/f64, frozen `[C]` weight and bias of x's
+/// dtype.
+fn threaded_applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     let frozen_fits =
         |t: &Tensor| !t.track_op() && t.dtype() == x.dtype() && x.rank() > 0 && t.dims() == [x.dims()[x.rank() - 1]];
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && frozen_fits(weight) && frozen_fits(bias)
 }
 
 /// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dim of a CPU f32/f64 `x`.
-pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+fn threaded(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.dim(D::Minus1)?;
     if c == 0 {
         candle_core::bail!("layer_norm: empty last dimension");
@@ -50,132 +74,6 @@ struct FusedLayerNormGrad {
     eps: f64,
 }
 
-/// The float types the CPU ops run in (here and in `ops::cpu_fused`).
-pub(crate) trait Float:
-    Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
-{
-    fn mul(self, o: Self) -> Self;
-    fn div(self, o: Self) -> Self;
-    fn sqrt(self) -> Self;
-    /// `e^x`, as candle's `exp` (std's, which calls the platform libm).
-    fn exp(self) -> Self;
-    fn neg(self) -> Self;
-    fn is_finite(self) -> bool;
-    fn from_f64(v: f64) -> Self;
-    /// A contiguous row's sum in candle's `vec_reduce_sum` order.
-    fn row_sum(row: &[Self]) -> Self;
-    fn cpu(s: &CpuStorage) -> Option<&[Self]>;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Float for f32 {
-    fn mul(self, o: Self) -> Self {
-        self * o
-    }
-    fn div(self, o: Self) -> Self {
-        self / o
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn neg(self) -> Self {
-        -self
-    }
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn row_sum(row: &[Self]) -> Self {
-        row_sum(row)
-    }
-    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Float for f64 {
-    fn mul(self, o: Self) -> Self {
-        self * o
-    }
-    fn div(self, o: Self) -> Self {
-        self / o
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn neg(self) -> Self {
-        -self
-    }
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn row_sum(row: &[Self]) -> Self {
-        row.iter().fold(0.0, |a, &v| a + v)
-    }
-    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
-/// candle's f32 row sum: with AVX2, four 8-lane accumulators over blocks of 32, the tree
-/// `(a0 + a1) + (a2 + a3)`, the two 128-bit halves added, two horizontal adds, then the tail in
-/// order (`cpu::avx::vec_sum`); without, a plain left-to-right sum.
-pub(crate) fn row_sum(row: &[f32]) -> f32 {
-    if !avx2() {
-        return row.iter().fold(0.0, |a, &v| a + v);
-    }
-    let np = row.len() & !31;
-    let mut acc = [[0f32; 8]; 4];
-    for block in row[..np].chunks_exact(32) {
-        for (j, acc) in acc.iter_mut().enumerate() {
-            for (l, a) in acc.iter_mut().enumerate() {
-                *a += block[j * 8 + l];
-            }
-        }
-    }
-    let x: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
-    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[l + 4]);
-    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
-    for &v in &row[np..] {
-        sum += v;
-    }
-    sum
-}
-
-fn avx2() -> bool {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-    {
-        false
-    }
-}
-
 /// One row's `(μ, σ)` exactly as the composed path computes them; `centered` receives `x − μ`.
 /// `sq` is scratch of the row's length.
 fn row_stats<T: Float>(x: &[T], centered: &mut [T], sq: &mut [T], inv_c: T, eps: T) -> (T, T) {
@@ -189,21 +87,6 @@ fn row_stats<T: Float>(x: &[T], centered: &mut [T], sq: &mut [T], inv_c: T, eps:
     }
     let var = T::row_sum(sq).mul(inv_c) + T::default();
     (mean, (var.mul(T::from_f64(1.0)) + eps).sqrt())
-}
-
-pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some(v) = T::cpu(s) else { candle_core::bail!("{what} has dtype {:?}", s.dtype()) };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{what} must be contiguous"),
-    }
-}
-
-/// A frozen CPU tensor's values; `what` names it in errors ("layer_norm weight").
-pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("{what} is not on the CPU") };
-    Ok(slice::<T>(s, layout, what)?.to_vec())
 }
 
 impl FusedLayerNorm {
@@ -308,7 +191,6 @@ impl CustomOp2 for FusedLayerNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::norm::layer_norm_composed;
     use crate::ops::testing::check_grad;
     use candle_core::{Device, Var};
 
@@ -323,7 +205,7 @@ mod tests {
                 let b = Tensor::randn(0f64, 0.2, c, &dev)?.to_dtype(dtype)?;
                 let dy = Tensor::randn(0f64, 1.0, (37, c), &dev)?.to_dtype(dtype)?;
                 let x = Var::from_tensor(&x0)?;
-                let fused = layer_norm(x.as_tensor(), &w, &b, 1e-12)?;
+                let fused = threaded(x.as_tensor(), &w, &b, 1e-12)?;
                 let composed = layer_norm_composed(x.as_tensor(), &w, &b, 1e-12)?;
                 let f = fused.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 let e = composed.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
@@ -343,7 +225,20 @@ mod tests {
     fn finite_differences() -> Result<()> {
         let w = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
         let b = Tensor::randn(0f64, 1.0, 6, &Device::Cpu)?;
+        assert!(check_grad(&[2, 3, 6], &|x| threaded(x, &w, &b, 1e-5))? < 1e-6);
         assert!(check_grad(&[2, 3, 6], &|x| layer_norm(x, &w, &b, 1e-5))? < 1e-6);
+        assert!(check_grad(&[2, 3, 6], &|x| layer_norm_composed(x, &w, &b, 1e-5))? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_normalizes() -> Result<()> {
+        let x = Tensor::new(&[[1f64, 2., 3., 4.]], &Device::Cpu)?;
+        let ones = Tensor::ones(4, DType::F64, &Device::Cpu)?;
+        let zeros = Tensor::zeros(4, DType::F64, &Device::Cpu)?;
+        let y = layer_norm(&x, &ones, &zeros, 0.0)?.to_vec2::<f64>()?;
+        let want = -1.5 / 1.25f64.sqrt();
+        assert!((y[0][0] - want).abs() < 1e-12);
         Ok(())
     }
 }

@@ -6,6 +6,15 @@
 //! candle primitives that do have a backward, or is a [`candle_core::CustomOp1`] with a
 //! hand-written `bwd`. Each is checked against f64 finite differences in the tests below.
 //!
+//! One module per op, holding its dispatch, its CPU path, its CUDA path (the kernel file of the
+//! same name in `kernels/`, e.g. `rms_norm.rs` ↔ `kernels/rms_norm.cu`) and its backward:
+//! `rms_norm`, `layer_norm`, `rope`, `swiglu`, `layout` (split/merge heads), `cast`, `gelu`,
+//! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
+//! `quantize` and `hard_concrete` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
+//! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
+//! types and storage access of the multithreaded CPU ops), `reference.rs` (the f64 CPU references
+//! the CUDA kernels are tested against).
+//!
 //! Shape legend: B batch, T tokens, H heads, D head dim, C channels.
 //!
 //! ```
@@ -18,24 +27,29 @@
 //! ```
 
 mod attention;
+mod cast;
 mod checkpoint;
+mod cpu;
 mod cpu_attention;
-mod cpu_fused;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod dropout;
 mod erf;
 mod flash_attention;
-mod fused;
 mod gelu;
 mod hard_concrete;
 mod layer_norm;
+mod layout;
 mod linear;
-mod norm;
 pub(crate) mod quantize;
+mod reference;
+mod rms_norm;
+mod rope;
+mod swiglu;
 
 pub use attention::{attention, plain_attention, AttentionMask};
+pub use cast::cast;
 pub use checkpoint::{backward, checkpoint, Segment};
 pub(crate) use cpu_attention::{applies as cpu_attention_applies, attention as cpu_attention, HeadLayout};
 pub use cross_entropy::{fused_cross_entropy_rows, CrossEntropyGrad, FusedCrossEntropy};
@@ -44,11 +58,26 @@ pub use flash_attention::{
     flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
 };
 pub use hard_concrete::{hard_concrete, hard_concrete_at, rank_multiplier, rank_multiplier_at, HardConcrete};
+pub use layer_norm::layer_norm;
+pub use layout::{merge_heads, split_heads};
 pub use linear::frozen_linear;
-pub use norm::{layer_norm, rms_norm};
 pub use quantize::{gated_quantize, update_range, PARAMS as QUANTIZE_PARAMS};
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;
 
 use candle_core::{DType, Result, Tensor, D};
+
+/// Whether `x` takes our CUDA kernels (`rms_norm`, `rope`, `swiglu`, `layout`, `cast`): a
+/// non-empty f32/bf16/f16 tensor on CUDA.
+pub(crate) fn cuda_applies(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.elem_count() > 0
+}
+
+/// Whether `x` takes the multithreaded CPU ops (`rms_norm`, `swiglu`): a CPU f32/f64 tensor.
+pub(crate) fn cpu_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
 
 /// The dtype for statistics and softmax: f32 for f32/bf16/f16 compute (bf16 sums lose too
 /// much), f64 when the inputs are f64 (the finite-difference tests).
@@ -107,87 +136,52 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
-/// SwiGLU's gating, `silu(gate) · up` (same shape and dtype), differentiable in both.
-///
-/// For f32/bf16/f16 on CUDA one fused op per direction (`ops::fused`, f32 math, one rounding);
-/// for f32/f64 on the CPU one multithreaded op per direction (`ops::cpu_fused`), bit for bit
-/// `gate.silu()?.mul(up)` and its backward; elsewhere exactly that composition.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let same = up.dims() == gate.dims() && up.dtype() == gate.dtype() && up.device().same_device(gate.device());
-    if fused::fused_applies(gate) && same {
-        return fused::swiglu(gate, up);
-    }
-    if cpu_fused::applies(gate) && same {
-        return cpu_fused::swiglu(gate, up);
-    }
-    gate.silu()?.mul(up)
-}
-
-/// `x` in `dtype`, differentiable (the gradient comes back in x's dtype). On CUDA, f32 ↔ bf16/f16
-/// run through our vectorized kernel (candle's moves one element per thread); elsewhere
-/// `to_dtype`.
-pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype {
-        return Ok(x.clone());
-    }
-    if fused::fused_applies(x) && fused::cast_supported(x.dtype(), dtype) {
-        return fused::cast(x, dtype);
-    }
-    x.to_dtype(dtype)
-}
-
-/// `[B, T, H·D]` → `[B, H, T, D]`, contiguous: a projection's output in the attention layout.
-/// On CUDA one permutation kernel (candle's strided copy of a transpose is ~15× slower there).
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, c) = x.dims3()?;
-    if heads == 0 || c % heads != 0 {
-        candle_core::bail!("split_heads: {c} channels do not split into {heads} heads");
-    }
-    let d = c / heads;
-    if fused::fused_applies(x) {
-        return fused::permute_heads(x, b, t, heads, d, true);
-    }
-    x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()
-}
-
-/// `[B, H, T, D]` → `[B, T, H·D]`, the inverse of [`split_heads`].
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    if fused::fused_applies(x) {
-        return fused::permute_heads(x, b, t, h, d, false);
-    }
-    x.transpose(1, 2)?.reshape((b, t, h * d))
-}
-
-/// Rotary position embedding in HF's rotate-half convention: `x·cos + rotate_half(x)·sin`.
-/// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
-///
-/// For f32/bf16/f16 on CUDA with constant `[T, D]` tables of x's dtype one fused op per direction
-/// (`ops::fused`, f32 math); elsewhere the composed ops.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fused::fused_applies(x) && x.rank() >= 2 {
-        let (t, d) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
-        let fits = |table: &Tensor| !table.track_op() && table.dtype() == x.dtype() && table.dims() == [t, d];
-        if d % 2 == 0 && fits(cos) && fits(sin) {
-            return fused::rope(x, cos, sin);
-        }
-    }
-    rope_composed(x, cos, sin)
-}
-
-/// [`rope`] composed from candle primitives (the CPU path).
-pub(crate) fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
-}
-
 #[cfg(test)]
 pub(crate) mod testing {
-    //! Finite-difference gradient checks in f64.
-    use candle_core::{Device, Result, Tensor, Var};
+    //! Finite-difference gradient checks in f64, and comparisons of an op with its composed
+    //! twin.
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    /// The largest absolute difference between `a` and `b`, in f64.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// The bits of every element (as f64), for bit-for-bit comparisons.
+    pub fn bits(t: &Tensor) -> Result<Vec<u64>> {
+        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(v.iter().map(|v| v.to_bits()).collect())
+    }
+
+    /// The value of `f(xs)` and the gradients of `sum(f(xs))` in the inputs.
+    pub fn value_and_grads(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+        let vars = xs.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let grads = y.sum_all()?.backward()?;
+        let g = ts.iter().map(|t| grads.get(t).expect("gradient reaches the input").clone()).collect();
+        Ok((y, g))
+    }
+
+    /// An op's f64 CPU reference against the composed op, forward and backward, in f64 (one
+    /// random `w` shared by both: the seed is not fixed, so draw it once); the worst difference.
+    pub fn matches_composed(
+        xs: &[Tensor],
+        fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+        composed: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<f64> {
+        let y = composed(xs)?;
+        let w = Tensor::randn(0f64, 1.0, y.shape(), y.device())?;
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<(Tensor, Vec<Tensor>)> {
+            value_and_grads(xs, &|ts| f(ts)?.mul(&w))
+        };
+        let ((yf, gf), (yc, gc)) = (run(fused)?, run(composed)?);
+        let mut worst = max_diff(&yf, &yc)?;
+        for (a, b) in gf.iter().zip(&gc) {
+            worst = worst.max(max_diff(a, b)?);
+        }
+        Ok(worst)
+    }
 
     /// Checks d(sum(f(x) · w))/dx from backprop against central differences, for a fixed
     /// random projection `w` so every output element matters. Returns the worst relative error.
@@ -239,32 +233,9 @@ mod tests {
     }
 
     #[test]
-    fn rope_gradient() -> Result<()> {
-        let cos = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
-        let sin = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
-        assert!(check_grad(&[2, 3, 4, 6], &|x| rope(x, &cos, &sin))? < TOL);
-        Ok(())
-    }
-
-    #[test]
     fn activations_gradient() -> Result<()> {
         assert!(check_grad(&[4, 7], &gelu)? < TOL);
         assert!(check_grad(&[4, 7], &silu)? < TOL);
-        Ok(())
-    }
-
-    #[test]
-    fn swiglu_gradient_and_cpu_floats() -> Result<()> {
-        let dev = Device::Cpu;
-        let up = Tensor::randn(0f64, 1.0, (4, 7), &dev)?;
-        assert!(check_grad(&[4, 7], &|gate| swiglu(gate, &up))? < TOL);
-        let gate = Tensor::randn(0f64, 2.0, (4, 7), &dev)?;
-        assert!(check_grad(&[4, 7], &|up| swiglu(&gate, up))? < TOL);
-        // the CPU path is the composition, bit for bit
-        let (gate, up) = (gate.to_dtype(DType::F32)?, up.to_dtype(DType::F32)?);
-        let got = swiglu(&gate, &up)?.flatten_all()?.to_vec1::<f32>()?;
-        let want = silu(&gate)?.mul(&up)?.flatten_all()?.to_vec1::<f32>()?;
-        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
         Ok(())
     }
 

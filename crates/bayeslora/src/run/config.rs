@@ -62,6 +62,13 @@ pub struct RunConfig {
     /// Class count of a `jsonl_text` task with integer labels (default: inferred from the
     /// training labels as 0..=k with none missing); a label at or above it is an error.
     pub num_labels: Option<usize>,
+    /// Decoders: one label word per class, scored at the prompt's last position (a `jsonl_text`
+    /// task needs them, e.g. `[" no", " yes"]`; a GLUE task has its own, see
+    /// `Task::decoder_template`). Encoders ignore them.
+    pub label_words: Vec<String>,
+    /// Decoders: the prompt of a `jsonl_text` row, with `{text}` and `{text_pair}` (default
+    /// `"{text}\nAnswer:"`, with the pair on its own line when there is one).
+    pub template: Option<String>,
     /// Skip malformed data rows (with a count) instead of failing on the first one.
     pub skip_bad_rows: bool,
     /// Start even when the run's peak-memory estimate (`bayeslora::train::memory`) exceeds the
@@ -160,6 +167,8 @@ impl Default for RunConfig {
             train_limit: None,
             eval_limit: None,
             num_labels: None,
+            label_words: Vec::new(),
+            template: None,
             skip_bad_rows: false,
             skip_memory_check: false,
             max_len: 128,

@@ -4,7 +4,8 @@
 //! writes `config.toml`, `metrics.jsonl` through the caller's observer, `checkpoints/`,
 //! `results.json`, the adapter folder and, for B-LoRA, the BOPs files), and plotted
 //! ([`plot_reliability`]). A finished run is rebuilt from its folder with [`TrainedRun::open`]
-//! and exported with [`write_adapter`].
+//! and exported with [`write_adapter`]; an adapter folder is served for prediction with [`Served`]
+//! and opened over its base with [`open_adapter`].
 //!
 //! This module knows every stage (models, adapters, data, train, eval, export, plot); no stage
 //! knows it. It never prints: what a user should see goes to the caller's [`Hooks`] (the CLI
@@ -25,9 +26,11 @@
 //! # Ok(()) }
 //! ```
 mod config;
+mod predict;
 mod trained;
 
 pub use config::{compute_dtype, lora_train_defaults, AdapterKind, EvalSettings, RunConfig};
+pub use predict::{open_adapter, Served, Session};
 pub use trained::{
     adapter_num_labels, bare_model, bops_summary, latest_checkpoint, write_adapter, write_bops, Bops, TrainedRun,
 };
@@ -157,8 +160,8 @@ pub struct Data {
 }
 
 /// The data spec of one split of the run's task: `file`, else the task's file in [`data_dir`];
-/// `decoder` picks the prompt format (decoders score label words after a prompt; encoders
-/// classify raw text with a head).
+/// `decoder` picks the prompt format (decoders score label words after a prompt — the run's
+/// `label_words` and `template` when it sets them; encoders classify raw text with a head).
 pub fn data_spec(
     cfg: &RunConfig,
     task: Task,
@@ -177,6 +180,10 @@ pub fn data_spec(
     }
     if decoder {
         s.format = Some(Format::Prompt);
+        if !cfg.label_words.is_empty() {
+            s.label_words = cfg.label_words.clone();
+        }
+        s.template = cfg.template.clone();
     }
     Ok(s)
 }

@@ -97,14 +97,23 @@ pub fn write_adapter(
     dir: &Path,
 ) -> Result<()> {
     let task = crate::data::Task::from_name(&cfg.task)?;
-    // Class names: the head's classes (encoders), or a decoder's label-word classes (GLUE
-    // prompts); multiple choice has its choices instead.
-    let labels = match (&model.head, task.decoder_template()) {
+    // Class names: the head's classes (encoders), or a decoder's label-word classes (the run's
+    // own words, else a GLUE task's prompt); multiple choice has its choices instead.
+    let decoder_words = match model.head {
+        Some(_) => None,
+        None if !cfg.label_words.is_empty() => Some(cfg.label_words.len()),
+        None => task.decoder_template().map(|(_, words)| words.len()),
+    };
+    let labels = match (&model.head, decoder_words) {
         (Some(h), _) => task.class_names(h.num_labels()),
-        (None, Some((_, words))) => task.class_names(words.len()),
+        (None, Some(n)) => task.class_names(n),
         (None, None) => Vec::new(),
     };
-    export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels })?;
+    let (label_words, template) = match model.head {
+        Some(_) => (Vec::new(), None),
+        None => (cfg.label_words.clone(), cfg.template.clone()),
+    };
+    export::write_task(dir, &export::AdapterTask { task: cfg.task.clone(), labels, label_words, template })?;
     if let Some(blora) = model.adapters.blora() {
         let peft = export::save_blora_peft(dir, model, blora, &cfg.blora, Some(base_name))
             .with_context(|| format!("exporting the B-LoRA adapter to {}", dir.display()))?;

@@ -14,7 +14,7 @@
 //! Composed from candle ops, one quantizer cost ~50 full-size kernels forward (clip, five levels
 //! of scale/round/clamp/scale/subtract, the nested gated sum, the straight-through term), as many
 //! backward, five level tensors kept for the backward, and ~35 small ops for the range. Here each
-//! direction is one pass over x (CUDA: `kernels/blora.cu`, plus a one-block pass for the sums).
+//! direction is one pass over x (CUDA: `kernels/quantize.cu`, plus a one-block pass for the sums).
 //!
 //! Every float op is the one the composed path does, in its order: `max`/`min` as candle's CPU
 //! backend (`a < b ? b : a`, so a NaN propagates), round half away from zero, no fused
@@ -35,8 +35,11 @@
 //! assert!((q[0] - 0.4).abs() < 1e-6 && (q[1] + 1.4).abs() < 1e-6);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+mod range;
+
+pub use range::update_range;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The grid's parameters, `[14]` in x's dtype: x_min, x_max, the 2-bit code bounds (−1, 1
@@ -54,7 +57,7 @@ pub(crate) const RESIDUAL_BOUND: [f32; 4] = [2.0, 8.0, 128.0, 32768.0];
 
 /// Elements per parallel task of the CPU passes, and per partial sum of dL/dz: fixed, so the
 /// sums do not depend on the thread count.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 /// Whether [`gated_quantize`] and [`update_range`] run on `x` (f32/f64 on the CPU or CUDA).
 pub(crate) fn applies(x: &Tensor) -> bool {
@@ -77,18 +80,6 @@ pub fn gated_quantize(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor>
     let params = params.to_dtype(x.dtype())?.contiguous()?;
     let z = z.to_dtype(x.dtype())?.contiguous()?;
     x.contiguous()?.apply_op3(&params, &z, QuantizeOp)
-}
-
-/// The range `[x_min, x_max]` (f32, unset = both 0) widened by `x`'s extremes — symmetric
-/// ±max(|old|, |x|) once a negative value was seen, else [0, max(old, x)]; a tensor with a
-/// non-finite value leaves it as it is (`Range::widen`) — followed by the [`PARAMS`] of the
-/// widened range: `[2 + PARAMS]` in x's dtype. No gradient.
-pub fn update_range(x: &Tensor, range: &Tensor) -> Result<Tensor> {
-    if range.dims() != [2] {
-        candle_core::bail!("update_range: range must be [2] (x_min, x_max), got {:?}", range.dims());
-    }
-    let range = range.to_dtype(DType::F32)?.contiguous()?;
-    x.detach().contiguous()?.apply_op2_no_bwd(&range, &RangeOp)
 }
 
 /// The float types of the CPU passes. Every helper is branch-free (comparisons become selects),
@@ -311,40 +302,8 @@ fn quantize_grad_cpu<T: LadderFloat>(x: &[T], p: &[T], z: &[T], g: &[T], want_dx
     Ok(out)
 }
 
-/// x's extremes (in T) and whether every value is finite.
-fn extremes<T: LadderFloat>(x: &[T]) -> (T, T, bool) {
-    let init = (T::from_f64(f64::INFINITY), T::from_f64(f64::NEG_INFINITY), true);
-    let chunk = |x: &[T]| {
-        x.iter()
-            .fold(init, |(lo, hi, ok), &v| if v.is_finite() { (lo.min_c(v), hi.max_c(v), ok) } else { (lo, hi, false) })
-    };
-    let parts: Vec<(T, T, bool)> = x.par_chunks(CHUNK).map(chunk).collect();
-    parts.into_iter().fold(init, |(lo, hi, ok), (l, h, o)| (lo.min_c(l), hi.max_c(h), ok && o))
-}
-
-/// `[x_min, x_max, PARAMS]` of the range `[old_min, old_max]` widened by `x`, as the composed
-/// path computed it: extremes cast to f32, widened in f32, the grid in f64.
-fn update_range_cpu<T: LadderFloat>(x: &[T], old: &[f32]) -> Vec<T> {
-    let (lo_t, hi_t, all_finite) = extremes(x);
-    let (lo, hi) = (lo_t.to_f32(), hi_t.to_f32());
-    let (x_min, x_max) = (old[0], old[1]);
-    let finite = all_finite && (hi - lo).abs() < f32::INFINITY;
-    let m = x_max.max_c(-x_min).max_c(hi).max_c(-lo);
-    let signed = x_min.min_c(lo) < 0.0;
-    let (new_min, new_max) = if finite { (if signed { -m } else { 0.0 }, m) } else { (x_min, x_max) };
-    let (dlo, dhi) = (f64::from(new_min), f64::from(new_max));
-    let signed = if dlo < 0.0 { 1.0 } else { 0.0 };
-    let steps = DIVISORS.map(|d| (dhi - dlo) / d);
-    let mut out = vec![T::from_f32(new_min), T::from_f32(new_max)];
-    // The 2-bit code bounds as the composed path's affine(−1, 0) and affine(−2, 3) of the flag.
-    out.extend([dlo, dhi, -signed + 0.0, signed * -2.0 + 3.0].map(T::from_f64));
-    out.extend(steps.map(T::from_f64));
-    out.extend(steps.map(|s| T::from_f64(1.0 / s)));
-    out
-}
-
 /// The contiguous elements of a CPU input.
-fn slice<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+pub(super) fn slice<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: inputs must be contiguous") };
     Ok(&data[a..b])
 }
@@ -503,37 +462,6 @@ impl CustomOp3 for QuantizeGradOp {
     }
 }
 
-/// [`update_range`]: inputs x and the old range (`[2]` f32); output `[2 + PARAMS]` of x's dtype.
-struct RangeOp;
-
-impl CustomOp2 for RangeOp {
-    fn name(&self) -> &'static str {
-        "blora-range"
-    }
-
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(r) = rs else { candle_core::bail!("{}: the range must be f32", self.name()) };
-        let old = slice(self.name(), r, rl)?;
-        let out = match xs {
-            CpuStorage::F32(x) => CpuStorage::F32(update_range_cpu(slice(self.name(), x, xl)?, old)),
-            CpuStorage::F64(x) => CpuStorage::F64(update_range_cpu(slice(self.name(), x, xl)?, old)),
-            other => candle_core::bail!("{}: f32 or f64 input, got {:?}", self.name(), other.dtype()),
-        };
-        Ok((out, Shape::from(2 + PARAMS)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        rs: &candle_core::CudaStorage,
-        rl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::update_range((xs, xl), (rs, rl))?, Shape::from(2 + PARAMS)))
-    }
-}
-
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
@@ -543,7 +471,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
-    /// `QuantizeParams` in `kernels/blora.cu`.
+    /// `QuantizeParams` in `kernels/quantize.cu`.
     #[repr(C)]
     #[derive(Debug, Clone, Copy)]
     struct QuantizeParams {
@@ -560,13 +488,13 @@ mod cuda {
     /// SMs), grid-stride loops cover the rest; fixed for a given n, so the sums are too.
     const MAX_BLOCKS: usize = 1024;
 
-    type Input<'a> = (&'a CudaStorage, &'a Layout);
+    pub(super) type Input<'a> = (&'a CudaStorage, &'a Layout);
 
-    fn blocks(n: usize) -> u32 {
+    pub(super) fn blocks(n: usize) -> u32 {
         n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32
     }
 
-    fn cfg(blocks: u32) -> LaunchConfig {
+    pub(super) fn cfg(blocks: u32) -> LaunchConfig {
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
@@ -586,7 +514,7 @@ mod cuda {
         fn go<T: CudaDType + DeviceRepr>(x: Input<'_>, p: Input<'_>, z: Input<'_>) -> Result<CudaStorage> {
             let n = x.1.shape().elem_count();
             let dev = x.0.device().clone();
-            let func = Kernel::BLora.func(&dev, &format!("quantize_fwd_{}", dtype_suffix(x.0.dtype())?))?;
+            let func = Kernel::Quantize.func(&dev, &format!("quantize_fwd_{}", dtype_suffix(x.0.dtype())?))?;
             let (xv, pv, zv) = (
                 contiguous_view::<T>(x.0, x.1, "quantize input")?,
                 contiguous_view::<T>(p.0, p.1, "quantize params")?,
@@ -602,7 +530,7 @@ mod cuda {
             b.arg(&pv);
             b.arg(&zv);
             b.arg(&y);
-            // SAFETY: the argument list matches `quantize_fwd_<dtype>` in kernels/blora.cu.
+            // SAFETY: the argument list matches `quantize_fwd_<dtype>` in kernels/quantize.cu.
             unsafe { b.launch(cfg(blocks(n))) }.w()?;
             Ok(T::wrap_cuda_slice(y, dev))
         }
@@ -629,8 +557,8 @@ mod cuda {
             let n_dx = if want_dx { n } else { 0 };
             let dev = x.0.device().clone();
             let suffix = dtype_suffix(x.0.dtype())?;
-            let bwd = Kernel::BLora.func(&dev, &format!("quantize_bwd_{suffix}"))?;
-            let dz = Kernel::BLora.func(&dev, &format!("quantize_dz_{suffix}"))?;
+            let bwd = Kernel::Quantize.func(&dev, &format!("quantize_bwd_{suffix}"))?;
+            let dz = Kernel::Quantize.func(&dev, &format!("quantize_dz_{suffix}"))?;
             let xv = contiguous_view::<T>(x.0, x.1, "quantize input")?;
             let pzv = contiguous_view::<T>(pz.0, pz.1, "quantize params and gates")?;
             let gv = contiguous_view::<T>(g.0, g.1, "quantize gradient")?;
@@ -652,7 +580,7 @@ mod cuda {
                 b.arg(&gv);
                 b.arg(&mut dx);
                 b.arg(&mut partial);
-                // SAFETY: the argument list matches `quantize_bwd_<dtype>` in kernels/blora.cu.
+                // SAFETY: the argument list matches `quantize_bwd_<dtype>` in kernels/quantize.cu.
                 unsafe { b.launch(cfg(nb)) }.w()?;
             }
             {
@@ -673,48 +601,6 @@ mod cuda {
         match dtype {
             DType::F32 => go::<f32>(x, pz, g, want_dx),
             _ => go::<f64>(x, pz, g, want_dx),
-        }
-    }
-
-    /// `range_partial_<dtype>` (per-block extremes) then `range_update_<dtype>` (one block):
-    /// `[x_min, x_max, PARAMS]`.
-    pub(super) fn update_range(x: Input<'_>, range: Input<'_>) -> Result<CudaStorage> {
-        fn go<T: CudaDType + DeviceRepr>(x: Input<'_>, range: Input<'_>) -> Result<CudaStorage> {
-            let n = x.1.shape().elem_count();
-            let dev = x.0.device().clone();
-            let suffix = dtype_suffix(x.0.dtype())?;
-            let partial_fn = Kernel::BLora.func(&dev, &format!("range_partial_{suffix}"))?;
-            let update_fn = Kernel::BLora.func(&dev, &format!("range_update_{suffix}"))?;
-            let xv = contiguous_view::<T>(x.0, x.1, "range input")?;
-            let rv = contiguous_view::<f32>(range.0, range.1, "range")?;
-            let nb = blocks(n);
-            // SAFETY: every block writes its two partials; the update writes all 2 + PARAMS.
-            let mut partial = unsafe { dev.alloc::<T>(2 * nb as usize)? };
-            let mut out = unsafe { dev.alloc::<T>(2 + PARAMS)? };
-            let n64 = n as u64;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&partial_fn);
-            b.arg(&n64);
-            b.arg(&xv);
-            b.arg(&mut partial);
-            // SAFETY: the argument list matches `range_partial_<dtype>` in kernels/blora.cu.
-            unsafe { b.launch(cfg(nb)) }.w()?;
-            let mut b = stream.launch_builder(&update_fn);
-            b.arg(&nb);
-            b.arg(&partial);
-            b.arg(&rv);
-            b.arg(&mut out);
-            // SAFETY: the argument list matches `range_update_<dtype>`; one block.
-            unsafe { b.launch(cfg(1)) }.w()?;
-            Ok(T::wrap_cuda_slice(out, dev))
-        }
-        if range.0.dtype() != DType::F32 || range.1.shape().elem_count() != 2 {
-            candle_core::bail!("update_range: the range must be [2] f32");
-        }
-        match x.0.dtype() {
-            DType::F32 => go::<f32>(x, range),
-            DType::F64 => go::<f64>(x, range),
-            other => candle_core::bail!("update_range: no CUDA kernel for {other:?}"),
         }
     }
 }
@@ -819,21 +705,6 @@ mod tests {
             assert_eq!(chunked[i], gj * inside, "dx[{i}]");
         }
         assert_eq!(quantize_grad_cpu(&xs, &pv, &z, &g, false)?, chunked[n..]);
-        Ok(())
-    }
-
-    #[test]
-    fn range_ignores_non_finite_and_empty_tensors() -> Result<()> {
-        let dev = Device::Cpu;
-        let old = Tensor::new(&[-1f32, 1.], &dev)?;
-        for bad in [&[f32::NAN, 9.0][..], &[9.0, f32::NAN], &[2.0, f32::INFINITY], &[]] {
-            let out = update_range(&Tensor::new(bad, &dev)?, &old)?.narrow(0, 0, 2)?.to_vec1::<f32>()?;
-            assert_eq!(out, [-1.0, 1.0], "{bad:?}");
-        }
-        let out = update_range(&Tensor::new(&[0.5f32, 3.0], &dev)?, &Tensor::new(&[0f32, 2.], &dev)?)?;
-        let v = out.to_vec1::<f32>()?;
-        assert_eq!(&v[..6], &[0.0, 3.0, 0.0, 3.0, 0.0, 3.0], "unsigned: [0, max], 2-bit codes 0..3");
-        assert_eq!(v[6], 1.0);
         Ok(())
     }
 }

@@ -1,6 +1,5 @@
-// B-LoRA's training kernels: the Bayesian Bits gated residual quantizer and its running range
-// (see `ops::quantize`, whose CPU code is the reference these kernels equal to the bit), and the
-// hard-concrete gate samples (see `ops::hard_concrete`):
+// B-LoRA's training quantizer: the Bayesian Bits gated residual sum and its running range (see
+// `ops::quantize`, whose CPU code is the reference these kernels equal to the bit):
 //
 //   quantize_fwd:  q = x2 + z4(e4 + z8(e8 + z16(e16 + z32 e32))) of clip(x), one pass;
 //   quantize_bwd:  dx = g * dclip/dx (straight through the rounding) and, per block, the f64
@@ -8,44 +7,13 @@
 //   quantize_dz:   one block adds the partials in a fixed tree: deterministic, no atomics;
 //   range_partial: per-block min/max of x (NaN marks a block that saw a non-finite value);
 //   range_update:  one block: the running range widened by x's extremes and the grid's
-//                  parameters (PARAMS floats, the layout of `ops::quantize::PARAMS`);
-//   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread.
-//   rank_gates_fwd/bwd: a layer's rank multiplier (samples, nested product, straight-through
-//                      round), one thread.
+//                  parameters (PARAMS floats, the layout of `ops::quantize::PARAMS`).
 //
-// Every multiply, add and subtract of the ladder is an explicit _rn intrinsic: nvcc would
-// otherwise contract `rest - round(rest/s)*s` into an FMA, and the levels would differ from the
-// CPU's (and candle's composed ops') in the last bit. max/min are candle's CPU ones (a < b ? b : a),
-// not fmaxf, so a NaN propagates as it does on the CPU.
-#include "dtype.cuh"
+// The arithmetic is exactly rounded (exact.cuh): the levels equal the CPU's to the bit.
+#include "exact.cuh"
 
 #define PARAMS 14
 #define THREADS 256
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-// Half away from zero, exact (as Rust's f32::round / f64::round).
-__device__ __forceinline__ float round_away(float v) { return roundf(v); }
-__device__ __forceinline__ double round_away(double v) { return round(v); }
-__device__ __forceinline__ float to_float_rn(float v) { return v; }
-__device__ __forceinline__ float to_float_rn(double v) { return __double2float_rn(v); }
-template <typename T> __device__ __forceinline__ T from_double_rn(double v);
-template <> __device__ __forceinline__ float from_double_rn<float>(double v) { return __double2float_rn(v); }
-template <> __device__ __forceinline__ double from_double_rn<double>(double v) { return v; }
-
-template <typename T> __device__ __forceinline__ T max_c(T a, T b) { return a < b ? b : a; }
-template <typename T> __device__ __forceinline__ T min_c(T a, T b) { return a > b ? b : a; }
-
-template <typename T> __device__ __forceinline__ T inf();
-template <> __device__ __forceinline__ float inf<float>() { return __int_as_float(0x7f800000); }
-template <> __device__ __forceinline__ double inf<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
-template <typename T> __device__ __forceinline__ T nan();
-template <> __device__ __forceinline__ float nan<float>() { return __int_as_float(0x7fc00000); }
-template <> __device__ __forceinline__ double nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // One value's ladder [x2, e4, e8, e16, e32] under the parameters p.
 template <typename T>
@@ -82,7 +50,7 @@ __device__ __forceinline__ T clip_factor(T v, T lo, T hi) {
     return (T)(a * b);
 }
 
-// Mirrors `QuantizeParams` in src/ops/quantize.rs.
+// Mirrors `QuantizeParams` in src/ops/quantize/mod.rs.
 struct QuantizeParams {
     uint64_t n;
     uint32_t want_dx;
@@ -272,128 +240,7 @@ __device__ void range_update(const uint32_t blocks, const T* __restrict__ partia
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Hard-concrete samples z = clamp(sigma((la + n)/beta)(zeta - gamma) + gamma, 0, 1) * mask, with
-// sigma(x) = (1 + tanh(x/2))/2, op for op as candle's CUDA kernels compute the composed path: each
-// affine a*x + b is one fused multiply-add, tanh is tanhf, the clamp is fmaxf/fminf. The mask is
-// the cumulative product of [la > hard_off] (when use_hard_off).
-
-// Mirrors `HardConcreteParams` in src/ops/hard_concrete.rs.
-struct HardConcreteParams {
-    double inv_beta;
-    double stretch;
-    double gamma;
-    double hard_off;
-    uint32_t n;
-    uint32_t use_hard_off;
-};
-
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float tanh_c(float v) { return tanhf(v); }
-__device__ __forceinline__ double tanh_c(double v) { return tanh(v); }
-__device__ __forceinline__ float fmax_c(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double fmax_c(double a, double b) { return fmax(a, b); }
-__device__ __forceinline__ float fmin_c(float a, float b) { return fminf(a, b); }
-__device__ __forceinline__ double fmin_c(double a, double b) { return fmin(a, b); }
-
-// (v before the clamp, t = tanh(..)) of one gate.
-template <typename T>
-__device__ __forceinline__ void hc_pre_clamp(const HardConcreteParams& p, T la, T n, T& v, T& t) {
-    const T half = (T)0.5, zero = (T)0.0;
-    const T b = fma_rn(add_rn(la, n), (T)p.inv_beta, zero);
-    t = tanh_c(fma_rn(b, half, zero));
-    const T s = fma_rn(t, half, half);
-    v = fma_rn(s, (T)p.stretch, (T)p.gamma);
-}
-
-template <typename T>
-__device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                                  T* __restrict__ z) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    T m = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
-        T v, t;
-        hc_pre_clamp(p, la[i], noise[i], v, t);
-        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? (T)1.0 : (T)0.0);
-        z[i] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
-    }
-}
-
-// d(gm z)/d la of one gate through the composed path's backward, for the upstream gradient gm
-// already times the mask: the clamp (1/2 on a bound), each affine, and tanh's -(dt (t^2 - 1)).
-template <typename T>
-__device__ __forceinline__ T hc_chain(const HardConcreteParams& p, T v, T t, T gm) {
-    const T half = (T)0.5, zero = (T)0.0, one = (T)1.0;
-    const T lo = v > zero ? one : (v == zero ? half : zero);
-    const T hi = v < one ? one : (v == one ? half : zero);
-    const T dv = mul_rn(gm, mul_rn(lo, hi));
-    const T dt = fma_rn(fma_rn(dv, (T)p.stretch, zero), half, zero);
-    const T du = -mul_rn(dt, fma_rn(mul_rn(t, t), one, -one));
-    return fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
-}
-
-// d(sum g z)/d la through the composed path's backward: the mask, then hc_chain.
-template <typename T>
-__device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                                  const T* __restrict__ g, T* __restrict__ dla) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const T zero = (T)0.0, one = (T)1.0;
-    T m = one;
-    for (uint32_t i = 0; i < p.n; ++i) {
-        T v, t;
-        hc_pre_clamp(p, la[i], noise[i], v, t);
-        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
-        dla[i] = hc_chain(p, v, t, mul_rn(g[i], m));
-    }
-}
-
-// B-LoRA's rank multiplier (`ops::rank_multiplier`): m = [1, acc + (round(acc) - acc)] for the
-// cumulative products acc of the clamped samples (no hard-off), as candle's CUDA kernels compute
-// the composition (each op rounded on its own).
-template <typename T>
-__device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                               T* __restrict__ m) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    m[0] = (T)1.0;
-    T acc = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
-        T v, t;
-        hc_pre_clamp(p, la[i], noise[i], v, t);
-        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
-        acc = i == 0 ? z : mul_rn(acc, z);
-        m[i + 1] = add_rn(acc, sub_rn(round_away(acc), acc));
-    }
-}
-
-// Its backward for the upstream gradient g [n + 1]: G_i = g[i + 1] + G_{i+1} z_{i+1} (straight
-// through the round), dz_i = G_i acc_{i-1} (G_0 for the first), then hc_chain. dla holds the
-// products acc_i until the reverse pass overwrites them.
-template <typename T>
-__device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                               const T* __restrict__ g, T* __restrict__ dla) {
-    if (blockIdx.x != 0 || threadIdx.x != 0 || p.n == 0) return;
-    T acc = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
-        T v, t;
-        hc_pre_clamp(p, la[i], noise[i], v, t);
-        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
-        acc = i == 0 ? z : mul_rn(acc, z);
-        dla[i] = acc;
-    }
-    T big_g = (T)0.0, z_next = (T)0.0;
-    for (uint32_t k = p.n; k-- > 0;) {
-        T v, t;
-        hc_pre_clamp(p, la[k], noise[k], v, t);
-        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
-        big_g = k + 1 == p.n ? g[k + 1] : add_rn(g[k + 1], mul_rn(big_g, z_next));
-        const T dz = k == 0 ? big_g : mul_rn(big_g, dla[k - 1]);
-        dla[k] = hc_chain(p, v, t, dz);
-        z_next = z;
-    }
-}
-
-#define BLORA_KERNELS(SUFFIX, T)                                                                         \
+#define QUANTIZE_KERNELS(SUFFIX, T)                                                                      \
     extern "C" __global__ void quantize_fwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
                                                      const T* z, T* y) {                                   \
         quantize_fwd<T>(p, x, prm, z, y);                                                                  \
@@ -411,23 +258,7 @@ __device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__
     extern "C" __global__ void range_update_##SUFFIX(const uint32_t blocks, const T* partial,              \
                                                      const float* range, T* out) {                         \
         range_update<T>(blocks, partial, range, out);                                                      \
-    }                                                                                                      \
-    extern "C" __global__ void hard_concrete_fwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
-                                                          const T* noise, T* z) {                          \
-        hard_concrete_fwd<T>(p, la, noise, z);                                                             \
-    }                                                                                                      \
-    extern "C" __global__ void hard_concrete_bwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
-                                                          const T* noise, const T* g, T* dla) {            \
-        hard_concrete_bwd<T>(p, la, noise, g, dla);                                                        \
-    }                                                                                                      \
-    extern "C" __global__ void rank_gates_fwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
-                                                       const T* noise, T* m) {                             \
-        rank_gates_fwd<T>(p, la, noise, m);                                                                \
-    }                                                                                                      \
-    extern "C" __global__ void rank_gates_bwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
-                                                       const T* noise, const T* g, T* dla) {               \
-        rank_gates_bwd<T>(p, la, noise, g, dla);                                                           \
     }
 
-BLORA_KERNELS(f32, float)
-BLORA_KERNELS(f64, double)
+QUANTIZE_KERNELS(f32, float)
+QUANTIZE_KERNELS(f64, double)

@@ -1,0 +1,147 @@
+// B-LoRA's hard-concrete gates (see `ops::hard_concrete`, whose CPU code is the reference):
+//
+//   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread.
+//   rank_gates_fwd/bwd: a layer's rank multiplier (samples, nested product, straight-through
+//                      round), one thread.
+#include "exact.cuh"
+
+// Hard-concrete samples z = clamp(sigma((la + n)/beta)(zeta - gamma) + gamma, 0, 1) * mask, with
+// sigma(x) = (1 + tanh(x/2))/2, op for op as candle's CUDA kernels compute the composed path: each
+// affine a*x + b is one fused multiply-add, tanh is tanhf, the clamp is fmaxf/fminf. The mask is
+// the cumulative product of [la > hard_off] (when use_hard_off).
+
+// Mirrors `HardConcreteParams` in src/ops/hard_concrete.rs.
+struct HardConcreteParams {
+    double inv_beta;
+    double stretch;
+    double gamma;
+    double hard_off;
+    uint32_t n;
+    uint32_t use_hard_off;
+};
+
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+__device__ __forceinline__ float tanh_c(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_c(double v) { return tanh(v); }
+__device__ __forceinline__ float fmax_c(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double fmax_c(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float fmin_c(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double fmin_c(double a, double b) { return fmin(a, b); }
+
+// (v before the clamp, t = tanh(..)) of one gate.
+template <typename T>
+__device__ __forceinline__ void hc_pre_clamp(const HardConcreteParams& p, T la, T n, T& v, T& t) {
+    const T half = (T)0.5, zero = (T)0.0;
+    const T b = fma_rn(add_rn(la, n), (T)p.inv_beta, zero);
+    t = tanh_c(fma_rn(b, half, zero));
+    const T s = fma_rn(t, half, half);
+    v = fma_rn(s, (T)p.stretch, (T)p.gamma);
+}
+
+template <typename T>
+__device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                                  T* __restrict__ z) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    T m = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? (T)1.0 : (T)0.0);
+        z[i] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
+    }
+}
+
+// d(gm z)/d la of one gate through the composed path's backward, for the upstream gradient gm
+// already times the mask: the clamp (1/2 on a bound), each affine, and tanh's -(dt (t^2 - 1)).
+template <typename T>
+__device__ __forceinline__ T hc_chain(const HardConcreteParams& p, T v, T t, T gm) {
+    const T half = (T)0.5, zero = (T)0.0, one = (T)1.0;
+    const T lo = v > zero ? one : (v == zero ? half : zero);
+    const T hi = v < one ? one : (v == one ? half : zero);
+    const T dv = mul_rn(gm, mul_rn(lo, hi));
+    const T dt = fma_rn(fma_rn(dv, (T)p.stretch, zero), half, zero);
+    const T du = -mul_rn(dt, fma_rn(mul_rn(t, t), one, -one));
+    return fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
+}
+
+// d(sum g z)/d la through the composed path's backward: the mask, then hc_chain.
+template <typename T>
+__device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                                  const T* __restrict__ g, T* __restrict__ dla) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const T zero = (T)0.0, one = (T)1.0;
+    T m = one;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
+        dla[i] = hc_chain(p, v, t, mul_rn(g[i], m));
+    }
+}
+
+// B-LoRA's rank multiplier (`ops::rank_multiplier`): m = [1, acc + (round(acc) - acc)] for the
+// cumulative products acc of the clamped samples (no hard-off), as candle's CUDA kernels compute
+// the composition (each op rounded on its own).
+template <typename T>
+__device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               T* __restrict__ m) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    m[0] = (T)1.0;
+    T acc = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        acc = i == 0 ? z : mul_rn(acc, z);
+        m[i + 1] = add_rn(acc, sub_rn(round_away(acc), acc));
+    }
+}
+
+// Its backward for the upstream gradient g [n + 1]: G_i = g[i + 1] + G_{i+1} z_{i+1} (straight
+// through the round), dz_i = G_i acc_{i-1} (G_0 for the first), then hc_chain. dla holds the
+// products acc_i until the reverse pass overwrites them.
+template <typename T>
+__device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               const T* __restrict__ g, T* __restrict__ dla) {
+    if (blockIdx.x != 0 || threadIdx.x != 0 || p.n == 0) return;
+    T acc = (T)1.0;
+    for (uint32_t i = 0; i < p.n; ++i) {
+        T v, t;
+        hc_pre_clamp(p, la[i], noise[i], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        acc = i == 0 ? z : mul_rn(acc, z);
+        dla[i] = acc;
+    }
+    T big_g = (T)0.0, z_next = (T)0.0;
+    for (uint32_t k = p.n; k-- > 0;) {
+        T v, t;
+        hc_pre_clamp(p, la[k], noise[k], v, t);
+        const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
+        big_g = k + 1 == p.n ? g[k + 1] : add_rn(g[k + 1], mul_rn(big_g, z_next));
+        const T dz = k == 0 ? big_g : mul_rn(big_g, dla[k - 1]);
+        dla[k] = hc_chain(p, v, t, dz);
+        z_next = z;
+    }
+}
+
+#define HARD_CONCRETE_KERNELS(SUFFIX, T)                                                                 \
+    extern "C" __global__ void hard_concrete_fwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
+                                                          const T* noise, T* z) {                          \
+        hard_concrete_fwd<T>(p, la, noise, z);                                                             \
+    }                                                                                                      \
+    extern "C" __global__ void hard_concrete_bwd_##SUFFIX(const HardConcreteParams p, const T* la,         \
+                                                          const T* noise, const T* g, T* dla) {            \
+        hard_concrete_bwd<T>(p, la, noise, g, dla);                                                        \
+    }                                                                                                      \
+    extern "C" __global__ void rank_gates_fwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
+                                                       const T* noise, T* m) {                             \
+        rank_gates_fwd<T>(p, la, noise, m);                                                                \
+    }                                                                                                      \
+    extern "C" __global__ void rank_gates_bwd_##SUFFIX(const HardConcreteParams p, const T* la,            \
+                                                       const T* noise, const T* g, T* dla) {               \
+        rank_gates_bwd<T>(p, la, noise, g, dla);                                                           \
+    }
+
+HARD_CONCRETE_KERNELS(f32, float)
+HARD_CONCRETE_KERNELS(f64, double)

@@ -1,0 +1,147 @@
+//! What the multithreaded CPU ops (`layer_norm`, `rms_norm`, `swiglu`, `cpu_attention`) share:
+//! the float types they run in ([`Float`], f32 and f64), candle's f32 row sum bit for bit
+//! ([`row_sum`]), and contiguous storage access ([`slice`], [`tensor_vec`]).
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// The float types the CPU ops run in.
+pub(crate) trait Float:
+    Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+{
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    fn sqrt(self) -> Self;
+    /// `e^x`, as candle's `exp` (std's, which calls the platform libm).
+    fn exp(self) -> Self;
+    fn neg(self) -> Self;
+    fn is_finite(self) -> bool;
+    fn from_f64(v: f64) -> Self;
+    /// A contiguous row's sum in candle's `vec_reduce_sum` order.
+    fn row_sum(row: &[Self]) -> Self;
+    fn cpu(s: &CpuStorage) -> Option<&[Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Float for f32 {
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn neg(self) -> Self {
+        -self
+    }
+    fn is_finite(self) -> bool {
+        f32::is_finite(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn row_sum(row: &[Self]) -> Self {
+        row_sum(row)
+    }
+    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Float for f64 {
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn neg(self) -> Self {
+        -self
+    }
+    fn is_finite(self) -> bool {
+        f64::is_finite(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn row_sum(row: &[Self]) -> Self {
+        row.iter().fold(0.0, |a, &v| a + v)
+    }
+    fn cpu(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// candle's f32 row sum: with AVX2, four 8-lane accumulators over blocks of 32, the tree
+/// `(a0 + a1) + (a2 + a3)`, the two 128-bit halves added, two horizontal adds, then the tail in
+/// order (`cpu::avx::vec_sum`); without, a plain left-to-right sum.
+pub(crate) fn row_sum(row: &[f32]) -> f32 {
+    if !avx2() {
+        return row.iter().fold(0.0, |a, &v| a + v);
+    }
+    let np = row.len() & !31;
+    let mut acc = [[0f32; 8]; 4];
+    for block in row[..np].chunks_exact(32) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a += block[j * 8 + l];
+            }
+        }
+    }
+    let x: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let t0: [f32; 4] = std::array::from_fn(|l| x[l] + x[l + 4]);
+    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &v in &row[np..] {
+        sum += v;
+    }
+    sum
+}
+
+fn avx2() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// A contiguous CPU storage's values of type `T`; `what` names it in errors.
+pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some(v) = T::cpu(s) else { candle_core::bail!("{what} has dtype {:?}", s.dtype()) };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// A frozen CPU tensor's values; `what` names it in errors ("layer_norm weight").
+pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("{what} is not on the CPU") };
+    Ok(slice::<T>(s, layout, what)?.to_vec())
+}

@@ -1,0 +1,179 @@
+//! Rotary position embedding in HF's rotate-half convention, `x·cos + rotate_half(x)·sin`, with
+//! a backward.
+//!
+//! For f32/bf16/f16 on CUDA with constant tables, one kernel per direction (`kernels/rope.cu`,
+//! f32 math; its f64 CPU reference is [`FusedRope`]'s `cpu_fwd`): the backward is the adjoint
+//! rotation, itself differentiable. Elsewhere the composed candle ops.
+use super::reference::{cpu_f64, cpu_from_f64, held_f64};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+
+/// Rotary position embedding in HF's rotate-half convention: `x·cos + rotate_half(x)·sin`.
+/// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
+///
+/// For f32/bf16/f16 on CUDA with constant `[T, D]` tables of x's dtype one fused op per direction
+/// (f32 math); elsewhere the composed ops.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if super::cuda_applies(x) && x.rank() >= 2 {
+        let (t, d) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+        let fits = |table: &Tensor| !table.track_op() && table.dtype() == x.dtype() && table.dims() == [t, d];
+        if d % 2 == 0 && fits(cos) && fits(sin) {
+            return fused(x, cos, sin);
+        }
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// [`rope`] composed from candle primitives (the CPU path).
+pub(crate) fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+}
+
+/// The fused op: rotary embedding of `x: [.., T, D]` with constant `cos`/`sin: [T, D]` (x's dtype).
+fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (t, d) = (x.dim(D::Minus2)?, x.dim(D::Minus1)?);
+    for (name, table) in [("cos", cos), ("sin", sin)] {
+        if table.dims() != [t, d] || table.dtype() != x.dtype() {
+            candle_core::bail!(
+                "rope: {name} must be [{t}, {d}] {:?}, got {:?} {:?}",
+                x.dtype(),
+                table.dims(),
+                table.dtype()
+            );
+        }
+    }
+    if d % 2 != 0 {
+        candle_core::bail!("rope: head dim {d} must be even");
+    }
+    x.contiguous()?.apply_op1(FusedRope { cos: cos.contiguous()?, sin: sin.contiguous()?, transpose: false })
+}
+
+/// `y1 = x1·c1 − x2·s1, y2 = x2·c2 + x1·s2` over the halves of the last dim; with `transpose`
+/// its adjoint `y1 = x1·c1 + x2·s2, y2 = x2·c2 − x1·s1` (the backward, itself differentiable).
+#[derive(Debug, Clone)]
+struct FusedRope {
+    cos: Tensor,
+    sin: Tensor,
+    transpose: bool,
+}
+
+impl CustomOp1 for FusedRope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f64(s, l, "rope input")?;
+        let (cos, sin) = (held_f64(&self.cos, "rope cos")?, held_f64(&self.sin, "rope sin")?);
+        let (t, d) = self.cos.dims2()?;
+        let h = d / 2;
+        let mut y = vec![0f64; x.len()];
+        for (row, (xr, yr)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
+            let (c, s) = (&cos[(row % t) * d..][..d], &sin[(row % t) * d..][..d]);
+            for j in 0..h {
+                let (x1, x2) = (xr[j], xr[h + j]);
+                if self.transpose {
+                    yr[j] = x1 * c[j] + x2 * s[h + j];
+                    yr[h + j] = x2 * c[h + j] - x1 * s[j];
+                } else {
+                    yr[j] = x1 * c[j] - x2 * s[j];
+                    yr[h + j] = x2 * c[h + j] + x1 * s[h + j];
+                }
+            }
+        }
+        Ok((cpu_from_f64(s.dtype(), y)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cuda(c), candle_core::Storage::Cuda(sn)) = (&*cs, &*ss) else {
+            candle_core::bail!("rope: cos/sin and input are on different devices")
+        };
+        let (t, d) = self.cos.dims2()?;
+        let inputs = [(s, l, "rope input"), (c, cl, "rope cos"), (sn, sl, "rope sin")];
+        Ok((cuda::rope(&inputs, t, d, self.transpose)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let adjoint = FusedRope { transpose: !self.transpose, ..self.clone() };
+        Ok(Some(grad.contiguous()?.apply_op1(adjoint)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::super::cuda::{grid, launch, pack, Input, Kernel};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+    use candle_core::{CudaStorage, Result};
+
+    /// `RopeParams` in `kernels/rope.cu`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    struct RopeParams {
+        rows: u64,
+        t: u32,
+        d: u32,
+        vec: u32,
+        transpose: u32,
+    }
+    // SAFETY: plain-old-data with the kernel's C layout.
+    unsafe impl DeviceRepr for RopeParams {}
+
+    /// `rope` on (x, cos, sin), cos/sin `[t, d]`.
+    pub(super) fn rope(inputs: &[Input<'_>], t: usize, d: usize, transpose: bool) -> Result<CudaStorage> {
+        let n = inputs[0].1.shape().elem_count();
+        let dtype = inputs[0].0.dtype();
+        let vec = (d / 2).is_multiple_of(pack(dtype));
+        let items = n / 2 / if vec { pack(dtype) } else { 1 };
+        let params =
+            RopeParams { rows: (n / d) as u64, t: t as u32, d: d as u32, vec: vec as u32, transpose: transpose as u32 };
+        launch(Kernel::Rope, "rope", grid(items), params, inputs, n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{check_grad, matches_composed};
+    use candle_core::Device;
+
+    #[test]
+    fn rope_gradient() -> Result<()> {
+        let cos = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
+        let sin = Tensor::randn(0f64, 1.0, (4, 6), &Device::Cpu)?;
+        assert!(check_grad(&[2, 3, 4, 6], &|x| rope(x, &cos, &sin))? < 1e-6);
+        Ok(())
+    }
+
+    /// The CUDA op's f64 CPU reference against the composed op and finite differences.
+    #[test]
+    fn reference_matches_the_composed_op_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 4, 6), &dev)?;
+        // random (not half-duplicated) tables, so both halves' indices are exercised
+        let cos = Tensor::randn(0f64, 1.0, (4, 6), &dev)?;
+        let sin = Tensor::randn(0f64, 1.0, (4, 6), &dev)?;
+        let err = matches_composed(&[x], &|t| fused(&t[0], &cos, &sin), &|t| rope_composed(&t[0], &cos, &sin))?;
+        assert!(err < 1e-12, "rope {err}");
+        assert!(check_grad(&[2, 3, 4, 6], &|x| fused(x, &cos, &sin))? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_backward_is_itself_differentiable() -> Result<()> {
+        // the adjoint's adjoint is the forward: second-order gradients go through
+        let cos = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu)?;
+        let sin = Tensor::randn(0f64, 1.0, (3, 4), &Device::Cpu)?;
+        let adjoint =
+            |x: &Tensor| x.contiguous()?.apply_op1(FusedRope { cos: cos.clone(), sin: sin.clone(), transpose: true });
+        assert!(check_grad(&[2, 3, 4], &adjoint)? < 1e-6);
+        Ok(())
+    }
+}
