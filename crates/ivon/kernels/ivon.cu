@@ -83,11 +83,6 @@ __device__ __forceinline__ float philox_normal(uint64_t seed, uint64_t draw, uin
     return (index & 1) ? r * s : r * co;
 }
 
-// Fills eps[i] with philox_normal(seed, draw, i), i < n (tests and the posterior std check).
-extern "C" __global__ void ivon_normal(const uint64_t seed, const uint64_t draw, float* eps, const uint64_t n) {
-    GRID_STRIDE(i, n) { eps[i] = philox_normal(seed, draw, i); }
-}
-
 // ---------------------------------------------------------------------------------------------
 // IVON
 // ---------------------------------------------------------------------------------------------
