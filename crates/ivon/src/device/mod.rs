@@ -16,11 +16,12 @@
 //!
 //! Numerics: the kernels evaluate the equations of [`crate::update`] in the same order with
 //! round-to-nearest intrinsics (no FMA contraction), so for equal ε and gradients the device
-//! state matches the CPU's to the bit or within an ulp (the GPU tests, `tests/cuda_step.rs`,
-//! allow 1e-6 relative).
+//! state matches the CPU's to the bit or within an ulp (the GPU tests,
+//! `crates/bayeslora/tests/ivon_cuda.rs`, allow 1e-6 relative).
 //!
-//! Without the feature (or with no GPU) the types below are uninhabited and every optimizer runs
-//! the host path.
+//! Without the feature the types below are uninhabited; with it, `new` returns `None` for vars
+//! that are not on a CUDA device (or not f32/bf16/f16). Either way those optimizers run the host
+//! path.
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
