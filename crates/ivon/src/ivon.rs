@@ -77,7 +77,7 @@ pub struct Ivon {
     pub(crate) noise_source: Noise,
     sync_fn: Option<SyncFn>,
     /// The state on the vars' CUDA device; `None`: the host vectors above hold it.
-    pub(crate) device: Option<IvonDevice>,
+    pub(crate) device: Option<Box<IvonDevice>>,
 }
 
 impl std::fmt::Debug for Ivon {
@@ -123,7 +123,7 @@ impl Ivon {
         for g in &resolved {
             hess[g.start..g.end].fill(g.hyper.hess_init as f32);
         }
-        let device = IvonDevice::new(&flat, &mean, &hess)?;
+        let device = IvonDevice::new(&flat, &mean, &hess)?.map(Box::new);
         // On a device the state lives there; the host vectors stay empty.
         let n = if device.is_some() {
             (mean, hess) = (Vec::new(), Vec::new());

@@ -147,7 +147,8 @@ pub struct AdamW {
     m: Vec<f32>,
     v: Vec<f32>,
     step: u64,
-    device: Option<AdamWDevice>,
+    /// Boxed: the device state is large (buffers, functions, the var table).
+    device: Option<Box<AdamWDevice>>,
 }
 
 impl std::fmt::Debug for AdamW {
@@ -210,7 +211,7 @@ impl AdamW {
         config.validate()?;
         let flat = FlatVars::new(vars)?;
         let params = flat.read_values()?;
-        let device = AdamWDevice::new(&flat, &params)?;
+        let device = AdamWDevice::new(&flat, &params)?.map(Box::new);
         if device.is_some() {
             return Ok(Self { config, flat, params: vec![], m: vec![], v: vec![], step: 0, device });
         }
