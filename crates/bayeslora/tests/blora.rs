@@ -239,7 +239,7 @@ fn ivon_blora_posterior_sidecar_round_trips_and_samples() -> Result<()> {
     let vars: Vec<_> = model.posterior_vars().into_iter().map(|(_, v)| v).collect();
     assert_eq!(vars.len() + blora.named_gate_vars_with_prefix("").len(), model.trainable().len(), "gates excluded");
     let ivon = Ivon::new(vars, IvonConfig { lr: 0.1, ess: 100.0, hess_init: 0.5, ..Default::default() })?;
-    let post = ivon.posterior();
+    let post = ivon.posterior()?;
     let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
     export::save_compressed(dir.path(), &model, &blora, &cfg, Some(&post))?;
     for f in [export::POSTERIOR_JSON, export::POSTERIOR_TENSORS] {

@@ -164,7 +164,7 @@ fn ivon_posterior(model: &TaskModel) -> Result<ivon::Posterior> {
     // Keep μ where it is (lr 0) so the adapter file and the model agree; only h moves.
     ivon.set_learning_rate(0.0);
     ivon.step()?;
-    Ok(ivon.posterior())
+    Ok(ivon.posterior()?)
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ pub enum Error {
     /// An error from the user's sync (all-reduce) hook.
     #[error("sync hook failed: {0}")]
     Sync(String),
+    /// Occurs when the device path (feature `cuda`) meets vars or gradients it cannot use, e.g.
+    /// a var moved to another device or a non-contiguous var.
+    #[error("ivon on the device: {reason}")]
+    Device { reason: String },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

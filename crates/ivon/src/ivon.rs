@@ -6,14 +6,18 @@
 //! [`crate::config`], the update equations as pure functions in [`crate::update`].
 //!
 //! Numerics: μ, m, h, ε and every sample average are f32 (a flat vector per optimizer, groups
-//! concatenated in order, vars in order, as ivon-opt's flat buffers). Scalar coefficients such as
+//! concatenated in order, vars in order, as ivon-opt's flat buffers), on the host, or on the
+//! vars' CUDA device (`crate::device`: then the host vectors below stay empty). Scalar coefficients such as
 //! 1 − β2 are computed in f64 and rounded to f32 once, as torch does with Python floats, so that
 //! an f32 run of ivon-opt and this crate agree to the last bits for equal gradients.
+use std::borrow::Cow;
+
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 use rayon::prelude::*;
 
 use crate::config::{GroupHyper, HessApprox, IvonConfig, ParamGroup};
+use crate::device::{Buffer, IvonDevice};
 use crate::error::{invalid, Error, Result};
 use crate::flat::FlatVars;
 use crate::noise::{Noise, NoiseFn, NoiseState};
@@ -72,6 +76,8 @@ pub struct Ivon {
     scratch: Vec<f32>,
     pub(crate) noise_source: Noise,
     sync_fn: Option<SyncFn>,
+    /// The state on the vars' CUDA device; `None`: the host vectors above hold it.
+    pub(crate) device: Option<Box<IvonDevice>>,
 }
 
 impl std::fmt::Debug for Ivon {
@@ -111,12 +117,20 @@ impl Ivon {
             all_vars.extend(g.vars.iter().cloned());
         }
         let flat = FlatVars::new(all_vars)?;
-        let mean = flat.read_values()?;
+        let mut mean = flat.read_values()?;
         let n = flat.numel;
         let mut hess = vec![0f32; n];
         for g in &resolved {
             hess[g.start..g.end].fill(g.hyper.hess_init as f32);
         }
+        let device = IvonDevice::new(&flat, &mean, &hess)?.map(Box::new);
+        // On a device the state lives there; the host vectors stay empty.
+        let n = if device.is_some() {
+            (mean, hess) = (Vec::new(), Vec::new());
+            0
+        } else {
+            n
+        };
         Ok(Self {
             config,
             frozen: vec![false; flat.slots.len()],
@@ -133,6 +147,7 @@ impl Ivon {
             scratch: vec![0.0; n],
             noise_source: Noise::Seeded(NoiseState::new(0)),
             sync_fn: None,
+            device,
         })
     }
 
@@ -233,6 +248,15 @@ impl Ivon {
     /// Draws ε for every group, sets θ = μ + σ⊙ε into the vars and returns the guard through
     /// which gradients are recorded. Dropping the guard restores μ (also during a panic).
     pub fn sample(&mut self) -> Result<Sample<'_>> {
+        if self.device.is_some() {
+            let sample = Sample { ivon: self, micro_batches: 0, done: false };
+            // If writing θ fails half way, the guard's drop puts μ back.
+            let ivon = &mut *sample.ivon;
+            if let Some(d) = ivon.device.as_mut() {
+                d.sample(&ivon.flat, &ivon.groups, &mut ivon.noise_source)?;
+            }
+            return Ok(sample);
+        }
         self.draw_noise();
         self.enter_sample()
     }
@@ -286,8 +310,13 @@ impl Ivon {
         }
         if self.config.sync {
             if let Some(f) = self.sync_fn.as_mut() {
-                f(&mut self.avg_grad)?;
-                f(&mut self.avg_curv)?;
+                match self.device.as_mut() {
+                    Some(d) => d.sync(f)?,
+                    None => {
+                        f(&mut self.avg_grad)?;
+                        f(&mut self.avg_curv)?;
+                    }
+                }
             }
         }
         self.update()
@@ -301,14 +330,23 @@ impl Ivon {
         if self.count == 0 {
             return Err(Error::NoSamples);
         }
-        sync(&mut self.avg_grad)?;
-        sync(&mut self.avg_curv)?;
+        match self.device.as_mut() {
+            Some(d) => d.sync(sync)?,
+            None => {
+                sync(&mut self.avg_grad)?;
+                sync(&mut self.avg_curv)?;
+            }
+        }
         self.update()
     }
 
     /// Steps 5–9 of the update from the (synchronised) sample averages.
     fn update(&mut self) -> Result<()> {
         self.step += 1;
+        if let Some(d) = self.device.as_mut() {
+            self.count = 0;
+            return d.update(&self.flat, &self.groups, &self.config, self.step);
+        }
         let approx = self.config.hess_approx;
         for g in &self.groups {
             let c = Coefficients::new(&g.hyper, &self.config, self.step);
@@ -342,7 +380,10 @@ impl Ivon {
     }
 
     /// Writes μ back into the vars.
-    pub(crate) fn restore_mean(&self) -> Result<()> {
+    pub(crate) fn restore_mean(&mut self) -> Result<()> {
+        if let Some(d) = self.device.as_mut() {
+            return d.restore(&self.flat);
+        }
         self.flat.write_values(&self.mean)
     }
 
@@ -351,6 +392,14 @@ impl Ivon {
     /// [`Sample::accumulate`] and [`Sample::finish`]. For prediction see
     /// [`Ivon::with_posterior_sample`].
     pub fn sample_posterior(&mut self, noise: &mut NoiseState) -> Result<Sample<'_>> {
+        if self.device.is_some() {
+            let sample = Sample { ivon: self, micro_batches: 0, done: false };
+            let ivon = &mut *sample.ivon;
+            if let Some(d) = ivon.device.as_mut() {
+                d.sample_posterior(&ivon.flat, &ivon.groups, noise)?;
+            }
+            return Ok(sample);
+        }
         for g in &self.groups {
             let r = g.start..g.end;
             noise.fill(&mut self.noise[r.clone()]);
@@ -390,9 +439,12 @@ pub struct Sample<'a> {
 }
 
 impl Sample<'_> {
-    /// This sample's noise σ⊙ε, flat (θ − μ).
-    pub fn noise(&self) -> &[f32] {
-        &self.ivon.noise
+    /// This sample's noise σ⊙ε, flat (θ − μ); a host copy on a device.
+    pub fn noise(&self) -> Result<Cow<'_, [f32]>> {
+        match &self.ivon.device {
+            Some(d) => Ok(Cow::Owned(d.download(Buffer::Noise, 0..self.ivon.flat.numel)?)),
+            None => Ok(Cow::Borrowed(&self.ivon.noise)),
+        }
     }
 
     /// Micro-batches accumulated so far.
@@ -407,6 +459,9 @@ impl Sample<'_> {
         let k = self.micro_batches;
         let kf = k as f32;
         let ivon = &mut *self.ivon;
+        if let Some(d) = ivon.device.as_mut() {
+            return d.accumulate(&ivon.flat, grads, &ivon.frozen, k);
+        }
         let frozen = &ivon.frozen;
         let host = ivon.flat.host_grads(grads, |i| !frozen[i])?;
         for (index, slot) in ivon.flat.slots.iter().enumerate() {
@@ -442,6 +497,9 @@ impl Sample<'_> {
             return Err(Error::EmptySample);
         }
         ivon.count += 1;
+        if let Some(d) = ivon.device.as_mut() {
+            return d.finish(&ivon.flat, ivon.count, ivon.config.hess_approx);
+        }
         let first = ivon.count == 1;
         let cf = ivon.count as f32;
         let approx = ivon.config.hess_approx;

@@ -17,6 +17,9 @@
 //!   drives all three from one training loop.
 //! - Noise: seeded and resumable ([`NoiseState`], [`Ivon::set_seed`]) or injected
 //!   ([`Ivon::set_noise_fn`]); multi-worker averaging through [`Ivon::set_sync_fn`].
+//! - On a CUDA device (feature `cuda`), [`Ivon`] and [`AdamW`] keep their state on the device and
+//!   step with fused kernels, with no host transfer per step; a seeded device run draws ε from
+//!   [`noise::philox_normal`] instead of the CPU's stream (details in `src/device/mod.rs`).
 //!
 //! # Example
 //! A tiny linear regression trained with IVON, then its posterior std:
@@ -47,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 pub mod config;
+mod device;
 mod error;
 mod flat;
 mod ivon;

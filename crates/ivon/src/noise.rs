@@ -17,6 +17,10 @@ const BLOCK: usize = 1 << 16;
 /// with `seed`, stream `d`, word position `b·2^40`: counter-based, so blocks are independent
 /// and parallel. Differs from ivon-opt: the reference uses torch's global RNG, which it
 /// shares with dropout; ours is a separate stream (reference/ivon.md §5.8).
+///
+/// On a CUDA device (the device path, `crate::device`) the same state drives a different
+/// generator: element `i` of draw `d` is [`philox_normal`]`(seed, d, i)`, computed in the kernel.
+/// A run resumes exactly on the kind of device it was saved from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NoiseState {
     /// The user's seed.
@@ -29,6 +33,13 @@ impl NoiseState {
     /// A fresh generator.
     pub fn new(seed: u64) -> Self {
         Self { seed, draws: 0 }
+    }
+
+    /// The index of the next draw, and advances the state (the device path draws in the kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn next_draw(&mut self) -> u64 {
+        self.draws += 1;
+        self.draws - 1
     }
 
     /// Fills `out` with independent standard normal f32 draws and advances the state.
@@ -44,6 +55,34 @@ impl NoiseState {
             }
         });
     }
+}
+
+/// Standard normal number `index` of draw `draw` under `seed` in the device path's generator:
+/// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
+/// key `seed` and counter (index / 4, draw) gives four 32-bit words; words (0, 1) feed
+/// Box–Muller for elements 4b and 4b + 1 (cos, sin), words (2, 3) for 4b + 2 and 4b + 3, each
+/// word's top 24 bits made a uniform in (0, 1). The CUDA kernel (`kernels/ivon.cu`) computes this
+/// in f32 with `logf`/`sincospif`; this host version (f64, rounded once) agrees to about 1e-6 and
+/// serves the GPU tests.
+pub fn philox_normal(seed: u64, draw: u64, index: u64) -> f32 {
+    let block = index >> 2;
+    let mut c = [block as u32, (block >> 32) as u32, draw as u32, (draw >> 32) as u32];
+    let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
+    for _ in 0..10 {
+        let p0 = 0xD251_1F53u64 * c[0] as u64;
+        let p1 = 0xCD9E_8D57u64 * c[2] as u64;
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0];
+        k0 = k0.wrapping_add(0x9E37_79B9);
+        k1 = k1.wrapping_add(0xBB67_AE85);
+    }
+    let pair = ((index >> 1) & 1) as usize;
+    let uniform = |w: u32| ((w >> 8) as f64 + 0.5) / 16_777_216.0;
+    let (u1, u2) = (uniform(c[2 * pair]), uniform(c[2 * pair + 1]));
+    let r = (-2.0 * u1.ln()).sqrt();
+    let angle = 2.0 * std::f64::consts::PI * u2;
+    (if index & 1 == 1 { r * angle.sin() } else { r * angle.cos() }) as f32
 }
 
 /// A user-supplied source of ε: called once per group and per sample with the group index and
@@ -91,5 +130,19 @@ mod tests {
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn philox_normal_is_standard_and_depends_on_every_input() {
+        let x: Vec<f64> = (0..200_000).map(|i| philox_normal(5, 2, i) as f64).collect();
+        let n = x.len() as f64;
+        let mean = x.iter().sum::<f64>() / n;
+        let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        let a = philox_normal(5, 2, 7);
+        assert_eq!(a, philox_normal(5, 2, 7));
+        assert_ne!(a, philox_normal(6, 2, 7));
+        assert_ne!(a, philox_normal(5, 3, 7));
+        assert_ne!(a, philox_normal(5, 2, 6));
     }
 }

@@ -21,6 +21,7 @@ use candle_core::Var;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::device::AdamWDevice;
 use crate::error::{invalid, Error, Result};
 use crate::flat::{load_flat, save_flat, FlatVars};
 
@@ -136,15 +137,64 @@ impl AdamWConfig {
 
 /// AdamW (Loshchilov & Hutter, decoupled weight decay) exactly in torch.optim.AdamW's
 /// single-tensor form: p ← p(1 − lr·wd); m ← m + (1−β1)(g − m); v ← β2 v + (1−β2) g²;
-/// p ← p − lr/(1−β1^t) · m / (√v/√(1−β2^t) + eps). f32 state and f32 master weights.
-#[derive(Debug)]
+/// p ← p − lr/(1−β1^t) · m / (√v/√(1−β2^t) + eps). f32 state and f32 master weights, on the
+/// vars' CUDA device when they live on one (one fused kernel per step, `crate::device`).
 pub struct AdamW {
     config: AdamWConfig,
     flat: FlatVars,
+    /// Host state; empty when `device` holds it.
     params: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
     step: u64,
+    /// Boxed: the device state is large (buffers, functions, the var table).
+    device: Option<Box<AdamWDevice>>,
+}
+
+impl std::fmt::Debug for AdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdamW")
+            .field("config", &self.config)
+            .field("numel", &self.flat.numel)
+            .field("step", &self.step)
+            .field("on_device", &self.device.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The f32 scalars of one AdamW step (f64 arithmetic rounded once), shared by the host loop and
+/// the device kernel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWStep {
+    /// 1 − lr·wd.
+    pub decay: f32,
+    /// 1 − β1.
+    pub one_minus_beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// 1 − β2.
+    pub one_minus_beta2: f32,
+    /// lr/(1 − β1^t).
+    pub step_size: f32,
+    /// √(1 − β2^t).
+    pub bc2_sqrt: f32,
+    /// eps.
+    pub eps: f32,
+}
+
+impl AdamWStep {
+    fn new(c: &AdamWConfig, step: u64) -> Self {
+        let t = step as f64;
+        Self {
+            decay: (1.0 - c.lr * c.weight_decay) as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            step_size: (c.lr / (1.0 - c.beta1.powf(t))) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powf(t)).sqrt() as f32,
+            eps: c.eps as f32,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -161,8 +211,12 @@ impl AdamW {
         config.validate()?;
         let flat = FlatVars::new(vars)?;
         let params = flat.read_values()?;
+        let device = AdamWDevice::new(&flat, &params)?.map(Box::new);
+        if device.is_some() {
+            return Ok(Self { config, flat, params: vec![], m: vec![], v: vec![], step: 0, device });
+        }
         let n = flat.numel;
-        Ok(Self { config, flat, params, m: vec![0.0; n], v: vec![0.0; n], step: 0 })
+        Ok(Self { config, flat, params, m: vec![0.0; n], v: vec![0.0; n], step: 0, device })
     }
 
     /// The configuration.
@@ -179,15 +233,11 @@ impl AdamW {
 impl Optimizer for AdamW {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let t = self.step as f64;
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
-        let omb1 = (1.0 - c.beta1) as f32;
-        let b2 = c.beta2 as f32;
-        let omb2 = (1.0 - c.beta2) as f32;
-        let step_size = (c.lr / (1.0 - c.beta1.powf(t))) as f32;
-        let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt() as f32;
-        let eps = c.eps as f32;
+        let c = AdamWStep::new(&self.config, self.step);
+        if let Some(d) = self.device.as_mut() {
+            return d.step(&self.flat, grads, &c);
+        }
+        let AdamWStep { decay, one_minus_beta1: omb1, beta2: b2, one_minus_beta2: omb2, step_size, bc2_sqrt, eps } = c;
         let host = self.flat.host_grads(grads, |_| true)?;
         for (index, s) in self.flat.slots.iter().enumerate() {
             let r = s.offset..s.offset + s.len;
@@ -221,6 +271,10 @@ impl Optimizer for AdamW {
     fn save_state(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string(&AdamWMeta { config: self.config, step: self.step })
             .map_err(|source| Error::Json { path: path.into(), cause: source })?;
+        if let Some(d) = &self.device {
+            let [params, m, v] = d.download()?;
+            return save_flat(path, &[("params", &params), ("m", &m), ("v", &v)], "adamw_state", json);
+        }
         save_flat(path, &[("params", &self.params), ("m", &self.m), ("v", &self.v)], "adamw_state", json)
     }
 
@@ -237,11 +291,13 @@ impl Optimizer for AdamW {
                 reason: format!("tensor `{name}`: expected {n} elements, found {:?}", other.map(|v| v.len())),
             }),
         };
-        self.params = take("params")?;
-        self.m = take("m")?;
-        self.v = take("v")?;
+        let (params, m, v) = (take("params")?, take("m")?, take("v")?);
         self.config = meta.config;
         self.step = meta.step;
+        if let Some(d) = self.device.as_mut() {
+            return d.upload(&self.flat, &params, &m, &v);
+        }
+        (self.params, self.m, self.v) = (params, m, v);
         self.flat.write_values(&self.params)
     }
 }

@@ -20,12 +20,15 @@
 //! assert!(sampled[0] != 0.0 && w.as_tensor().to_vec1::<f32>()?[0] == 0.0);
 //! # Ok(()) }
 //! ```
+use std::borrow::Cow;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GroupHyper, IvonConfig};
+use crate::device::Buffer;
 use crate::error::{Error, Result};
 use crate::flat::{load_flat, save_flat};
 use crate::noise::NoiseState;
@@ -152,8 +155,23 @@ impl Posterior {
 }
 
 impl Ivon {
-    /// A snapshot of the posterior and optimizer state.
-    pub fn posterior(&self) -> Posterior {
+    /// A snapshot of the posterior and optimizer state (copied from the device when the state
+    /// lives on one).
+    pub fn posterior(&self) -> Result<Posterior> {
+        Ok(Posterior {
+            config: self.config,
+            groups: self.group_hypers(),
+            params: self.layout(),
+            mean: self.mean_flat()?.into_owned(),
+            momentum: self.momentum_flat()?.into_owned(),
+            hess: self.hess_flat()?.into_owned(),
+            step: self.step,
+            noise: self.noise_state(),
+        })
+    }
+
+    /// Where [`Ivon::posterior`] takes the var layout (the flat vectors are set by the caller).
+    fn layout(&self) -> Vec<ParamLayout> {
         let mut params = Vec::with_capacity(self.flat.slots.len());
         let mut slot = 0;
         for (gi, g) in self.groups.iter().enumerate() {
@@ -163,16 +181,7 @@ impl Ivon {
                 slot += 1;
             }
         }
-        Posterior {
-            config: self.config,
-            groups: self.group_hypers(),
-            params,
-            mean: self.mean.clone(),
-            momentum: self.momentum.clone(),
-            hess: self.hess.clone(),
-            step: self.step,
-            noise: self.noise_state(),
-        }
+        params
     }
 
     /// Continues from `state`: takes its μ (written into the vars), m, h, step count,
@@ -180,17 +189,17 @@ impl Ivon {
     /// shapes as when it was saved; `path` only names the source in errors.
     pub fn load_posterior(&mut self, state: &Posterior, path: impl AsRef<Path>) -> Result<()> {
         let mismatch = |reason: String| Error::StateMismatch { path: path.as_ref().into(), reason };
-        let mine = self.posterior();
-        if state.params.len() != mine.params.len() || state.groups.len() != mine.groups.len() {
+        let mine = self.layout();
+        if state.params.len() != mine.len() || state.groups.len() != self.groups.len() {
             return Err(mismatch(format!(
                 "state has {} vars in {} groups, the optimizer {} in {}",
                 state.params.len(),
                 state.groups.len(),
-                mine.params.len(),
-                mine.groups.len()
+                mine.len(),
+                self.groups.len()
             )));
         }
-        for (i, (a, b)) in state.params.iter().zip(&mine.params).enumerate() {
+        for (i, (a, b)) in state.params.iter().zip(&mine).enumerate() {
             if a.shape != b.shape || a.group != b.group {
                 return Err(mismatch(format!(
                     "var #{i}: state has shape {:?} in group {}, the optimizer {:?} in group {}",
@@ -204,9 +213,14 @@ impl Ivon {
             g.lr_ratio = if state.config.lr > 0.0 { h.lr / state.config.lr } else { 1.0 };
         }
         self.config = state.config;
-        self.mean.copy_from_slice(&state.mean);
-        self.momentum.copy_from_slice(&state.momentum);
-        self.hess.copy_from_slice(&state.hess);
+        match self.device.as_mut() {
+            Some(d) => d.upload(&state.mean, &state.momentum, &state.hess)?,
+            None => {
+                self.mean.copy_from_slice(&state.mean);
+                self.momentum.copy_from_slice(&state.momentum);
+                self.hess.copy_from_slice(&state.hess);
+            }
+        }
         self.step = state.step;
         self.count = 0;
         for (f, p) in self.frozen.iter_mut().zip(&state.params) {
@@ -223,7 +237,7 @@ impl Ivon {
         if self.count > 0 {
             return Err(Error::PendingSamples { count: self.count });
         }
-        self.posterior().save(path)
+        self.posterior()?.save(path)
     }
 
     /// Loads a state saved by [`Ivon::save_state`] (see [`Ivon::load_posterior`]).
@@ -232,25 +246,42 @@ impl Ivon {
         self.load_posterior(&state, path)
     }
 
+    /// One flat state vector: borrowed on the host, copied from the device.
+    fn flat_state<'a>(&'a self, host: &'a [f32], which: Buffer) -> Result<Cow<'a, [f32]>> {
+        self.flat_range(host, which, 0..self.flat.numel)
+    }
+
+    /// Elements `r` of one flat state vector: borrowed on the host, copied from the device.
+    fn flat_range<'a>(&'a self, host: &'a [f32], which: Buffer, r: Range<usize>) -> Result<Cow<'a, [f32]>> {
+        match &self.device {
+            Some(d) => Ok(Cow::Owned(d.download(which, r)?)),
+            None => Ok(Cow::Borrowed(&host[r])),
+        }
+    }
+
     /// The flat μ (f32 master copy).
-    pub fn mean_flat(&self) -> &[f32] {
-        &self.mean
+    pub fn mean_flat(&self) -> Result<Cow<'_, [f32]>> {
+        self.flat_state(&self.mean, Buffer::Mean)
     }
 
     /// The flat h.
-    pub fn hess_flat(&self) -> &[f32] {
-        &self.hess
+    pub fn hess_flat(&self) -> Result<Cow<'_, [f32]>> {
+        self.flat_state(&self.hess, Buffer::Hess)
     }
 
     /// The flat momentum m.
-    pub fn momentum_flat(&self) -> &[f32] {
-        &self.momentum
+    pub fn momentum_flat(&self) -> Result<Cow<'_, [f32]>> {
+        self.flat_state(&self.momentum, Buffer::Momentum)
     }
 
-    fn var_tensor(&self, var: &Var, f: impl Fn(usize, f32) -> f32) -> Result<Tensor> {
+    /// `f(μ_j, h_j)` over `var`'s elements, as a tensor shaped like the var on its device.
+    fn var_tensor(&self, var: &Var, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
         let i = self.flat.index_of(var)?;
         let s = &self.flat.slots[i];
-        let v: Vec<f32> = (s.offset..s.offset + s.len).map(|j| f(j, self.hess[j])).collect();
+        let r = s.offset..s.offset + s.len;
+        let mean = self.flat_range(&self.mean, Buffer::Mean, r.clone())?;
+        let hess = self.flat_range(&self.hess, Buffer::Hess, r)?;
+        let v: Vec<f32> = mean.iter().zip(hess.iter()).map(|(&m, &h)| f(m, h)).collect();
         Ok(Tensor::from_vec(v, s.shape.clone(), &self.flat.device)?)
     }
 
@@ -261,7 +292,7 @@ impl Ivon {
 
     /// μ of `var`, f32, shaped like the var.
     pub fn mean(&self, var: &Var) -> Result<Tensor> {
-        self.var_tensor(var, |j, _| self.mean[j])
+        self.var_tensor(var, |m, _| m)
     }
 
     /// h of `var`, f32, shaped like the var.

@@ -91,7 +91,7 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
     }
     opt.set_noise_fn(replay(t["eps"].to_vec1::<f32>().unwrap()));
     let (x, y) = (&t["X"], &t["Y"]);
-    check(&format!("{name}: mean[0]"), opt.mean_flat(), &row(&t["mean"], 0), 0.0);
+    check(&format!("{name}: mean[0]"), &opt.mean_flat().unwrap(), &row(&t["mean"], 0), 0.0);
     let mut worst = 0f32;
     for step in 0..steps {
         for _ in 0..config.mc_samples {
@@ -105,22 +105,22 @@ fn run_fixture(setting: &serde_json::Value) -> f32 {
         opt.step().unwrap();
         let flat_vars: Vec<f32> =
             [&w, &b].iter().flat_map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
-        assert_eq!(flat_vars, opt.mean_flat(), "{name}: vars must hold μ after step()");
+        assert_eq!(flat_vars, *opt.mean_flat().unwrap(), "{name}: vars must hold μ after step()");
         worst = worst.max(check(
             &format!("{name}: mean after step {}", step + 1),
-            opt.mean_flat(),
+            &opt.mean_flat().unwrap(),
             &row(&t["mean"], step + 1),
             TOL,
         ));
         worst = worst.max(check(
             &format!("{name}: momentum after step {}", step + 1),
-            opt.momentum_flat(),
+            &opt.momentum_flat().unwrap(),
             &row(&t["momentum"], step),
             TOL,
         ));
         worst = worst.max(check(
             &format!("{name}: hess after step {}", step + 1),
-            opt.hess_flat(),
+            &opt.hess_flat().unwrap(),
             &row(&t["hess"], step),
             TOL,
         ));
@@ -165,9 +165,9 @@ fn hand_case(config: IvonConfig) -> HandRun {
         })
         .unwrap();
         opt.step().unwrap();
-        means.push(opt.mean_flat().to_vec());
-        hesses.push(opt.hess_flat().to_vec());
-        moms.push(opt.momentum_flat().to_vec());
+        means.push(opt.mean_flat().unwrap().to_vec());
+        hesses.push(opt.hess_flat().unwrap().to_vec());
+        moms.push(opt.momentum_flat().unwrap().to_vec());
     }
     (means, hesses, moms, theta1)
 }

@@ -39,7 +39,7 @@ impl<'a> ModelPredictor<'a> {
 
     /// A posterior predictor from an IVON optimizer's current state over `model`'s vars.
     pub fn posterior(model: &'a dyn Classifier, ivon: &ivon::Ivon, device: &Device, seed: u64) -> Result<Self> {
-        let post = ivon.posterior();
+        let post = ivon.posterior()?;
         Ok(ModelPredictor {
             model,
             device: device.clone(),

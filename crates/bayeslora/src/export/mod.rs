@@ -26,7 +26,7 @@
 //! # fn demo(model: &bayeslora::train::TaskModel, lora: &bayeslora::adapters::LoraConfig,
 //! #         ivon: &bayeslora::ivon::Ivon) -> bayeslora::Result<()> {
 //! let opts = ExportOptions::new(lora.clone());
-//! export::save_peft("runs/rte/adapter".as_ref(), model, &opts, Some(&ivon.posterior()))?;
+//! export::save_peft("runs/rte/adapter".as_ref(), model, &opts, Some(&ivon.posterior()?))?;
 //! # Ok(()) }
 //! ```
 pub mod blora;

@@ -427,7 +427,7 @@ fn evaluate_and_write(
     write_json(&out.join("results.json"), &results)?;
     // The trained adapter as a peft folder (+ the IVON posterior sidecar): `<output>/adapter/`.
     let posterior = match &opt {
-        Optimizer::Ivon(ivon) => Some(ivon.posterior()),
+        Optimizer::Ivon(ivon) => Some(ivon.posterior()?),
         _ => None,
     };
     write_adapter(model, cfg, &model_path.display().to_string(), posterior.as_ref(), &out.join("adapter"))?;
