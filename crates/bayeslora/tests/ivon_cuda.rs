@@ -3,7 +3,8 @@
 //! device noise generator, posterior samples, and save → load → continue. It lives here, not in
 //! `crates/ivon/tests`, so it builds with bayeslora's CUDA dependencies:
 //! `CARGO_BUILD_JOBS=1 scripts/device/pack_cuda_tests.sh ivon_cuda`, then on the GPU machine
-//! `.device/ivon_cuda --test-threads 1`.
+//! `IVON_DEVICE=1 .device/ivon_cuda --test-threads 1` (the device path is opt-in until these
+//! pass on a GPU: `ivon::device_path_enabled`).
 #![cfg(feature = "cuda")]
 
 use candle_core::backprop::GradStore;
@@ -12,6 +13,7 @@ use ivon::noise::philox_normal;
 use ivon::{AdamW, AdamWConfig, HessApprox, Ivon, IvonConfig, NoiseState, Optimizer, ParamGroup};
 
 fn cuda() -> Device {
+    assert!(ivon::device_path_enabled(), "run these tests with IVON_DEVICE=1 (the device path is opt-in)");
     Device::new_cuda(0).expect("these tests need a CUDA device")
 }
 

@@ -60,6 +60,7 @@ pub mod posterior;
 pub mod update;
 
 pub use config::{GroupHyper, HessApprox, IvonConfig, IvonLoraTask, ParamGroup};
+pub use device::enabled as device_path_enabled;
 pub use error::{Error, Result};
 pub use ivon::{Ivon, Sample, SyncFn};
 pub use noise::{NoiseFn, NoiseState};

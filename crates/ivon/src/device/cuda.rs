@@ -116,6 +116,9 @@ fn device_of(flat: &FlatVars) -> Option<(CudaDevice, &'static str)> {
     let Device::Cuda(dev) = &flat.device else {
         return None;
     };
+    if !super::enabled() {
+        return None;
+    }
     let suffix = match flat.dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
