@@ -31,25 +31,7 @@ fn cuda() -> Device {
 
 /// `n` values of N(0, 1) from a seeded splitmix64 + Box–Muller (reproducible on every machine).
 fn normal(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    let mut uniform = move || {
-        s = s.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let (u1, u2) = (uniform(), uniform());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * t.cos()) as f32);
-        out.push((r * t.sin()) as f32);
-    }
-    out.truncate(n);
-    out
+    bayeslora::bench::normal_cpu(n, 1.0, seed)
 }
 
 fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {

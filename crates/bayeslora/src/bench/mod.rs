@@ -35,7 +35,7 @@ mod attention;
 mod random;
 
 pub use attention::{attention, parse_attention_shape, AttentionShape, AttentionTiming};
-pub use random::{count_params, frozen_param_count, random_llama, random_model};
+pub use random::{count_params, frozen_param_count, normal_cpu, random_llama, random_model};
 
 use crate::adapters::lora::TargetModules;
 use crate::adapters::Ctx;

@@ -7,8 +7,9 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// `n` values of N(0, std²) from a seeded splitmix64 + Box–Muller (CPU weights).
-fn normal_cpu(n: usize, std: f32, seed: u64) -> Vec<f32> {
+/// `n` values of N(0, std²) from a seeded splitmix64 + Box–Muller (CPU weights; reproducible on
+/// every machine, also used by the GPU tests for their inputs).
+pub fn normal_cpu(n: usize, std: f32, seed: u64) -> Vec<f32> {
     let mut s = seed;
     let mut uniform = move || {
         s = s.wrapping_add(0x9E3779B97F4A7C15);
