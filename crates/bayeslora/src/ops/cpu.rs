@@ -145,3 +145,68 @@ pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
     let candle_core::Storage::Cpu(s) = &*storage else { candle_core::bail!("{what} is not on the CPU") };
     Ok(slice::<T>(s, layout, what)?.to_vec())
 }
+
+/// `n` copies of `value`, written by the thread pool: a large output buffer's fill (a serial
+/// `memset` in `vec![0.0; n]`) otherwise runs on one core while the others wait.
+pub(crate) fn par_filled<T: Copy + Send + Sync>(n: usize, value: T) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n].par_chunks_mut(UNIFORM_BLOCK).for_each(|chunk| {
+        for x in chunk {
+            x.write(value);
+        }
+    });
+    // SAFETY: every one of the first n elements was written above.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Elements per independently positioned block of [`seeded_uniform_map`].
+const UNIFORM_BLOCK: usize = 1 << 14;
+
+/// `f(u_i)` for the first `n` draws `u_i = rng.random::<f32>()` of
+/// `rand::rngs::StdRng::seed_from_u64(seed)`, bit for bit, computed in parallel. StdRng is
+/// ChaCha12 and an f32 draw takes one 32-bit word, so draw `i` is word `i` of the stream and a
+/// block of draws can start anywhere with `set_word_pos`: the CPU dropout masks keep the exact
+/// sequence the demo's numbers and bit-for-bit resume depend on, without one thread drawing
+/// them all while the others wait.
+pub(crate) fn seeded_uniform_map<T: Send>(n: usize, seed: u64, f: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    use rand::{Rng, SeedableRng};
+    use rayon::prelude::*;
+    let start = rand_chacha::ChaCha12Rng::seed_from_u64(seed);
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n].par_chunks_mut(UNIFORM_BLOCK).enumerate().for_each(|(b, chunk)| {
+        let mut rng = start.clone();
+        rng.set_word_pos((b * UNIFORM_BLOCK) as u128);
+        for x in chunk {
+            x.write(f(rng.random::<f32>()));
+        }
+    });
+    // SAFETY: the loop above wrote each of the first n elements exactly once.
+    unsafe { out.set_len(n) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel blocks give StdRng's serial draws exactly, across block edges and for
+    /// lengths that end inside a block.
+    #[test]
+    fn par_filled_fills_every_element() {
+        for n in [0, 1, UNIFORM_BLOCK - 1, 2 * UNIFORM_BLOCK + 5] {
+            assert_eq!(par_filled(n, 1.5f32), vec![1.5f32; n]);
+        }
+    }
+
+    #[test]
+    fn seeded_uniform_map_is_stdrng_bit_for_bit() {
+        use rand::{Rng, SeedableRng};
+        for (n, seed) in [(0, 1), (5, 7), (UNIFORM_BLOCK, 3), (3 * UNIFORM_BLOCK + 17, 0xDEAD_BEEF)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let serial: Vec<u32> = (0..n).map(|_| rng.random::<f32>().to_bits()).collect();
+            assert_eq!(seeded_uniform_map(n, seed, f32::to_bits), serial, "n {n} seed {seed}");
+        }
+    }
+}

@@ -155,9 +155,7 @@ pub(crate) fn attention(
 /// `ops::dropout`'s mask on the CPU: `StdRng::seed_from_u64(seed)`, one `f32` per element in
 /// order, dropped when `< p` (1 = keep).
 fn keep_mask(n: usize, p: f32, seed: u64) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| u8::from(rng.random::<f32>() >= p)).collect()
+    super::cpu::seeded_uniform_map(n, seed, |u| u8::from(u >= p))
 }
 
 /// The float types the op runs in, with candle's reduction order for a row sum.

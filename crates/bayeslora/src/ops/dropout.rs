@@ -13,16 +13,15 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// Inverted dropout; identity when `p == 0`. CPU: host `StdRng` mask; CUDA: [`HashDropout`].
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
     if p <= 0.0 {
         return Ok(x.clone());
     }
     if !x.device().is_cpu() {
         return hash_dropout(x, p, seed);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+    // StdRng's sequence, drawn in parallel blocks (`cpu::seeded_uniform_map`).
+    let mask: Vec<f32> = super::cpu::seeded_uniform_map(x.elem_count(), seed, |u| if u < p { 0.0 } else { scale });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }

@@ -96,7 +96,8 @@ fn grad_f64_erf(x: f64, e: f64, g: f64) -> f64 {
 /// values bit for bit), then `y = (e + 1) · 0.5 · x`; `e` is returned when `keep` (for the
 /// backward, else empty). The same floats as candle's `GeluErf::f32` element by element.
 fn fwd_f32_lanes(x: &[f32], keep: bool) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut e) = (vec![0f32; x.len()], vec![0f32; if keep { x.len() } else { 0 }]);
+    let (mut y, mut e) =
+        (super::cpu::par_filled(x.len(), 0f32), super::cpu::par_filled(if keep { x.len() } else { 0 }, 0f32));
     let work = |y: &mut [f32], e: &mut [f32], x: &[f32]| {
         for (e, &x) in e.iter_mut().zip(x) {
             *e = x * std::f32::consts::FRAC_1_SQRT_2;

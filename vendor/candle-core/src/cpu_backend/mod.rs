@@ -1478,7 +1478,13 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // Not zero-filled: gemm writes every element (read_dst = false) through the raw pointer
+        // below, and the length is set once it has (bayeslora patch, vendor/README.md).
+        let dst_len = b * m * n;
+        if k == 0 {
+            return Ok(vec![T::zero(); dst_len]);
+        }
+        let mut dst: Vec<T> = Vec::with_capacity(dst_len);
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1502,13 +1508,14 @@ impl Map2 for MatMul {
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: step * c_skip + m * n ≤ dst_len, inside the capacity reserved above.
+            let dst_p = unsafe { dst.as_mut_ptr().add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,6 +1534,9 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: the gemm calls above wrote all dst_len elements (read_dst = false, beta = 1,
+        // alpha = 0: dst = lhs · rhs), and dst_len ≤ the capacity.
+        unsafe { dst.set_len(dst_len) };
         Ok(dst)
     }
 
