@@ -325,6 +325,18 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        // A pool with no workers (an application that keeps one pool: rayon's) hands the chunks
+        // to rayon instead of running them all on the calling thread (bayeslora patch,
+        // vendor/README.md). Chunks own disjoint ranges, so the results do not change.
+        let rayon_threads = rayon::current_num_threads();
+        if self.threads.is_empty() && rayon_threads > 1 {
+            use rayon::prelude::*;
+            let chunk = n_items.div_ceil(rayon_threads * 8).max(1);
+            (0..n_items.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+            return;
+        }
         let n_threads = self.threads.len() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
