@@ -131,6 +131,10 @@ fn issue_19_kill_campaign_20_sigkills_resume_bit_for_bit() {
     let status = command(&model, &reference, "").status().unwrap();
     assert!(status.success(), "the uninterrupted run failed");
     let reference_secs = t0.elapsed().as_secs_f64();
+    // The random part of a plain kill's delay: up to about one step of the reference run (an
+    // upper bound: its time includes the model load), so that on a fast machine the kills stay
+    // spread over the run instead of running it past its last step.
+    let step_ms = ((reference_secs * 1000.0 / STEPS as f64) as u64).clamp(20, 800);
 
     let out = dir.path().join("killed");
     let mut kills = Vec::new();
@@ -153,7 +157,7 @@ fn issue_19_kill_campaign_20_sigkills_resume_bit_for_bit() {
             break true;
         }
         // Kill point: wait until the run logs step `target` (spread over the run, so the 20
-        // kills fit in it), then either a random delay of up to 0.8 s or (every other kill)
+        // kills fit in it), then either a random delay of up to one step or (every other kill)
         // until the next checkpoint write is under way plus a random part of it.
         let target = kills.len() as u64 * (STEPS - 2) / KILLS as u64 + rng.below(2);
         let aim_at_write = kills.len() % 2 == 1;
@@ -170,7 +174,7 @@ fn issue_19_kill_campaign_20_sigkills_resume_bit_for_bit() {
             }
             std::thread::sleep(Duration::from_millis(rng.below(4 * PAUSE_MS)));
         } else {
-            std::thread::sleep(Duration::from_millis(rng.below(800)));
+            std::thread::sleep(Duration::from_millis(rng.below(step_ms)));
         }
         if exited.or_else(|| child.try_wait().unwrap()).is_some() {
             // The run finished before the kill point: the campaign is out of steps.
