@@ -150,15 +150,8 @@ pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
 /// `memset` in `vec![0.0; n]`) otherwise runs on one core while the others wait.
 pub(crate) fn par_filled<T: Copy + Send + Sync>(n: usize, value: T) -> Vec<T> {
     use rayon::prelude::*;
-    let mut out: Vec<T> = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n].par_chunks_mut(UNIFORM_BLOCK).for_each(|chunk| {
-        for x in chunk {
-            x.write(value);
-        }
-    });
-    // SAFETY: every one of the first n elements was written above.
-    unsafe { out.set_len(n) };
-    out
+    // An indexed collect writes straight into the new vector's uninitialised buffer.
+    (0..n).into_par_iter().map(|_| value).collect()
 }
 
 /// Elements per independently positioned block of [`seeded_uniform_map`].
