@@ -9,16 +9,28 @@ about the time of its slowest part.
     python3 scripts/device/parallel.py SECONDS SPEC [SPEC ...]
 
 SPEC is CONFIG[:SPLIT][+OPTION...]:
-  SPLIT     task | seed | task,seed | none (default): how the sweep is split into processes
+  SPLIT     none (default) or any of task, seed, method joined by commas (task,seed;
+            task,method; ...): how the sweep is split into processes (parts)
   +methods=a/b/c   run only these methods of the file (the others are left alone)
-  +prefill=DIR     copy DIR's cells (a committed docs/compare/<name>/cells) into `out` first,
-                   so that cells measured in an earlier session are not trained again
+  +prefill=DIR[@m/a>b]  copy DIR's cells (a committed docs/compare/<name>/cells) into `out`
+                   first, so that cells measured in an earlier session are not trained again;
+                   after @, only these methods, `a>b` copying method a's cells as method b (a
+                   cell measured with settings identical to b's; the cell's label is rewritten).
+                   May be given more than once.
+  +pool=NAME:N     at most N processes of pool NAME run at once (sweeps may share a pool; parts
+                   wait in the order of the command line); default: no limit
   +after=NAME      start only when the sweep named NAME (a config stem) has ended
   +as=NAME        the sweep's name in logs and for +after (default: the config's stem), so
                    that one file can run as two sweeps (e.g. two method sets)
   +ess_from=NAME   the IVON `ess` of this sweep is chosen from sweep NAME's cells: the method
                    ivon_ess<X> with the lowest mean K-sample NLL over NAME's tasks gives X
                    (written to $OUT/<stem>-choice.txt); implies +after=NAME
+  +ivon_from=NAME  this sweep's [run.train.ivon] takes the overrides of NAME's IVON method with
+                   the highest mean task metric (MCC, Pearson or accuracy of its K-sample
+                   predictive) over NAME's cells; implies +after=NAME
+
+A part whose cells all exist is not started (a finished Qwen part would load the model for
+nothing).
 
 Keep the processes within the GPU's memory: one Qwen2.5-Coder-1.5B process holds ~10-15 GB
 in bf16 (eight on an 80 GB H100 ran out of memory), a MiniLM one ~1-2 GB.
@@ -57,18 +69,66 @@ def with_lists(text, **lists):
     return text
 
 
-def with_ess(text, ess):
-    """The config text with [run.train.ivon] ess set to `ess`."""
+def with_ivon(text, overrides):
+    """The config text with the keys of `overrides` set in its [run.train.ivon] table."""
     m = re.search(r"^\[run\.train\.ivon\]\s*$", text, re.M)
     if not m:
-        raise SystemExit("parallel: no [run.train.ivon] table to set ess in")
+        raise SystemExit("parallel: no [run.train.ivon] table to set IVON settings in")
     head, tail = text[: m.end()], text[m.end():]
     nxt = re.search(r"^\[", tail, re.M)
     body, rest = (tail[: nxt.start()], tail[nxt.start():]) if nxt else (tail, "")
-    body, n = re.subn(r"^ess\s*=.*$", f"ess = {ess:g}", body, count=1, flags=re.M)
-    if n == 0:
-        body = f"\ness = {ess:g}" + body
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            v = str(value).lower()
+        elif isinstance(value, float):
+            v = f"{value:g}"
+        else:
+            v = str(value)
+        body, n = re.subn(rf"^{re.escape(key)}\s*=.*$", f"{key} = {v}", body, count=1, flags=re.M)
+        if n == 0:
+            body = f"\n{key} = {v}" + body
     return head + body + rest
+
+
+def with_ess(text, ess):
+    """The config text with [run.train.ivon] ess set to `ess`."""
+    return with_ivon(text, {"ess": float(ess)})
+
+
+def prefill(spec, out):
+    """Copies the cells of `DIR[@m/a>b]` into out/cells (see +prefill): existing cells are kept."""
+    src_dir, _, sel = spec.partition("@")
+    if not os.path.isdir(src_dir):
+        print(f"parallel: prefill {src_dir}: no such folder, nothing copied", flush=True)
+        return
+    rename = None
+    if sel:
+        rename = {}
+        for item in sel.split("/"):
+            a, _, b = item.partition(">")
+            rename[a] = b or a
+    copied = 0
+    for src in glob.glob(os.path.join(src_dir, "*", "*", "*.json")):
+        task, method, name = os.path.relpath(src, src_dir).split(os.sep)
+        if rename is not None and method not in rename:
+            continue
+        new = rename[method] if rename is not None else method
+        target = os.path.join(out, "cells", task, new, name)
+        if os.path.exists(target):
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        cell = json.load(open(src))
+        if new != method:
+            cell["method"] = new
+            for r in cell.get("results", []):
+                r["method"] = new
+            cell.setdefault("params", {})["prefilled_from"] = f"{src_dir}/{task}/{method}/{name}"
+        tmp = target + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cell, f, indent=2)
+        os.replace(tmp, target)
+        copied += 1
+    print(f"parallel: prefill {spec}: {copied} cells copied into {out}", flush=True)
 
 
 class Sweep:
@@ -83,13 +143,19 @@ class Sweep:
         self.cfg = tomllib.loads(self.text)
         self.out = self.cfg["out"]
         self.methods = list(self.cfg["methods"])
-        self.after, self.ess_from, self.prefill = None, None, None
+        self.after, self.ess_from, self.ivon_from, self.prefill = None, None, None, []
+        self.pool, self.pool_size = None, None
         for o in opts:
             k, _, v = o.partition("=")
             if k == "methods":
                 self.methods = v.split("/")
             elif k == "prefill":
-                self.prefill = v
+                self.prefill.append(v)
+            elif k == "pool":
+                name, _, n = v.partition(":")
+                self.pool, self.pool_size = name, int(n)
+            elif k == "ivon_from":
+                self.ivon_from = self.after = v
             elif k == "as":
                 self.stem = v
             elif k == "after":
@@ -99,47 +165,70 @@ class Sweep:
             else:
                 raise SystemExit(f"parallel: unknown option +{k} in {spec}")
         self.procs = []
+        self.queue = []
         self.started = False
         self.aggregated = False
 
     def parts(self):
-        tasks, seeds = self.cfg["tasks"], self.cfg["seeds"]
-        if self.split == "none":
-            return [("all", tasks, seeds)]
-        if self.split == "task":
-            return [(t, [t], seeds) for t in tasks]
-        if self.split == "seed":
-            return [(f"s{s}", tasks, [s]) for s in seeds]
-        if self.split in ("task,seed", "seed,task"):
-            return [(f"{t}-s{s}", [t], [s]) for t in tasks for s in seeds]
-        raise SystemExit(f"parallel: unknown split {self.split!r} (task, seed, task,seed, none)")
+        """(name, tasks, seeds, methods) per process: the product over the split's dimensions."""
+        dims = [] if self.split == "none" else self.split.split(",")
+        for d in dims:
+            if d not in ("task", "seed", "method"):
+                raise SystemExit(f"parallel: unknown split {self.split!r} (task, seed, method, joined by commas; or none)")
+        parts = [("", self.cfg["tasks"], self.cfg["seeds"], self.methods)]
+        for d in ("task", "seed", "method"):
+            if d not in dims:
+                continue
+            nxt = []
+            for name, t, s, m in parts:
+                if d == "task":
+                    nxt += [(f"{name}-{x}", [x], s, m) for x in t]
+                elif d == "seed":
+                    nxt += [(f"{name}-s{x}", t, [x], m) for x in s]
+                else:
+                    nxt += [(f"{name}-{x}", t, s, [x]) for x in m]
+            parts = nxt
+        return [(name.lstrip("-") or "all", t, s, m) for name, t, s, m in parts]
 
-    def start(self, limit, out_dir, sweeps):
+    def part_done(self, tasks, seeds, methods):
+        return all(os.path.exists(os.path.join(self.out, "cells", t, m, f"seed{s}.json"))
+                   for t in tasks for s in seeds for m in methods)
+
+    def start(self, out_dir, sweeps):
+        """Writes each part's config and queues the parts that have cells left to make."""
         text = self.text
         if self.ess_from:
             ess = choose_ess(sweeps[self.ess_from], out_dir)
             text = with_ess(text, ess)
-        if self.prefill and os.path.isdir(self.prefill):
-            dst = os.path.join(self.out, "cells")
-            for src in glob.glob(os.path.join(self.prefill, "*", "*", "*.json")):
-                rel = os.path.relpath(src, self.prefill)
-                target = os.path.join(dst, rel)
-                if not os.path.exists(target):
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copy(src, target)
+        if self.ivon_from:
+            text = with_ivon(text, choose_ivon(sweeps[self.ivon_from], out_dir))
+        for spec in self.prefill:
+            prefill(spec, self.out)
         os.makedirs(WORK, exist_ok=True)
-        for name, tasks, seeds in self.parts():
+        for name, tasks, seeds, methods in self.parts():
+            if self.part_done(tasks, seeds, methods):
+                continue
             sub = os.path.join(WORK, f"{self.stem}-{name}.toml")
             with open(sub, "w") as f:
-                f.write(with_lists(text, tasks=tasks, seeds=seeds, methods=self.methods))
-            log = open(os.path.join(out_dir, f"{self.stem}-{name}.log"), "a")
-            cmd = ["timeout", "-s", "INT", str(int(limit)), BIN, "compare", "--config", sub]
-            self.procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+                f.write(with_lists(text, tasks=tasks, seeds=seeds, methods=methods))
+            self.queue.append((name, sub))
         self.started = True
-        print(f"parallel: {self.stem}: {len(self.procs)} processes ({self.split}), methods {self.methods}", flush=True)
+        print(f"parallel: {self.stem}: {len(self.queue)} parts to run ({self.split}), methods {self.methods}",
+              flush=True)
+
+    def launch(self, limit, out_dir):
+        """Starts the next queued part with `limit` seconds to run."""
+        name, sub = self.queue.pop(0)
+        log = open(os.path.join(out_dir, f"{self.stem}-{name}.log"), "a")
+        cmd = ["timeout", "-s", "INT", str(int(limit)), BIN, "compare", "--config", sub]
+        self.procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"parallel: {self.stem}: started {name} ({int(limit)} s)", flush=True)
+
+    def running(self):
+        return sum(p.poll() is None for _, p in self.procs)
 
     def done(self):
-        return self.started and all(p.poll() is not None for _, p in self.procs)
+        return self.started and not self.queue and all(p.poll() is not None for _, p in self.procs)
 
     def aggregate(self, out_dir):
         rcs = {n: p.returncode for n, p in self.procs}
@@ -174,6 +263,40 @@ def choose_ess(source, out_dir):
     with open(os.path.join(out_dir, f"{source.stem}-choice.txt"), "a") as f:
         f.write(line + "\n")
     return best
+
+
+def task_metric(metrics):
+    """The task's headline metric: MCC (CoLA), Pearson (STS-B) or accuracy."""
+    for k in ("mcc", "pearson", "acc"):
+        if k in metrics:
+            return metrics[k]
+    raise SystemExit(f"parallel: no task metric in {sorted(metrics)}")
+
+
+def choose_ivon(source, out_dir):
+    """The [run.train.ivon] overrides of `source`'s IVON method whose K-sample predictive has the
+    highest mean task metric over the (task, seed) pairs every IVON method has a cell for."""
+    cfg = source.cfg
+    methods = cfg.get("method", {})
+    ivons = [m for m in cfg["methods"] if methods.get(m, {}).get("kind", m) == "ivon"]
+    scores = {m: {} for m in ivons}
+    for m in ivons:
+        for path in glob.glob(os.path.join(source.out, "cells", "*", m, "*.json")):
+            cell = json.load(open(path))
+            k = [r for r in cell["results"] if r["num_samples"] > 1] or cell["results"]
+            scores[m][(cell["task"], cell["seed"])] = task_metric(k[-1]["metrics"])
+    common = set.intersection(*(set(v) for v in scores.values())) if ivons else set()
+    if not common:
+        raise SystemExit(f"parallel: {source.stem} has no (task, seed) with a cell of every IVON method {ivons}")
+    means = {m: sum(scores[m][c] for c in common) / len(common) for m in ivons}
+    best = max(means, key=means.get)
+    overrides = methods.get(best, {}).get("run", {}).get("train", {}).get("ivon", {})
+    line = (f"IVON settings chosen from {source.stem}: {best} {overrides} (mean task metric over "
+            f"{sorted(common)}: {means})")
+    print(f"parallel: {line}", flush=True)
+    with open(os.path.join(out_dir, f"{source.stem}-choice.txt"), "a") as f:
+        f.write(line + "\n")
+    return overrides
 
 
 def prepare_env():
@@ -227,16 +350,25 @@ def main():
     while True:
         for s in sweeps.values():
             if not s.started and (s.after is None or sweeps[s.after].aggregated):
-                left = end - time.time() - 20
-                if left > 30:
-                    try:
-                        s.start(left, out_dir, sweeps)
-                    except SystemExit as e:
-                        print(f"parallel: {s.stem}: not started: {e}", flush=True)
-                        s.started, s.aggregated = True, True
-                else:
+                try:
+                    s.start(out_dir, sweeps)
+                except SystemExit as e:
+                    print(f"parallel: {s.stem}: not started: {e}", flush=True)
                     s.started, s.aggregated = True, True
-                    print(f"parallel: {s.stem}: not started, {left:.0f} s left", flush=True)
+        # Launch queued parts, in command-line order, while their pool has room.
+        for s in sweeps.values():
+            while s.queue:
+                left = end - time.time() - 20
+                if left <= 30:
+                    print(f"parallel: {s.stem}: {len(s.queue)} parts not started, {left:.0f} s left", flush=True)
+                    s.queue.clear()
+                    break
+                if s.pool is not None:
+                    busy = sum(o.running() for o in sweeps.values() if o.pool == s.pool)
+                    if busy >= s.pool_size:
+                        break
+                s.launch(left, out_dir)
+        for s in sweeps.values():
             if s.done() and not s.aggregated:
                 s.aggregate(out_dir)
         if all(s.aggregated for s in sweeps.values()):
