@@ -12,6 +12,7 @@ SPEC is CONFIG[:SPLIT][+OPTION...]:
   SPLIT     none (default) or any of task, seed, method joined by commas (task,seed;
             task,method; ...): how the sweep is split into processes (parts)
   +methods=a/b/c   run only these methods of the file (the others are left alone)
+  +tasks=a/b       run only these tasks of the file
   +prefill=DIR[@m/a>b]  copy DIR's cells (a committed docs/compare/<name>/cells) into `out`
                    first, so that cells measured in an earlier session are not trained again;
                    after @, only these methods, `a>b` copying method a's cells as method b (a
@@ -149,6 +150,8 @@ class Sweep:
             k, _, v = o.partition("=")
             if k == "methods":
                 self.methods = v.split("/")
+            elif k == "tasks":
+                self.cfg["tasks"] = v.split("/")
             elif k == "prefill":
                 self.prefill.append(v)
             elif k == "pool":
