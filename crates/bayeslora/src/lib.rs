@@ -5,8 +5,9 @@
 //!
 //! Data flows one way: `models` (load; every linear an adapter slot) → `adapters` (attach) →
 //! `data` → `train` → `eval` → `plot` → `baselines` / `export`; `run` opens, trains, evaluates and
-//! exports a run folder with all of them, so each command of the binary is a few lines; `bench`
-//! times training and attention on real or random-weight models for `bayeslora bench`.
+//! exports a run folder with all of them (and `run::compare` sweeps methods × tasks × seeds), so
+//! each command of the binary is a few lines; `bench` times training and attention on real or
+//! random-weight models for `bayeslora bench`.
 
 pub mod adapters;
 mod atomic;

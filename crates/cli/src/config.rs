@@ -3,7 +3,7 @@
 //! run writes its resolved config next to its outputs (`config.toml`).
 use crate::args::{AdapterArg, OptimizerArg, RunArgs};
 use anyhow::{Context, Result};
-use bayeslora::run::{AdapterKind, RunConfig};
+use bayeslora::run::{merge_toml, AdapterKind, RunConfig};
 use bayeslora::train::OptimizerKind;
 
 /// `base` (defaults or a preset), then the TOML file, then the flags.
@@ -14,7 +14,7 @@ pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
             // Merge the file over `base` key by key through TOML values.
             let mut merged = toml::Value::try_from(&base).context("serializing defaults")?;
             let file: toml::Value = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            merge(&mut merged, file);
+            merge_toml(&mut merged, file);
             merged.try_into().with_context(|| format!("invalid settings in {}", path.display()))?
         }
         None => base,
@@ -146,23 +146,6 @@ pub fn resolve(base: RunConfig, args: &RunArgs) -> Result<RunConfig> {
     }
     cfg.finish()?;
     Ok(cfg)
-}
-
-/// Recursively overlays `over` on `base` (tables merge, everything else replaces).
-pub(crate) fn merge(base: &mut toml::Value, over: toml::Value) {
-    match (base, over) {
-        (toml::Value::Table(b), toml::Value::Table(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
 }
 
 #[cfg(test)]

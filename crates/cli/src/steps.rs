@@ -22,8 +22,9 @@ pub fn load_model(cfg: &RunConfig) -> Result<LoadedModel> {
 }
 
 /// The run's memory check ([`run::check_memory`]) before anything loads: `train` and `demo` call
-/// it before loading the model, `compare` before training each cell. Skipped without a model
-/// (loading reports that next) or with `skip_memory_check`.
+/// it before loading the model (a `compare` sweep checks before training each cell, in
+/// `bayeslora::run::compare`). Skipped without a model (loading reports that next) or with
+/// `skip_memory_check`.
 pub fn check_memory(cfg: &RunConfig) -> Result<()> {
     let Some(given) = cfg.model.as_ref().filter(|_| !cfg.skip_memory_check) else { return Ok(()) };
     Ok(run::check_memory(cfg, &crate::assets::resolve(given)?)?)

@@ -249,6 +249,25 @@ impl RunConfig {
     }
 }
 
+/// Recursively overlays `over` on `base` (tables merge, everything else replaces): how a TOML
+/// file goes over the defaults (`bayeslora train --config`) and a sweep's `[run]` tables over
+/// each other ([`super::compare`]).
+pub fn merge_toml(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_toml(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

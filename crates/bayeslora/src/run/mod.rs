@@ -5,7 +5,8 @@
 //! `results.json`, the adapter folder and, for B-LoRA, the BOPs files), and plotted
 //! ([`plot_reliability`]). A finished run is rebuilt from its folder with [`TrainedRun::open`]
 //! and exported with [`write_adapter`]; an adapter folder is served for prediction with [`Served`]
-//! and opened over its base with [`open_adapter`].
+//! and opened over its base with [`open_adapter`]. [`compare`] sweeps methods × tasks × seeds
+//! (`bayeslora compare`) with these steps and the baselines.
 //!
 //! This module knows every stage (models, adapters, data, train, eval, export, plot); no stage
 //! knows it. It never prints: what a user should see goes to the caller's [`Hooks`] (the CLI
@@ -25,11 +26,12 @@
 //! println!("{}", bayeslora::eval::render_table(&outcome.results));
 //! # Ok(()) }
 //! ```
+pub mod compare;
 mod config;
 mod predict;
 mod trained;
 
-pub use config::{compute_dtype, lora_train_defaults, AdapterKind, EvalSettings, RunConfig};
+pub use config::{compute_dtype, lora_train_defaults, merge_toml, AdapterKind, EvalSettings, RunConfig};
 pub use predict::{open_adapter, Served, Session};
 pub use trained::{
     adapter_num_labels, bare_model, bops_summary, latest_checkpoint, write_adapter, write_bops, Bops, TrainedRun,

@@ -280,6 +280,16 @@ pub fn eval_bar(label: &str, total: u64) -> ProgressBar {
 #[derive(Default)]
 pub struct Terminal {
     eval: Option<ProgressBar>,
+    /// A compare sweep's terminal: its evaluation bars carry no message (`commands/compare.rs`
+    /// adds the sweep's hooks).
+    sweep: bool,
+}
+
+impl Terminal {
+    /// The hooks of a compare sweep.
+    pub fn for_sweep() -> Self {
+        Terminal { eval: None, sweep: true }
+    }
 }
 
 impl Hooks for Terminal {
@@ -293,7 +303,9 @@ impl Hooks for Terminal {
 
     fn eval_begin(&mut self, label: &str, passes: usize) {
         let bar = eval_bar(label, passes as u64);
-        bar.set_message("evaluating (mean, then posterior samples)");
+        if !self.sweep {
+            bar.set_message("evaluating (mean, then posterior samples)");
+        }
         self.eval = Some(bar);
     }
 
