@@ -74,9 +74,10 @@ __device__ __forceinline__ float philox_normal(uint64_t seed, uint64_t draw, uin
     philox4x32_10(c, (uint32_t)seed, (uint32_t)(seed >> 32));
     const int pair = (int)((index >> 1) & 1);
     const uint32_t a = c[2 * pair], b = c[2 * pair + 1];
-    // 24-bit uniforms in (0, 1): never 0, so the log is finite.
-    const float u1 = ((float)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
-    const float u2 = ((float)(b >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    // 24-bit uniforms, exact in f32: u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
+    // (k + 0.5)/2^24 would need 25 bits and round near 1, where r = sqrt(-2 ln u1) is small.
+    const float u1 = (float)((a >> 8) + 1u) * (1.0f / 16777216.0f);
+    const float u2 = (float)(b >> 8) * (1.0f / 16777216.0f);
     const float r = sqrtf(-2.0f * logf(u1));
     float s, co;
     sincospif(2.0f * u2, &s, &co);

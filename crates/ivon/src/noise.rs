@@ -61,7 +61,7 @@ impl NoiseState {
 /// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
 /// key `seed` and counter (index / 4, draw) gives four 32-bit words; words (0, 1) feed
 /// Box–Muller for elements 4b and 4b + 1 (cos, sin), words (2, 3) for 4b + 2 and 4b + 3, each
-/// word's top 24 bits made a uniform in (0, 1). The CUDA kernel (`kernels/ivon.cu`) computes this
+/// word's top 24 bits made a uniform (u1 in (0, 1], u2 in [0, 1), both exact in f32). The CUDA kernel (`kernels/ivon.cu`) computes this
 /// in f32 with `logf`/`sincospif`; this host version (f64, rounded once) agrees to about 1e-6 and
 /// serves the GPU tests.
 pub fn philox_normal(seed: u64, draw: u64, index: u64) -> f32 {
@@ -78,11 +78,17 @@ pub fn philox_normal(seed: u64, draw: u64, index: u64) -> f32 {
         k1 = k1.wrapping_add(0xBB67_AE85);
     }
     let pair = ((index >> 1) & 1) as usize;
-    let uniform = |w: u32| ((w >> 8) as f64 + 0.5) / 16_777_216.0;
-    let (u1, u2) = (uniform(c[2 * pair]), uniform(c[2 * pair + 1]));
+    box_muller(c[2 * pair], c[2 * pair + 1], index & 1 == 1)
+}
+
+/// Box–Muller on two Philox words' top 24 bits, in f64 and rounded once: u1 = (k + 1)/2²⁴ ∈
+/// (0, 1] (never 0, so ln u1 is finite) and u2 = k/2²⁴ ∈ [0, 1), both exact in f32 as the kernel
+/// computes them; `sin` picks r·sin(2πu2) over r·cos(2πu2).
+fn box_muller(a: u32, b: u32, sin: bool) -> f32 {
+    let (u1, u2) = (((a >> 8) + 1) as f64 / 16_777_216.0, (b >> 8) as f64 / 16_777_216.0);
     let r = (-2.0 * u1.ln()).sqrt();
     let angle = 2.0 * std::f64::consts::PI * u2;
-    (if index & 1 == 1 { r * angle.sin() } else { r * angle.cos() }) as f32
+    (if sin { r * angle.sin() } else { r * angle.cos() }) as f32
 }
 
 /// A user-supplied source of ε: called once per group and per sample with the group index and
@@ -130,6 +136,43 @@ mod tests {
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+    }
+
+    #[test]
+    fn box_muller_matches_an_f32_evaluation_as_the_kernel_does() {
+        // The kernel computes u1, u2 in f32, then sqrtf(-2 logf u1) and sincospif(2 u2). Its
+        // uniforms are exact in f32, so an f32 evaluation stays within a few ulps of the f64
+        // reference, also for u1 near 1 (small r), where a (k + 0.5)/2²⁴ uniform needs 25 bits,
+        // rounded, and missed by 2 % (found on the GPU, 2026-12-06).
+        let f32_eval = |a: u32, b: u32, sin: bool| {
+            let u1 = ((a >> 8) + 1) as f32 * (1.0 / 16_777_216.0);
+            let u2 = (b >> 8) as f32 * (1.0 / 16_777_216.0);
+            let r = (-2.0 * u1.ln()).sqrt();
+            let (s, c) = (2.0 * std::f32::consts::PI * u2).sin_cos();
+            if sin {
+                r * s
+            } else {
+                r * c
+            }
+        };
+        let mut words: Vec<u32> = (0..4096u32).map(|j| u32::MAX - (j << 8)).collect(); // u1 near 1
+        words.extend((0..4096u32).map(|j| j << 8)); // u1 near 0 (large r)
+        let mut x = 0x9E37_79B9u32;
+        words.extend((0..20_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        }));
+        let mut worst = 0f32;
+        for (i, &a) in words.iter().enumerate() {
+            let b = words[(i * 7919) % words.len()];
+            for sin in [false, true] {
+                let (got, want) = (f32_eval(a, b, sin), box_muller(a, b, sin));
+                worst = worst.max((got - want).abs() / want.abs().max(1.0));
+            }
+        }
+        assert!(worst < 1e-5, "f32 evaluation vs box_muller: worst {worst:e}");
     }
 
     #[test]
