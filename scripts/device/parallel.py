@@ -36,10 +36,12 @@ nothing).
 Keep the processes within the GPU's memory: one Qwen2.5-Coder-1.5B process holds ~10-15 GB
 in bf16 (eight on an 80 GB H100 ran out of memory), a MiniLM one ~1-2 GB.
 
-Each process logs to $OUT/<stem>-<part>.log; when a sweep's processes end, the sweep is
-aggregated (`compare --aggregate-only`: summary.md/.csv/.json and plots) and its summary and
-its summary is copied to $OUT/<stem>-summary.md; at the end every sweep's cells, summaries
-and PNG plots go into one $OUT/sweeps.tgz (a device call returns only a few files). Unpacks .device/*.xz itself; staged models are read from BAYESLORA_ASSETS (default ~/assets).
+Each process logs to logs/<stem>-<part>.log; when a sweep's processes end, the sweep is
+aggregated (`compare --aggregate-only`: summary.md/.csv/.json and plots; skipped when the time
+is up) and its summary copied to logs/<stem>-summary.md; at the end every sweep's cells,
+summaries and PNG plots and the logs go into one $OUT/sweeps.tgz, the only file in $OUT (a
+device call returns only a few files). Parts get the time left minus 20 s; keep the device
+call's timeout ≥ SECONDS + 40 for the packing. Unpacks .device/*.xz itself; staged models are read from BAYESLORA_ASSETS (default ~/assets).
 """
 import glob
 import json
@@ -118,15 +120,17 @@ def prefill(spec, out):
         if os.path.exists(target):
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        cell = json.load(open(src))
-        if new != method:
+        tmp = target + ".tmp"
+        if new == method:
+            shutil.copyfile(src, tmp)  # byte for byte
+        else:
+            cell = json.load(open(src))
             cell["method"] = new
             for r in cell.get("results", []):
                 r["method"] = new
             cell.setdefault("params", {})["prefilled_from"] = f"{src_dir}/{task}/{method}/{name}"
-        tmp = target + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(cell, f, indent=2)
+            with open(tmp, "w") as f:
+                json.dump(cell, f, indent=2)
         os.replace(tmp, target)
         copied += 1
     print(f"parallel: prefill {spec}: {copied} cells copied into {out}", flush=True)
@@ -223,7 +227,7 @@ class Sweep:
         """Starts the next queued part with `limit` seconds to run."""
         name, sub = self.queue.pop(0)
         log = open(os.path.join(out_dir, f"{self.stem}-{name}.log"), "a")
-        cmd = ["timeout", "-s", "INT", str(int(limit)), BIN, "compare", "--config", sub]
+        cmd = ["timeout", "-k", "15", "-s", "INT", str(int(limit)), BIN, "compare", "--config", sub]
         self.procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         print(f"parallel: {self.stem}: started {name} ({int(limit)} s)", flush=True)
 
@@ -319,7 +323,7 @@ def prepare_env():
         os.environ["LD_LIBRARY_PATH"] = lib + ":" + os.environ.get("LD_LIBRARY_PATH", "")
 
 
-def pack(sweeps, out_dir):
+def pack(sweeps, log_dir, out_dir):
     """One tarball, $OUT/sweeps.tgz, with every sweep's cells, summaries and learned/reliability
     plots (a device call returns only a few files, so one archive carries them all)."""
     path = os.path.join(out_dir, "sweeps.tgz")
@@ -331,6 +335,8 @@ def pack(sweeps, out_dir):
                     rel.startswith("plots/") and p.endswith(".png"))
                 if os.path.isfile(p) and keep:
                     tar.add(p, arcname=os.path.join(os.path.basename(out), rel))
+        for p in sorted(glob.glob(os.path.join(log_dir, "*"))):
+            tar.add(p, arcname=os.path.join("logs", os.path.basename(p)))
     print(f"parallel: packed {path}", flush=True)
 
 
@@ -342,6 +348,10 @@ def main():
     end = time.time() + limit
     out_dir = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out_dir, exist_ok=True)
+    # Logs, summaries and choices go into the tarball, not loose into $OUT: a device call brings
+    # back only a few files, so $OUT ends with sweeps.tgz alone.
+    log_dir = os.path.join(WORK, time.strftime("logs-%Y%m%d-%H%M%S"))
+    os.makedirs(log_dir, exist_ok=True)
     sweeps = {}
     for spec in sys.argv[2:]:
         s = Sweep(spec)
@@ -354,7 +364,7 @@ def main():
         for s in sweeps.values():
             if not s.started and (s.after is None or sweeps[s.after].aggregated):
                 try:
-                    s.start(out_dir, sweeps)
+                    s.start(log_dir, sweeps)
                 except SystemExit as e:
                     print(f"parallel: {s.stem}: not started: {e}", flush=True)
                     s.started, s.aggregated = True, True
@@ -370,17 +380,21 @@ def main():
                     busy = sum(o.running() for o in sweeps.values() if o.pool == s.pool)
                     if busy >= s.pool_size:
                         break
-                s.launch(left, out_dir)
+                s.launch(left, log_dir)
         for s in sweeps.values():
             if s.done() and not s.aggregated:
-                s.aggregate(out_dir)
+                if time.time() < end - 15:
+                    s.aggregate(log_dir)
+                else:  # aggregating a large sweep takes a while: keep the call within its limit
+                    print(f"parallel: {s.stem}: not aggregated (time is up; run --aggregate-only)", flush=True)
+                    s.aggregated = True
         if all(s.aggregated for s in sweeps.values()):
             break
         time.sleep(2)
     for s in sweeps.values():
         cells = glob.glob(os.path.join(s.out, "cells", "*", "*", "*.json"))
         print(f"parallel: {s.stem}: {len(cells)} cells in {s.out}", flush=True)
-    pack(sweeps, out_dir)
+    pack(sweeps, log_dir, out_dir)
 
 
 if __name__ == "__main__":

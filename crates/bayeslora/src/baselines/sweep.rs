@@ -289,7 +289,7 @@ pub struct SummaryRow {
 }
 
 /// The cost columns: (key, header).
-pub const COST_COLUMNS: [(&str, &str); 9] = [
+pub const COST_COLUMNS: [(&str, &str); 11] = [
     ("train_s", "train s"),
     ("fit_s", "fit s"),
     ("eval_s", "eval s"),
@@ -299,6 +299,8 @@ pub const COST_COLUMNS: [(&str, &str); 9] = [
     ("adapter_bops_pct", "adapter BOPs % of LoRA"),
     ("mean_rank", "mean rank"),
     ("mean_bits", "mean bits"),
+    ("below_16_bit_pct", "tensors < 16 bits %"),
+    ("rank_pruned_pct", "rank pruned %"),
 ];
 
 /// The OOD columns: (key, header, shown in percent, higher is better).
@@ -358,8 +360,9 @@ fn cost_values(c: &Cell) -> Vec<(&'static str, f64)> {
 }
 
 /// B-LoRA cells (`params.bops`, written by `compare`): BOPs against LoRA of the same initial rank
-/// in percent (whole adapted layers, and the adapter matmuls alone), the mean learned rank and
-/// the mean learned bit-width over every quantized tensor.
+/// in percent (whole adapted layers, and the adapter matmuls alone), the mean learned rank, the
+/// mean learned bit-width over every quantized tensor, the share of quantized tensors below 16
+/// bits and the share of rank components pruned.
 fn compression_values(params: &serde_json::Value) -> Vec<(&'static str, f64)> {
     let b = &params["bops"];
     let mut v = Vec::new();
@@ -372,6 +375,27 @@ fn compression_values(params: &serde_json::Value) -> Vec<(&'static str, f64)> {
     }
     if let Some(x) = b["mean_bits"].as_f64() {
         v.push(("mean_bits", x));
+    }
+    // What training chose, from the per-layer table: the share of quantized tensors trained
+    // below the 16 bits the gates start at, and the share of rank components pruned.
+    if let Some(layers) = b["learned"].as_array() {
+        let (mut low, mut quantized, mut pruned, mut r) = (0usize, 0usize, 0usize, 0usize);
+        for layer in layers.iter().filter_map(|l| l.get(1)) {
+            if let Some(bits) = layer["bits"].as_object() {
+                quantized += bits.len();
+                low += bits.values().filter(|b| b.as_u64().is_some_and(|b| b < 16)).count();
+            }
+            if let (Some(r0), Some(rank)) = (layer["r"].as_u64(), layer["rank"].as_u64()) {
+                r += r0 as usize;
+                pruned += r0.saturating_sub(rank) as usize;
+            }
+        }
+        if quantized > 0 {
+            v.push(("below_16_bit_pct", 100.0 * low as f64 / quantized as f64));
+        }
+        if r > 0 {
+            v.push(("rank_pruned_pct", 100.0 * pruned as f64 / r as f64));
+        }
     }
     v
 }
@@ -786,4 +810,32 @@ fn learned_maps(cells: &[Cell], task: &str) -> BTreeMap<String, Vec<(String, Lea
         .into_iter()
         .filter_map(|(m, c)| serde_json::from_value(c.params["bops"]["learned"].clone()).ok().map(|l| (m, l)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compression_values;
+
+    #[test]
+    fn compression_values_count_low_bit_tensors_and_pruned_ranks() {
+        // Two layers of r 8: ranks 8 and 4; four quantized tensors, one at 8 and one at 4 bits.
+        let params = serde_json::json!({ "bops": {
+            "ratio": 0.2, "adapter_ratio": 0.25, "mean_rank": 6.0, "mean_bits": 11.0,
+            "learned": [
+                ["l0", { "r": 8, "rank": 8, "bits": { "x": 16, "base": 8 } }],
+                ["l1", { "r": 8, "rank": 4, "bits": { "x": 16, "base": 4 } }],
+            ],
+        }});
+        let v: std::collections::BTreeMap<_, _> = compression_values(&params).into_iter().collect();
+        assert_eq!(v["bops_pct"], 20.0);
+        assert_eq!(v["below_16_bit_pct"], 50.0);
+        assert_eq!(v["rank_pruned_pct"], 25.0);
+        // Rank gates only (no quantizers): no bit share, ranks still counted.
+        let params = serde_json::json!({ "bops": { "learned": [["l0", { "r": 8, "rank": 2, "bits": {} }]] } });
+        let v: std::collections::BTreeMap<_, _> = compression_values(&params).into_iter().collect();
+        assert!(!v.contains_key("below_16_bit_pct"));
+        assert_eq!(v["rank_pruned_pct"], 75.0);
+        // LoRA cells have no `bops`: nothing.
+        assert!(compression_values(&serde_json::json!({})).is_empty());
+    }
 }
