@@ -5,7 +5,8 @@
 //! OOD detection against a shifted test set.
 mod common;
 
-use bayeslora::baselines::sweep::{aggregate, k_curves, read_cells, write_summary, Cell, CellKey, Stat};
+use bayeslora::baselines::summary_files::{k_curves, write_summary};
+use bayeslora::baselines::sweep::{aggregate, read_cells, Cell, CellKey, Stat};
 use bayeslora::baselines::{
     collect_logits, fit_temperature, holdout, laplace, EnsemblePredictor, LaplaceConfig, McDropoutPredictor,
     MethodKind, TemperaturePredictor,

@@ -16,7 +16,8 @@
 //! - [`laplace`]: post-hoc diagonal Laplace over the LoRA (and head) weights with the empirical
 //!   Fisher, prior precision tuned on the held-out split, MC predictive.
 //! - [`sweep`]: per-cell result files (`<out>/cells/<task>/<method>/seed<k>.json`), resume, and
-//!   the aggregate tables (Markdown, CSV, JSON: mean ± std over seeds) and plots.
+//!   the aggregate tables (Markdown, CSV, JSON: mean ± std over seeds);
+//!   [`summary_files`] writes them and the plots (reliability, K curves, learned ranks/bits).
 //!
 //! # Example
 //! ```
@@ -30,6 +31,7 @@
 mod dropout;
 mod ensemble;
 pub mod laplace;
+pub mod summary_files;
 pub mod sweep;
 mod temperature;
 

@@ -5,7 +5,7 @@
 use crate::args::CompareArgs;
 use crate::ui::progress::{Terminal, TrainProgress};
 use anyhow::Result;
-use bayeslora::baselines::sweep::write_summary;
+use bayeslora::baselines::summary_files::write_summary;
 use bayeslora::run;
 use bayeslora::run::compare::{self, CompareConfig, SweepHooks};
 use bayeslora::train::Observer;

@@ -31,7 +31,7 @@
 //! # fn main() -> bayeslora::Result<()> {
 //! let cfg = CompareConfig::load("configs/compare/minilm_glue.toml".as_ref(), &mut Quiet)?;
 //! compare::sweep(&cfg, &mut Quiet)?;
-//! let (summary, _files) = bayeslora::baselines::sweep::write_summary(&cfg.out, &cfg.model)?;
+//! let (summary, _files) = bayeslora::baselines::summary_files::write_summary(&cfg.out, &cfg.model)?;
 //! println!("{}", summary.markdown());
 //! # Ok(()) }
 //! ```
@@ -42,7 +42,8 @@ pub use config::{CompareConfig, MethodEntry, TaskEntry};
 
 use super::{Hooks, Quiet, RunConfig};
 use crate::baselines::holdout;
-use crate::baselines::sweep::{write_summary, CellKey};
+use crate::baselines::summary_files::write_summary;
+use crate::baselines::sweep::CellKey;
 use crate::data::{self, ChoiceFilter, EncodedDataset, Split, Task, TextEncoder};
 use crate::error::Context;
 use crate::models::{Backbone, LoadedModel};
