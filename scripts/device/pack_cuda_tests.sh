@@ -5,6 +5,7 @@
 # .device/<test>.xz beside the CUDA bayeslora binary, so the GPU machine can run the tests with
 # no toolchain: scripts/device/blora_gpu_check.sh.
 #   CARGO_BUILD_JOBS=1 scripts/device/pack_cuda_tests.sh [cuda_fused cuda ...]
+# FEATURES (default cuda) selects the crate features, e.g. FEATURES=nccl for tests/nccl.rs.
 set -euo pipefail
 home=${CUDA_BUILD_HOME:-$HOME/.cache/cuda-build}
 site=$("$home/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/nvidia/cu13
@@ -19,8 +20,9 @@ args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 mkdir -p .device
 # Build with readable errors first, then list the built test executables (a no-op build).
-cargo test --release -p bayeslora --features cuda "${args[@]}" --no-run
-cargo test --release -p bayeslora --features cuda "${args[@]}" --no-run --message-format=json 2>/dev/null \
+features=${FEATURES:-cuda}
+cargo test --release -p bayeslora --features "$features" "${args[@]}" --no-run
+cargo test --release -p bayeslora --features "$features" "${args[@]}" --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Finetune a LoRA adapter on a model folder (config.json + model.safetensors +
     /// tokenizer.json) or a .gguf file, then evaluate it.
-    Train(RunArgs),
+    Train(TrainArgs),
     /// Evaluate a trained run folder: accuracy and calibration at the posterior mean and with
     /// K posterior samples.
     Eval(EvalArgs),
@@ -189,6 +189,19 @@ pub struct RunArgs {
     /// factors and optimizer state stay f32 (`dtype`) [default: f32].
     #[arg(long)]
     pub dtype: Option<String>,
+}
+
+/// `train`: the run's flags, and how many GPUs of this host train it.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Train data-parallel on N GPUs of this host: one process per GPU (cuda:0 … cuda:N−1),
+    /// gradients averaged over NCCL each step (a build with --features nccl; README, "Several
+    /// GPUs"). Under torchrun, leave it out: each process reads RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR and MASTER_PORT.
+    #[arg(long)]
+    pub gpus: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]

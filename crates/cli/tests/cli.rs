@@ -55,6 +55,31 @@ fn invalid_hyper_parameter_is_quoted() {
 }
 
 #[test]
+fn data_parallel_launch_mistakes_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap_or_default();
+    // --gpus on the CPU: refused before any process starts or any model loads.
+    let o = bayeslora(&["train", "--model", "x", "--gpus", "2", "-o", out]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("--gpus 2") && err.contains("--device cuda") && !err.contains("panicked"), "{err}");
+    // torchrun's variables, malformed or incomplete.
+    let run = |env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bayeslora"));
+        c.args(["train", "--model", "x", "-o", out]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("binary runs")
+    };
+    let o = run(&[("WORLD_SIZE", "two")]);
+    assert!(o.status.code() == Some(2) && stderr(&o).contains("WORLD_SIZE=\"two\" is not a number"), "{}", stderr(&o));
+    let o = run(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "29500")]);
+    assert!(o.status.code() == Some(2) && stderr(&o).contains("RANK is not set"), "{}", stderr(&o));
+}
+
+#[test]
 fn tiny_real_run_trains_evaluates_and_resumes() {
     let Some(model) = minilm() else { return };
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,7 @@
 //! ```
 pub mod compare;
 mod config;
+pub mod launch;
 mod predict;
 mod trained;
 
@@ -310,7 +311,18 @@ pub fn train_and_eval(
         }
     }
     let cfg = &sized;
-    let device = device(&cfg.device)?;
+    // One rank of a data-parallel group (torchrun's variables, or `train --gpus N`)?
+    let group = if start == Start::Evaluate { None } else { launch::Launch::from_env()? };
+    let device = match &group {
+        Some(g) if cfg.device.starts_with("cuda") => device(&format!("cuda:{}", g.local_rank))?,
+        Some(g) => {
+            return Err(Error::Distributed(format!(
+                "WORLD_SIZE is {} but the device is `{}`: one process per GPU needs --device cuda",
+                g.world_size, cfg.device
+            )))
+        }
+        None => device(&cfg.device)?,
+    };
     let model_path = loaded.dir.clone();
     let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };
     let model = build_model(cfg, loaded, num_labels, &device)?;
@@ -333,10 +345,19 @@ pub fn train_and_eval(
         };
         return evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt, hooks);
     }
-    let config_path = out.join("config.toml");
-    std::fs::write(&config_path, cfg.to_toml()?).with_context(|| format!("writing {}", config_path.display()))?;
+    let mut comm = communicator(group.as_ref(), &device)?;
+    let lead = comm.rank() == 0;
+    if lead {
+        let config_path = out.join("config.toml");
+        std::fs::write(&config_path, cfg.to_toml()?).with_context(|| format!("writing {}", config_path.display()))?;
+    }
     let resume_dir = (start == Start::Resume).then_some(ckpt_dir);
-    let mut observer = hooks.observer(label, &out.join("metrics.jsonl"), start == Start::Resume);
+    // Rank 0 reports and writes; the other ranks train silently (a Ctrl-C on any rank stops all).
+    let mut observer: Box<dyn train::Observer> = if lead {
+        hooks.observer(label, &out.join("metrics.jsonl"), start == Start::Resume)
+    } else {
+        Box::new(train::Silent)
+    };
     // Periodic evaluation (`eval_every`): accuracy and NLL of the current mean on the eval set.
     let eval_device = device.clone();
     let eval_set = &data.eval;
@@ -348,7 +369,7 @@ pub fn train_and_eval(
         let m = ev.results.first().map(|r| r.metrics.clone()).unwrap_or_default();
         Ok((m.acc.or(m.pearson).unwrap_or(f64::NAN), m.nll.or(m.mse).unwrap_or(f64::NAN)))
     };
-    let (summary, opt) = train::run(
+    let (summary, opt) = train::run_data_parallel(
         &model,
         data.train.clone(),
         &train_cfg,
@@ -356,12 +377,43 @@ pub fn train_and_eval(
         observer.as_mut(),
         resume_dir.as_deref(),
         Some(&mut periodic),
+        comm.as_mut(),
     )?;
     drop(observer);
+    if !lead {
+        // Rank 0 evaluates and writes the results and the adapter.
+        return Ok(RunOutcome {
+            label: label.into(),
+            results: Vec::new(),
+            mean: None,
+            bayes: None,
+            train_seconds: summary.seconds,
+            tokens_per_second: summary.tokens as f64 / summary.seconds.max(1e-9),
+            interrupted: summary.interrupted,
+        });
+    }
     if summary.interrupted {
         hooks.note(&format!("{label}: interrupted at step {}; resume with --resume", summary.steps));
     }
     evaluate_and_write(cfg, label, data, &model, &model_path, &device, summary, opt, hooks)
+}
+
+/// The collectives of this process: alone, or its rank of an NCCL group (feature `nccl`).
+fn communicator(group: Option<&launch::Launch>, device: &Device) -> Result<Box<dyn train::dist::Communicator>> {
+    let Some(g) = group else { return Ok(Box::new(train::dist::Single)) };
+    #[cfg(feature = "nccl")]
+    {
+        Ok(Box::new(train::dist::nccl::NcclRank::join(g, device)?))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = device;
+        Err(Error::Distributed(format!(
+            "WORLD_SIZE is {} (rank {}), but this binary was built without NCCL: build it with \
+             `--features nccl` (README, \"Several GPUs\") or run one process",
+            g.world_size, g.rank
+        )))
+    }
 }
 
 /// Evaluates the trained model (mean and posterior predictive) and writes results.json and the

@@ -128,6 +128,93 @@ impl Communicator for LocalRank {
     }
 }
 
+/// The NCCL communicator (feature `nccl`): one process per GPU, the collectives on the GPU's
+/// stream. The loop's buffers are host slices: each collective copies them to the device, runs
+/// NCCL's sum and copies back, then divides by the world size as [`LocalRank`] does (its
+/// reference on the CPU). NCCL comes from cudarc (candle's `nccl` feature), linked against
+/// `libnccl.so.2`; at run time the binary finds the one PyTorch ships
+/// (`site-packages/nvidia/nccl/lib`) through `LD_LIBRARY_PATH` (README, "Several GPUs").
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::Device;
+
+    use super::Communicator;
+    use crate::run::launch::{rendezvous, Launch, ID_BYTES};
+    use crate::{Error, Result};
+
+    /// cudarc's `Comm` holds NCCL's raw communicator handle, so it is not `Send`.
+    struct OwnedComm(Comm);
+    // SAFETY: an NCCL communicator may be used from any thread as long as two threads never use
+    // it at once; `NcclRank` owns it and every collective takes `&mut self`.
+    unsafe impl Send for OwnedComm {}
+
+    /// This process's rank of an NCCL group.
+    pub struct NcclRank {
+        comm: OwnedComm,
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+    }
+
+    fn nccl(what: &str, e: impl std::fmt::Debug) -> Error {
+        Error::Distributed(format!("NCCL {what}: {e:?}"))
+    }
+
+    impl NcclRank {
+        /// Joins the group of `launch` on `device` (this process's GPU): rank 0 makes the
+        /// unique id and hands it out ([`rendezvous`]), then every rank initialises NCCL.
+        pub fn join(launch: &Launch, device: &Device) -> Result<NcclRank> {
+            let Device::Cuda(dev) = device else {
+                return Err(Error::Distributed("data-parallel training over NCCL needs a CUDA device".into()));
+            };
+            let id = if launch.rank == 0 {
+                let id = Id::new().map_err(|e| nccl("could not make a unique id", e))?;
+                let bytes: [u8; ID_BYTES] = (*id.internal()).map(|c| c as u8);
+                rendezvous(launch, Some(bytes))?
+            } else {
+                rendezvous(launch, None)?
+            };
+            let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
+            let stream = dev.cuda_stream();
+            let comm = Comm::from_rank(stream.clone(), launch.rank, launch.world_size, id)
+                .map_err(|e| nccl(&format!("could not start rank {} of {}", launch.rank, launch.world_size), e))?;
+            Ok(NcclRank { comm: OwnedComm(comm), stream, rank: launch.rank, world: launch.world_size })
+        }
+    }
+
+    impl Communicator for NcclRank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world
+        }
+        fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let mut d = self.stream.clone_htod(buf).map_err(|e| nccl("copy to the device", e))?;
+            self.comm.0.all_reduce_in_place(&mut d, &ReduceOp::Sum).map_err(|e| nccl("all-reduce", e))?;
+            let sum: Vec<f32> = self.stream.clone_dtoh(&d).map_err(|e| nccl("copy from the device", e))?;
+            let n = self.world as f32;
+            for (x, s) in buf.iter_mut().zip(sum) {
+                *x = s / n;
+            }
+            Ok(())
+        }
+        fn all_gather_u64(&mut self, value: u64) -> Result<Vec<u64>> {
+            let send = self.stream.clone_htod(&[value]).map_err(|e| nccl("copy to the device", e))?;
+            let mut recv = self.stream.alloc_zeros::<u64>(self.world).map_err(|e| nccl("alloc", e))?;
+            self.comm.0.all_gather(&send, &mut recv).map_err(|e| nccl("all-gather", e))?;
+            self.stream.clone_dtoh(&recv).map_err(|e| nccl("copy from the device", e))
+        }
+    }
+}
+
 /// FNV-1a over the bits of `values`: the fingerprint the ranks compare.
 pub fn checksum(values: &[f32]) -> u64 {
     values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3))
