@@ -31,7 +31,7 @@ struct Counts {
     kinds: BTreeMap<String, usize>,
     /// Distinct buffers of the untracked inputs of B-LoRA's ops: the gate noise (the second input
     /// of `hard-concrete` / `rank-multiplier`: one host→device upload each) and the quantizer's
-    /// grid (the second input of `blora-quantize`: one range update each, two CUDA launches).
+    /// grid (the second input of `blora-quantize`: one range update each, one CUDA launch).
     noise: HashSet<usize>,
     ranges: HashSet<usize>,
     /// Distinct buffers of the leaves that no op of the graph made (outputs of ops that record
@@ -246,7 +246,7 @@ fn blora_step_op_counts() -> Result<()> {
         let tracked = f.kernels() + p.kernels() + b.kernels();
         println!(
             "\n{name}: {quantizers} quantizers ({:.1}/layer), tracked kernels fwd {} + prior {} + bwd {} = {tracked} \
-             (LoRA {}); untracked: {ranges} range updates (×2 launches on CUDA), {uploads} noise uploads",
+             (LoRA {}); untracked: {ranges} range updates (one CUDA launch each), {uploads} noise uploads",
             quantizers as f64 / layers as f64,
             f.kernels(),
             p.kernels(),
