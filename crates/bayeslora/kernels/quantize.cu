@@ -1,13 +1,20 @@
 // B-LoRA's training quantizer: the Bayesian Bits gated residual sum and its running range (see
 // `ops::quantize`, whose CPU code is the reference these kernels equal to the bit):
 //
-//   quantize_fwd:  q = x2 + z4(e4 + z8(e8 + z16(e16 + z32 e32))) of clip(x), one pass;
-//   quantize_bwd:  dx = g * dclip/dx (straight through the rounding) and, per block, the f64
-//                  partial sums of dL/dz_b = sum g * dq/dz_b;
-//   quantize_dz:   one block adds the partials in a fixed tree: deterministic, no atomics;
-//   range_partial: per-block min/max of x (NaN marks a block that saw a non-finite value);
-//   range_update:  one block: the running range widened by x's extremes and the grid's
-//                  parameters (PARAMS floats, the layout of `ops::quantize::PARAMS`).
+//   quantize_fwd:       q = x2 + z4(e4 + z8(e8 + z16(e16 + z32 e32))) of clip(x), one pass;
+//   quantize_bwd_fused: dx = g * dclip/dx (straight through the rounding) and, per block, the
+//                       f64 partial sums of dL/dz_b = sum g * dq/dz_b; the last block to finish
+//                       adds the partials in a fixed tree (`quantize_dz`): deterministic, and
+//                       the same floats as a second one-block launch, in one launch;
+//   range_fused:        per-block min/max of x (NaN marks a block that saw a non-finite value),
+//                       then the last block: the running range widened by x's extremes and the
+//                       grid's parameters (`range_update`; PARAMS floats, the layout of
+//                       `ops::quantize::PARAMS`), in one launch.
+//
+// "The last block": each block's thread 0 writes its partials, fences, and takes a ticket from a
+// counter; the block that draws gridDim.x - 1 sees every partial, finishes, and resets the
+// counter for the next launch (launches on one stream never overlap). Its reads of the partials
+// are volatile (written by other blocks during this kernel: no read-only cache).
 //
 // The arithmetic is exactly rounded (exact.cuh): the levels equal the CPU's to the bit.
 #include "exact.cuh"
@@ -100,12 +107,30 @@ __device__ __forceinline__ void block_sum_f64(double (&v)[K]) {
     }
 }
 
+// Tickets of the fused kernels' blocks (see the top of the file); zero between launches.
+__device__ unsigned int dz_blocks_done = 0;
+__device__ unsigned int range_blocks_done = 0;
+
+// Whether this block is the last of the grid to finish: thread 0 (which wrote the block's
+// partials) fences and takes a ticket; every thread gets the answer. The barrier also separates
+// the block's earlier use of its shared scratch from the finishing pass's.
+__device__ __forceinline__ bool last_block(unsigned int* done) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(done, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    return last;
+}
+
 // dx[i] = g[i] * dclip/dx (when want_dx) and partial[4 * block + b] = this block's sum of
 // g * dq/dz_b, dq/dz_b = (z4 ... z_{b/2}) * a_b with a = [a1, a2, a3, e32], in f64 as on the CPU.
 template <typename T>
 __device__ void quantize_bwd(const QuantizeParams qp, const T* __restrict__ x, const T* __restrict__ prm,
                              const T* __restrict__ zs, const T* __restrict__ g, T* __restrict__ dx,
-                             double* __restrict__ partial) {
+                             double* partial) {
     T p[PARAMS], z[4];
     load_params(prm, zs, p, z);
     const double z0 = (double)z[0], z1 = (double)z[1], z2 = (double)z[2];
@@ -130,9 +155,9 @@ __device__ void quantize_bwd(const QuantizeParams qp, const T* __restrict__ x, c
     }
 }
 
-// One block: dz[b] = sum over blocks of partial[4 * block + b].
+// The last block: dz[b] = sum over blocks of partial[4 * block + b].
 template <typename T>
-__device__ void quantize_dz(const uint32_t blocks, const double* __restrict__ partial, T* __restrict__ dz) {
+__device__ void quantize_dz(const uint32_t blocks, const volatile double* partial, T* __restrict__ dz) {
     double acc[4] = {0.0, 0.0, 0.0, 0.0};
     for (uint32_t j = threadIdx.x; j < blocks; j += blockDim.x) {
 #pragma unroll
@@ -143,6 +168,16 @@ __device__ void quantize_dz(const uint32_t blocks, const double* __restrict__ pa
 #pragma unroll
         for (int k = 0; k < 4; ++k) dz[k] = from_double_rn<T>(acc[k]);
     }
+}
+
+template <typename T>
+__device__ void quantize_bwd_fused(const QuantizeParams qp, const T* __restrict__ x, const T* __restrict__ prm,
+                                   const T* __restrict__ zs, const T* __restrict__ g, T* __restrict__ dx,
+                                   double* partial, T* __restrict__ dz) {
+    quantize_bwd<T>(qp, x, prm, zs, g, dx, partial);
+    if (!last_block(&dz_blocks_done)) return;
+    quantize_dz<T>(gridDim.x, partial, dz);
+    if (threadIdx.x == 0) dz_blocks_done = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -182,7 +217,7 @@ __device__ __forceinline__ void block_min_max(T& lo, T& hi) {
 }
 
 template <typename T>
-__device__ void range_partial(const uint64_t n, const T* __restrict__ x, T* __restrict__ partial) {
+__device__ void range_partial(const uint64_t n, const T* __restrict__ x, T* partial) {
     T lo = inf<T>(), hi = -inf<T>();
     bool bad = false;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
@@ -203,14 +238,15 @@ __device__ void range_partial(const uint64_t n, const T* __restrict__ x, T* __re
     }
 }
 
-// out = [x_min, x_max, PARAMS grid parameters], all in T; range = the old [x_min, x_max], f32.
+// The last block: out = [x_min, x_max, PARAMS grid parameters], all in T; range = the old
+// [x_min, x_max], f32.
 template <typename T>
-__device__ void range_update(const uint32_t blocks, const T* __restrict__ partial, const float* __restrict__ range,
+__device__ void range_update(const uint32_t blocks, const volatile T* partial, const float* __restrict__ range,
                              T* __restrict__ out) {
     T lo_t = inf<T>(), hi_t = -inf<T>();
     for (uint32_t j = threadIdx.x; j < blocks; j += blockDim.x) {
-        lo_t = nan_min(lo_t, partial[2 * j]);
-        hi_t = nan_max(hi_t, partial[2 * j + 1]);
+        lo_t = nan_min(lo_t, (T)partial[2 * j]);
+        hi_t = nan_max(hi_t, (T)partial[2 * j + 1]);
     }
     block_min_max(lo_t, hi_t);
     if (threadIdx.x != 0) return;
@@ -240,24 +276,28 @@ __device__ void range_update(const uint32_t blocks, const T* __restrict__ partia
     }
 }
 
+template <typename T>
+__device__ void range_fused(const uint64_t n, const T* __restrict__ x, T* partial, const float* __restrict__ range,
+                            T* __restrict__ out) {
+    range_partial<T>(n, x, partial);
+    if (!last_block(&range_blocks_done)) return;
+    range_update<T>(gridDim.x, partial, range, out);
+    if (threadIdx.x == 0) range_blocks_done = 0;
+}
+
 #define QUANTIZE_KERNELS(SUFFIX, T)                                                                      \
     extern "C" __global__ void quantize_fwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
                                                      const T* z, T* y) {                                   \
         quantize_fwd<T>(p, x, prm, z, y);                                                                  \
     }                                                                                                      \
-    extern "C" __global__ void quantize_bwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
-                                                     const T* z, const T* g, T* dx, double* partial) {     \
-        quantize_bwd<T>(p, x, prm, z, g, dx, partial);                                                     \
+    extern "C" __global__ void quantize_bwd_fused_##SUFFIX(const QuantizeParams p, const T* x,            \
+                                                           const T* prm, const T* z, const T* g, T* dx,  \
+                                                           double* partial, T* dz) {                     \
+        quantize_bwd_fused<T>(p, x, prm, z, g, dx, partial, dz);                                           \
     }                                                                                                      \
-    extern "C" __global__ void quantize_dz_##SUFFIX(const uint32_t blocks, const double* partial, T* dz) { \
-        quantize_dz<T>(blocks, partial, dz);                                                               \
-    }                                                                                                      \
-    extern "C" __global__ void range_partial_##SUFFIX(const uint64_t n, const T* x, T* partial) {          \
-        range_partial<T>(n, x, partial);                                                                   \
-    }                                                                                                      \
-    extern "C" __global__ void range_update_##SUFFIX(const uint32_t blocks, const T* partial,              \
-                                                     const float* range, T* out) {                         \
-        range_update<T>(blocks, partial, range, out);                                                      \
+    extern "C" __global__ void range_fused_##SUFFIX(const uint64_t n, const T* x, T* partial,             \
+                                                    const float* range, T* out) {                         \
+        range_fused<T>(n, x, partial, range, out);                                                         \
     }
 
 QUANTIZE_KERNELS(f32, float)

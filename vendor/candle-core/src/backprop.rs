@@ -166,6 +166,7 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        let mut kept_grads = Vec::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
@@ -180,6 +181,7 @@ impl Tensor {
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
+            let kept = do_not_detach.then(|| grad.clone());
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
@@ -667,6 +669,14 @@ impl Tensor {
                     }
                 };
             }
+            // bayeslora's patch (vendor/README.md): with CANDLE_GRAD_DO_NOT_DETACH set, every
+            // gradient stays in the store, so a diagnostic can walk the whole backward graph.
+            if let Some(g) = kept {
+                kept_grads.push((node.id(), g));
+            }
+        }
+        for (id, g) in kept_grads {
+            grads.0.entry(id).or_insert(g);
         }
         Ok(grads)
     }

@@ -2108,7 +2108,9 @@ impl Tensor {
         self.is_variable
     }
 
-    pub(crate) fn op(&self) -> &Option<Op> {
+    /// The op that produced this tensor, if it tracks one (public in bayeslora's patch: its
+    /// launch-count diagnostic walks the autograd graph).
+    pub fn op(&self) -> &Option<Op> {
         &self.op
     }
 

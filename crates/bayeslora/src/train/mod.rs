@@ -580,18 +580,27 @@ pub fn run_data_parallel(
 /// the task loss alone, which is what the run reports. The regulariser is weighted by the model's
 /// schedule at `step`. A non-finite regulariser surfaces as a non-finite objective in the step's
 /// loss check.
+///
+/// One device→host read per micro-batch: with a regulariser, the task loss and the regulariser
+/// are read together (`[2]`), not one after the other (each read waits for the device).
 fn objective(model: &dyn Classifier, batch: &BatchTensors, ctx: &Ctx, step: usize) -> Result<(Tensor, f32)> {
     let task = loss(&model.logits(batch, ctx)?, batch)?;
-    let task_value = task.to_scalar::<f32>()?;
     match model.regularizer()? {
         Some(reg) => {
             let weight = model.regularizer_weight(step);
             let reg = if weight == 1.0 { reg } else { reg.affine(weight, 0.0)? };
-            let reg_value = reg.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let both = Tensor::stack(&[task.to_dtype(DType::F32)?, reg.to_dtype(DType::F32)?], 0)?;
+            let (task_value, reg_value) = match both.to_vec1::<f32>()?[..] {
+                [t, r] => (t, r),
+                _ => (f32::NAN, f32::NAN),
+            };
             let value = if reg_value.is_finite() { task_value } else { f32::NAN };
             Ok((task.add(&reg.to_dtype(task.dtype())?)?, value))
         }
-        None => Ok((task, task_value)),
+        None => {
+            let task_value = task.to_scalar::<f32>()?;
+            Ok((task, task_value))
+        }
     }
 }
 

@@ -316,26 +316,48 @@ impl BLoraLayer {
         ctx.seed_for(salt ^ GATE_SALT ^ (index + 1).wrapping_mul(0x1_0000_0001))
     }
 
-    fn quant(&self, slot: Slot, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
-        match self.quantizer(slot) {
-            Some(q) => q.forward(x, ctx.train, Self::noise_seed(ctx, salt, slot as u64)),
-            None => Ok(x.clone()),
-        }
+    /// The number of rank gates (r − 1 with `prune_rank`, else 0).
+    fn rank_len(&self) -> usize {
+        self.rank_logits.as_ref().map_or(0, GateRef::elem_count)
     }
 
-    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training) or the
-    /// deterministic prefix (test time); `None` without rank gates.
-    fn rank_multiplier(&self, ctx: &Ctx, salt: u64) -> Result<Option<Tensor>> {
+    /// The logistic noise of every gate of the layer for one training forward, in bank order:
+    /// the rank gates' `[r − 1]`, then each quantizer's four. Each vector is drawn from its own
+    /// seed as before (so the samples are unchanged); the whole is one host→device copy per
+    /// forward instead of one per gate vector. `None` outside training or without gates.
+    fn gate_noise(&self, ctx: &Ctx, salt: u64) -> Result<Option<Tensor>> {
+        let Some(bank) = self.gate_bank().filter(|_| ctx.train) else { return Ok(None) };
+        let rank_len = self.rank_len();
+        let mut noise = Vec::with_capacity(self.gate_count());
+        if rank_len > 0 {
+            noise.extend(gates::logistic_noise(rank_len, Self::noise_seed(ctx, salt, RANK_NOISE)));
+        }
+        for q in &self.quantizers {
+            noise.extend(gates::logistic_noise(4, Self::noise_seed(ctx, salt, q.slot as u64)));
+        }
+        let n = noise.len();
+        Ok(Some(Tensor::from_vec(noise, n, bank.var().device())?))
+    }
+
+    /// Quantizes `x` with `slot`'s quantizer (if any): training when `noise` (the layer's, from
+    /// [`Self::gate_noise`]) is given, test time otherwise.
+    fn quant(&self, slot: Slot, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+        let Some(k) = self.quantizers.iter().position(|q| q.slot == slot) else { return Ok(x.clone()) };
+        let noise = noise.map(|n| n.narrow(0, self.rank_len() + 4 * k, 4)).transpose()?;
+        self.quantizers[k].forward_with_noise(x, noise.as_ref())
+    }
+
+    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training: `noise`
+    /// given) or the deterministic prefix (test time); `None` without rank gates.
+    fn rank_multiplier(&self, noise: Option<&Tensor>) -> Result<Option<Tensor>> {
         let Some(logits) = &self.rank_logits else { return Ok(None) };
-        let dev = logits.device();
-        if ctx.train {
-            let n = self.r - 1;
-            let noise = Tensor::from_vec(gates::logistic_noise(n, Self::noise_seed(ctx, salt, RANK_NOISE)), n, dev)?;
-            Ok(Some(gates::rank_multiplier_of(logits, &noise)?))
-        } else {
-            let rank = self.learned_rank()?;
-            let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
-            Ok(Some(Tensor::from_vec(m, self.r, dev)?))
+        match noise {
+            Some(noise) => Ok(Some(gates::rank_multiplier_of(logits, &noise.narrow(0, 0, self.r - 1)?)?)),
+            None => {
+                let rank = self.learned_rank()?;
+                let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
+                Ok(Some(Tensor::from_vec(m, self.r, logits.device())?))
+            }
         }
     }
 
@@ -346,22 +368,23 @@ impl BLoraLayer {
         }
     }
 
-    /// The adapter path on `x: [N, in]` (f32, already through Q_x when the base is quantized).
-    fn delta(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
+    /// The adapter path on `x: [N, in]` (f32, already through Q_x when the base is quantized);
+    /// `noise` is the layer's gate noise while training ([`Self::gate_noise`]).
+    fn delta(&self, x: &Tensor, ctx: &Ctx, salt: u64, noise: Option<&Tensor>) -> Result<Tensor> {
         let x = if ctx.train && self.dropout > 0.0 {
             ops::dropout(x, self.dropout, ctx.seed_for(salt ^ DROPOUT_SALT))?
         } else {
             x.clone()
         };
-        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), ctx, salt)?;
-        let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, ctx, salt)?;
-        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), ctx, salt)?.reshape(self.r)?;
-        if let Some(m) = self.rank_multiplier(ctx, salt)? {
+        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), noise)?;
+        let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, noise)?;
+        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), noise)?.reshape(self.r)?;
+        if let Some(m) = self.rank_multiplier(noise)? {
             e = e.mul(&m)?;
         }
-        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, ctx, salt)?;
-        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), ctx, salt)?;
-        let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, ctx, salt)?;
+        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, noise)?;
+        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), noise)?;
+        let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, noise)?;
         Ok(u.affine(self.scaling, 0.0)?)
     }
 
@@ -384,11 +407,10 @@ impl BLoraLayer {
 
     /// Test-time weights (deterministic gates, frozen ranges), for the exports.
     pub fn eval_weights(&self) -> Result<EvalWeights> {
-        let ctx = Ctx::eval();
-        let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), &ctx, 0)?;
-        let e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), &ctx, 0)?.reshape(self.r)?;
-        let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), &ctx, 0)?;
-        let rank_mask = match self.rank_multiplier(&ctx, 0)? {
+        let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), None)?;
+        let e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), None)?.reshape(self.r)?;
+        let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), None)?;
+        let rank_mask = match self.rank_multiplier(None)? {
             Some(m) => m,
             None => Tensor::ones(self.r, DType::F32, self.lora_e.device())?,
         };
@@ -487,8 +509,9 @@ impl Adapter for BLoraLayer {
     /// when the base is quantized).
     fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
         let (x2, dims) = self.flatten(x)?;
-        let x2 = self.quant(Slot::Input, &x2, ctx, salt)?;
-        Ok(self.delta(&x2, ctx, salt)?.reshape(dims)?)
+        let noise = self.gate_noise(ctx, salt)?;
+        let x2 = self.quant(Slot::Input, &x2, noise.as_ref())?;
+        Ok(self.delta(&x2, ctx, salt, noise.as_ref())?.reshape(dims)?)
     }
 
     /// With `quantize_base`: `Q_x(x)·Q_W0(W0)ᵀ + b + s·u`, x quantized once for both paths, in
@@ -507,13 +530,14 @@ impl Adapter for BLoraLayer {
         }
         Some((|| {
             let (x2, dims) = self.flatten(x)?;
-            let xq = self.quant(Slot::Input, &x2, ctx, salt)?;
-            let w = self.quant(Slot::Base, &weight.to_dtype(DType::F32)?, ctx, salt)?;
+            let noise = self.gate_noise(ctx, salt)?;
+            let xq = self.quant(Slot::Input, &x2, noise.as_ref())?;
+            let w = self.quant(Slot::Base, &weight.to_dtype(DType::F32)?, noise.as_ref())?;
             let mut y = xq.matmul(&w.t()?)?;
             if let Some(b) = bias {
                 y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
             }
-            let y = y.add(&self.delta(&xq, ctx, salt)?)?;
+            let y = y.add(&self.delta(&xq, ctx, salt, noise.as_ref())?)?;
             Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
         })())
     }

@@ -225,6 +225,10 @@ struct RangeState {
     device: Option<Tensor>,
     /// The device copy was widened since `host` was last read back.
     device_ahead: bool,
+    /// The frozen base weight's [`ops::update_range`] output (`[2 + PARAMS]`), kept once its
+    /// range is set: the weight never changes, so every later update would widen nothing and
+    /// give these floats again. Saves the update (two CUDA launches) per layer and step.
+    frozen: Option<Tensor>,
 }
 
 impl Quantizer {
@@ -278,46 +282,62 @@ impl Quantizer {
         Ok(gates::prob_open(&logits)?.mul(&gates::hard_off_mask(&logits)?)?)
     }
 
-    /// Sampled bit gates `[4]` (zero where hard-off) from logistic noise of `noise_seed`.
-    fn sample_gates(&self, noise_seed: u64) -> Result<Tensor> {
-        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
-        gates::sample_bits_of(&self.logits, &noise)
-    }
-
-    /// Quantizes `x`: while training (range widened first, gates sampled with `noise_seed`) the
-    /// gated residual sum; otherwise the fixed test-time grid. Unset ranges pass `x` through.
-    /// A training forward reads nothing back from the device once the range is set: the range
-    /// and the grid are updated on the device ([`ops::update_range`]), then x is quantized in one
-    /// pass ([`ops::gated_quantize`]); dtypes other than f32/f64 are quantized in f32.
+    /// [`Self::forward_with_noise`] with the bit gates' noise drawn from `noise_seed` (the four
+    /// values [`gates::logistic_noise`] gives; a layer draws every gate's noise at once).
+    #[cfg(test)]
     pub fn forward(&self, x: &Tensor, train: bool, noise_seed: u64) -> Result<Tensor> {
         if !train {
+            return self.forward_with_noise(x, None);
+        }
+        let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
+        self.forward_with_noise(x, Some(&noise))
+    }
+
+    /// Quantizes `x`: while training (`noise` given: the bit gates' logistic noise, `[4]`; the
+    /// range is widened first) the gated residual sum; otherwise the fixed test-time grid. Unset
+    /// ranges pass `x` through. A training forward reads nothing back from the device once the
+    /// range is set: the range and the grid are updated on the device ([`ops::update_range`]),
+    /// then x is quantized in one pass ([`ops::gated_quantize`]); dtypes other than f32/f64 are
+    /// quantized in f32.
+    pub fn forward_with_noise(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+        let Some(noise) = noise else {
             let range = self.range()?;
             if !range.is_set() {
                 return Ok(x.clone());
             }
             return quantize_fixed(x, &range, self.bits()?);
-        }
+        };
         let xq = if ops::quantize::applies(x) { x.clone() } else { x.to_dtype(DType::F32)? };
         let mut st = self.lock()?;
-        let current = match &st.device {
-            Some(d) => d.clone(),
-            None => range_tensor(&st.host, x.device())?,
-        };
-        let widened = ops::update_range(&xq, &current)?;
-        let range = widened.narrow(0, 0, 2)?.to_dtype(DType::F32)?;
-        st.device = Some(range.clone());
-        st.device_ahead = true;
-        if !st.host.is_set() {
-            // Until the tensor was seen non-zero (B at LoRA's init), one read per forward.
-            st.host = range_to_host(&range)?;
-            st.device_ahead = false;
-            if !st.host.is_set() {
-                return Ok(x.clone());
+        let widened = match &st.frozen {
+            Some(w) => w.clone(),
+            None => {
+                let current = match &st.device {
+                    Some(d) => d.clone(),
+                    None => range_tensor(&st.host, x.device())?,
+                };
+                let widened = ops::update_range(&xq, &current)?;
+                let range = widened.narrow(0, 0, 2)?.to_dtype(DType::F32)?;
+                st.device = Some(range.clone());
+                st.device_ahead = true;
+                if !st.host.is_set() {
+                    // Until the tensor was seen non-zero (B at LoRA's init), one read per forward.
+                    st.host = range_to_host(&range)?;
+                    st.device_ahead = false;
+                    if !st.host.is_set() {
+                        return Ok(x.clone());
+                    }
+                }
+                if self.slot == Slot::Base {
+                    st.frozen = Some(widened.clone());
+                }
+                widened
             }
-        }
+        };
         drop(st);
         let params = widened.narrow(0, 2, PARAMS)?;
-        let q = ops::gated_quantize(&xq, &params, &self.sample_gates(noise_seed)?)?;
+        let z = gates::sample_bits_of(&self.logits, noise)?;
+        let q = ops::gated_quantize(&xq, &params, &z)?;
         Ok(q.to_dtype(x.dtype())?)
     }
 }

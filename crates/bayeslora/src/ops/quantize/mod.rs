@@ -14,7 +14,8 @@
 //! Composed from candle ops, one quantizer cost ~50 full-size kernels forward (clip, five levels
 //! of scale/round/clamp/scale/subtract, the nested gated sum, the straight-through term), as many
 //! backward, five level tensors kept for the backward, and ~35 small ops for the range. Here each
-//! direction is one pass over x (CUDA: `kernels/quantize.cu`, plus a one-block pass for the sums).
+//! direction is one pass over x (CUDA: `kernels/quantize.cu`, one launch each; the backward's last
+//! block adds the per-block sums).
 //!
 //! Every float op is the one the composed path does, in its order: `max`/`min` as candle's CPU
 //! backend (`a < b ? b : a`, so a NaN propagates), round half away from zero, no fused
@@ -39,7 +40,7 @@ mod range;
 
 pub use range::update_range;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The grid's parameters, `[14]` in x's dtype: x_min, x_max, the 2-bit code bounds (−1, 1
@@ -356,10 +357,13 @@ fn on_cpu<const N: usize>(
 /// [`gated_quantize`]'s forward: inputs x, params, z.
 struct QuantizeOp;
 
-/// [`QuantizeOp`]'s backward: inputs x, params ++ z (`[18]`), the upstream gradient; output
-/// `[dL/dx (when want_dx), dL/dz (4)]`.
+/// [`QuantizeOp`]'s backward: inputs x and the upstream gradient, with the forward's params and
+/// z held by the op (read in place: no `cat` of the two, which cost a launch per input on CUDA);
+/// output `[dL/dx (when want_dx), dL/dz (4)]`.
 struct QuantizeGradOp {
     want_dx: bool,
+    params: Tensor,
+    z: Tensor,
 }
 
 impl CustomOp3 for QuantizeOp {
@@ -407,40 +411,31 @@ impl CustomOp3 for QuantizeOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want_dx = x.track_op();
-        let pz = Tensor::cat(&[params, z], 0)?;
-        let out = x.apply_op3_no_bwd(&pz, &grad.contiguous()?, &QuantizeGradOp { want_dx })?;
+        let op = QuantizeGradOp { want_dx, params: params.clone(), z: z.clone() };
+        let out = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let n = if want_dx { x.elem_count() } else { 0 };
         let dx = if want_dx { Some(out.narrow(0, 0, n)?.reshape(x.shape())?) } else { None };
         Ok((dx, None, Some(out.narrow(0, n, 4)?)))
     }
 }
 
-impl CustomOp3 for QuantizeGradOp {
+impl CustomOp2 for QuantizeGradOp {
     fn name(&self) -> &'static str {
         "blora-quantize-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
         let want = self.want_dx;
+        let (ps, pl) = self.params.storage_and_layout();
+        let (zs, zl) = self.z.storage_and_layout();
+        let (Storage::Cpu(ps), Storage::Cpu(zs)) = (&*ps, &*zs) else {
+            candle_core::bail!("{}: params and z must be on the CPU like x", self.name())
+        };
         let out = on_cpu(
             self.name(),
-            [(xs, xl), (ps, pl), (gs, gl)],
-            |[x, p, g]| {
-                let (p, z) = p.split_at(PARAMS.min(p.len()));
-                quantize_grad_cpu(x, p, z, g, want)
-            },
-            |[x, p, g]| {
-                let (p, z) = p.split_at(PARAMS.min(p.len()));
-                quantize_grad_cpu(x, p, z, g, want)
-            },
+            [(xs, xl), (ps, pl), (zs, zl), (gs, gl)],
+            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want),
+            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want),
         )?;
         let n_dx = if want { xl.shape().elem_count() } else { 0 };
         Ok((out, Shape::from(n_dx + 4)))
@@ -451,12 +446,15 @@ impl CustomOp3 for QuantizeGradOp {
         &self,
         xs: &candle_core::CudaStorage,
         xl: &Layout,
-        ps: &candle_core::CudaStorage,
-        pl: &Layout,
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = cuda::quantize_bwd((xs, xl), (ps, pl), (gs, gl), self.want_dx)?;
+        let (ps, pl) = self.params.storage_and_layout();
+        let (zs, zl) = self.z.storage_and_layout();
+        let (Storage::Cuda(ps), Storage::Cuda(zs)) = (&*ps, &*zs) else {
+            candle_core::bail!("{}: params and z must be on x's CUDA device", self.name())
+        };
+        let out = cuda::quantize_bwd((xs, xl), (ps, pl), (zs, zl), (gs, gl), self.want_dx)?;
         let n_dx = if self.want_dx { xl.shape().elem_count() } else { 0 };
         Ok((out, Shape::from(n_dx + 4)))
     }
@@ -544,12 +542,19 @@ mod cuda {
         }
     }
 
-    /// `quantize_bwd_<dtype>` (dx and per-block sums) then `quantize_dz_<dtype>` (one block):
-    /// `[dx (n when want_dx), dz (4)]`.
-    pub(super) fn quantize_bwd(x: Input<'_>, pz: Input<'_>, g: Input<'_>, want_dx: bool) -> Result<CudaStorage> {
+    /// `quantize_bwd_fused_<dtype>` (dx and per-block sums; the last block adds the sums, in one
+    /// launch): `[dx (n when want_dx), dz (4)]`.
+    pub(super) fn quantize_bwd(
+        x: Input<'_>,
+        p: Input<'_>,
+        z: Input<'_>,
+        g: Input<'_>,
+        want_dx: bool,
+    ) -> Result<CudaStorage> {
         fn go<T: CudaDType + DeviceRepr>(
             x: Input<'_>,
-            pz: Input<'_>,
+            p: Input<'_>,
+            z: Input<'_>,
             g: Input<'_>,
             want_dx: bool,
         ) -> Result<CudaStorage> {
@@ -557,21 +562,20 @@ mod cuda {
             let n_dx = if want_dx { n } else { 0 };
             let dev = x.0.device().clone();
             let suffix = dtype_suffix(x.0.dtype())?;
-            let bwd = Kernel::Quantize.func(&dev, &format!("quantize_bwd_{suffix}"))?;
-            let dz = Kernel::Quantize.func(&dev, &format!("quantize_dz_{suffix}"))?;
+            let bwd = Kernel::Quantize.func(&dev, &format!("quantize_bwd_fused_{suffix}"))?;
             let xv = contiguous_view::<T>(x.0, x.1, "quantize input")?;
-            let pzv = contiguous_view::<T>(pz.0, pz.1, "quantize params and gates")?;
+            let pv = contiguous_view::<T>(p.0, p.1, "quantize params")?;
+            let zv = contiguous_view::<T>(z.0, z.1, "quantize gates")?;
             let gv = contiguous_view::<T>(g.0, g.1, "quantize gradient")?;
-            let (pv, zv) = (pzv.slice(0..PARAMS), pzv.slice(PARAMS..PARAMS + 4));
             let nb = blocks(n);
-            // SAFETY: the first kernel writes every dx element (when want_dx) and every partial,
-            // the second the four dz.
+            // SAFETY: the kernel writes every dx element (when want_dx), every partial, and (its
+            // last block) the four dz.
             let mut out = unsafe { dev.alloc::<T>(n_dx + 4)? };
             let mut partial = unsafe { dev.alloc::<f64>(4 * nb as usize)? };
             let params = QuantizeParams { n: n as u64, want_dx: want_dx as u32, pad: 0 };
             let stream = dev.cuda_stream();
             {
-                let mut dx = out.slice_mut(0..n_dx);
+                let (mut dx, mut dzv) = out.split_at_mut(n_dx);
                 let mut b = stream.launch_builder(&bwd);
                 b.arg(&params);
                 b.arg(&xv);
@@ -580,27 +584,20 @@ mod cuda {
                 b.arg(&gv);
                 b.arg(&mut dx);
                 b.arg(&mut partial);
-                // SAFETY: the argument list matches `quantize_bwd_<dtype>` in kernels/quantize.cu.
-                unsafe { b.launch(cfg(nb)) }.w()?;
-            }
-            {
-                let mut dzv = out.slice_mut(n_dx..n_dx + 4);
-                let mut b = stream.launch_builder(&dz);
-                b.arg(&nb);
-                b.arg(&partial);
                 b.arg(&mut dzv);
-                // SAFETY: the argument list matches `quantize_dz_<dtype>`; one block.
-                unsafe { b.launch(cfg(1)) }.w()?;
+                // SAFETY: the argument list matches `quantize_bwd_fused_<dtype>` in
+                // kernels/quantize.cu.
+                unsafe { b.launch(cfg(nb)) }.w()?;
             }
             Ok(T::wrap_cuda_slice(out, dev))
         }
-        let dtype = check_dtypes("quantize_bwd", &[(x, "x"), (pz, "params"), (g, "gradient")])?;
-        if pz.1.shape().elem_count() != PARAMS + 4 {
-            candle_core::bail!("quantize_bwd: params and gates must be [{}]", PARAMS + 4);
+        let dtype = check_dtypes("quantize_bwd", &[(x, "x"), (p, "params"), (z, "z"), (g, "gradient")])?;
+        if p.1.shape().elem_count() != PARAMS || z.1.shape().elem_count() != 4 {
+            candle_core::bail!("quantize_bwd: params must be [{PARAMS}] and z [4]");
         }
         match dtype {
-            DType::F32 => go::<f32>(x, pz, g, want_dx),
-            _ => go::<f64>(x, pz, g, want_dx),
+            DType::F32 => go::<f32>(x, p, z, g, want_dx),
+            _ => go::<f64>(x, p, z, g, want_dx),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The running range a B-LoRA quantizer quantizes to ([`update_range`]): `[x_min, x_max]`
 //! widened by x's extremes, and the grid's [`PARAMS`] derived from it, on x's device (a training
 //! step reads nothing back). One parallel pass over x on the CPU; on CUDA per-block extremes
-//! then one block for the update (`kernels/quantize.cu`: `range_partial`, `range_update`).
+//! then the last block for the update, in one launch (`kernels/quantize.cu`: `range_fused`).
 use super::{slice, LadderFloat, CHUNK, DIVISORS, PARAMS};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -92,36 +92,30 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Result};
 
-    /// `range_partial_<dtype>` (per-block extremes) then `range_update_<dtype>` (one block):
-    /// `[x_min, x_max, PARAMS]`.
+    /// `range_fused_<dtype>` (per-block extremes; the last block widens the range and derives
+    /// the grid, in one launch): `[x_min, x_max, PARAMS]`.
     pub(super) fn update_range(x: Input<'_>, range: Input<'_>) -> Result<CudaStorage> {
         fn go<T: CudaDType + DeviceRepr>(x: Input<'_>, range: Input<'_>) -> Result<CudaStorage> {
             let n = x.1.shape().elem_count();
             let dev = x.0.device().clone();
             let suffix = dtype_suffix(x.0.dtype())?;
-            let partial_fn = Kernel::Quantize.func(&dev, &format!("range_partial_{suffix}"))?;
-            let update_fn = Kernel::Quantize.func(&dev, &format!("range_update_{suffix}"))?;
+            let fused_fn = Kernel::Quantize.func(&dev, &format!("range_fused_{suffix}"))?;
             let xv = contiguous_view::<T>(x.0, x.1, "range input")?;
             let rv = contiguous_view::<f32>(range.0, range.1, "range")?;
             let nb = blocks(n);
-            // SAFETY: every block writes its two partials; the update writes all 2 + PARAMS.
+            // SAFETY: every block writes its two partials; the last block writes all 2 + PARAMS.
             let mut partial = unsafe { dev.alloc::<T>(2 * nb as usize)? };
             let mut out = unsafe { dev.alloc::<T>(2 + PARAMS)? };
             let n64 = n as u64;
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&partial_fn);
+            let mut b = stream.launch_builder(&fused_fn);
             b.arg(&n64);
             b.arg(&xv);
             b.arg(&mut partial);
-            // SAFETY: the argument list matches `range_partial_<dtype>` in kernels/quantize.cu.
-            unsafe { b.launch(cfg(nb)) }.w()?;
-            let mut b = stream.launch_builder(&update_fn);
-            b.arg(&nb);
-            b.arg(&partial);
             b.arg(&rv);
             b.arg(&mut out);
-            // SAFETY: the argument list matches `range_update_<dtype>`; one block.
-            unsafe { b.launch(cfg(1)) }.w()?;
+            // SAFETY: the argument list matches `range_fused_<dtype>` in kernels/quantize.cu.
+            unsafe { b.launch(cfg(nb)) }.w()?;
             Ok(T::wrap_cuda_slice(out, dev))
         }
         if range.0.dtype() != DType::F32 || range.1.shape().elem_count() != 2 {
