@@ -15,7 +15,7 @@ use bayeslora::data::{BatchConfig, EncodedDataset};
 use bayeslora::eval::metrics::Binning;
 use bayeslora::eval::ModelPredictor;
 use bayeslora::eval::{evaluate, EvalConfig, EvalResult, Evaluation, Metrics, Predictor};
-use bayeslora::train::{self, Optimizer, OptimizerKind, Silent, TaskModel, TrainConfig};
+use bayeslora::train::{self, OptimizerKind, RunOptimizer, Silent, TaskModel, TrainConfig};
 use candle_core::Device;
 use std::sync::Arc;
 
@@ -158,7 +158,7 @@ fn blora_cells_get_a_learned_heat_map_per_method() {
 
 use common::{separable, tiny_bert as tiny};
 
-fn train_tiny(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, Optimizer) {
+fn train_tiny(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, RunOptimizer) {
     train_short(tiny(seed, 0.1), kind, seed, 3, data)
 }
 
@@ -169,7 +169,7 @@ fn train_short(
     seed: u64,
     steps: usize,
     data: &Arc<EncodedDataset>,
-) -> (TaskModel, Optimizer) {
+) -> (TaskModel, RunOptimizer) {
     let mut cfg = TrainConfig {
         optimizer: kind,
         max_steps: Some(steps),
@@ -220,7 +220,7 @@ fn tiny_end_to_end_comparison_of_every_method() {
     cells.push(cell("toy", MethodKind::Adamw, evaluate(&mut p, &test, &eval(0)).unwrap(), serde_json::Value::Null));
     drop(p);
 
-    let Optimizer::Ivon(ivon) = &ivon_opt else { panic!("trained with IVON") };
+    let RunOptimizer::Ivon(ivon) = &ivon_opt else { panic!("trained with IVON") };
     let mut p = ModelPredictor::posterior(&ivon_model, ivon, &dev, 5).unwrap();
     cells.push(cell("toy", MethodKind::Ivon, evaluate(&mut p, &test, &eval(3)).unwrap(), serde_json::Value::Null));
     p.restore().unwrap();
@@ -477,7 +477,7 @@ fn prompts(n: usize, salt: u64, shifted: bool) -> EncodedDataset {
     }
 }
 
-fn train_llama(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, Optimizer) {
+fn train_llama(kind: OptimizerKind, seed: u64, data: &Arc<EncodedDataset>) -> (TaskModel, RunOptimizer) {
     train_short(tiny_llama(seed, 0.1), kind, seed, 4, data)
 }
 
@@ -516,7 +516,7 @@ fn decoder_sweep_with_ood_runs_every_method_on_a_tiny_llama() {
     cells.push(scored(&mut p, MethodKind::Adamw, 0, &test, &shifted));
     drop(p);
 
-    let Optimizer::Ivon(ivon) = &ivon_opt else { panic!("trained with IVON") };
+    let RunOptimizer::Ivon(ivon) = &ivon_opt else { panic!("trained with IVON") };
     let mut p = ModelPredictor::posterior(&ivon_model, ivon, &dev, 5).unwrap();
     cells.push(scored(&mut p, MethodKind::Ivon, 3, &test, &shifted));
     p.restore().unwrap();

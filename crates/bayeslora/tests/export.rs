@@ -25,7 +25,7 @@ use bayeslora::data::BatchTensors;
 use bayeslora::eval::{PredictiveAccumulator, Predictor};
 use bayeslora::export::{self, ExportOptions};
 use bayeslora::models::{self, Backbone, LoadOptions, SequenceClassificationHead};
-use bayeslora::train::{Classifier, Optimizer, TaskModel, TrainConfig};
+use bayeslora::train::{Classifier, RunOptimizer, TaskModel, TrainConfig};
 use bayeslora::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use common::{check, load_io};
@@ -152,7 +152,7 @@ fn adapted(dir: &Path, lora: &LoraConfig) -> Result<TaskModel> {
 /// after one step on a made-up gradient.
 fn ivon_posterior(model: &TaskModel) -> Result<ivon::Posterior> {
     let cfg = TrainConfig::default();
-    let Optimizer::Ivon(mut ivon) = Optimizer::new(model, &cfg)? else { panic!("default optimizer is IVON") };
+    let RunOptimizer::Ivon(mut ivon) = RunOptimizer::new(model, &cfg)? else { panic!("default optimizer is IVON") };
     let vars: Vec<candle_core::Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
     ivon.with_sampled_params(|| {
         let mut loss = Tensor::new(0f32, &Device::Cpu)?;

@@ -111,7 +111,7 @@ fn posterior_predictive_restores_the_mean_and_differs_from_it() {
         None,
     )
     .unwrap();
-    let train::Optimizer::Ivon(ivon) = &opt else { panic!("IVON run") };
+    let train::RunOptimizer::Ivon(ivon) = &opt else { panic!("IVON run") };
     let before = snapshot(&model);
     let mut predictor = ModelPredictor::posterior(&model, ivon, &Device::Cpu, 0).unwrap();
     let eval_cfg = EvalConfig { method: "ivon".into(), num_samples: 4, batch_size: 8, curve: vec![1, 2] };

@@ -42,7 +42,7 @@ use crate::data::{self, DataSpec, EncodedDataset, Format, OnBadRow, Split, Task,
 use crate::error::Context;
 use crate::eval::{self, EvalConfig, EvalResult, ModelPredictor, Predictive};
 use crate::models::{self, Backbone, LoadOptions, LoadedModel};
-use crate::train::{self, Adapters, Observer, Optimizer, OptimizerKind, TaskModel};
+use crate::train::{self, Adapters, Observer, OptimizerKind, RunOptimizer, TaskModel};
 use crate::{Error, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -427,13 +427,13 @@ fn evaluate_and_write(
     model_path: &Path,
     device: &Device,
     summary: train::TrainSummary,
-    opt: Optimizer,
+    opt: RunOptimizer,
     hooks: &mut dyn Hooks,
 ) -> Result<RunOutcome> {
     let out = &cfg.output;
 
     let samples = match (&opt, cfg.train.optimizer) {
-        (Optimizer::Ivon(_), OptimizerKind::Ivon) => cfg.eval.samples,
+        (RunOptimizer::Ivon(_), OptimizerKind::Ivon) => cfg.eval.samples,
         _ => 0,
     };
     let eval_cfg = EvalConfig {
@@ -444,7 +444,7 @@ fn evaluate_and_write(
     };
     hooks.eval_begin(label, samples + 1);
     let mut predictor = match &opt {
-        Optimizer::Ivon(ivon) => ModelPredictor::posterior(model, ivon, device, cfg.train.seed ^ 0xE7A1)?,
+        RunOptimizer::Ivon(ivon) => ModelPredictor::posterior(model, ivon, device, cfg.train.seed ^ 0xE7A1)?,
         _ => ModelPredictor::point(model, device)?,
     };
     let evaluation = eval::evaluate(&mut predictor, &data.eval, &eval_cfg)?;
@@ -481,7 +481,7 @@ fn evaluate_and_write(
     write_json(&out.join("results.json"), &results)?;
     // The trained adapter as a peft folder (+ the IVON posterior sidecar): `<output>/adapter/`.
     let posterior = match &opt {
-        Optimizer::Ivon(ivon) => Some(ivon.posterior()?),
+        RunOptimizer::Ivon(ivon) => Some(ivon.posterior()?),
         _ => None,
     };
     write_adapter(model, cfg, &model_path.display().to_string(), posterior.as_ref(), &out.join("adapter"))?;

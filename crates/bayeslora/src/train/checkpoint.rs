@@ -20,7 +20,7 @@
 //!
 //! Rotation: after each save only the `keep` newest checkpoints stay
 //! ([`TrainConfig::keep_checkpoints`], default 2, so a damaged newest one has a predecessor).
-use super::{Classifier, GateOptimizer, Optimizer, TrainConfig};
+use super::{Classifier, GateOptimizer, RunOptimizer, TrainConfig};
 use crate::data::{Batcher, Cursor};
 use crate::{atomic, Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -82,7 +82,7 @@ impl Checkpoint {
         step: usize,
         cfg: &TrainConfig,
         model: &dyn Classifier,
-        opt: &Optimizer,
+        opt: &RunOptimizer,
         gates: Option<&GateOptimizer>,
         batcher: &Batcher,
     ) -> Result<PathBuf> {
@@ -154,7 +154,7 @@ impl Checkpoint {
     pub fn load(
         path: &Path,
         model: &dyn Classifier,
-        opt: &mut Optimizer,
+        opt: &mut RunOptimizer,
         mut gates: Option<&mut GateOptimizer>,
         batcher: &mut Batcher,
     ) -> Result<Restored> {
@@ -389,7 +389,7 @@ fn apply(
     ckpt: &Path,
     saved: Verified,
     model: &dyn Classifier,
-    opt: &mut Optimizer,
+    opt: &mut RunOptimizer,
     gates: Option<&mut GateOptimizer>,
     batcher: &mut Batcher,
 ) -> Result<CheckpointState> {

@@ -248,25 +248,26 @@ pub trait Observer {
 pub struct Silent;
 impl Observer for Silent {}
 
-/// The optimizer of a run (state is f32 whatever the model dtype).
-pub enum Optimizer {
+/// The optimizer a run trains with, one of ivon's three behind their common `ivon::Optimizer`
+/// trait (state is f32 whatever the model dtype).
+pub enum RunOptimizer {
     Ivon(Box<Ivon>),
     Adamw(ivon::AdamW),
     Sgd(ivon::Sgd),
 }
 
-impl std::fmt::Debug for Optimizer {
+impl std::fmt::Debug for RunOptimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (name, lr) = match self {
-            Optimizer::Ivon(o) => ("ivon", o.config().lr),
-            Optimizer::Adamw(o) => ("adamw", o.config().lr),
-            Optimizer::Sgd(o) => ("sgd", ivon::Optimizer::learning_rate(o)),
+            RunOptimizer::Ivon(o) => ("ivon", o.config().lr),
+            RunOptimizer::Adamw(o) => ("adamw", o.config().lr),
+            RunOptimizer::Sgd(o) => ("sgd", ivon::Optimizer::learning_rate(o)),
         };
         write!(f, "Optimizer({name}, lr {lr})")
     }
 }
 
-impl Optimizer {
+impl RunOptimizer {
     /// Builds the optimizer over `model.trainable()`; with IVON a fresh head gets its own group.
     pub fn new(model: &dyn Classifier, cfg: &TrainConfig) -> Result<Self> {
         let named = model.posterior_vars();
@@ -300,27 +301,27 @@ impl Optimizer {
                 }
                 let mut opt = Ivon::with_groups(groups, cfg.ivon)?;
                 opt.set_seed(cfg.seed);
-                Optimizer::Ivon(Box::new(opt))
+                RunOptimizer::Ivon(Box::new(opt))
             }
-            OptimizerKind::Adamw => Optimizer::Adamw(ivon::AdamW::new(vars, cfg.adamw)?),
-            OptimizerKind::Sgd => Optimizer::Sgd(ivon::Sgd::new(vars, cfg.sgd)?),
+            OptimizerKind::Adamw => RunOptimizer::Adamw(ivon::AdamW::new(vars, cfg.adamw)?),
+            OptimizerKind::Sgd => RunOptimizer::Sgd(ivon::Sgd::new(vars, cfg.sgd)?),
         })
     }
 
     /// The optimizer behind the common trait (step, learning rate, state save/load).
     pub fn as_dyn(&mut self) -> &mut dyn ivon::Optimizer {
         match self {
-            Optimizer::Ivon(o) => o.as_mut(),
-            Optimizer::Adamw(o) => o,
-            Optimizer::Sgd(o) => o,
+            RunOptimizer::Ivon(o) => o.as_mut(),
+            RunOptimizer::Adamw(o) => o,
+            RunOptimizer::Sgd(o) => o,
         }
     }
 
     pub(crate) fn as_ref_dyn(&self) -> &dyn ivon::Optimizer {
         match self {
-            Optimizer::Ivon(o) => o.as_ref(),
-            Optimizer::Adamw(o) => o,
-            Optimizer::Sgd(o) => o,
+            RunOptimizer::Ivon(o) => o.as_ref(),
+            RunOptimizer::Adamw(o) => o,
+            RunOptimizer::Sgd(o) => o,
         }
     }
 
@@ -370,9 +371,9 @@ pub fn restore(
     train: Arc<EncodedDataset>,
     cfg: &TrainConfig,
     dir: &std::path::Path,
-) -> Result<(Restored, Optimizer)> {
+) -> Result<(Restored, RunOptimizer)> {
     cfg.validate()?;
-    let mut opt = Optimizer::new(model, cfg)?;
+    let mut opt = RunOptimizer::new(model, cfg)?;
     let mut gates = GateOptimizer::new(model, cfg)?;
     let mut batcher = Batcher::new(train, cfg.batch.clone())?;
     let restored = Checkpoint::load(dir, model, &mut opt, gates.as_mut(), &mut batcher)?;
@@ -389,7 +390,7 @@ pub fn run(
     observer: &mut dyn Observer,
     resume: Option<&std::path::Path>,
     evaluate: Option<&mut EvalFn<'_>>,
-) -> Result<(TrainSummary, Optimizer)> {
+) -> Result<(TrainSummary, RunOptimizer)> {
     run_data_parallel(model, train, cfg, device, observer, resume, evaluate, &mut dist::Single)
 }
 
@@ -409,10 +410,10 @@ pub fn run_data_parallel(
     resume: Option<&std::path::Path>,
     evaluate: Option<&mut EvalFn<'_>>,
     comm: &mut dyn dist::Communicator,
-) -> Result<(TrainSummary, Optimizer)> {
+) -> Result<(TrainSummary, RunOptimizer)> {
     cfg.validate()?;
     let (rank, world) = (comm.rank(), comm.world_size());
-    let mut opt = Optimizer::new(model, cfg)?;
+    let mut opt = RunOptimizer::new(model, cfg)?;
     let mut gates = GateOptimizer::new(model, cfg)?;
     let mut batcher = Batcher::new(train, cfg.batch.clone())?;
     let total = cfg.total_steps((batcher.batches_per_epoch() / world).max(1));
@@ -426,7 +427,7 @@ pub fn run_data_parallel(
     }
     if rank > 0 {
         // Each rank its own noise: rank 0 keeps the one-process stream.
-        if let Optimizer::Ivon(o) = &mut opt {
+        if let RunOptimizer::Ivon(o) = &mut opt {
             o.set_seed(cfg.seed ^ (rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64);
         }
     }
@@ -459,7 +460,7 @@ pub fn run_data_parallel(
         // Gate gradients are averaged over every backward of the step (micro-batches × samples).
         let mut gate_grads = gates.as_ref().map(|g| GradMean::new(&g.vars));
         let loss_value = match &mut opt {
-            Optimizer::Ivon(o) => {
+            RunOptimizer::Ivon(o) => {
                 let mut sum = 0.0f32;
                 for _ in 0..cfg.ivon.mc_samples {
                     sum += o.with_sample(|s| -> Result<f32> {

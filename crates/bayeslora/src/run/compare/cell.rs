@@ -9,7 +9,7 @@ use crate::data::Format;
 use crate::error::Context;
 use crate::eval::{self, metrics::Binning, EvalConfig, Evaluation, ModelPredictor, Predictor};
 use crate::run::{self, AdapterKind, Hooks};
-use crate::train::Optimizer;
+use crate::train::RunOptimizer;
 use crate::{Error, Result};
 use std::time::Instant;
 
@@ -98,7 +98,7 @@ pub(super) fn run_cell(
         MethodKind::Ivon => {
             let (key, secs) = adamw_key(cfg, task, m, seed, cache, hooks)?;
             let t = cache.get(&key)?;
-            let Optimizer::Ivon(ivon) = &t.opt else {
+            let RunOptimizer::Ivon(ivon) = &t.opt else {
                 return Err(Error::run("invariant: IVON cell trained with IVON"));
             };
             let mut p = ModelPredictor::posterior(&t.model, ivon, &device, sample_seed)?;

@@ -47,7 +47,7 @@ use crate::baselines::sweep::CellKey;
 use crate::data::{self, ChoiceFilter, EncodedDataset, Split, Task, TextEncoder};
 use crate::error::Context;
 use crate::models::{Backbone, LoadedModel};
-use crate::train::{self, Observer, Optimizer, TaskModel};
+use crate::train::{self, Observer, RunOptimizer, TaskModel};
 use crate::{Error, Result};
 use cell::run_cell;
 use config::SweepMethod;
@@ -79,7 +79,7 @@ impl SweepHooks for Quiet {
 /// A trained model of the sweep, shared by the methods whose run settings match.
 struct Trained {
     model: TaskModel,
-    opt: Optimizer,
+    opt: RunOptimizer,
     seconds: f64,
 }
 
