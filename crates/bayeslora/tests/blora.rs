@@ -313,15 +313,28 @@ fn step_hashes(cfg: &BLoraConfig) -> Result<Vec<u64>> {
 }
 
 /// Issue 15: sampling a layer's gates in fewer ops changes no float: the loss and every gradient
-/// of three training steps hash to the values of the per-quantizer ops (recorded before the
-/// change, on the CPU).
+/// of three training steps hash to the values of the per-quantizer ops, recorded before the
+/// change on the CPU of the development machine (x86-64 with AVX-512, whose GEMM and erf kernels
+/// the tiny model runs). Another instruction set may sum in another order, so elsewhere the test
+/// checks only that the hashes repeat; `bank.rs`'s `grouped_gate_samples_equal_per_quantizer_samples`
+/// compares the grouped op with per-quantizer ops on any machine.
 #[test]
 fn issue_15_gate_sampling_is_bit_identical() -> Result<()> {
     let plain = step_hashes(&config())?;
-    let qbase = step_hashes(&BLoraConfig { quantize_base: true, lora_dropout: 0.1, ..config() })?;
+    let qbase_cfg = BLoraConfig { quantize_base: true, lora_dropout: 0.1, ..config() };
+    let qbase = step_hashes(&qbase_cfg)?;
     println!("step hashes: {plain:#018x?} {qbase:#018x?}");
-    assert_eq!(plain, GOLDEN_PLAIN, "plain config");
-    assert_eq!(qbase, GOLDEN_QBASE, "quantize_base config");
+    #[cfg(target_arch = "x86_64")]
+    let recorded_here = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let recorded_here = false;
+    if recorded_here {
+        assert_eq!(plain, GOLDEN_PLAIN, "plain config");
+        assert_eq!(qbase, GOLDEN_QBASE, "quantize_base config");
+    } else {
+        assert_eq!(plain, step_hashes(&config())?, "plain config repeats");
+        assert_eq!(qbase, step_hashes(&qbase_cfg)?, "quantize_base config repeats");
+    }
     Ok(())
 }
 
