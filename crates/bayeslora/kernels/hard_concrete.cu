@@ -18,7 +18,25 @@ struct HardConcreteParams {
     double hard_off;
     uint32_t n;
     uint32_t use_hard_off;
+    uint32_t group;  // the mask restarts every `group` gates (0: never)
+    // Handed-over gradient windows (`GateGrads`): the backward reads window k's values at
+    // window_at[k]..+window_len[k] from window_ptr[k] in place of the upstream gradient's.
+    uint32_t windows;
+    uint32_t window_at[8];
+    uint32_t window_len[8];
+    uint64_t window_ptr[8];
 };
+
+// The upstream gradient of gate i: a handed-over window's value where one covers it.
+template <typename T>
+__device__ __forceinline__ T hc_grad_at(const HardConcreteParams& p, const T* __restrict__ g, uint32_t i) {
+    for (uint32_t k = 0; k < p.windows; ++k) {
+        if (i >= p.window_at[k] && i - p.window_at[k] < p.window_len[k]) {
+            return reinterpret_cast<const T*>(p.window_ptr[k])[i - p.window_at[k]];
+        }
+    }
+    return g[i];
+}
 
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
@@ -47,6 +65,7 @@ __device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restric
     for (uint32_t i = 0; i < p.n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.group != 0 && i % p.group == 0) m = (T)1.0;
         if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? (T)1.0 : (T)0.0);
         z[i] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
     }
@@ -75,8 +94,9 @@ __device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restric
     for (uint32_t i = 0; i < p.n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
+        if (p.group != 0 && i % p.group == 0) m = one;
         if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
-        dla[i] = hc_chain(p, v, t, mul_rn(g[i], m));
+        dla[i] = hc_chain(p, v, t, mul_rn(hc_grad_at(p, g, i), m));
     }
 }
 

@@ -600,6 +600,60 @@ fn windowed_gate_ops_match_cpu() -> Result<()> {
     Ok(())
 }
 
+/// A layer's bit gates sampled in one op (`hard_concrete_groups_at`: the hard-off mask per four)
+/// and read by each quantizer at its offset (`gated_quantize_at`), the quantizers handing their
+/// gradients over (`GateGrads`, read in place by the sample's backward kernel) on CUDA against
+/// the same on the CPU: samples and outputs to a few ulps (CUDA's tanhf), the bank gradient to
+/// 1e-5, also on a second backward of the same graph and with a quantizer that reads no gates.
+#[test]
+fn grouped_gate_samples_with_handed_over_gradients_match_cpu() -> Result<()> {
+    let gpu = cuda();
+    // Soft logits, one below the hard-off threshold (−2): the third quantizer's 8-bit gate.
+    let mut values: Vec<f32> = (0..23).map(|i| (i as f32 * 1.3).sin() * 0.4).collect();
+    values[12] = -2.5;
+    let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+    let (at, q) = (3usize, 5usize);
+    let noise: Vec<f32> = (0..4 * q).map(|i| (i as f32 * 1.37).sin() * 0.5).collect();
+    let xs: Vec<Tensor> = (0..q).map(|k| randn(&[5, 3 + k], 1.0)).collect::<Result<_>>()?;
+    // A range of [−2, 2]: the quantizer's PARAMS (x_min, x_max, code bounds, steps, 1/steps).
+    let steps: Vec<f64> = [3.0, 15.0, 255.0, 65535.0, 4_294_967_295.0].iter().map(|d| 4.0 / d).collect();
+    let mut p = vec![-2.0, 2.0, -1.0, 1.0];
+    p.extend(&steps);
+    p.extend(steps.iter().map(|s| 1.0 / s));
+    let params = Tensor::new(p.as_slice(), &Device::Cpu)?.to_dtype(DType::F32)?;
+    for used in [q, q - 1] {
+        let run = |dev: &Device| -> Result<Vec<Vec<f64>>> {
+            let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
+            let grads = ops::GateGrads::new();
+            let nz = Tensor::new(noise.as_slice(), dev)?;
+            let z = ops::hard_concrete_groups_at(bank.as_tensor(), at, &nz, hc, 4, Some(&grads))?;
+            let pd = params.to_device(dev)?;
+            let mut loss = Tensor::zeros((), DType::F32, dev)?;
+            let mut out = vec![host_f64(&z)?];
+            for (k, x) in xs.iter().enumerate().take(used) {
+                let o = ops::gated_quantize_at(&x.to_device(dev)?, &pd, &z, 4 * k, Some(&grads))?;
+                loss = loss.add(&o.sqr()?.sum_all()?.affine(1.0 + k as f64, 0.0)?)?;
+                out.push(host_f64(&o)?);
+            }
+            for _ in 0..2 {
+                let g = loss.backward()?;
+                out.push(g.get(bank.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
+            }
+            Ok(out)
+        };
+        let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
+        assert_eq!(g.len(), c.len());
+        for (i, (got, want)) in g.iter().zip(&c).enumerate() {
+            assert_eq!(got.len(), want.len(), "{used} quantizers, result {i}: length");
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{used} quantizers, result {i}: {got:?} vs {want:?}");
+            }
+        }
+        assert!(c[c.len() - 1].iter().filter(|v| **v != 0.0).count() >= 4, "soft gates pass gradients");
+    }
+    Ok(())
+}
+
 /// A B-LoRA layer's training forward and backward on CUDA (fused range, quantizer and their
 /// backward; candle ops for the gate samples and the matmuls) against the same layer on the
 /// CPU: outputs and the gradients of A, E, B and every gate logit, f32, with and without the

@@ -13,8 +13,10 @@
 //! CUDA affine (a fused multiply-add) and `tanhf`; so a forward's gates are the ones the composed
 //! path drew (unit tests below, `tests/cuda_fused.rs`). The two devices differ from each other in
 //! the last bits, as the composed ops did. The backward is the composed path's chain rule.
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::quantize::LadderFloat;
 
@@ -45,7 +47,95 @@ pub fn hard_concrete(log_alpha: &Tensor, noise: &Tensor, hc: HardConcrete) -> Re
 /// cost a zero-fill, a cat and an add per gate vector.
 pub fn hard_concrete_at(logits: &Tensor, offset: usize, noise: &Tensor, hc: HardConcrete) -> Result<Tensor> {
     let w = Window::check("hard_concrete", logits, offset, noise)?;
-    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc, w))
+    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, Sample(hc, w, None))
+}
+
+/// [`hard_concrete_at`] of several gate vectors of `group` gates each, side by side in the
+/// window (B-LoRA's quantizers of one layer, four bit gates each): the hard-off mask restarts at
+/// every group, so each group's samples and gradient are those of its own [`hard_concrete_at`];
+/// one op per direction for all of them. The window's length must be a multiple of `group`.
+///
+/// With `grads`, the consumers of the samples may hand their gradients over to it instead of
+/// returning them to autograd ([`GateGrads`]): this op's backward gathers them.
+pub fn hard_concrete_groups_at(
+    logits: &Tensor,
+    offset: usize,
+    noise: &Tensor,
+    hc: HardConcrete,
+    group: usize,
+    grads: Option<&GateGrads>,
+) -> Result<Tensor> {
+    let w = Window::check("hard_concrete", logits, offset, noise)?;
+    if group == 0 || w.n % group != 0 {
+        candle_core::bail!("hard_concrete: {} gates are not groups of {group}", w.n);
+    }
+    let op = Sample(hc, Window { group, ..w }, grads.cloned());
+    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, op)
+}
+
+/// The most gradients a [`GateGrads`] gathers (besides the one returned to autograd): B-LoRA's
+/// quantizers of one layer, eight at most.
+pub const MAX_GATE_GRADS: usize = 8;
+
+/// Where the consumers of one gate sample ([`hard_concrete_groups_at`]: B-LoRA's quantizers,
+/// each reading its four gates at an offset, [`super::gated_quantize_at`]) hand over their
+/// gradients, so that they reach the sample without autograd summing them: candle adds every
+/// contribution to a tensor's gradient after the first (one add kernel each, on vectors that
+/// are zero outside each consumer's window).
+///
+/// In a backward pass, the first consumer to run returns its gradient (the whole sample's
+/// length, zero outside its window) to autograd, so that the sample gets a gradient and its
+/// backward runs; every later one hands its window's gradient here ([`Self::hand_over`]). The
+/// sample's backward runs after all of them (they depend on it) and takes the windows
+/// ([`Self::take`]) in place of the autograd gradient's values there: the same floats as the
+/// sum, since the windows are disjoint. It also resets the state, so that a graph may be walked
+/// backward again.
+#[derive(Debug, Clone, Default)]
+pub struct GateGrads(Arc<Mutex<GateGradsState>>);
+
+#[derive(Debug, Default)]
+struct GateGradsState {
+    /// A consumer returned its gradient to autograd in the current backward pass.
+    returned: bool,
+    /// The other consumers' gradients: (offset in the sample, the window's gradient).
+    windows: Vec<(usize, Tensor)>,
+}
+
+impl GateGrads {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, GateGradsState>> {
+        self.0.lock().map_err(|_| candle_core::Error::Msg("gate gradients: lock poisoned by a panic".into()))
+    }
+
+    /// Called by a consumer's backward pass: whether it must return its gradient to autograd
+    /// (the first of the pass), else it hands it over with [`Self::hand_over`].
+    pub fn returns_to_autograd(&self) -> Result<bool> {
+        let mut st = self.lock()?;
+        let first = !st.returned;
+        st.returned = true;
+        // Past MAX_GATE_GRADS windows, autograd sums the rest.
+        Ok(first || st.windows.len() >= MAX_GATE_GRADS)
+    }
+
+    /// The gradient `grad` of the gates at `offset` of the sample (a consumer after the first).
+    pub fn hand_over(&self, offset: usize, grad: Tensor) -> Result<()> {
+        let mut st = self.lock()?;
+        if st.windows.len() >= MAX_GATE_GRADS {
+            candle_core::bail!("gate gradients: more than {MAX_GATE_GRADS} handed over");
+        }
+        st.windows.push((offset, grad));
+        Ok(())
+    }
+
+    /// The windows handed over in this backward pass; resets the state.
+    fn take(&self) -> Result<Vec<(usize, Tensor)>> {
+        let mut st = self.lock()?;
+        st.returned = false;
+        Ok(std::mem::take(&mut st.windows))
+    }
 }
 
 /// B-LoRA's rank multiplier `[1, m₂, …, m_r]` from the rank gates' logits `log_alpha: [n]`
@@ -89,6 +179,8 @@ fn same_length(what: &str, log_alpha: &Tensor, noise: &Tensor) -> Result<()> {
 struct Window {
     offset: usize,
     n: usize,
+    /// The hard-off mask restarts every `group` gates (0: one group, the whole window).
+    group: usize,
 }
 
 impl Window {
@@ -110,7 +202,7 @@ impl Window {
         if offset.checked_add(n).is_none_or(|end| end > logits.elem_count()) {
             candle_core::bail!("{what}: gates {offset}..{offset}+{n} past the {} logits", logits.elem_count());
         }
-        Ok(Window { offset, n })
+        Ok(Window { offset, n, group: 0 })
     }
 }
 
@@ -122,15 +214,18 @@ struct Consts<T> {
     stretch: T,
     gamma: T,
     hard_off: Option<T>,
+    /// [`Window::group`].
+    group: usize,
 }
 
 impl<T: LadderFloat> Consts<T> {
-    fn of(hc: &HardConcrete) -> Self {
+    fn of(hc: &HardConcrete, group: usize) -> Self {
         Consts {
             inv_beta: T::from_f64(1.0 / hc.beta),
             stretch: T::from_f64(hc.zeta - hc.gamma),
             gamma: T::from_f64(hc.gamma),
             hard_off: hc.hard_off.map(T::from_f64),
+            group,
         }
     }
 }
@@ -159,12 +254,17 @@ fn pre_clamp<T: LadderFloat + Tanh>(la: T, n: T, c: &Consts<T>) -> (T, T) {
     (s * c.stretch + c.gamma, t)
 }
 
-/// The nested hard-off mask, as the composed path's cumulative product of 0/1.
-fn mask<T: LadderFloat>(la: &[T], hard_off: Option<T>) -> Vec<T> {
+/// The nested hard-off mask, as the composed path's cumulative product of 0/1 (restarting
+/// every `group` gates when `group` > 0).
+fn mask<T: LadderFloat>(la: &[T], hard_off: Option<T>, group: usize) -> Vec<T> {
     let mut m = T::ONE;
     la.iter()
-        .map(|&a| match hard_off {
+        .enumerate()
+        .map(|(i, &a)| match hard_off {
             Some(t) => {
+                if group > 0 && i % group == 0 {
+                    m = T::ONE;
+                }
                 m = m * if a > t { T::ONE } else { T::ZERO };
                 m
             }
@@ -174,7 +274,7 @@ fn mask<T: LadderFloat>(la: &[T], hard_off: Option<T>) -> Vec<T> {
 }
 
 fn sample_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], c: &Consts<T>) -> Vec<T> {
-    let m = mask(la, c.hard_off);
+    let m = mask(la, c.hard_off, c.group);
     la.iter().zip(noise).zip(m).map(|((&a, &n), m)| pre_clamp(a, n, c).0.max_c(T::ZERO).min_c(T::ONE) * m).collect()
 }
 
@@ -200,7 +300,7 @@ fn chain<T: LadderFloat + Tanh>(a: T, n: T, g: T, c: &Consts<T>) -> T {
 
 /// d(Σ g·z)/d log α through the composed path's backward (the mask, then [`chain`]).
 fn grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
-    let m = mask(la, c.hard_off);
+    let m = mask(la, c.hard_off, c.group);
     la.iter().zip(noise).zip(g.iter().zip(m)).map(|((&a, &n), (&g, m))| chain(a, n, g * m, c)).collect()
 }
 
@@ -236,6 +336,28 @@ fn rank_grad_cpu<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Cons
     out
 }
 
+/// The upstream gradient `g` with each handed-over window's values in place of its own.
+fn gathered_cpu(g: &CpuStorage, gl: &Layout, windows: &[(usize, Tensor)]) -> Result<CpuStorage> {
+    fn go<T: candle_core::WithDType>(g: &[T], windows: &[(usize, Tensor)]) -> Result<Vec<T>> {
+        let mut out = g.to_vec();
+        for (at, t) in windows {
+            let (s, l) = t.storage_and_layout();
+            let Storage::Cpu(s) = &*s else { candle_core::bail!("hard_concrete: a handed-over gradient off the CPU") };
+            let v = cpu_slice::<T>(s, l)?;
+            match out.get_mut(*at..at + v.len()) {
+                Some(dst) => dst.copy_from_slice(v),
+                None => candle_core::bail!("hard_concrete: a handed-over gradient past the gates"),
+            }
+        }
+        Ok(out)
+    }
+    Ok(match g.dtype() {
+        DType::F32 => CpuStorage::F32(go(cpu_slice::<f32>(g, gl)?, windows)?),
+        DType::F64 => CpuStorage::F64(go(cpu_slice::<f64>(g, gl)?, windows)?),
+        other => candle_core::bail!("hard_concrete: f32 or f64, got {other:?}"),
+    })
+}
+
 /// The contiguous elements of a CPU input of type `T`.
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
@@ -261,7 +383,7 @@ fn cpu_pass<T: LadderFloat + Tanh + candle_core::WithDType>(
         Some((s, l)) => cpu_slice::<T>(s, l)?,
         None => &[],
     };
-    let out = f(&la[w.offset..w.offset + w.n], noise, g, &Consts::of(hc));
+    let out = f(&la[w.offset..w.offset + w.n], noise, g, &Consts::of(hc, w.group));
     if !scatter || la.len() == w.n {
         return Ok(out);
     }
@@ -292,11 +414,13 @@ fn rank_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], _g: &[T], c: &Consts<
     rank_cpu(la, noise, c)
 }
 
-/// [`hard_concrete_at`]'s forward: inputs log α and noise, output `[n]`.
-struct Sample(HardConcrete, Window);
+/// [`hard_concrete_at`]'s forward: inputs log α and noise, output `[n]`; the gradients its
+/// consumers hand over, if they do.
+struct Sample(HardConcrete, Window, Option<GateGrads>);
 
 /// Its backward: inputs log α, noise and the upstream gradient; output d log α (log α's shape).
-struct SampleGrad(HardConcrete, Window);
+/// The upstream gradient's values in each handed-over window are replaced by the window's.
+struct SampleGrad(HardConcrete, Window, Vec<(usize, Tensor)>);
 
 /// [`rank_multiplier_at`]'s forward: inputs log α and noise, output `[n + 1]`.
 struct RankSample(HardConcrete, Window);
@@ -333,7 +457,20 @@ impl CustomOp2 for Sample {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &SampleGrad(self.0, self.1))?;
+        let windows = match &self.2 {
+            Some(g) => g.take()?,
+            None => Vec::new(),
+        };
+        for (at, g) in &windows {
+            if g.dtype() != grad.dtype() || g.rank() != 1 || at + g.elem_count() > self.1.n {
+                candle_core::bail!(
+                    "hard_concrete: a handed-over gradient {:?} at {at} of {} gates",
+                    g.dims(),
+                    self.1.n
+                );
+            }
+        }
+        let d = la.apply_op3_no_bwd(noise, &grad.contiguous()?, &SampleGrad(self.0, self.1, windows))?;
         Ok((Some(d), None))
     }
 }
@@ -352,7 +489,13 @@ impl CustomOp3 for SampleGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, (grad_cpu, grad_cpu))?;
+        let out = if self.2.is_empty() {
+            cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, (grad_cpu, grad_cpu))?
+        } else {
+            let g = gathered_cpu(s3, l3, &self.2)?;
+            let gl = Layout::contiguous(l3.shape());
+            cpu_run(&[(s1, l1), (s2, l2), (&g, &gl)], self.1, &self.0, true, (grad_cpu, grad_cpu))?
+        };
         Ok((out, l1.shape().clone()))
     }
 
@@ -367,7 +510,8 @@ impl CustomOp3 for SampleGrad {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let out = cuda::Out::Scatter(l1.shape().elem_count());
-        let d = cuda::launch("hard_concrete_bwd", &self.0, &[(s1, l1), (s2, l2), (s3, l3)], self.1, out)?;
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let d = cuda::launch_gathered("hard_concrete_bwd", &self.0, &inputs, self.1, out, &self.2)?;
         Ok((d, l1.shape().clone()))
     }
 }
@@ -450,11 +594,13 @@ impl CustomOp3 for RankSampleGrad {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
-    use super::{HardConcrete, Window};
+    use super::{HardConcrete, Window, MAX_GATE_GRADS};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaStorage, DType, Layout, Result};
+    use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 
     /// `HardConcreteParams` in `kernels/hard_concrete.cu`.
     #[repr(C)]
@@ -466,6 +612,14 @@ mod cuda {
         hard_off: f64,
         n: u32,
         use_hard_off: u32,
+        group: u32,
+        /// Handed-over gradient windows ([`super::GateGrads`]): how many, and each one's
+        /// offset, length and device address; the kernel reads them in place of the upstream
+        /// gradient's values there.
+        windows: u32,
+        window_at: [u32; MAX_GATE_GRADS],
+        window_len: [u32; MAX_GATE_GRADS],
+        window_ptr: [u64; MAX_GATE_GRADS],
     }
     // SAFETY: plain-old-data with the kernel's C layout.
     unsafe impl DeviceRepr for HardConcreteParams {}
@@ -487,14 +641,44 @@ mod cuda {
         w: Window,
         out: Out,
     ) -> Result<CudaStorage> {
+        launch_gathered(entry, hc, inputs, w, out, &[])
+    }
+
+    /// [`launch`] with handed-over gradient windows (the backward of a sample whose consumers
+    /// hand their gradients over), read by the kernel in place.
+    pub(super) fn launch_gathered(
+        entry: &str,
+        hc: &HardConcrete,
+        inputs: &[(&CudaStorage, &Layout)],
+        w: Window,
+        out: Out,
+        windows: &[(usize, Tensor)],
+    ) -> Result<CudaStorage> {
         fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             entry: &str,
-            params: HardConcreteParams,
+            mut params: HardConcreteParams,
             inputs: &[(&CudaStorage, &Layout)],
             w: Window,
             out: Out,
+            windows: &[(usize, Tensor)],
         ) -> Result<CudaStorage> {
             let dev = inputs[0].0.device().clone();
+            let stream = dev.cuda_stream();
+            // Each window's storage stays read-locked, and its device address recorded as read
+            // on the stream, until the launch is queued.
+            let guards: Vec<_> = windows.iter().map(|(_, t)| t.storage_and_layout()).collect();
+            let mut window_views = Vec::with_capacity(windows.len());
+            for (s, l) in &guards {
+                let Storage::Cuda(s) = &**s else { candle_core::bail!("{entry}: a handed-over gradient off CUDA") };
+                window_views.push(contiguous_view::<T>(s, l, "handed-over gradient")?);
+            }
+            let ptrs: Vec<_> = window_views.iter().map(|v| v.device_ptr(&stream)).collect();
+            for (k, ((at, t), (ptr, _))) in windows.iter().zip(&ptrs).enumerate() {
+                params.window_at[k] = *at as u32;
+                params.window_len[k] = t.elem_count() as u32;
+                params.window_ptr[k] = *ptr;
+            }
+            params.windows = windows.len() as u32;
             let func = Kernel::HardConcrete.func(&dev, &format!("{entry}_{}", dtype_suffix(inputs[0].0.dtype())?))?;
             let views = inputs
                 .iter()
@@ -506,7 +690,6 @@ mod cuda {
                 Out::Len(k) => (unsafe { dev.alloc::<T>(k)? }, 0, k),
                 Out::Scatter(len) => (dev.alloc_zeros::<T>(len)?, w.offset, w.offset + w.n),
             };
-            let stream = dev.cuda_stream();
             {
                 let mut dst = buf.slice_mut(start..end);
                 let mut b = stream.launch_builder(&func);
@@ -520,11 +703,18 @@ mod cuda {
                 // SAFETY: the argument list matches `<entry>_<dtype>` in kernels/hard_concrete.cu.
                 unsafe { b.launch(cfg) }.w()?;
             }
+            drop(ptrs);
             Ok(T::wrap_cuda_slice(buf, dev))
         }
         let dtype = inputs[0].0.dtype();
         if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
             candle_core::bail!("{entry}: inputs of one dtype");
+        }
+        if windows.len() > MAX_GATE_GRADS || windows.iter().any(|(at, t)| at + t.elem_count() > w.n) {
+            candle_core::bail!(
+                "{entry}: {} handed-over gradients, at most {MAX_GATE_GRADS} within the gates",
+                windows.len()
+            );
         }
         let params = HardConcreteParams {
             inv_beta: 1.0 / hc.beta,
@@ -533,10 +723,16 @@ mod cuda {
             hard_off: hc.hard_off.unwrap_or(0.0),
             n: u32::try_from(w.n).map_err(|_| candle_core::Error::Msg(format!("{entry}: {} gates", w.n)))?,
             use_hard_off: hc.hard_off.is_some() as u32,
+            group: u32::try_from(w.group)
+                .map_err(|_| candle_core::Error::Msg(format!("{entry}: group {}", w.group)))?,
+            windows: 0,
+            window_at: [0; MAX_GATE_GRADS],
+            window_len: [0; MAX_GATE_GRADS],
+            window_ptr: [0; MAX_GATE_GRADS],
         };
         match dtype {
-            DType::F32 => go::<f32>(entry, params, inputs, w, out),
-            DType::F64 => go::<f64>(entry, params, inputs, w, out),
+            DType::F32 => go::<f32>(entry, params, inputs, w, out, windows),
+            DType::F64 => go::<f64>(entry, params, inputs, w, out, windows),
             other => candle_core::bail!("{entry}: no CUDA kernel for {other:?}"),
         }
     }

@@ -57,11 +57,14 @@ pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
     flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
 };
-pub use hard_concrete::{hard_concrete, hard_concrete_at, rank_multiplier, rank_multiplier_at, HardConcrete};
+pub use hard_concrete::{
+    hard_concrete, hard_concrete_at, hard_concrete_groups_at, rank_multiplier, rank_multiplier_at, GateGrads,
+    HardConcrete, MAX_GATE_GRADS,
+};
 pub use layer_norm::layer_norm;
 pub use layout::{merge_heads, split_heads};
 pub use linear::frozen_linear;
-pub use quantize::{gated_quantize, update_range, PARAMS as QUANTIZE_PARAMS};
+pub use quantize::{gated_quantize, gated_quantize_at, update_range, PARAMS as QUANTIZE_PARAMS};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

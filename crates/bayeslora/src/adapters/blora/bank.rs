@@ -388,4 +388,80 @@ mod tests {
         assert!(ops::hard_concrete_at(&bank, 0, &noise.to_dtype(DType::F64)?, hc).is_err(), "one dtype");
         Ok(())
     }
+
+    /// A layer's bit gates sampled in one op (`hard_concrete_groups_at`, the hard-off mask per
+    /// four) and read by each quantizer at its offset (`gated_quantize_at`), the quantizers
+    /// handing their gradients over (`GateGrads`): the same outputs and bank gradient as one
+    /// sample op per quantizer; again on a second backward of the same graph, and with a
+    /// quantizer that reads no gates (a range still unset).
+    #[test]
+    fn grouped_gate_samples_equal_per_quantizer_samples() -> Result<()> {
+        let dev = Device::Cpu;
+        // Soft logits, one below the hard-off threshold (−2): the third quantizer's 8-bit gate.
+        let mut values: Vec<f32> = (0..19).map(|i| (i as f32 * 1.3).sin() * 0.4).collect();
+        values[12] = -2.5;
+        let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+        let (at, q) = (3usize, 4usize);
+        let noise = Tensor::from_vec(gates::logistic_noise(4 * q, 7), 4 * q, &dev)?.affine(0.25, 0.0)?;
+        let range = super::super::quantizer::Range { x_min: -2.0, x_max: 2.0 };
+        let params = range.params(DType::F32, &dev)?;
+        let xs = (0..q)
+            .map(|k| Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 3 + k), &dev)?).map_err(Into::into))
+            .collect::<Result<Vec<Var>>>()?;
+        for used in [q, q - 1] {
+            // (outputs, bank gradient, x gradients) of each backward pass.
+            type Run = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+            let run = |grouped: bool| -> Result<Run> {
+                let bank = Var::new(values.as_slice(), &dev)?;
+                let grads = ops::GateGrads::new();
+                let z = ops::hard_concrete_groups_at(bank.as_tensor(), at, &noise, hc, 4, Some(&grads))?;
+                let outs = (0..used)
+                    .map(|k| {
+                        let x = xs[k].as_tensor();
+                        if grouped {
+                            ops::gated_quantize_at(x, &params, &z, 4 * k, Some(&grads))
+                        } else {
+                            let zk =
+                                ops::hard_concrete_at(bank.as_tensor(), at + 4 * k, &noise.narrow(0, 4 * k, 4)?, hc)?;
+                            ops::gated_quantize(x, &params, &zk)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<Tensor>>>()?;
+                let mut loss = Tensor::zeros((), DType::F32, &dev)?;
+                for (k, o) in outs.iter().enumerate() {
+                    loss = loss.add(&o.sqr()?.sum_all()?.affine(1.0 + k as f64, 0.0)?)?;
+                }
+                let (mut d_bank, mut d_x) = (Vec::new(), Vec::new());
+                for _ in 0..2 {
+                    let g = loss.backward()?;
+                    d_bank.push(g.get(bank.as_tensor()).map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default());
+                    for x in &xs[..used] {
+                        d_x.push(
+                            g.get(x.as_tensor())
+                                .map(|t| t.flatten_all()?.to_vec1::<f32>())
+                                .transpose()?
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+                let outs =
+                    outs.iter().map(|o| o.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+                Ok((outs, d_bank, d_x))
+            };
+            let (grouped, single) = (run(true)?, run(false)?);
+            assert_eq!(grouped.0, single.0, "{used} quantizers: outputs");
+            assert_eq!(grouped.1[0], single.1[0], "{used} quantizers: bank gradient");
+            assert_eq!(grouped.1[1], single.1[0], "{used} quantizers: bank gradient of a second backward");
+            assert_eq!(grouped.2, single.2, "{used} quantizers: x gradients");
+            assert!(
+                single.1[0].iter().filter(|g| **g != 0.0).count() >= 4,
+                "soft gates pass gradients: {:?}",
+                single.1[0]
+            );
+        }
+        // The window must be whole groups.
+        let bank = Tensor::new(values.as_slice(), &dev)?;
+        assert!(ops::hard_concrete_groups_at(&bank, 0, &noise.narrow(0, 0, 6)?, hc, 4, None).is_err());
+        Ok(())
+    }
 }

@@ -95,8 +95,21 @@ pub(crate) fn sample_bits(log_alpha: &Tensor, noise: &Tensor) -> Result<Tensor> 
 
 /// A quantizer's bit gates `gates: [4]` sampled with logistic `noise`, zero where hard-off, read
 /// straight from the bank ([`ops::hard_concrete_at`]: no narrow in the autograd graph).
+#[cfg(test)]
 pub(crate) fn sample_bits_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
     Ok(ops::hard_concrete_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(true))?)
+}
+
+/// The bit gates of several quantizers, four each, side by side in `bank` from `offset`, sampled
+/// with logistic `noise` (`[4·Q]`) in one op ([`ops::hard_concrete_groups_at`]): each four are
+/// what [`sample_bits_of`] gives them. The quantizers hand their gradients over to `grads`.
+pub(crate) fn sample_bit_groups(
+    bank: &Tensor,
+    offset: usize,
+    noise: &Tensor,
+    grads: &ops::GateGrads,
+) -> Result<Tensor> {
+    Ok(ops::hard_concrete_groups_at(bank, offset, noise, hard_concrete(true), 4, Some(grads))?)
 }
 
 /// A layer's rank multiplier `[1, m₂, …, m_r]` from its rank gates `gates: [r − 1]` in the bank

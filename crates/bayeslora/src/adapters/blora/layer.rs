@@ -71,6 +71,17 @@ pub struct EvalWeights {
     pub b: Tensor,
 }
 
+/// A layer's gates for one training forward ([`BLoraLayer::gate_samples`]).
+struct GateSamples {
+    /// The logistic noise of every gate, in bank order (rank gates, then each quantizer's four).
+    noise: Tensor,
+    /// Every quantizer's bit-gate samples, `[4·Q]` (`None` without quantizers).
+    bits: Option<Tensor>,
+    /// Where the quantizers hand over their gradients of `bits` ([`ops::GateGrads`]: gathered
+    /// by the sample's backward, not summed by autograd).
+    grads: ops::GateGrads,
+}
+
 /// One B-LoRA adapter on one linear layer.
 #[derive(Debug)]
 pub struct BLoraLayer {
@@ -339,19 +350,41 @@ impl BLoraLayer {
         Ok(Some(Tensor::from_vec(noise, n, bank.var().device())?))
     }
 
-    /// Quantizes `x` with `slot`'s quantizer (if any): training when `noise` (the layer's, from
-    /// [`Self::gate_noise`]) is given, test time otherwise.
-    fn quant(&self, slot: Slot, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let Some(k) = self.quantizers.iter().position(|q| q.slot == slot) else { return Ok(x.clone()) };
-        let noise = noise.map(|n| n.narrow(0, self.rank_len() + 4 * k, 4)).transpose()?;
-        self.quantizers[k].forward_with_noise(x, noise.as_ref())
+    /// The gate samples of one training forward: the layer's noise ([`Self::gate_noise`]) and
+    /// every quantizer's bit gates sampled from it in one op (`[4·Q]`, in quantizer order; `None`
+    /// without quantizers). The quantizers' gates sit side by side in the bank (after the rank
+    /// gates, [`Self::bind_gates`]), so one window holds them all.
+    fn gate_samples(&self, ctx: &Ctx, salt: u64) -> Result<Option<GateSamples>> {
+        let Some(noise) = self.gate_noise(ctx, salt)? else { return Ok(None) };
+        let grads = ops::GateGrads::new();
+        let bits = match self.quantizers.first() {
+            Some(first) => {
+                let (bank, at) = (first.logits.bank(), first.logits.offset());
+                if self.quantizers.iter().enumerate().any(|(k, q)| q.logits.offset() != at + 4 * k) {
+                    return Err(Error::config("gate offset", at, "a layer's bit gates must be contiguous in the bank"));
+                }
+                let n = 4 * self.quantizers.len();
+                let noise = noise.narrow(0, self.rank_len(), n)?;
+                Some(gates::sample_bit_groups(bank.var().as_tensor(), at, &noise, &grads)?)
+            }
+            None => None,
+        };
+        Ok(Some(GateSamples { noise, bits, grads }))
     }
 
-    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training: `noise`
-    /// given) or the deterministic prefix (test time); `None` without rank gates.
-    fn rank_multiplier(&self, noise: Option<&Tensor>) -> Result<Option<Tensor>> {
+    /// Quantizes `x` with `slot`'s quantizer (if any): training when `samples` (the layer's, from
+    /// [`Self::gate_samples`]) are given, test time otherwise.
+    fn quant(&self, slot: Slot, x: &Tensor, samples: Option<&GateSamples>) -> Result<Tensor> {
+        let Some(k) = self.quantizers.iter().position(|q| q.slot == slot) else { return Ok(x.clone()) };
+        let z = samples.and_then(|s| s.bits.as_ref().map(|z| (z, 4 * k, Some(&s.grads))));
+        self.quantizers[k].forward_with_gates(x, z)
+    }
+
+    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training:
+    /// `samples` given) or the deterministic prefix (test time); `None` without rank gates.
+    fn rank_multiplier(&self, samples: Option<&GateSamples>) -> Result<Option<Tensor>> {
         let Some(logits) = &self.rank_logits else { return Ok(None) };
-        match noise {
+        match samples.map(|s| &s.noise) {
             Some(noise) => Ok(Some(gates::rank_multiplier_of(logits, &noise.narrow(0, 0, self.r - 1)?)?)),
             None => {
                 let rank = self.learned_rank()?;
@@ -369,22 +402,22 @@ impl BLoraLayer {
     }
 
     /// The adapter path on `x: [N, in]` (f32, already through Q_x when the base is quantized);
-    /// `noise` is the layer's gate noise while training ([`Self::gate_noise`]).
-    fn delta(&self, x: &Tensor, ctx: &Ctx, salt: u64, noise: Option<&Tensor>) -> Result<Tensor> {
+    /// `samples` are the layer's gate samples while training ([`Self::gate_samples`]).
+    fn delta(&self, x: &Tensor, ctx: &Ctx, salt: u64, samples: Option<&GateSamples>) -> Result<Tensor> {
         let x = if ctx.train && self.dropout > 0.0 {
             ops::dropout(x, self.dropout, ctx.seed_for(salt ^ DROPOUT_SALT))?
         } else {
             x.clone()
         };
-        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), noise)?;
-        let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, noise)?;
-        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), noise)?.reshape(self.r)?;
-        if let Some(m) = self.rank_multiplier(noise)? {
+        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), samples)?;
+        let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, samples)?;
+        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), samples)?.reshape(self.r)?;
+        if let Some(m) = self.rank_multiplier(samples)? {
             e = e.mul(&m)?;
         }
-        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, noise)?;
-        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), noise)?;
-        let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, noise)?;
+        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, samples)?;
+        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), samples)?;
+        let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, samples)?;
         Ok(u.affine(self.scaling, 0.0)?)
     }
 
@@ -509,9 +542,9 @@ impl Adapter for BLoraLayer {
     /// when the base is quantized).
     fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
         let (x2, dims) = self.flatten(x)?;
-        let noise = self.gate_noise(ctx, salt)?;
-        let x2 = self.quant(Slot::Input, &x2, noise.as_ref())?;
-        Ok(self.delta(&x2, ctx, salt, noise.as_ref())?.reshape(dims)?)
+        let samples = self.gate_samples(ctx, salt)?;
+        let x2 = self.quant(Slot::Input, &x2, samples.as_ref())?;
+        Ok(self.delta(&x2, ctx, salt, samples.as_ref())?.reshape(dims)?)
     }
 
     /// With `quantize_base`: `Q_x(x)·Q_W0(W0)ᵀ + b + s·u`, x quantized once for both paths, in
@@ -530,14 +563,14 @@ impl Adapter for BLoraLayer {
         }
         Some((|| {
             let (x2, dims) = self.flatten(x)?;
-            let noise = self.gate_noise(ctx, salt)?;
-            let xq = self.quant(Slot::Input, &x2, noise.as_ref())?;
-            let w = self.quant(Slot::Base, &weight.to_dtype(DType::F32)?, noise.as_ref())?;
+            let samples = self.gate_samples(ctx, salt)?;
+            let xq = self.quant(Slot::Input, &x2, samples.as_ref())?;
+            let w = self.quant(Slot::Base, &weight.to_dtype(DType::F32)?, samples.as_ref())?;
             let mut y = xq.matmul(&w.t()?)?;
             if let Some(b) = bias {
                 y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
             }
-            let y = y.add(&self.delta(&xq, ctx, salt, noise.as_ref())?)?;
+            let y = y.add(&self.delta(&xq, ctx, salt, samples.as_ref())?)?;
             Ok(y.reshape(dims)?.to_dtype(x.dtype())?)
         })())
     }

@@ -282,25 +282,32 @@ impl Quantizer {
         Ok(gates::prob_open(&logits)?.mul(&gates::hard_off_mask(&logits)?)?)
     }
 
-    /// [`Self::forward_with_noise`] with the bit gates' noise drawn from `noise_seed` (the four
-    /// values [`gates::logistic_noise`] gives; a layer draws every gate's noise at once).
+    /// [`Self::forward_with_gates`] with the bit gates sampled from noise drawn from
+    /// `noise_seed` (the four values [`gates::logistic_noise`] gives; a layer samples every
+    /// quantizer's gates at once).
     #[cfg(test)]
     pub fn forward(&self, x: &Tensor, train: bool, noise_seed: u64) -> Result<Tensor> {
         if !train {
-            return self.forward_with_noise(x, None);
+            return self.forward_with_gates(x, None);
         }
         let noise = Tensor::from_vec(gates::logistic_noise(4, noise_seed), 4, self.logits.device())?;
-        self.forward_with_noise(x, Some(&noise))
+        let z = gates::sample_bits_of(&self.logits, &noise)?;
+        self.forward_with_gates(x, Some((&z, 0, None)))
     }
 
-    /// Quantizes `x`: while training (`noise` given: the bit gates' logistic noise, `[4]`; the
-    /// range is widened first) the gated residual sum; otherwise the fixed test-time grid. Unset
+    /// Quantizes `x`: while training (`gates` given: the layer's bit-gate samples and where this
+    /// quantizer's four sit in them; the range is widened first) the gated residual sum
+    /// ([`ops::gated_quantize_at`]); otherwise the fixed test-time grid. Unset
     /// ranges pass `x` through. A training forward reads nothing back from the device once the
     /// range is set: the range and the grid are updated on the device ([`ops::update_range`]),
     /// then x is quantized in one pass ([`ops::gated_quantize`]); dtypes other than f32/f64 are
     /// quantized in f32.
-    pub fn forward_with_noise(&self, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
-        let Some(noise) = noise else {
+    pub fn forward_with_gates(
+        &self,
+        x: &Tensor,
+        gates: Option<(&Tensor, usize, Option<&ops::GateGrads>)>,
+    ) -> Result<Tensor> {
+        let Some((z, at, grads)) = gates else {
             let range = self.range()?;
             if !range.is_set() {
                 return Ok(x.clone());
@@ -336,8 +343,7 @@ impl Quantizer {
         };
         drop(st);
         let params = widened.narrow(0, 2, PARAMS)?;
-        let z = gates::sample_bits_of(&self.logits, noise)?;
-        let q = ops::gated_quantize(&xq, &params, &z)?;
+        let q = ops::gated_quantize_at(&xq, &params, z, at, grads)?;
         Ok(q.to_dtype(x.dtype())?)
     }
 }

@@ -71,16 +71,37 @@ pub(crate) fn applies(x: &Tensor) -> bool {
 /// computed when x needs none, e.g. the frozen base weight). Shape and dtype of `x` are kept;
 /// `params` gets no gradient.
 pub fn gated_quantize(x: &Tensor, params: &Tensor, z: &Tensor) -> Result<Tensor> {
-    if params.dims() != [PARAMS] || z.dims() != [4] {
+    if z.dims() != [4] {
+        candle_core::bail!("gated_quantize: z must be [4], got {:?}", z.dims());
+    }
+    gated_quantize_at(x, params, z, 0, None)
+}
+
+/// [`gated_quantize`] with the gates `gates[offset..offset + 4]` of a longer vector `gates`
+/// (a B-LoRA layer's bit-gate samples, every quantizer's side by side): the gradient goes to the
+/// whole vector (zero outside the window), written by the backward pass itself, so a layer's
+/// samples are one tensor with no narrow (whose backward is a zero-fill, a cat and an add) in
+/// the autograd graph. With `grads` (the samples' [`super::GateGrads`]) the backward hands the
+/// four dz over to it instead of returning them, unless it is the first of the backward pass.
+pub fn gated_quantize_at(
+    x: &Tensor,
+    params: &Tensor,
+    gates: &Tensor,
+    offset: usize,
+    grads: Option<&super::GateGrads>,
+) -> Result<Tensor> {
+    if params.dims() != [PARAMS] || gates.rank() != 1 || offset + 4 > gates.elem_count() {
         candle_core::bail!(
-            "gated_quantize: params must be [{PARAMS}] and z [4], got {:?} and {:?}",
+            "gated_quantize: params must be [{PARAMS}] and the gates 4 values at {offset} of a vector, got {:?} and {:?}",
             params.dims(),
-            z.dims()
+            gates.dims()
         );
     }
+    // Handed-over gradients must be of the samples' own dtype (no cast between).
+    let grads = grads.filter(|_| gates.dtype() == x.dtype()).cloned();
     let params = params.to_dtype(x.dtype())?.contiguous()?;
-    let z = z.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op3(&params, &z, QuantizeOp)
+    let z = gates.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op3(&params, &z, QuantizeOp { offset, grads })
 }
 
 /// The float types of the CPU passes. Every helper is branch-free (comparisons become selects),
@@ -279,12 +300,21 @@ fn grad_chunk<T: LadderFloat, const DX: bool>(x: &[T], g: &[T], p: &[T; PARAMS],
     acc.map(|lanes| lanes.iter().sum())
 }
 
-/// `[dL/dx (n values, when `want_dx`), dL/dz (4)]` for upstream gradient `g`.
-fn quantize_grad_cpu<T: LadderFloat>(x: &[T], p: &[T], z: &[T], g: &[T], want_dx: bool) -> Result<Vec<T>> {
+/// `[dL/dx (n values, when `want_dx`), dL/d gates (`gates` values: dL/dz at `at`, zeros
+/// around)]` for upstream gradient `g`.
+fn quantize_grad_cpu<T: LadderFloat>(
+    x: &[T],
+    p: &[T],
+    z: &[T],
+    g: &[T],
+    want_dx: bool,
+    (gates, at): (usize, usize),
+) -> Result<Vec<T>> {
     let (p, z) = split_params(p, z)?;
     let n_dx = if want_dx { x.len() } else { 0 };
-    let mut out = vec![T::ZERO; n_dx + 4];
+    let mut out = vec![T::ZERO; n_dx + gates];
     let (dx, dz) = out.split_at_mut(n_dx);
+    let dz = &mut dz[at..at + 4];
     let chunks = x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK));
     let partials: Vec<[f64; 4]> = if want_dx {
         dx.par_chunks_mut(CHUNK).zip(chunks).map(|(dx, (x, g))| grad_chunk::<T, true>(x, g, &p, &z, dx)).collect()
@@ -354,16 +384,22 @@ fn on_cpu<const N: usize>(
     candle_core::bail!("{op}: f32 or f64 inputs of one dtype")
 }
 
-/// [`gated_quantize`]'s forward: inputs x, params, z.
-struct QuantizeOp;
+/// [`gated_quantize_at`]'s forward: inputs x, params, the gates (z at `offset`).
+struct QuantizeOp {
+    offset: usize,
+    grads: Option<super::GateGrads>,
+}
 
 /// [`QuantizeOp`]'s backward: inputs x and the upstream gradient, with the forward's params and
 /// z held by the op (read in place: no `cat` of the two, which cost a launch per input on CUDA);
-/// output `[dL/dx (when want_dx), dL/dz (4)]`.
+/// output `[dL/dx (when want_dx), dL/d gates (`dz.0` values, dL/dz at `dz.1`, zeros around)]`.
 struct QuantizeGradOp {
     want_dx: bool,
     params: Tensor,
     z: Tensor,
+    /// Where the op's four gates sit in `z`.
+    offset: usize,
+    dz: (usize, usize),
 }
 
 impl CustomOp3 for QuantizeOp {
@@ -380,6 +416,7 @@ impl CustomOp3 for QuantizeOp {
         zs: &CpuStorage,
         zl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let zl = &zl.narrow(0, self.offset, 4)?;
         let out = on_cpu(
             self.name(),
             [(xs, xl), (ps, pl), (zs, zl)],
@@ -399,6 +436,7 @@ impl CustomOp3 for QuantizeOp {
         zs: &candle_core::CudaStorage,
         zl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let zl = &zl.narrow(0, self.offset, 4)?;
         Ok((cuda::quantize_fwd((xs, xl), (ps, pl), (zs, zl))?, xl.shape().clone()))
     }
 
@@ -411,11 +449,24 @@ impl CustomOp3 for QuantizeOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want_dx = x.track_op();
-        let op = QuantizeGradOp { want_dx, params: params.clone(), z: z.clone() };
+        // The whole gates' gradient to autograd, or the four dz handed over.
+        let returned = match &self.grads {
+            Some(g) => g.returns_to_autograd()?,
+            None => true,
+        };
+        let dz = if returned { (z.elem_count(), self.offset) } else { (4, 0) };
+        let op = QuantizeGradOp { want_dx, params: params.clone(), z: z.clone(), offset: self.offset, dz };
         let out = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let n = if want_dx { x.elem_count() } else { 0 };
         let dx = if want_dx { Some(out.narrow(0, 0, n)?.reshape(x.shape())?) } else { None };
-        Ok((dx, None, Some(out.narrow(0, n, 4)?)))
+        let dz = out.narrow(0, n, dz.0)?;
+        match (&self.grads, returned) {
+            (Some(g), false) => {
+                g.hand_over(self.offset, dz)?;
+                Ok((dx, None, None))
+            }
+            _ => Ok((dx, None, Some(dz))),
+        }
     }
 }
 
@@ -431,14 +482,16 @@ impl CustomOp2 for QuantizeGradOp {
         let (Storage::Cpu(ps), Storage::Cpu(zs)) = (&*ps, &*zs) else {
             candle_core::bail!("{}: params and z must be on the CPU like x", self.name())
         };
+        let dz = self.dz;
+        let zl = &zl.narrow(0, self.offset, 4)?;
         let out = on_cpu(
             self.name(),
             [(xs, xl), (ps, pl), (zs, zl), (gs, gl)],
-            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want),
-            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want),
+            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want, dz),
+            |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want, dz),
         )?;
         let n_dx = if want { xl.shape().elem_count() } else { 0 };
-        Ok((out, Shape::from(n_dx + 4)))
+        Ok((out, Shape::from(n_dx + dz.0)))
     }
 
     #[cfg(feature = "cuda")]
@@ -454,9 +507,11 @@ impl CustomOp2 for QuantizeGradOp {
         let (Storage::Cuda(ps), Storage::Cuda(zs)) = (&*ps, &*zs) else {
             candle_core::bail!("{}: params and z must be on x's CUDA device", self.name())
         };
-        let out = cuda::quantize_bwd((xs, xl), (ps, pl), (zs, zl), (gs, gl), self.want_dx)?;
+        let dz = self.dz;
+        let zl = &zl.narrow(0, self.offset, 4)?;
+        let out = cuda::quantize_bwd((xs, xl), (ps, pl), (zs, zl), (gs, gl), self.want_dx, dz)?;
         let n_dx = if self.want_dx { xl.shape().elem_count() } else { 0 };
-        Ok((out, Shape::from(n_dx + 4)))
+        Ok((out, Shape::from(n_dx + dz.0)))
     }
 }
 
@@ -465,7 +520,7 @@ mod cuda {
     use super::super::cuda::{contiguous_view, dtype_suffix, Kernel};
     use super::PARAMS;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -543,20 +598,23 @@ mod cuda {
     }
 
     /// `quantize_bwd_fused_<dtype>` (dx and per-block sums; the last block adds the sums, in one
-    /// launch): `[dx (n when want_dx), dz (4)]`.
+    /// launch): `[dx (n when want_dx), d gates (dz.0 values: the four dz at dz.1, zeros
+    /// around)]`.
     pub(super) fn quantize_bwd(
         x: Input<'_>,
         p: Input<'_>,
         z: Input<'_>,
         g: Input<'_>,
         want_dx: bool,
+        dz: (usize, usize),
     ) -> Result<CudaStorage> {
-        fn go<T: CudaDType + DeviceRepr>(
+        fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
             x: Input<'_>,
             p: Input<'_>,
             z: Input<'_>,
             g: Input<'_>,
             want_dx: bool,
+            (gates, at): (usize, usize),
         ) -> Result<CudaStorage> {
             let n = x.1.shape().elem_count();
             let n_dx = if want_dx { n } else { 0 };
@@ -570,12 +628,17 @@ mod cuda {
             let nb = blocks(n);
             // SAFETY: the kernel writes every dx element (when want_dx), every partial, and (its
             // last block) the four dz.
-            let mut out = unsafe { dev.alloc::<T>(n_dx + 4)? };
+            let mut out = unsafe { dev.alloc::<T>(n_dx + gates)? };
             let mut partial = unsafe { dev.alloc::<f64>(4 * nb as usize)? };
             let params = QuantizeParams { n: n as u64, want_dx: want_dx as u32, pad: 0 };
             let stream = dev.cuda_stream();
+            if gates > 4 {
+                // The other quantizers' gates get zeros (one memset, no kernel).
+                stream.memset_zeros(&mut out.slice_mut(n_dx..n_dx + gates)).w()?;
+            }
             {
-                let (mut dx, mut dzv) = out.split_at_mut(n_dx);
+                let (mut dx, mut rest) = out.split_at_mut(n_dx);
+                let mut dzv = rest.slice_mut(at..at + 4);
                 let mut b = stream.launch_builder(&bwd);
                 b.arg(&params);
                 b.arg(&xv);
@@ -596,8 +659,8 @@ mod cuda {
             candle_core::bail!("quantize_bwd: params must be [{PARAMS}] and z [4]");
         }
         match dtype {
-            DType::F32 => go::<f32>(x, p, z, g, want_dx),
-            _ => go::<f64>(x, p, z, g, want_dx),
+            DType::F32 => go::<f32>(x, p, z, g, want_dx, dz),
+            _ => go::<f64>(x, p, z, g, want_dx, dz),
         }
     }
 }
@@ -682,7 +745,7 @@ mod tests {
         let z = [0.3f64, 0.6, 0.5, 0.8];
         let (p, _) = split_params(&pv, &z)?;
         let g: Vec<f64> = (0..n).map(|i| ((i % 7) as f64 - 3.0) * 0.25).collect();
-        let chunked = quantize_grad_cpu(&xs, &pv, &z, &g, true)?;
+        let chunked = quantize_grad_cpu(&xs, &pv, &z, &g, true, (4, 0))?;
         let mut want = [0f64; 4];
         for (&v, &gj) in xs.iter().zip(&g) {
             let l = levels_of(v, &p);
@@ -701,7 +764,7 @@ mod tests {
             let inside = if v > p[0] && v < p[1] { 1.0 } else { 0.0 };
             assert_eq!(chunked[i], gj * inside, "dx[{i}]");
         }
-        assert_eq!(quantize_grad_cpu(&xs, &pv, &z, &g, false)?, chunked[n..]);
+        assert_eq!(quantize_grad_cpu(&xs, &pv, &z, &g, false, (4, 0))?, chunked[n..]);
         Ok(())
     }
 }
