@@ -10,7 +10,7 @@
 // affine a*x + b is one fused multiply-add, tanh is tanhf, the clamp is fmaxf/fminf. The mask is
 // the cumulative product of [la > hard_off] (when use_hard_off).
 
-// Mirrors `HardConcreteParams` in src/ops/hard_concrete/cuda.rs.
+// Mirrors `HardConcreteParams` in src/ops/hard_concrete.rs.
 struct HardConcreteParams {
     double inv_beta;
     double stretch;
