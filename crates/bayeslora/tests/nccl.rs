@@ -12,9 +12,8 @@ use common::snapshot;
 use bayeslora::run::launch::Launch;
 use bayeslora::train::dist::nccl::NcclRank;
 use bayeslora::train::dist::{Communicator, Single};
-use bayeslora::train::{self, OptimizerKind, Silent, TaskModel};
+use bayeslora::train::{self, OptimizerKind, Silent};
 use candle_core::Device;
-use std::path::Path;
 use std::sync::Arc;
 
 fn alone() -> Launch {
@@ -35,20 +34,6 @@ fn one_rank_collectives_through_nccl_are_the_identity() {
     assert_eq!(comm.all_gather_u64(0xDEAD_BEEF_0000_0042).unwrap(), vec![0xDEAD_BEEF_0000_0042]);
 }
 
-fn tiny_bert_on(device: &Device) -> TaskModel {
-    use bayeslora::adapters::lora::{LoraConfig, TargetModules};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = bayeslora::models::load(&dir, &Default::default()).expect("tiny BERT fixture loads");
-    let lora = LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.1,
-        target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
-        ..Default::default()
-    };
-    TaskModel::build(loaded, &lora, 3, 0, device).expect("LoRA attaches")
-}
-
 #[test]
 fn a_run_over_one_nccl_rank_equals_the_run_alone() {
     let gpu = Device::new_cuda(0).expect("a CUDA device");
@@ -56,12 +41,12 @@ fn a_run_over_one_nccl_rank_equals_the_run_alone() {
     for kind in [OptimizerKind::Adamw, OptimizerKind::Ivon] {
         let cfg = common::train_config(kind, 6);
         let single = {
-            let m = tiny_bert_on(&gpu);
+            let m = common::tiny_bert_on(0, 0.1, &gpu);
             train::run_data_parallel(&m, data.clone(), &cfg, &gpu, &mut Silent, None, None, &mut Single).unwrap();
             snapshot(&m)
         };
         let over_nccl = {
-            let m = tiny_bert_on(&gpu);
+            let m = common::tiny_bert_on(0, 0.1, &gpu);
             let mut comm = NcclRank::join(&alone(), &gpu).unwrap();
             train::run_data_parallel(&m, data.clone(), &cfg, &gpu, &mut Silent, None, None, &mut comm).unwrap();
             snapshot(&m)

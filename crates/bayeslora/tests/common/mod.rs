@@ -34,6 +34,11 @@ pub fn check(name: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
 /// The tiny random BERT fixture (`fixtures/bert/tiny`, a 3-way classifier) with LoRA r 4 / α 8 on
 /// query and value, initialised from `seed`.
 pub fn tiny_bert(seed: u64, lora_dropout: f32) -> bayeslora::train::TaskModel {
+    tiny_bert_on(seed, lora_dropout, &Device::Cpu)
+}
+
+/// [`tiny_bert`] on `device`.
+pub fn tiny_bert_on(seed: u64, lora_dropout: f32, device: &Device) -> bayeslora::train::TaskModel {
     use bayeslora::adapters::lora::{LoraConfig, TargetModules};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
     let loaded = bayeslora::models::load(&dir, &Default::default()).expect("tiny BERT fixture loads");
@@ -45,7 +50,7 @@ pub fn tiny_bert(seed: u64, lora_dropout: f32) -> bayeslora::train::TaskModel {
         ..Default::default()
     };
     // The fixture checkpoint has a 3-way classifier; the synthetic task uses classes 0 and 1.
-    bayeslora::train::TaskModel::build(loaded, &lora, 3, seed, &Device::Cpu).expect("LoRA attaches")
+    bayeslora::train::TaskModel::build(loaded, &lora, 3, seed, device).expect("LoRA attaches")
 }
 
 /// A separable synthetic task for the tiny BERT: class 1 rows contain token 7, class 0 rows token
