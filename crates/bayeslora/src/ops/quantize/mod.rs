@@ -402,6 +402,14 @@ struct QuantizeGradOp {
     dz: (usize, usize),
 }
 
+impl QuantizeGradOp {
+    /// The pass's output: dL/dx (when wanted) then the gate sums.
+    fn out_shape(&self, xl: &Layout) -> Shape {
+        let n_dx = if self.want_dx { xl.shape().elem_count() } else { 0 };
+        Shape::from(n_dx + self.dz.0)
+    }
+}
+
 impl CustomOp3 for QuantizeOp {
     fn name(&self) -> &'static str {
         "blora-quantize"
@@ -490,8 +498,7 @@ impl CustomOp2 for QuantizeGradOp {
             |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want, dz),
             |[x, p, z, g]| quantize_grad_cpu(x, p, z, g, want, dz),
         )?;
-        let n_dx = if want { xl.shape().elem_count() } else { 0 };
-        Ok((out, Shape::from(n_dx + dz.0)))
+        Ok((out, self.out_shape(xl)))
     }
 
     #[cfg(feature = "cuda")]
@@ -510,8 +517,7 @@ impl CustomOp2 for QuantizeGradOp {
         let dz = self.dz;
         let zl = &zl.narrow(0, self.offset, 4)?;
         let out = cuda::quantize_bwd((xs, xl), (ps, pl), (zs, zl), (gs, gl), self.want_dx, dz)?;
-        let n_dx = if self.want_dx { xl.shape().elem_count() } else { 0 };
-        Ok((out, Shape::from(n_dx + dz.0)))
+        Ok((out, self.out_shape(xl)))
     }
 }
 
