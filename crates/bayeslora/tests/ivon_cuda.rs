@@ -3,8 +3,8 @@
 //! device noise generator, posterior samples, and save → load → continue. It lives here, not in
 //! `crates/ivon/tests`, so it builds with bayeslora's CUDA dependencies:
 //! `CARGO_BUILD_JOBS=1 scripts/device/pack_cuda_tests.sh ivon_cuda`, then on the GPU machine
-//! `IVON_DEVICE=1 .device/ivon_cuda --test-threads 1` (the device path is opt-in until these
-//! pass on a GPU: `ivon::device_path_enabled`).
+//! `.device/ivon_cuda --test-threads 1` (5 of 5 passed on an H100, 2026-12-06; since then the
+//! device path is the default, `IVON_DEVICE=0` turns it off: `ivon::device_path_enabled`).
 #![cfg(feature = "cuda")]
 
 use candle_core::backprop::GradStore;
@@ -13,7 +13,7 @@ use ivon::noise::philox_normal;
 use ivon::{AdamW, AdamWConfig, HessApprox, Ivon, IvonConfig, NoiseState, Optimizer, ParamGroup};
 
 fn cuda() -> Device {
-    assert!(ivon::device_path_enabled(), "run these tests with IVON_DEVICE=1 (the device path is opt-in)");
+    assert!(ivon::device_path_enabled(), "the device path is off: run these tests without IVON_DEVICE=0");
     Device::new_cuda(0).expect("these tests need a CUDA device")
 }
 

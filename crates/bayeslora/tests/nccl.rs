@@ -4,7 +4,8 @@
 //! on one device); their reduction logic is tested on the CPU in `tests/dist.rs`. Build and run:
 //! `FEATURES=nccl CARGO_BUILD_JOBS=1 scripts/device/pack_cuda_tests.sh nccl`, then on the GPU
 //! machine, with PyTorch's libnccl on the library path,
-//! `LD_LIBRARY_PATH=$(python3 -c "import nvidia.nccl,os;print(os.path.dirname(nvidia.nccl.__file__))")/lib:$LD_LIBRARY_PATH .device/nccl`.
+//! `LD_LIBRARY_PATH=$(python3 -c "import nvidia.nccl;print(nvidia.nccl.__path__[0])")/lib:$LD_LIBRARY_PATH .device/nccl`
+//! (`nvidia.nccl` is a namespace package: no `__file__`).
 #![cfg(feature = "nccl")]
 mod common;
 use common::snapshot;

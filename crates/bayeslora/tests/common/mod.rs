@@ -41,7 +41,8 @@ pub fn tiny_bert(seed: u64, lora_dropout: f32) -> bayeslora::train::TaskModel {
 pub fn tiny_bert_on(seed: u64, lora_dropout: f32, device: &Device) -> bayeslora::train::TaskModel {
     use bayeslora::adapters::lora::{LoraConfig, TargetModules};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert/tiny");
-    let loaded = bayeslora::models::load(&dir, &Default::default()).expect("tiny BERT fixture loads");
+    let options = bayeslora::models::LoadOptions { device: device.clone(), ..Default::default() };
+    let loaded = bayeslora::models::load(&dir, &options).expect("tiny BERT fixture loads");
     let lora = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
