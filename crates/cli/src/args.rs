@@ -243,6 +243,10 @@ pub enum BenchCommand {
     /// Attention forward+backward, fused kernels vs the plain path, per --shapes (--causal,
     /// --dtype, --device, --max-steps timed iterations after --warmup).
     Attention(BenchArgs),
+    /// Evaluation cost of the posterior predictive: one pass at the mean and --samples K passes
+    /// at IVON posterior samples over --max-steps batches (after --warmup), on --model or
+    /// --shape; `ratio` = the K sampled passes / (K × the mean pass).
+    Predict(BenchArgs),
 }
 
 impl BenchCommand {
@@ -252,6 +256,7 @@ impl BenchCommand {
             BenchCommand::Optim(a) => (BenchWhat::Optim, a),
             BenchCommand::Train(a) => (BenchWhat::Train, a),
             BenchCommand::Attention(a) => (BenchWhat::Attention, a),
+            BenchCommand::Predict(a) => (BenchWhat::Predict, a),
         };
         args.what = what;
         args
@@ -303,6 +308,8 @@ pub enum BenchWhat {
     Train,
     /// Attention forward+backward, fused (FlashAttention-2 kernels) vs plain, per --shapes.
     Attention,
+    /// Forward-only evaluation: the mean pass against K posterior-sample passes.
+    Predict,
 }
 
 /// The loss `bench train` trains on.

@@ -10,6 +10,9 @@
 //! generated on the target device in the target dtype, seeded), no checkpoint and no tokenizer,
 //! compared with `scripts/bench/torch_anchor.py`.
 //!
+//! [`predict`]: the forward-only cost of the posterior predictive, one pass at the mean against K
+//! passes at posterior samples, through `eval::evaluate` as `bayeslora eval` runs it.
+//!
 //! The loss ([`Objective`]): `CausalLm` is the anchor's — next-token cross-entropy over every
 //! position, so the lm_head runs on all B·T positions (2·V·C FLOPs per token forward, 4·V·C with
 //! the input-gradient backward) and the logits `[B, T, V]` are materialized; `LabelWords` is what
@@ -32,9 +35,11 @@
 //! # Ok(()) }
 //! ```
 mod attention;
+mod predict;
 mod random;
 
 pub use attention::{attention, parse_attention_shape, AttentionShape, AttentionTiming};
+pub use predict::{predict, PredictTiming};
 pub use random::{count_params, frozen_param_count, normal_cpu, random_llama, random_model};
 
 use crate::adapters::lora::TargetModules;
@@ -248,6 +253,40 @@ pub struct TrainTiming {
     pub default_targets: Option<Vec<String>>,
 }
 
+/// The task model of `source` with `cfg`'s adapter and a 2-way head, as the benchmarks use it.
+struct Built {
+    model: TaskModel,
+    /// Frozen parameters (every checkpoint tensor, or the random model's count).
+    n_frozen: usize,
+    vocab: u32,
+    /// A decoder (Llama family; label words at the last position) or an encoder.
+    decoder: bool,
+    /// The target modules the architecture chose when `cfg.lora` names none.
+    default_targets: Option<Vec<String>>,
+}
+
+fn build(cfg: &RunConfig, source: &Source, device: &Device, hooks: &mut dyn Hooks) -> Result<Built> {
+    let (loaded, n_frozen) = match source {
+        Source::Shape(path) => random_model(path, cfg.compute_dtype()?, device, cfg.train.seed)?,
+        Source::Model(path) => {
+            let loaded = run::load_model(path, cfg, hooks)?;
+            let n = count_params(&loaded.weights);
+            (loaded, n)
+        }
+    };
+    let (decoder, vocab) = match &loaded.backbone {
+        Backbone::Llama(m) => (true, m.config().vocab_size as u32),
+        Backbone::Bert(m) => (false, m.config().vocab_size as u32),
+        Backbone::DebertaV2(m) => (false, m.config().vocab_size as u32),
+    };
+    let default_targets = match cfg.lora.clone().with_default_targets(loaded.arch).target_modules {
+        Some(TargetModules::List(names)) => Some(names),
+        _ => None,
+    };
+    let model = run::build_model(cfg, loaded, 2, device)?;
+    Ok(Built { model, n_frozen, vocab, decoder, default_targets })
+}
+
 /// Trains `cfg`'s adapter with optimizer `kind` on synthetic batches of the model of `source`:
 /// `warmup` untimed steps, then `steps` timed ones (constant LR, no checkpoints, no periodic
 /// evaluation; a non-finite loss does not stop the run: random weights at the anchor's IVON
@@ -264,19 +303,7 @@ pub fn train(
     let device = run::device(&cfg.device)?;
     let built = Instant::now();
     let mut memory = MemoryProbe::new(&device);
-    let (loaded, n_frozen) = match source {
-        Source::Shape(path) => random_model(path, cfg.compute_dtype()?, &device, cfg.train.seed)?,
-        Source::Model(path) => {
-            let loaded = run::load_model(path, cfg, hooks)?;
-            let n = count_params(&loaded.weights);
-            (loaded, n)
-        }
-    };
-    let (decoder, vocab) = match &loaded.backbone {
-        Backbone::Llama(m) => (true, m.config().vocab_size as u32),
-        Backbone::Bert(m) => (false, m.config().vocab_size as u32),
-        Backbone::DebertaV2(m) => (false, m.config().vocab_size as u32),
-    };
+    let Built { model, n_frozen, vocab, decoder, default_targets } = build(cfg, source, &device, hooks)?;
     if objective == Objective::CausalLm && !decoder {
         return Err(Error::config(
             "objective",
@@ -285,11 +312,6 @@ pub fn train(
         ));
     }
     let data = synthetic(cfg.train.batch.batch_size * (steps + warmup), cfg.max_len, vocab, decoder);
-    let default_targets = match cfg.lora.clone().with_default_targets(loaded.arch).target_modules {
-        Some(TargetModules::List(names)) => Some(names),
-        _ => None,
-    };
-    let model = run::build_model(cfg, loaded, 2, &device)?;
     let lm = CausalLm { inner: &model, pending: RefCell::new(None), last: RefCell::new(None) };
     let trained: &dyn Classifier = match objective {
         Objective::CausalLm => &lm,

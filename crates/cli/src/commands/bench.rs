@@ -1,4 +1,4 @@
-//! `bayeslora bench train` and `bayeslora bench attention`: flags to a [`bayeslora::bench`]
+//! `bayeslora bench train`, `bench predict` and `bench attention`: flags to a [`bayeslora::bench`]
 //! measurement (the models, synthetic data and timed loops live there), rows of JSON out.
 //!
 //! `bench train`: LoRA (or, with `--method blora`, B-LoRA) training throughput, peak memory and
@@ -7,6 +7,9 @@
 //! weights (compare with `scripts/bench/torch_anchor.py`, whose JSON fields every row repeats:
 //! opt, targets, bsz, seq, step_ms, tokens_per_s, peak_gib, mfu_vs_989). `--objective` picks the
 //! loss: `causal-lm` (the anchor's) or `label-words` (what `train` does on decoders).
+//!
+//! `bench predict`: the forward-only cost of K posterior samples against the mean (see
+//! [`run_predict`]).
 //!
 //! `bench attention`: fused vs plain attention forward+backward per shape (see [`run_attention`]).
 use crate::args::{BenchArgs, BenchObjective, BenchWhat};
@@ -85,6 +88,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         Some(path) => Source::Shape(path.clone()),
         None => Source::Model(crate::steps::model_path(&cfg)?),
     };
+    if let BenchWhat::Predict = args.what {
+        return run_predict(&args, &cfg, &source, targets_json);
+    }
     let mut rows = Vec::new();
     for kind in kinds {
         let lib_objective = match objective {
@@ -145,6 +151,53 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         rows.push(row);
     }
     run::write_json(&args.out, &rows)?;
+    println!("wrote {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bayeslora bench predict`: [`bench::predict`], one row: the pass at the mean and the K
+/// (`--samples`, default 10) sampled passes over `--max-steps` batches of `--batch-size` ×
+/// `--max-len` tokens, after `--warmup` batches; `ratio` = K sampled passes / (K × the mean pass).
+fn run_predict(
+    args: &BenchArgs,
+    cfg: &RunConfig,
+    source: &Source,
+    targets_json: serde_json::Value,
+) -> Result<ExitCode> {
+    let samples = args.run.samples.unwrap_or(10);
+    let batches = cfg.train.max_steps.unwrap_or(20);
+    let m = bench::predict(cfg, source, samples, batches, args.warmup, &mut Terminal::default())?;
+    let k = m.sample_pass_seconds.len() as f64;
+    let sampled_ms = 1e3 * m.sample_pass_seconds.iter().sum::<f64>() / k;
+    let row = serde_json::json!({
+        "stack": "bayeslora",
+        "what": "predict",
+        "version": env!("CARGO_PKG_VERSION"),
+        "model": cfg.model.as_ref().map(|p| p.display().to_string()),
+        "shape": args.shape.as_ref().map(|p| p.display().to_string()),
+        "targets": targets_json,
+        "bsz": cfg.train.batch.batch_size,
+        "seq": cfg.max_len,
+        "batches": batches,
+        "warmup": args.warmup,
+        "samples": samples,
+        "mean_pass_ms": round(1e3 * m.mean_pass_seconds, 2),
+        "sampled_pass_ms": round(sampled_ms, 2),
+        "sample_pass_ms": m.sample_pass_seconds.iter().map(|s| round(1e3 * s, 2)).collect::<Vec<_>>(),
+        "ratio": round(m.ratio(), 3),
+        "tokens_per_s": (m.tokens as f64 / m.mean_pass_seconds).round(),
+        "n_frozen_params": m.n_frozen,
+        "n_posterior": m.n_posterior,
+        "peak_gib": round(m.peak_bytes as f64 / (1u64 << 30) as f64, 2),
+        "peak_kind": m.peak_kind,
+        "time_to_first_pass_s": round(m.time_to_first_pass, 4),
+        "device": cfg.device,
+        "device_name": m.device_name,
+        "dtype": format!("{:?}", cfg.compute_dtype()?).to_lowercase(),
+        "threads": candle_core::utils::get_num_threads(),
+    });
+    println!("{row}");
+    run::write_json(&args.out, &[row])?;
     println!("wrote {}", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -291,6 +344,27 @@ mod tests {
         assert_eq!(rows[0]["targets"], "all-linear");
         assert_eq!(rows[0]["lora"]["target_modules"].as_array().map(|a| a.len()), Some(7));
         assert_eq!(rows[0]["objective"], "label-words");
+        Ok(())
+    }
+
+    #[test]
+    fn predict_bench_times_the_mean_and_each_sample() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut args = bench_args(dir.path(), None, &["q_proj", "v_proj"]);
+        args.what = BenchWhat::Predict;
+        args.run.samples = Some(3);
+        let out = args.out.clone();
+        run(args)?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r["what"].as_str(), r["samples"].as_u64(), r["batches"].as_u64()),
+            (Some("predict"), Some(3), Some(2))
+        );
+        assert_eq!(r["sample_pass_ms"].as_array().map(|a| a.len()), Some(3));
+        assert!(r["ratio"].as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "{r}");
+        assert!(r["mean_pass_ms"].as_f64().is_some_and(|x| x > 0.0), "{r}");
         Ok(())
     }
 
