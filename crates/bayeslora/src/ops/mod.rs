@@ -36,6 +36,7 @@ mod cross_entropy;
 pub(crate) mod cuda;
 mod dropout;
 mod erf;
+mod exp;
 mod flash_attention;
 mod gelu;
 mod hard_concrete;
