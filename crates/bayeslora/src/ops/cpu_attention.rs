@@ -358,7 +358,8 @@ impl CpuAttention {
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
         let (t, sl, d) = (self.q.len, self.kv.len, self.q.dim);
         let (batch, heads) = (self.batch, self.q.heads);
-        let mut out = vec![T::default(); self.q.elems(batch)];
+        // Zeroed by the pool (calloc's memset of the whole output ran on the calling thread).
+        let mut out: Vec<T> = super::cpu::par_build(self.q.elems(batch), 1 << 14, |_, _| ());
         let mut stats = vec![0f64; batch * heads * t * 2];
         let optr = Out(out.as_mut_ptr());
         stats.par_chunks_mut(t * 2).enumerate().for_each(|(bh, st)| {
@@ -468,7 +469,7 @@ impl CpuAttentionGrad {
         }
         let group = heads / kv_heads;
         let (nq, nk) = (a.q.elems(batch), a.kv.elems(batch));
-        let mut all = vec![T::default(); nq + 2 * nk];
+        let mut all: Vec<T> = super::cpu::par_build(nq + 2 * nk, 1 << 14, |_, _| ());
         let ptr = Out(all.as_mut_ptr());
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
         let one = T::from_f64(1.0);
