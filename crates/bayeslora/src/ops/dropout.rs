@@ -59,9 +59,7 @@ impl CustomOp1 for MaskMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("dropout: input must be contiguous")
-        };
+        let (start, end) = contiguous_range(layout, "dropout")?;
         if end - start != self.keep.len() {
             candle_core::bail!("dropout: {} elements for a mask of {}", end - start, self.keep.len());
         }
@@ -75,6 +73,14 @@ impl CustomOp1 for MaskMul {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.contiguous()?.apply_op1(self.clone())?))
+    }
+}
+
+/// The element range of a contiguous input; `op` names the op in the error.
+fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
+    match layout.contiguous_offsets() {
+        Some(range) => Ok(range),
+        None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }
 
@@ -120,9 +126,7 @@ impl CustomOp1 for HashDropout {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("hash-dropout: input must be contiguous")
-        };
+        let (start, end) = contiguous_range(layout, "hash-dropout")?;
         let (p, scale, seed) = (self.p, self.scale(), self.seed);
         let keep = |i: usize| if hash_uniform(seed, i as u64) >= p { scale } else { 0.0 };
         let out = match storage {
@@ -148,9 +152,7 @@ impl CustomOp1 for HashDropout {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{launch_elementwise, Kernel};
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("hash-dropout: input must be contiguous")
-        };
+        let (start, end) = contiguous_range(layout, "hash-dropout")?;
         let params = DropoutParams { n: (end - start) as u64, seed: self.seed, p: self.p, scale: self.scale() };
         let out = launch_elementwise(storage, start, end, Kernel::Dropout, params)?;
         Ok((out, layout.shape().clone()))
@@ -206,9 +208,7 @@ mod tests {
             let (fused, composed) = (dropout(x.as_tensor(), 0.1, 5)?, x.as_tensor().mul(&mask)?);
             let gf = fused.mul(&w)?.sum_all()?.backward()?;
             let gc = composed.mul(&w)?.sum_all()?.backward()?;
-            let bits = |t: &Tensor| -> Result<Vec<u64>> {
-                Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|v| v.to_bits()).collect())
-            };
+            let bits = crate::ops::testing::bits;
             assert!(bits(&fused)? == bits(&composed)?, "{dtype:?} forward");
             let (a, b) = (gf.get(x.as_tensor()).expect("grad"), gc.get(x.as_tensor()).expect("grad"));
             assert!(bits(a)? == bits(b)?, "{dtype:?} backward");

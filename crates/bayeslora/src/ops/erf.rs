@@ -274,15 +274,7 @@ mod tests {
     use super::*;
 
     fn check(xs: &[f32]) {
-        let mut got = xs.to_vec();
-        erf_in_place(&mut got);
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = candle_core::cpu::erf::erf_f32(x);
-            assert!(
-                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                "erf({x:e}) = {g:e}, libm {want:e}"
-            );
-        }
+        crate::ops::testing::check_lanes("erf", xs, erf_in_place, candle_core::cpu::erf::erf_f32)
     }
 
     #[test]

@@ -198,15 +198,7 @@ mod tests {
     use super::*;
 
     fn check(xs: &[f32]) {
-        let mut got = xs.to_vec();
-        exp_in_place(&mut got);
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = x.exp();
-            assert!(
-                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                "exp({x:e}) = {g:e}, libm {want:e}"
-            );
-        }
+        crate::ops::testing::check_lanes("exp", xs, exp_in_place, f32::exp)
     }
 
     #[test]

@@ -157,6 +157,20 @@ pub(crate) mod testing {
         Ok(v.iter().map(|v| v.to_bits()).collect())
     }
 
+    /// `lanes` over `xs` against `scalar` per element, bit for bit (a NaN matches a NaN); a
+    /// failure names the function, the argument and both values.
+    pub fn check_lanes(name: &str, xs: &[f32], lanes: fn(&mut [f32]), scalar: impl Fn(f32) -> f32) {
+        let mut got = xs.to_vec();
+        lanes(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = scalar(x);
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "{name}({x:e}) = {g:e}, libm {want:e}"
+            );
+        }
+    }
+
     /// The value of `f(xs)` and the gradients of `sum(f(xs))` in the inputs.
     pub fn value_and_grads(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
         let vars = xs.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
