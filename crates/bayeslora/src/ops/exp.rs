@@ -125,6 +125,7 @@ unsafe fn exp_avx2(v: &mut [f32]) {
 
 /// How this process evaluates [`exp_in_place`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Path {
     Avx512,
     Avx2,

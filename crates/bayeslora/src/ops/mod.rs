@@ -12,7 +12,8 @@
 //! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
 //! `quantize` and `hard_concrete` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
 //! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
-//! types and storage access of the multithreaded CPU ops), `reference.rs` (the f64 CPU references
+//! types and storage access of the multithreaded CPU ops), `erf.rs` and `exp.rs` (libm's `erff`
+//! and glibc's `expf` over slices in SIMD lanes, bit for bit), `reference.rs` (the f64 CPU references
 //! the CUDA kernels are tested against).
 //!
 //! Shape legend: B batch, T tokens, H heads, D head dim, C channels.
