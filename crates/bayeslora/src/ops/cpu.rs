@@ -11,8 +11,9 @@ pub(crate) trait Float:
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
     fn sqrt(self) -> Self;
-    /// `e^x`, as candle's `exp` (std's, which calls the platform libm).
-    fn exp(self) -> Self;
+    /// `v[i] = e^v[i]`, as candle's `exp` (std's, which calls the platform libm) per element;
+    /// f32 in SIMD lanes with the same values (`ops::exp`).
+    fn exp_in_place(v: &mut [Self]);
     fn neg(self) -> Self;
     fn is_finite(self) -> bool;
     fn from_f64(v: f64) -> Self;
@@ -32,8 +33,8 @@ impl Float for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
-    fn exp(self) -> Self {
-        f32::exp(self)
+    fn exp_in_place(v: &mut [Self]) {
+        super::exp::exp_in_place(v)
     }
     fn neg(self) -> Self {
         -self
@@ -68,8 +69,8 @@ impl Float for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn exp_in_place(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.exp())
     }
     fn neg(self) -> Self {
         -self
@@ -101,6 +102,27 @@ pub(crate) fn row_sum(row: &[f32]) -> f32 {
     if !avx2() {
         return row.iter().fold(0.0, |a, &v| a + v);
     }
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        // SAFETY: the CPU has AVX2 (checked above); the function compiles the same safe code
+        // with it enabled (8-lane adds instead of pairs of 4-lane ones, the same sums).
+        unsafe { row_sum_avx2(row) }
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        row_sum_blocks(row)
+    }
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn row_sum_avx2(row: &[f32]) -> f32 {
+    row_sum_blocks(row)
+}
+
+/// [`row_sum`]'s AVX2 order.
+#[inline(always)]
+fn row_sum_blocks(row: &[f32]) -> f32 {
     let np = row.len() & !31;
     let mut acc = [[0f32; 8]; 4];
     for block in row[..np].chunks_exact(32) {
@@ -146,12 +168,50 @@ pub(crate) fn tensor_vec<T: Float>(t: &Tensor, what: &str) -> Result<Vec<T>> {
     Ok(slice::<T>(s, layout, what)?.to_vec())
 }
 
-/// `n` copies of `value`, written by the thread pool: a large output buffer's fill (a serial
-/// `memset` in `vec![0.0; n]`) otherwise runs on one core while the others wait.
-pub(crate) fn par_filled<T: Copy + Send + Sync>(n: usize, value: T) -> Vec<T> {
+/// A new vector of `n` elements written by `f(chunk)` on rayon tasks of `chunk` elements each:
+/// each task fills its chunk with `T::default()` first, while the chunk is in cache, so `f`
+/// gets initialized memory without a serial `memset` of the whole buffer (or a pass of the
+/// pool over it) before the work.
+pub(crate) fn par_build<T: Copy + Send + Sync + Default>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
     use rayon::prelude::*;
-    // An indexed collect writes straight into the new vector's uninitialised buffer.
-    (0..n).into_par_iter().map(|_| value).collect()
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
+        f(i * chunk, init(c));
+    });
+    // SAFETY: every chunk of the first n elements was initialized by `init`.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// [`par_build`] for two outputs of `n` elements each, chunk for chunk.
+pub(crate) fn par_build2<T: Copy + Send + Sync + Default>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) -> (Vec<T>, Vec<T>) {
+    use rayon::prelude::*;
+    let (mut a, mut b): (Vec<T>, Vec<T>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let chunk = chunk.max(1);
+    let pairs =
+        a.spare_capacity_mut()[..n].par_chunks_mut(chunk).zip(b.spare_capacity_mut()[..n].par_chunks_mut(chunk));
+    pairs.enumerate().for_each(|(i, (ca, cb))| f(i * chunk, init(ca), init(cb)));
+    // SAFETY: every chunk of the first n elements of both was initialized by `init`.
+    unsafe {
+        a.set_len(n);
+        b.set_len(n);
+    }
+    (a, b)
+}
+
+/// `c` filled with `T::default()`, as an initialized slice.
+fn init<T: Copy + Default>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    c.fill(std::mem::MaybeUninit::new(T::default()));
+    // SAFETY: every element was written on the line above; MaybeUninit<T> has T's layout.
+    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
 /// Elements per independently positioned block of [`seeded_uniform_map`].
@@ -184,15 +244,23 @@ pub(crate) fn seeded_uniform_map<T: Send>(n: usize, seed: u64, f: impl Fn(f32) -
 mod tests {
     use super::*;
 
-    /// The parallel blocks give StdRng's serial draws exactly, across block edges and for
-    /// lengths that end inside a block.
+    /// Every element is written, each chunk at its own offset.
     #[test]
-    fn par_filled_fills_every_element() {
-        for n in [0, 1, UNIFORM_BLOCK - 1, 2 * UNIFORM_BLOCK + 5] {
-            assert_eq!(par_filled(n, 1.5f32), vec![1.5f32; n]);
+    fn par_build_hands_each_chunk_its_offset() {
+        for n in [0, 1, 999, 1000, 2 * 1000 + 5] {
+            let v = par_build(n, 1000, |at, c: &mut [f32]| {
+                c.iter_mut().enumerate().for_each(|(i, x)| *x = (at + i) as f32)
+            });
+            assert_eq!(v, (0..n).map(|i| i as f32).collect::<Vec<_>>());
+            let (a, b) = par_build2(n, 1000, |at, a: &mut [u32], b: &mut [u32]| {
+                a.iter_mut().zip(b.iter_mut()).enumerate().for_each(|(i, (a, b))| (*a, *b) = ((at + i) as u32, 7))
+            });
+            assert_eq!((a, b), ((0..n as u32).collect(), vec![7; n]));
         }
     }
 
+    /// The parallel blocks give StdRng's serial draws exactly, across block edges and for
+    /// lengths that end inside a block.
     #[test]
     fn seeded_uniform_map_is_stdrng_bit_for_bit() {
         use rand::{Rng, SeedableRng};

@@ -161,7 +161,8 @@ fn keep_mask(n: usize, p: f32, seed: u64) -> Vec<u8> {
 /// The float types the op runs in, with candle's reduction order for a row sum.
 trait Float: gemm_scalar::Scalar {
     fn row_sum(row: &[Self]) -> Self;
-    fn exp(self) -> Self;
+    /// `v[i] = e^v[i]`, as `exp` per element (f32: in SIMD lanes, libm's values, `ops::exp`).
+    fn exp_in_place(v: &mut [Self]);
     fn storage(s: &CpuStorage) -> Option<&[Self]>;
     fn wrap(v: Vec<Self>) -> CpuStorage;
 }
@@ -205,8 +206,8 @@ impl Float for f32 {
     fn row_sum(row: &[Self]) -> Self {
         super::cpu::row_sum(row)
     }
-    fn exp(self) -> Self {
-        f32::exp(self)
+    fn exp_in_place(v: &mut [Self]) {
+        super::exp::exp_in_place(v)
     }
     fn storage(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -223,8 +224,8 @@ impl Float for f64 {
     fn row_sum(row: &[Self]) -> Self {
         row.iter().fold(0.0, |a, &v| a + v)
     }
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn exp_in_place(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.exp())
     }
     fn storage(s: &CpuStorage) -> Option<&[Self]> {
         match s {
@@ -333,10 +334,13 @@ impl CpuAttention {
     fn softmax<T: Float>(&self, s: &mut [T], stats: &[f64]) {
         let sl = self.kv.len;
         for (i, row) in s.chunks_exact_mut(sl).enumerate() {
-            let (max, sum) = (T::from_f64(stats[2 * i]), T::from_f64(stats[2 * i + 1]));
-            for x in row.iter_mut() {
-                *x = (*x - max).exp() / sum;
-            }
+            let max = T::from_f64(stats[2 * i]);
+            row.iter_mut().for_each(|x| *x = *x - max);
+        }
+        T::exp_in_place(s);
+        for (i, row) in s.chunks_exact_mut(sl).enumerate() {
+            let sum = T::from_f64(stats[2 * i + 1]);
+            row.iter_mut().for_each(|x| *x = *x / sum);
         }
     }
 
@@ -354,7 +358,8 @@ impl CpuAttention {
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
         let (t, sl, d) = (self.q.len, self.kv.len, self.q.dim);
         let (batch, heads) = (self.batch, self.q.heads);
-        let mut out = vec![T::default(); self.q.elems(batch)];
+        // Zeroed by the pool (calloc's memset of the whole output ran on the calling thread).
+        let mut out: Vec<T> = super::cpu::par_build(self.q.elems(batch), 1 << 14, |_, _| ());
         let mut stats = vec![0f64; batch * heads * t * 2];
         let optr = Out(out.as_mut_ptr());
         stats.par_chunks_mut(t * 2).enumerate().for_each(|(bh, st)| {
@@ -362,17 +367,17 @@ impl CpuAttention {
             let mut s = vec![T::default(); t * sl];
             // SAFETY: q, k, v hold every row that `base`/`row_stride` address (shapes checked).
             unsafe { self.scores(q, k, b, h, &mut s) };
+            // candle's softmax: max, exp(x − max), Σ in its order, then the division (the
+            // exps of the whole tile at once, in SIMD lanes).
             for (i, row) in s.chunks_exact_mut(sl).enumerate() {
-                // candle's softmax: max, exp(x − max), Σ in its order, then the division.
                 let max = row.iter().copied().fold(row[0], |m, x| if x > m { x } else { m });
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                }
-                let sum = T::row_sum(row);
-                for x in row.iter_mut() {
-                    *x = *x / sum;
-                }
+                row.iter_mut().for_each(|x| *x = *x - max);
                 st[2 * i] = max.to_f64();
+            }
+            T::exp_in_place(&mut s);
+            for (i, row) in s.chunks_exact_mut(sl).enumerate() {
+                let sum = T::row_sum(row);
+                row.iter_mut().for_each(|x| *x = *x / sum);
                 st[2 * i + 1] = sum.to_f64();
             }
             self.apply_dropout(&mut s, b, h);
@@ -464,7 +469,7 @@ impl CpuAttentionGrad {
         }
         let group = heads / kv_heads;
         let (nq, nk) = (a.q.elems(batch), a.kv.elems(batch));
-        let mut all = vec![T::default(); nq + 2 * nk];
+        let mut all: Vec<T> = super::cpu::par_build(nq + 2 * nk, 1 << 14, |_, _| ());
         let ptr = Out(all.as_mut_ptr());
         let scale = T::from_f64(1.0 / (d as f64).sqrt());
         let one = T::from_f64(1.0);

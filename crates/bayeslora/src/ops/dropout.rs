@@ -9,7 +9,8 @@
 //!   dropout pass cost one elementwise op. [`HashDropout`] also runs on the CPU (same floats),
 //!   which is how the GPU tests check the kernel bit for bit.
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
 
 /// Inverted dropout; identity when `p == 0`. CPU: host `StdRng` mask; CUDA: [`HashDropout`].
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -20,10 +21,67 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
         return hash_dropout(x, p, seed);
     }
     let scale = 1.0 / (1.0 - p);
-    // StdRng's sequence, drawn in parallel blocks (`cpu::seeded_uniform_map`).
+    if matches!(x.dtype(), DType::F32 | DType::F64) {
+        // StdRng's sequence, drawn in parallel blocks (`cpu::seeded_uniform_map`).
+        let keep = super::cpu::seeded_uniform_map(x.elem_count(), seed, |u| u8::from(u >= p));
+        return x.contiguous()?.apply_op1(MaskMul { keep: Arc::new(keep), scale });
+    }
     let mask: Vec<f32> = super::cpu::seeded_uniform_map(x.elem_count(), seed, |u| if u < p { 0.0 } else { scale });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+/// `y = x · m` with the host mask `m = keep ? 1/(1−p) : 0` (f32, as `x.mul(&mask)` computes it),
+/// whose backward is the same op on the gradient. candle's `mul` kept an f32 mask tensor in the
+/// graph, and its backward also computed and stored the mask's gradient `g · x`, which nothing
+/// reads: one activation-sized product and buffer per dropout (issue 21).
+#[derive(Debug, Clone)]
+struct MaskMul {
+    /// One byte per element of `x`, 1 = kept.
+    keep: Arc<Vec<u8>>,
+    scale: f32,
+}
+
+impl MaskMul {
+    fn apply<T: candle_core::WithDType + Default>(&self, x: &[T]) -> Vec<T> {
+        let (keep, scale) = (&self.keep, T::from_f64(f64::from(self.scale)));
+        super::cpu::par_build(x.len(), 1 << 14, |at, y| {
+            for ((y, &x), &k) in y.iter_mut().zip(&x[at..]).zip(&keep[at..]) {
+                *y = x * if k == 1 { scale } else { T::zero() };
+            }
+        })
+    }
+}
+
+impl CustomOp1 for MaskMul {
+    fn name(&self) -> &'static str {
+        "mask-mul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = contiguous_range(layout, "dropout")?;
+        if end - start != self.keep.len() {
+            candle_core::bail!("dropout: {} elements for a mask of {}", end - start, self.keep.len());
+        }
+        let out = match storage {
+            CpuStorage::F32(x) => CpuStorage::F32(self.apply(&x[start..end])),
+            CpuStorage::F64(x) => CpuStorage::F64(self.apply(&x[start..end])),
+            other => candle_core::bail!("dropout: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(self.clone())?))
+    }
+}
+
+/// The element range of a contiguous input; `op` names the op in the error.
+fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
+    match layout.contiguous_offsets() {
+        Some(range) => Ok(range),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
 }
 
 /// Dropout with the counter-hash mask on any device (the CUDA path of [`dropout`]).
@@ -68,9 +126,7 @@ impl CustomOp1 for HashDropout {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("hash-dropout: input must be contiguous")
-        };
+        let (start, end) = contiguous_range(layout, "hash-dropout")?;
         let (p, scale, seed) = (self.p, self.scale(), self.seed);
         let keep = |i: usize| if hash_uniform(seed, i as u64) >= p { scale } else { 0.0 };
         let out = match storage {
@@ -96,9 +152,7 @@ impl CustomOp1 for HashDropout {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{launch_elementwise, Kernel};
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("hash-dropout: input must be contiguous")
-        };
+        let (start, end) = contiguous_range(layout, "hash-dropout")?;
         let params = DropoutParams { n: (end - start) as u64, seed: self.seed, p: self.p, scale: self.scale() };
         let out = launch_elementwise(storage, start, end, Kernel::Dropout, params)?;
         Ok((out, layout.shape().clone()))
@@ -138,6 +192,27 @@ mod tests {
         let zeros = a.iter().filter(|v| **v == 0.0).count();
         assert!((200..300).contains(&zeros), "{zeros}");
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        Ok(())
+    }
+
+    /// The fused host dropout is candle's `x.mul(&mask)` bit for bit, forward and backward.
+    #[test]
+    fn host_dropout_is_the_mask_product_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 20_001), &dev)?.to_dtype(dtype)?)?;
+            let w = Tensor::randn(0f64, 1.0, (3, 20_001), &dev)?.to_dtype(dtype)?;
+            let mask: Vec<f32> =
+                super::super::cpu::seeded_uniform_map(x.elem_count(), 5, |u| if u < 0.1 { 0.0 } else { 1.0 / 0.9 });
+            let mask = Tensor::from_vec(mask, x.shape(), &dev)?.to_dtype(dtype)?;
+            let (fused, composed) = (dropout(x.as_tensor(), 0.1, 5)?, x.as_tensor().mul(&mask)?);
+            let gf = fused.mul(&w)?.sum_all()?.backward()?;
+            let gc = composed.mul(&w)?.sum_all()?.backward()?;
+            let bits = crate::ops::testing::bits;
+            assert!(bits(&fused)? == bits(&composed)?, "{dtype:?} forward");
+            let (a, b) = (gf.get(x.as_tensor()).expect("grad"), gc.get(x.as_tensor()).expect("grad"));
+            assert!(bits(a)? == bits(b)?, "{dtype:?} backward");
+        }
         Ok(())
     }
 

@@ -7,7 +7,9 @@
 //! element and selects, with the same f32 operations in the same order (Rust never fuses a
 //! multiply and an add), so each value is the scalar one bit for bit (the tests check ~17 M
 //! inputs across every branch) while LLVM vectorizes the loop: 16 lanes with AVX-512, 8 with
-//! AVX2, chosen at run time.
+//! AVX2, chosen at run time. With AVX-512 only the elements with |x| ≥ 1.25 pay for every branch
+//! (seven divisions and two `expf`): the others take the one-division branch of their range, the
+//! costlier ranges packed together first ([`erf_avx512`]; 9 % → 3.3 % of a MiniLM step).
 
 // The constants are written as FreeBSD prints them (more digits than an f32 holds), so they can be
 // checked against s_erff.c and e_expf.c line by line; each rounds to the f32 libm uses.
@@ -100,6 +102,48 @@ fn expf_erf_domain(x: f32) -> f32 {
     y * f32::from_bits(((k + 127) as u32) << 23)
 }
 
+/// |x| below this (0.84375) takes [`erff_small`]'s branch.
+const SMALL: u32 = 0x3f58_0000;
+
+/// `erff(x)` for |x| < 0.84375: x + x·P(x²)/Q(x²), or, below 2⁻²⁸, 0.125·(8x + EFX8·x). One
+/// division, where the other branches take five more and two `expf`.
+#[inline(always)]
+fn erff_small(x: f32) -> f32 {
+    let z = x * x;
+    let r = PP[0] + z * (PP[1] + z * (PP[2] + z * (PP[3] + z * PP[4])));
+    let s = 1.0 + z * (QQ[0] + z * (QQ[1] + z * (QQ[2] + z * (QQ[3] + z * QQ[4]))));
+    let small = x + x * (r / s);
+    let tiny = 0.125 * (8.0 * x + EFX8 * x);
+    if x.to_bits() & 0x7fff_ffff < 0x3180_0000 {
+        tiny
+    } else {
+        small
+    }
+}
+
+/// |x| below this (1.25) and at least [`SMALL`] takes [`erff_mid`]'s branch.
+const MID: u32 = 0x3fa0_0000;
+
+/// erfc(|x|) for 0.84375 ≤ |x| < 1.25: 1 − ERX − P(|x|−1)/Q(|x|−1).
+#[inline(always)]
+fn erfc_mid(ax: f32) -> f32 {
+    let s1 = ax - 1.0;
+    let p = PA[0] + s1 * (PA[1] + s1 * (PA[2] + s1 * (PA[3] + s1 * (PA[4] + s1 * (PA[5] + s1 * PA[6])))));
+    let q = 1.0 + s1 * (QA[0] + s1 * (QA[1] + s1 * (QA[2] + s1 * (QA[3] + s1 * (QA[4] + s1 * QA[5])))));
+    1.0 - ERX - p / q
+}
+
+/// `erff(x)` for 0.84375 ≤ |x| < 1.25 (one division).
+#[inline(always)]
+fn erff_mid(x: f32) -> f32 {
+    let y = 1.0 - erfc_mid(f32::from_bits(x.to_bits() & 0x7fff_ffff));
+    if x.to_bits() >> 31 != 0 {
+        -y
+    } else {
+        y
+    }
+}
+
 /// `erff(x)`, bit for bit libm's, without data-dependent branches.
 #[inline(always)]
 fn erff(x: f32) -> f32 {
@@ -108,18 +152,8 @@ fn erff(x: f32) -> f32 {
     let negative = bits >> 31 != 0;
     let ax = f32::from_bits(ix);
 
-    // |x| < 0.84375: x + x·P(x²)/Q(x²), or, below 2⁻²⁸, 0.125·(8x + EFX8·x).
-    let z = x * x;
-    let r = PP[0] + z * (PP[1] + z * (PP[2] + z * (PP[3] + z * PP[4])));
-    let s = 1.0 + z * (QQ[0] + z * (QQ[1] + z * (QQ[2] + z * (QQ[3] + z * QQ[4]))));
-    let small = x + x * (r / s);
-    let tiny = 0.125 * (8.0 * x + EFX8 * x);
-
     // 0.84375 ≤ |x| < 1.25: erfc = 1 − ERX − P(|x|−1)/Q(|x|−1).
-    let s1 = ax - 1.0;
-    let p = PA[0] + s1 * (PA[1] + s1 * (PA[2] + s1 * (PA[3] + s1 * (PA[4] + s1 * (PA[5] + s1 * PA[6])))));
-    let q = 1.0 + s1 * (QA[0] + s1 * (QA[1] + s1 * (QA[2] + s1 * (QA[3] + s1 * (QA[4] + s1 * QA[5])))));
-    let erfc1 = 1.0 - ERX - p / q;
+    let erfc1 = erfc_mid(ax);
 
     // 1.25 ≤ |x| < 6: erfc = e^(−z² − 0.5625) · e^((z − |x|)(z + |x|) + R/S) / |x|, z = |x| with
     // the low 13 mantissa bits cleared.
@@ -140,18 +174,10 @@ fn erff(x: f32) -> f32 {
     let (rr, ss) = if mid { (rr, ss) } else { (0.0, 1.0) };
     let erfc2 = expf_erf_domain(-zz * zz - 0.5625) * expf_erf_domain((zz - am) * (zz + am) + rr / ss) / am;
 
-    let erfc = if ix < 0x3fa0_0000 { erfc1 } else { erfc2 };
+    let erfc = if ix < MID { erfc1 } else { erfc2 };
     let y = if ix < 0x40c0_0000 { 1.0 - erfc } else { 1.0 - f32::from_bits(0x0380_0000) };
     let y = if negative { -y } else { y };
-    let y = if ix < 0x3f58_0000 {
-        if ix < 0x3180_0000 {
-            tiny
-        } else {
-            small
-        }
-    } else {
-        y
-    };
+    let y = if ix < SMALL { erff_small(x) } else { y };
     // NaN stays NaN, ±∞ gives ±1 (libm: 1 − 2·sign + 1/x).
     let sign = if negative { 1.0f32 } else { 0.0 };
     if ix >= 0x7f80_0000 {
@@ -168,10 +194,56 @@ fn erf_lanes(v: &mut [f32]) {
     }
 }
 
+/// Elements per block of [`erf_avx512`]: its compacted values and masks stay in L1.
+#[cfg(target_arch = "x86_64")]
+const BLOCK: usize = 1024;
+
+/// [`erf_lanes`] with the costly branches evaluated only where needed: every lane takes
+/// [`erff_small`]; the lanes with |x| ≥ 0.84375 (and NaN, ±∞) are packed together and take
+/// [`erff_mid`]; of those, the lanes with |x| ≥ 1.25 are packed again and take the whole
+/// [`erff`]. Each element's value is its own branch's, so nothing changes but the cost.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn erf_avx512(v: &mut [f32]) {
-    erf_lanes(v)
+    let (lanes, tail) = v.split_at_mut(v.len() / 16 * 16);
+    for block in lanes.chunks_mut(BLOCK) {
+        // Closures inherit the function's target features, so each loop runs in AVX-512 lanes.
+        let small = |v: &mut [f32]| v.iter_mut().for_each(|x| *x = erff_small(*x));
+        let mid = |v: &mut [f32]| v.iter_mut().for_each(|x| *x = erff_mid(*x));
+        split_by_magnitude(block, SMALL, small, |far| split_by_magnitude(far, MID, mid, erf_lanes));
+    }
+    erf_lanes(tail)
+}
+
+/// `near(v)` on every lane, then `far` only on the lanes whose magnitude bits are `bound` or
+/// more: packed into a buffer (`vcompressps`), evaluated there (in whole 16-lane vectors; the
+/// padding lanes are ignored) and unpacked over `near`'s values (`vexpandps`). `v.len()` is a
+/// multiple of 16 and at most [`BLOCK`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn split_by_magnitude(v: &mut [f32], bound: u32, near: impl Fn(&mut [f32]), far: impl Fn(&mut [f32])) {
+    use std::arch::x86_64::*;
+    let mut packed = [0f32; BLOCK];
+    let mut masks = [0u16; BLOCK / 16];
+    let mut n = 0;
+    for (c, m) in v.chunks_exact(16).zip(masks.iter_mut()) {
+        let x = _mm512_loadu_ps(c.as_ptr());
+        let ix = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fff_ffff));
+        *m = _mm512_cmpge_epu32_mask(ix, _mm512_set1_epi32(bound as i32));
+        // SAFETY: n + popcount(m) ≤ the lanes seen so far ≤ BLOCK.
+        _mm512_mask_compressstoreu_ps(packed.as_mut_ptr().add(n), *m, x);
+        n += m.count_ones() as usize;
+    }
+    near(v);
+    far(&mut packed[..n.div_ceil(16) * 16]);
+    let mut n = 0;
+    for (c, &m) in v.chunks_exact_mut(16).zip(masks.iter()) {
+        // SAFETY: reads popcount(m) values at packed[n..], all written above.
+        let y = _mm512_mask_expandloadu_ps(_mm512_loadu_ps(c.as_ptr()), m, packed.as_ptr().add(n));
+        _mm512_storeu_ps(c.as_mut_ptr(), y);
+        n += m.count_ones() as usize;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -202,15 +274,7 @@ mod tests {
     use super::*;
 
     fn check(xs: &[f32]) {
-        let mut got = xs.to_vec();
-        erf_in_place(&mut got);
-        for (&x, &g) in xs.iter().zip(&got) {
-            let want = candle_core::cpu::erf::erf_f32(x);
-            assert!(
-                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                "erf({x:e}) = {g:e}, libm {want:e}"
-            );
-        }
+        crate::ops::testing::check_lanes("erf", xs, erf_in_place, candle_core::cpu::erf::erf_f32)
     }
 
     #[test]

@@ -74,14 +74,19 @@ fn grad_f64(x: f64, g: f64) -> f64 {
     g * gelu_erf_grad
 }
 
-/// [`grad_f32`] with `erf(x/√2)` given (the same value: the forward's argument `x · FRAC_1_SQRT_2`
-/// is the backward's `x · (1/√2)` rounded to f32).
-#[inline]
-fn grad_f32_erf(x: f32, e: f32, g: f32) -> f32 {
-    let neg_half_square = -(x * x) * 0.5 + 0.0;
-    let scaled_exp_arg = (neg_half_square.exp() * 0.398942f64 as f32 + 0.0) * x;
-    let erf_scaled_sqrt = e * 0.5 + 0.0;
-    g * ((scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt)
+/// [`grad_f32`] over slices with `erf(x/√2)` given (the same value: the forward's argument
+/// `x · FRAC_1_SQRT_2` is the backward's `x · (1/√2)` rounded to f32), and `exp(−x²/2)` in SIMD
+/// lanes (`ops::exp`, libm's values bit for bit): `y` first holds the exp's arguments.
+fn grad_f32_erf_lanes(y: &mut [f32], x: &[f32], e: &[f32], g: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = -(x * x) * 0.5 + 0.0;
+    }
+    super::exp::exp_in_place(y);
+    for (((y, &x), &e), &g) in y.iter_mut().zip(x).zip(e).zip(g) {
+        let scaled_exp_arg = (*y * 0.398942f64 as f32 + 0.0) * x;
+        let erf_scaled_sqrt = e * 0.5 + 0.0;
+        *y = g * ((scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt);
+    }
 }
 
 #[inline]
@@ -96,8 +101,6 @@ fn grad_f64_erf(x: f64, e: f64, g: f64) -> f64 {
 /// values bit for bit), then `y = (e + 1) · 0.5 · x`; `e` is returned when `keep` (for the
 /// backward, else empty). The same floats as candle's `GeluErf::f32` element by element.
 fn fwd_f32_lanes(x: &[f32], keep: bool) -> (Vec<f32>, Vec<f32>) {
-    let (mut y, mut e) =
-        (super::cpu::par_filled(x.len(), 0f32), super::cpu::par_filled(if keep { x.len() } else { 0 }, 0f32));
     let work = |y: &mut [f32], e: &mut [f32], x: &[f32]| {
         for (e, &x) in e.iter_mut().zip(x) {
             *e = x * std::f32::consts::FRAC_1_SQRT_2;
@@ -108,12 +111,11 @@ fn fwd_f32_lanes(x: &[f32], keep: bool) -> (Vec<f32>, Vec<f32>) {
         }
     };
     if keep {
-        let tasks = y.par_chunks_mut(CHUNK).zip(e.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)));
-        tasks.for_each(|(y, (e, x))| work(y, e, x));
+        super::cpu::par_build2(x.len(), CHUNK, |at, y, e| work(y, e, &x[at..][..y.len()]))
     } else {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| work(y, &mut vec![0f32; x.len()], x));
+        let y = super::cpu::par_build(x.len(), CHUNK, |at, y| work(y, &mut vec![0f32; y.len()], &x[at..][..y.len()]));
+        (y, Vec::new())
     }
-    (y, e)
 }
 
 /// `(y, erf(x/√2))` of the forward, both kept.
@@ -132,15 +134,17 @@ fn fwd_saving<T: Copy + Send + Sync + Default>(
     (y, e)
 }
 
-fn zip3_map<T: Copy + Send + Sync + Default>(x: &[T], e: &[T], g: &[T], f: impl Fn(T, T, T) -> T + Sync) -> Vec<T> {
-    let mut y = vec![T::default(); x.len()];
-    let inputs = x.par_chunks(CHUNK).zip(e.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)));
-    y.par_chunks_mut(CHUNK).zip(inputs).for_each(|(y, (x, (e, g)))| {
-        for (((y, &x), &e), &g) in y.iter_mut().zip(x).zip(e).zip(g) {
-            *y = f(x, e, g);
-        }
-    });
-    y
+/// `f(y, x, e, g)` on matching chunks of a new `y`, multithreaded.
+fn zip3_chunks<T: Copy + Send + Sync + Default>(
+    x: &[T],
+    e: &[T],
+    g: &[T],
+    f: impl Fn(&mut [T], &[T], &[T], &[T]) + Sync,
+) -> Vec<T> {
+    super::cpu::par_build(x.len(), CHUNK, |at, y| {
+        let n = y.len();
+        f(y, &x[at..][..n], &e[at..][..n], &g[at..][..n])
+    })
 }
 
 fn map<T: Copy + Send + Sync + Default>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
@@ -222,11 +226,16 @@ impl CustomOp2 for GeluErfGrad {
         }
         let n = l1.shape().elem_count();
         let out = match (s1, s2, &self.erf) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), Some(CpuStorage::F32(e))) if e.len() == n => {
-                CpuStorage::F32(zip3_map(contiguous(x, l1, "input")?, e, contiguous(g, l2, "gradient")?, grad_f32_erf))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g), Some(CpuStorage::F32(e))) if e.len() == n => CpuStorage::F32(
+                zip3_chunks(contiguous(x, l1, "input")?, e, contiguous(g, l2, "gradient")?, grad_f32_erf_lanes),
+            ),
             (CpuStorage::F64(x), CpuStorage::F64(g), Some(CpuStorage::F64(e))) if e.len() == n => {
-                CpuStorage::F64(zip3_map(contiguous(x, l1, "input")?, e, contiguous(g, l2, "gradient")?, grad_f64_erf))
+                let (x, g) = (contiguous(x, l1, "input")?, contiguous(g, l2, "gradient")?);
+                CpuStorage::F64(zip3_chunks(x, e, g, |y, x, e, g| {
+                    for (((y, &x), &e), &g) in y.iter_mut().zip(x).zip(e).zip(g) {
+                        *y = grad_f64_erf(x, e, g);
+                    }
+                }))
             }
             (CpuStorage::F32(x), CpuStorage::F32(g), _) => {
                 CpuStorage::F32(zip_map(contiguous(x, l1, "input")?, contiguous(g, l2, "gradient")?, grad_f32))

@@ -13,10 +13,9 @@
 //! values are bit for bit those of the composed path. The backward is the closed form
 //! `dx = (ĝ − mean ĝ − x̂ · mean(ĝ x̂)) / σ` with `ĝ = dy · w`, equal to the composed backward up
 //! to rounding (the tests bound it).
-use super::cpu::{slice, tensor_vec, Float};
+use super::cpu::{par_build, slice, tensor_vec, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 /// Rows per rayon task (C = 384 for MiniLM: 24 KiB of f32 per task).
 const ROWS: usize = 16;
@@ -96,8 +95,8 @@ impl FusedLayerNorm {
             (tensor_vec::<T>(&self.weight, "layer_norm weight")?, tensor_vec::<T>(&self.bias, "layer_norm bias")?);
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
-        let mut y = vec![T::default(); x.len()];
-        y.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS)).for_each(|(y, x)| {
+        let y = par_build(x.len(), c * ROWS, |at, y| {
+            let x = &x[at..][..y.len()];
             let mut sq = vec![T::default(); c];
             for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                 let (_, std) = row_stats(x, y, &mut sq, inv_c, eps);
@@ -140,9 +139,8 @@ impl FusedLayerNormGrad {
         let w = tensor_vec::<T>(&self.weight, "layer_norm weight")?;
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
-        let mut dx = vec![T::default(); x.len()];
-        let tasks = dx.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)));
-        tasks.for_each(|(dx, (x, g))| {
+        let dx = par_build(x.len(), c * ROWS, |at, dx| {
+            let (x, g) = (&x[at..][..dx.len()], &g[at..][..dx.len()]);
             let mut gw = vec![T::default(); c];
             for ((dx, x), g) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(g.chunks_exact(c)) {
                 // dx holds x − μ, then x̂ = (x − μ) / σ; gw is scratch until it holds dy · w.

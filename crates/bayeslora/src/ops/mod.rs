@@ -12,7 +12,8 @@
 //! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
 //! `quantize` and `hard_concrete` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
 //! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
-//! types and storage access of the multithreaded CPU ops), `reference.rs` (the f64 CPU references
+//! types and storage access of the multithreaded CPU ops), `erf.rs` and `exp.rs` (libm's `erff`
+//! and glibc's `expf` over slices in SIMD lanes, bit for bit), `reference.rs` (the f64 CPU references
 //! the CUDA kernels are tested against).
 //!
 //! Shape legend: B batch, T tokens, H heads, D head dim, C channels.
@@ -36,6 +37,7 @@ mod cross_entropy;
 pub(crate) mod cuda;
 mod dropout;
 mod erf;
+mod exp;
 mod flash_attention;
 mod gelu;
 mod hard_concrete;
@@ -154,6 +156,20 @@ pub(crate) mod testing {
     pub fn bits(t: &Tensor) -> Result<Vec<u64>> {
         let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         Ok(v.iter().map(|v| v.to_bits()).collect())
+    }
+
+    /// `lanes` over `xs` against `scalar` per element, bit for bit (a NaN matches a NaN); a
+    /// failure names the function, the argument and both values.
+    pub fn check_lanes(name: &str, xs: &[f32], lanes: fn(&mut [f32]), scalar: impl Fn(f32) -> f32) {
+        let mut got = xs.to_vec();
+        lanes(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = scalar(x);
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "{name}({x:e}) = {g:e}, libm {want:e}"
+            );
+        }
     }
 
     /// The value of `f(xs)` and the gradients of `sum(f(xs))` in the inputs.

@@ -13,11 +13,10 @@
 //! closed form `dx = (ĝ − x̂ · mean(ĝ x̂)) / rms` with `ĝ = dy · w`, `x̂ = x / rms`, equal to the
 //! composed one up to rounding (the tests bound it). Composed, Llama's RMSNorm runs six serial ops
 //! forward and about fifteen backward, each writing a `[B·T, C]` temporary (issue 21).
-use super::cpu::{slice, tensor_vec, Float};
+use super::cpu::{par_build, slice, tensor_vec, Float};
 use super::reference::{cpu_f64, cpu_from_f64, held_f64, round_to};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
 /// Rows per rayon task of the CPU op (C = 576 for SmolLM2: 36 KiB of f32 per task).
 const ROWS: usize = 16;
@@ -196,8 +195,8 @@ impl CpuRmsNorm {
         let w = tensor_vec::<T>(&self.weight, "rms_norm weight")?;
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
-        let mut y = vec![T::default(); x.len()];
-        y.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS)).for_each(|(y, x)| {
+        let y = par_build(x.len(), c * ROWS, |at, y| {
+            let x = &x[at..][..y.len()];
             for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                 // y is the scratch for the squares until it holds the output.
                 let rms = row_rms(x, y, inv_c, eps);
@@ -240,9 +239,8 @@ impl CpuRmsNormGrad {
         let w = tensor_vec::<T>(&self.weight, "rms_norm weight")?;
         let c = w.len();
         let (inv_c, eps) = (T::from_f64(1.0 / c as f64), T::from_f64(self.eps));
-        let mut dx = vec![T::default(); x.len()];
-        let tasks = dx.par_chunks_mut(c * ROWS).zip(x.par_chunks(c * ROWS).zip(g.par_chunks(c * ROWS)));
-        tasks.for_each(|(dx, (x, g))| {
+        let dx = par_build(x.len(), c * ROWS, |at, dx| {
+            let (x, g) = (&x[at..][..dx.len()], &g[at..][..dx.len()]);
             let mut gw = vec![T::default(); c];
             for ((dx, x), g) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(g.chunks_exact(c)) {
                 let rms = row_rms(x, &mut gw, inv_c, eps);

@@ -6,7 +6,7 @@
 //! backward of it, element by element (`σ = 1 / (e^−x + 1)`, `silu' = σ · (1 − silu) + silu`);
 //! elsewhere that composition. Composed, the backward runs five ops (`neg`, `exp`, `affine`,
 //! `recip`, products), each writing a temporary (issue 21). Kept for the backward: the two inputs.
-use super::cpu::{slice, Float};
+use super::cpu::{par_build, slice, Float};
 use super::reference::{cpu_f64, cpu_from_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -152,18 +152,17 @@ struct CpuSwigluGrad;
 
 /// candle's `silu` of one element: `x / (1 + e^−x)`.
 #[inline]
-fn silu<T: Float>(x: T) -> T {
-    x.div(T::from_f64(1.0) + x.neg().exp())
-}
-
+/// `silu(a) · u`, silu as candle's `a / (1 + e^−a)`.
 fn swiglu_fwd<T: Float>(a: &[T], u: &[T]) -> Vec<T> {
-    let mut y = vec![T::default(); a.len()];
-    y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (a, u))| {
+    par_build(a.len(), CHUNK, |at, y| {
+        let (a, u) = (&a[at..][..y.len()], &u[at..][..y.len()]);
+        // y holds e^−a (f32: in SIMD lanes, `ops::exp`) until it holds the output.
+        y.iter_mut().zip(a).for_each(|(y, &a)| *y = a.neg());
+        T::exp_in_place(y);
         for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-            *y = silu(a).mul(u);
+            *y = a.div(T::from_f64(1.0) + *y).mul(u);
         }
-    });
-    y
+    })
 }
 
 /// `[d gate | d up]`, each step as candle's composed backward of `gate.silu()?.mul(up)`:
@@ -175,9 +174,12 @@ fn swiglu_bwd<T: Float>(a: &[T], u: &[T], g: &[T]) -> Vec<T> {
     let inputs = a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)));
     let outputs = d_gate.par_chunks_mut(CHUNK).zip(d_up.par_chunks_mut(CHUNK));
     outputs.zip(inputs).for_each(|((dg, du), (a, (u, g)))| {
+        // dg holds e^−a (f32: in SIMD lanes, `ops::exp`) until it holds d gate.
+        dg.iter_mut().zip(a).for_each(|(dg, &a)| *dg = a.neg());
+        T::exp_in_place(dg);
         for ((dg, du), ((&a, &u), &g)) in dg.iter_mut().zip(du.iter_mut()).zip(a.iter().zip(u).zip(g)) {
             let one = T::from_f64(1.0);
-            let e = a.neg().exp();
+            let e = *dg;
             let sl = a.div(one + e);
             let sigmoid = one.div(e.mul(one) + one);
             let silu_grad = sigmoid.mul(sl.mul(T::from_f64(-1.0)) + one) + sl;
