@@ -665,10 +665,11 @@ fn grouped_gate_samples_with_handed_over_gradients_match_cpu() -> Result<()> {
 }
 
 /// A layer's rank gates and bit gates in one op (`layer_gates_at`: the rank multiplier first,
-/// then the bit gates in fours) read by E's rank scaling (`scale_by_gates_at`) and the
-/// quantizers (`gated_quantize_at`), every consumer handing its gradient over (`GateGrads`), on
-/// CUDA against the same on the CPU: samples, outputs and the bank and E gradients to 1e-5 (CUDA's
-/// tanhf), also on a second backward of the same graph.
+/// then the bit gates in fours) read by `h ⊙ (E ⊙ m)` (`scale_by_gates_at`, `kernels/gate_scale.cu`)
+/// and the quantizers (`gated_quantize_at`), every consumer handing its gradient over
+/// (`GateGrads`), on CUDA against the same on the CPU: samples, outputs and the bank, E and h
+/// gradients to 1e-5 (CUDA's tanhf, the column sums' tree), also on a second backward of the
+/// same graph.
 #[test]
 fn layer_gates_with_rank_and_handed_over_gradients_match_cpu() -> Result<()> {
     let gpu = cuda();
@@ -679,14 +680,17 @@ fn layer_gates_with_rank_and_handed_over_gradients_match_cpu() -> Result<()> {
     let noise: Vec<f32> = (0..rank + 4 * q).map(|i| (i as f32 * 1.37).sin() * 0.5).collect();
     let xs: Vec<Tensor> = (0..q).map(|k| randn(&[5, 3 + k], 1.0)).collect::<Result<_>>()?;
     let e0 = randn(&[rank + 1], 1.0)?;
+    // Enough rows that the column sums of the backward take several rounds of its tree.
+    let h0 = randn(&[700, rank + 1], 1.0)?;
     let params = params_pm2()?;
     let run = |dev: &Device| -> Result<Vec<Vec<f64>>> {
         let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
         let e = Var::from_tensor(&e0.to_device(dev)?)?;
+        let h = Var::from_tensor(&h0.to_device(dev)?)?;
         let grads = ops::GateGrads::new();
         let nz = Tensor::new(noise.as_slice(), dev)?;
         let z = ops::layer_gates_at(bank.as_tensor(), at, &nz, hc, rank, 4, Some(&grads))?;
-        let scaled = ops::scale_by_gates_at(e.as_tensor(), &z, 0, Some(&grads))?;
+        let scaled = ops::scale_by_gates_at(h.as_tensor(), e.as_tensor(), &z, 0, Some(&grads))?;
         let pd = params.to_device(dev)?;
         // Linear in the scaled E: the rank gates get a gradient even where a sample rounds to 0.
         let mut loss = scaled.affine(1.5, 0.0)?.sum_all()?;
@@ -700,12 +704,13 @@ fn layer_gates_with_rank_and_handed_over_gradients_match_cpu() -> Result<()> {
             let g = loss.backward()?;
             out.push(g.get(bank.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
             out.push(g.get(e.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
+            out.push(g.get(h.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
         }
         Ok(out)
     };
     let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
     assert_results_close("layer gates", &g, &c);
-    let bank_grad = &c[c.len() - 2];
+    let bank_grad = &c[c.len() - 3];
     assert!(bank_grad[at..at + rank].iter().any(|v| *v != 0.0), "the rank gates get gradients");
     assert!(bank_grad[at + rank..].iter().filter(|v| **v != 0.0).count() >= 4, "soft bit gates pass gradients");
     Ok(())

@@ -1,6 +1,7 @@
 //! Hard-concrete gate samples (Louizos et al. 2018, arXiv 1712.01312; `specs/blora.md` "Gates")
-//! as one op per direction, for CPU and CUDA tensors: B-LoRA draws one per quantizer (four bit
-//! gates) and one per layer (its rank gates) every training step.
+//! as one op per direction, for CPU and CUDA tensors: B-LoRA draws every gate of a layer (its
+//! rank gates and each quantizer's four bit gates, [`layer_gates_at`]) in one op every training
+//! step.
 //!
 //! `z = clamp(σ((log α + n)/β)(ζ − γ) + γ, 0, 1)` for logistic noise n, times the nested
 //! hard-off mask `∏_{k≤i} [log α_k > t]` when a threshold t is given (Bayesian Bits' bit gates:

@@ -340,11 +340,11 @@ mod tests {
         Ok(())
     }
 
-    /// A layer's rank and bit gates in one op (`layer_gates_at`), read by E's rank scaling
+    /// A layer's rank and bit gates in one op (`layer_gates_at`), read by `h ⊙ (E ⊙ m)`
     /// (`scale_by_gates_at`) and the quantizers (`gated_quantize_at`), every consumer handing its
-    /// gradient over: the same samples, outputs and bank and E gradients, bit for bit, as a rank
-    /// multiplier op times E (a candle `mul`) beside the grouped bit-gate op; also on a second
-    /// backward of the same graph.
+    /// gradient over: the same samples, outputs and bank, h and E gradients, bit for bit, as a
+    /// rank multiplier op, candle's `e.mul(m)` and `h.broadcast_mul(..)`, beside the grouped
+    /// bit-gate op; also on a second backward of the same graph.
     #[test]
     fn layer_gates_equal_rank_and_bit_ops() -> Result<()> {
         let dev = Device::Cpu;
@@ -359,23 +359,24 @@ mod tests {
             .map(|k| Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2 + k), &dev)?).map_err(Into::into))
             .collect::<Result<Vec<Var>>>()?;
         let e = Var::from_tensor(&Tensor::randn(0f32, 1.0, rank + 1, &dev)?)?;
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, rank + 1), &dev)?)?;
         type Run = (Vec<Vec<f32>>, Vec<Vec<f32>>);
         let run = |one_op: bool| -> Result<Run> {
             let bank = Var::new(values.as_slice(), &dev)?;
             let grads = ops::GateGrads::new();
             let (scaled, z, bits_at) = if one_op {
                 let z = ops::layer_gates_at(bank.as_tensor(), at, &noise, hc, rank, 4, Some(&grads))?;
-                (ops::scale_by_gates_at(e.as_tensor(), &z, 0, Some(&grads))?, z, rank + 1)
+                (ops::scale_by_gates_at(h.as_tensor(), e.as_tensor(), &z, 0, Some(&grads))?, z, rank + 1)
             } else {
                 let rank_hc = ops::HardConcrete { hard_off: None, ..hc };
                 let m = ops::rank_multiplier_at(bank.as_tensor(), at, &noise.narrow(0, 0, rank)?, rank_hc)?;
                 let bits = noise.narrow(0, rank, 4 * q)?;
                 let z = ops::hard_concrete_groups_at(bank.as_tensor(), at + rank, &bits, hc, 4, Some(&grads))?;
-                (e.as_tensor().mul(&m)?, z, 0)
+                (h.as_tensor().broadcast_mul(&e.as_tensor().mul(&m)?)?, z, 0)
             };
             // Linear in the scaled E: the rank gates get a gradient even where a sample rounds to 0.
             let mut loss = scaled.affine(1.5, 0.0)?.sum_all()?;
-            let mut outs = vec![scaled.to_vec1::<f32>()?];
+            let mut outs = vec![scaled.flatten_all()?.to_vec1::<f32>()?];
             for (k, x) in xs.iter().enumerate() {
                 let o = ops::gated_quantize_at(x.as_tensor(), &params, &z, bits_at + 4 * k, Some(&grads))?;
                 loss = loss.add(&o.sqr()?.sum_all()?.affine(1.0 + k as f64, 0.0)?)?;
@@ -384,15 +385,16 @@ mod tests {
             let mut grads_out = Vec::new();
             for _ in 0..2 {
                 let g = loss.backward()?;
-                for v in [bank.as_tensor(), e.as_tensor()] {
-                    grads_out.push(g.get(v).map(|t| t.to_vec1::<f32>()).transpose()?.unwrap_or_default());
+                for v in [bank.as_tensor(), e.as_tensor(), h.as_tensor()] {
+                    let t = g.get(v).map(|t| t.flatten_all()?.to_vec1::<f32>()).transpose()?;
+                    grads_out.push(t.unwrap_or_default());
                 }
             }
             Ok((outs, grads_out))
         };
         let (one, two) = (run(true)?, run(false)?);
         assert_eq!(one.0, two.0, "outputs");
-        assert_eq!(one.1, two.1, "bank and E gradients, two backward passes");
+        assert_eq!(one.1, two.1, "bank, E and h gradients, two backward passes");
         assert!(one.1[0][at..at + rank].iter().any(|g| *g != 0.0), "the rank gates get gradients");
         let bank = Tensor::new(values.as_slice(), &dev)?;
         assert!(ops::layer_gates_at(&bank, 0, &noise, hc, 0, 4, None).is_err(), "at least one rank gate");

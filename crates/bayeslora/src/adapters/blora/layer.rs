@@ -386,16 +386,17 @@ impl BLoraLayer {
         self.quantizers[k].forward_with_gates(x, z)
     }
 
-    /// `e: [r]` times the rank multiplier `[r]`: 1 for component 1, then the sampled nested gates
-    /// (training: `samples` given, [`ops::scale_by_gates_at`]) or the deterministic prefix (test
-    /// time); `e` itself without rank gates.
-    fn apply_rank(&self, e: &Tensor, samples: Option<&GateSamples>) -> Result<Tensor> {
+    /// `h ⊙ (e ⊙ m)` for `h: [N, r]`, `e: [r]` and the rank multiplier m `[r]`: 1 for component
+    /// 1, then the sampled nested gates (training: `samples` given, one op per direction,
+    /// [`ops::scale_by_gates_at`]) or the deterministic prefix (test time); `h ⊙ e` without rank
+    /// gates.
+    fn scale_rank(&self, h: &Tensor, e: &Tensor, samples: Option<&GateSamples>) -> Result<Tensor> {
         if self.rank_logits.is_none() {
-            return Ok(e.clone());
+            return Ok(h.broadcast_mul(e)?);
         }
         match samples {
-            Some(s) => Ok(ops::scale_by_gates_at(e, &s.z, 0, Some(&s.grads))?),
-            None => Ok(e.mul(&self.rank_mask()?)?),
+            Some(s) => Ok(ops::scale_by_gates_at(h, e, &s.z, 0, Some(&s.grads))?),
+            None => Ok(h.broadcast_mul(&e.mul(&self.rank_mask()?)?)?),
         }
     }
 
@@ -424,8 +425,7 @@ impl BLoraLayer {
         let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), samples)?;
         let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, samples)?;
         let e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), samples)?.reshape(self.r)?;
-        let e = self.apply_rank(&e, samples)?;
-        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, samples)?;
+        let g = self.quant(Slot::ActE, &self.scale_rank(&h, &e, samples)?, samples)?;
         let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), samples)?;
         let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, samples)?;
         Ok(u.affine(self.scaling, 0.0)?)

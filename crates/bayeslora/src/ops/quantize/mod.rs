@@ -339,8 +339,8 @@ pub(super) fn slice<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&
     Ok(&data[a..b])
 }
 
-/// Runs `f32_fn` or `f64_fn` on contiguous CPU inputs of one float dtype.
-fn on_cpu<const N: usize>(
+/// Runs `f32_fn` or `f64_fn` on contiguous CPU inputs of one float dtype (also `ops::gate_scale`'s).
+pub(crate) fn on_cpu<const N: usize>(
     op: &str,
     inputs: [(&CpuStorage, &Layout); N],
     f32_fn: impl Fn([&[f32]; N]) -> Result<Vec<f32>>,
