@@ -1,6 +1,7 @@
 // B-LoRA's hard-concrete gates (see `ops::hard_concrete`, whose CPU code is the reference):
 //
-//   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread.
+//   hard_concrete_fwd/bwd: the gate samples of one quantizer or layer (a handful), one thread;
+//                         with p.rank, a layer's rank multiplier first (`layer_gates_at`).
 //   rank_gates_fwd/bwd: a layer's rank multiplier (samples, nested product, straight-through
 //                      round), one thread.
 #include "exact.cuh"
@@ -19,6 +20,9 @@ struct HardConcreteParams {
     uint32_t n;
     uint32_t use_hard_off;
     uint32_t group;  // the mask restarts every `group` gates (0: never)
+    // The first `rank` gates are a rank multiplier's (`layer_gates_at`: output [rank + 1], then
+    // the bit gates' samples); 0: none.
+    uint32_t rank;
     // Handed-over gradient windows (`GateGrads`): the backward reads window k's values at
     // window_at[k]..+window_len[k] from window_ptr[k] in place of the upstream gradient's.
     uint32_t windows;
@@ -58,16 +62,22 @@ __device__ __forceinline__ void hc_pre_clamp(const HardConcreteParams& p, T la, 
 }
 
 template <typename T>
+__device__ void rank_gates(const HardConcreteParams& p, uint32_t n, const T* __restrict__ la,
+                           const T* __restrict__ noise, T* __restrict__ m);
+
+template <typename T>
 __device__ void hard_concrete_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
                                   T* __restrict__ z) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const uint32_t r = p.rank, shift = r > 0 ? 1 : 0;
+    if (r > 0) rank_gates<T>(p, r, la, noise, z);
     T m = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
+    for (uint32_t i = r; i < p.n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
-        if (p.group != 0 && i % p.group == 0) m = (T)1.0;
+        if (p.group != 0 && (i - r) % p.group == 0) m = (T)1.0;
         if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? (T)1.0 : (T)0.0);
-        z[i] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
+        z[i + shift] = mul_rn(fmin_c(fmax_c(v, (T)0.0), (T)1.0), m);
     }
 }
 
@@ -84,32 +94,38 @@ __device__ __forceinline__ T hc_chain(const HardConcreteParams& p, T v, T t, T g
     return fma_rn(fma_rn(du, half, zero), (T)p.inv_beta, zero);
 }
 
-// d(sum g z)/d la through the composed path's backward: the mask, then hc_chain.
+template <typename T>
+__device__ void rank_gates_grad(const HardConcreteParams& p, uint32_t n, const T* __restrict__ la,
+                                const T* __restrict__ noise, const T* __restrict__ g, T* __restrict__ dla);
+
+// d(sum g z)/d la through the composed path's backward: the mask, then hc_chain (after the rank
+// multiplier's backward when p.rank > 0; g is then [rank + 1 + bit gates]).
 template <typename T>
 __device__ void hard_concrete_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
                                   const T* __restrict__ g, T* __restrict__ dla) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const T zero = (T)0.0, one = (T)1.0;
+    const uint32_t r = p.rank, shift = r > 0 ? 1 : 0;
+    if (r > 0) rank_gates_grad<T>(p, r, la, noise, g, dla);
     T m = one;
-    for (uint32_t i = 0; i < p.n; ++i) {
+    for (uint32_t i = r; i < p.n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
-        if (p.group != 0 && i % p.group == 0) m = one;
+        if (p.group != 0 && (i - r) % p.group == 0) m = one;
         if (p.use_hard_off) m = mul_rn(m, la[i] > (T)p.hard_off ? one : zero);
-        dla[i] = hc_chain(p, v, t, mul_rn(hc_grad_at(p, g, i), m));
+        dla[i] = hc_chain(p, v, t, mul_rn(hc_grad_at(p, g, i + shift), m));
     }
 }
 
-// B-LoRA's rank multiplier (`ops::rank_multiplier`): m = [1, acc + (round(acc) - acc)] for the
-// cumulative products acc of the clamped samples (no hard-off), as candle's CUDA kernels compute
-// the composition (each op rounded on its own).
+// B-LoRA's rank multiplier (`ops::rank_multiplier`) of the n gates la[0..n]: m = [1, acc +
+// (round(acc) - acc)] for the cumulative products acc of the clamped samples (no hard-off), as
+// candle's CUDA kernels compute the composition (each op rounded on its own).
 template <typename T>
-__device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                               T* __restrict__ m) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+__device__ void rank_gates(const HardConcreteParams& p, uint32_t n, const T* __restrict__ la,
+                           const T* __restrict__ noise, T* __restrict__ m) {
     m[0] = (T)1.0;
     T acc = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
+    for (uint32_t i = 0; i < n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
         const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
@@ -118,15 +134,23 @@ __device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__
     }
 }
 
-// Its backward for the upstream gradient g [n + 1]: G_i = g[i + 1] + G_{i+1} z_{i+1} (straight
-// through the round), dz_i = G_i acc_{i-1} (G_0 for the first), then hc_chain. dla holds the
-// products acc_i until the reverse pass overwrites them.
 template <typename T>
-__device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
-                               const T* __restrict__ g, T* __restrict__ dla) {
-    if (blockIdx.x != 0 || threadIdx.x != 0 || p.n == 0) return;
+__device__ void rank_gates_fwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               T* __restrict__ m) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    rank_gates<T>(p, p.n, la, noise, m);
+}
+
+// Its backward for the upstream gradient g [n + 1] (a handed-over window's values where one
+// covers them): G_i = g[i + 1] + G_{i+1} z_{i+1} (straight through the round), dz_i = G_i acc_{i-1}
+// (G_0 for the first), then hc_chain. dla holds the products acc_i until the reverse pass
+// overwrites them.
+template <typename T>
+__device__ void rank_gates_grad(const HardConcreteParams& p, uint32_t n, const T* __restrict__ la,
+                                const T* __restrict__ noise, const T* __restrict__ g, T* __restrict__ dla) {
+    if (n == 0) return;
     T acc = (T)1.0;
-    for (uint32_t i = 0; i < p.n; ++i) {
+    for (uint32_t i = 0; i < n; ++i) {
         T v, t;
         hc_pre_clamp(p, la[i], noise[i], v, t);
         const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
@@ -134,15 +158,23 @@ __device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__
         dla[i] = acc;
     }
     T big_g = (T)0.0, z_next = (T)0.0;
-    for (uint32_t k = p.n; k-- > 0;) {
+    for (uint32_t k = n; k-- > 0;) {
         T v, t;
         hc_pre_clamp(p, la[k], noise[k], v, t);
         const T z = fmin_c(fmax_c(v, (T)0.0), (T)1.0);
-        big_g = k + 1 == p.n ? g[k + 1] : add_rn(g[k + 1], mul_rn(big_g, z_next));
+        const T gk = hc_grad_at(p, g, k + 1);
+        big_g = k + 1 == n ? gk : add_rn(gk, mul_rn(big_g, z_next));
         const T dz = k == 0 ? big_g : mul_rn(big_g, dla[k - 1]);
         dla[k] = hc_chain(p, v, t, dz);
         z_next = z;
     }
+}
+
+template <typename T>
+__device__ void rank_gates_bwd(const HardConcreteParams p, const T* __restrict__ la, const T* __restrict__ noise,
+                               const T* __restrict__ g, T* __restrict__ dla) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    rank_gates_grad<T>(p, p.n, la, noise, g, dla);
 }
 
 #define HARD_CONCRETE_KERNELS(SUFFIX, T)                                                                 \

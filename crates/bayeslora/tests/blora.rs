@@ -312,31 +312,44 @@ fn step_hashes(cfg: &BLoraConfig) -> Result<Vec<u64>> {
     Ok(hashes)
 }
 
-/// Issue 15: sampling a layer's gates in fewer ops changes no float: the loss and every gradient
-/// of three training steps hash to the values of the per-quantizer ops, recorded before the
-/// change on the CPU of the development machine (x86-64 with AVX-512, whose GEMM and erf kernels
-/// the tiny model runs). Another instruction set may sum in another order, so elsewhere the test
-/// checks only that the hashes repeat; `bank.rs`'s `grouped_gate_samples_equal_per_quantizer_samples`
-/// compares the grouped op with per-quantizer ops on any machine.
+/// Issue 15: sampling a layer's gates in fewer ops (the bit gates of every quantizer in one op,
+/// then the rank gates in the same op, E's rank scaling handing its gradient over) and the
+/// prior as one op per direction change no float: the loss and every gradient of three training
+/// steps hash to the values of the per-quantizer ops and the composed prior, recorded before
+/// the changes on the CPU of the development machine (x86-64 with AVX-512, whose GEMM and erf
+/// kernels the tiny model runs), under both prior costs and without quantizers (rank gates
+/// only). Another instruction set may sum in another order, so elsewhere the test checks only
+/// that the hashes repeat; `bank.rs`'s `grouped_gate_samples_equal_per_quantizer_samples`,
+/// `layer_gates_equal_rank_and_bit_ops` and `composed.rs`'s
+/// `one_op_prior_equals_the_composed_ops_to_the_bit` compare the ops with the composed ones on
+/// any machine.
 #[test]
 fn issue_15_gate_sampling_is_bit_identical() -> Result<()> {
-    let plain = step_hashes(&config())?;
-    let qbase_cfg = BLoraConfig { quantize_base: true, lora_dropout: 0.1, ..config() };
-    let qbase = step_hashes(&qbase_cfg)?;
-    println!("step hashes: {plain:#018x?} {qbase:#018x?}");
+    use bayeslora::adapters::blora::GateCost;
+    let configs = [
+        ("plain config", config()),
+        ("quantize_base config", BLoraConfig { quantize_base: true, lora_dropout: 0.1, ..config() }),
+        ("const-cost config", BLoraConfig { cost: GateCost::Const, ..config() }),
+        ("rank-only config", BLoraConfig { quantize: false, quantize_activations: false, ..config() }),
+    ];
+    let golden = [GOLDEN_PLAIN, GOLDEN_QBASE, GOLDEN_CONST, GOLDEN_RANK_ONLY];
     #[cfg(target_arch = "x86_64")]
     let recorded_here = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let recorded_here = false;
-    if recorded_here {
-        assert_eq!(plain, GOLDEN_PLAIN, "plain config");
-        assert_eq!(qbase, GOLDEN_QBASE, "quantize_base config");
-    } else {
-        assert_eq!(plain, step_hashes(&config())?, "plain config repeats");
-        assert_eq!(qbase, step_hashes(&qbase_cfg)?, "quantize_base config repeats");
+    for ((name, cfg), want) in configs.iter().zip(golden) {
+        let got = step_hashes(cfg)?;
+        println!("{name}: step hashes {got:#018x?}");
+        if recorded_here {
+            assert_eq!(got, want, "{name}");
+        } else {
+            assert_eq!(got, step_hashes(cfg)?, "{name} repeats");
+        }
     }
     Ok(())
 }
 
 const GOLDEN_PLAIN: [u64; 3] = [0xe212_dd8b_92db_9173, 0x0c6e_3e74_f7c5_c3c1, 0x0fac_9585_202e_2fda];
 const GOLDEN_QBASE: [u64; 3] = [0xc222_fadb_cefa_88c4, 0xf2d7_5a26_8b59_b6f2, 0xc8a6_eeb9_5104_acf6];
+const GOLDEN_CONST: [u64; 3] = [0xe8ac_a7be_2a2e_bc38, 0xdae3_a342_8a3b_0106, 0x1209_1856_85bc_ba13];
+const GOLDEN_RANK_ONLY: [u64; 3] = [0x3d6e_f7da_858f_5798, 0x2f5d_6c56_9461_890d, 0x39b6_6a51_df9c_3775];

@@ -600,6 +600,27 @@ fn windowed_gate_ops_match_cpu() -> Result<()> {
     Ok(())
 }
 
+/// Each of the GPU's results within 1e-5 (relative, plus 1e-5 absolute) of the CPU's.
+fn assert_results_close(name: &str, gpu: &[Vec<f64>], cpu: &[Vec<f64>]) {
+    assert_eq!(gpu.len(), cpu.len(), "{name}: number of results");
+    for (i, (got, want)) in gpu.iter().zip(cpu).enumerate() {
+        assert_eq!(got.len(), want.len(), "{name}, result {i}: length");
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}, result {i}: {got:?} vs {want:?}");
+        }
+    }
+}
+
+/// A range of [−2, 2] as the quantizer's PARAMS (x_min, x_max, code bounds, steps, 1/steps),
+/// f32 on the CPU.
+fn params_pm2() -> Result<Tensor> {
+    let steps: Vec<f64> = [3.0, 15.0, 255.0, 65535.0, 4_294_967_295.0].iter().map(|d| 4.0 / d).collect();
+    let mut p = vec![-2.0, 2.0, -1.0, 1.0];
+    p.extend(&steps);
+    p.extend(steps.iter().map(|s| 1.0 / s));
+    Ok(Tensor::new(p.as_slice(), &Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
 /// A layer's bit gates sampled in one op (`hard_concrete_groups_at`: the hard-off mask per four)
 /// and read by each quantizer at its offset (`gated_quantize_at`), the quantizers handing their
 /// gradients over (`GateGrads`, read in place by the sample's backward kernel) on CUDA against
@@ -615,12 +636,7 @@ fn grouped_gate_samples_with_handed_over_gradients_match_cpu() -> Result<()> {
     let (at, q) = (3usize, 5usize);
     let noise: Vec<f32> = (0..4 * q).map(|i| (i as f32 * 1.37).sin() * 0.5).collect();
     let xs: Vec<Tensor> = (0..q).map(|k| randn(&[5, 3 + k], 1.0)).collect::<Result<_>>()?;
-    // A range of [−2, 2]: the quantizer's PARAMS (x_min, x_max, code bounds, steps, 1/steps).
-    let steps: Vec<f64> = [3.0, 15.0, 255.0, 65535.0, 4_294_967_295.0].iter().map(|d| 4.0 / d).collect();
-    let mut p = vec![-2.0, 2.0, -1.0, 1.0];
-    p.extend(&steps);
-    p.extend(steps.iter().map(|s| 1.0 / s));
-    let params = Tensor::new(p.as_slice(), &Device::Cpu)?.to_dtype(DType::F32)?;
+    let params = params_pm2()?;
     for used in [q, q - 1] {
         let run = |dev: &Device| -> Result<Vec<Vec<f64>>> {
             let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
@@ -642,15 +658,61 @@ fn grouped_gate_samples_with_handed_over_gradients_match_cpu() -> Result<()> {
             Ok(out)
         };
         let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
-        assert_eq!(g.len(), c.len());
-        for (i, (got, want)) in g.iter().zip(&c).enumerate() {
-            assert_eq!(got.len(), want.len(), "{used} quantizers, result {i}: length");
-            for (a, b) in got.iter().zip(want) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{used} quantizers, result {i}: {got:?} vs {want:?}");
-            }
-        }
+        assert_results_close(&format!("{used} quantizers"), &g, &c);
         assert!(c[c.len() - 1].iter().filter(|v| **v != 0.0).count() >= 4, "soft gates pass gradients");
     }
+    Ok(())
+}
+
+/// A layer's rank gates and bit gates in one op (`layer_gates_at`: the rank multiplier first,
+/// then the bit gates in fours) read by `h ⊙ (E ⊙ m)` (`scale_by_gates_at`, `kernels/gate_scale.cu`)
+/// and the quantizers (`gated_quantize_at`), every consumer handing its gradient over
+/// (`GateGrads`), on CUDA against the same on the CPU: samples, outputs and the bank, E and h
+/// gradients to 1e-5 (CUDA's tanhf, the column sums' tree), also on a second backward of the
+/// same graph.
+#[test]
+fn layer_gates_with_rank_and_handed_over_gradients_match_cpu() -> Result<()> {
+    let gpu = cuda();
+    let mut values: Vec<f32> = (0..30).map(|i| (i as f32 * 1.3).sin() * 0.6).collect();
+    values[16] = -2.5;
+    let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+    let (at, rank, q) = (2usize, 7usize, 4usize);
+    let noise: Vec<f32> = (0..rank + 4 * q).map(|i| (i as f32 * 1.37).sin() * 0.5).collect();
+    let xs: Vec<Tensor> = (0..q).map(|k| randn(&[5, 3 + k], 1.0)).collect::<Result<_>>()?;
+    let e0 = randn(&[rank + 1], 1.0)?;
+    // Enough rows that the column sums of the backward take several rounds of its tree.
+    let h0 = randn(&[700, rank + 1], 1.0)?;
+    let params = params_pm2()?;
+    let run = |dev: &Device| -> Result<Vec<Vec<f64>>> {
+        let bank = Var::from_tensor(&Tensor::new(values.as_slice(), dev)?)?;
+        let e = Var::from_tensor(&e0.to_device(dev)?)?;
+        let h = Var::from_tensor(&h0.to_device(dev)?)?;
+        let grads = ops::GateGrads::new();
+        let nz = Tensor::new(noise.as_slice(), dev)?;
+        let z = ops::layer_gates_at(bank.as_tensor(), at, &nz, hc, rank, 4, Some(&grads))?;
+        let scaled = ops::scale_by_gates_at(h.as_tensor(), e.as_tensor(), &z, 0, Some(&grads))?;
+        let pd = params.to_device(dev)?;
+        // Linear in the scaled E: the rank gates get a gradient even where a sample rounds to 0.
+        let mut loss = scaled.affine(1.5, 0.0)?.sum_all()?;
+        let mut out = vec![host_f64(&z)?, host_f64(&scaled)?];
+        for (k, x) in xs.iter().enumerate() {
+            let o = ops::gated_quantize_at(&x.to_device(dev)?, &pd, &z, rank + 1 + 4 * k, Some(&grads))?;
+            loss = loss.add(&o.sqr()?.sum_all()?.affine(1.0 + k as f64, 0.0)?)?;
+            out.push(host_f64(&o)?);
+        }
+        for _ in 0..2 {
+            let g = loss.backward()?;
+            out.push(g.get(bank.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
+            out.push(g.get(e.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
+            out.push(g.get(h.as_tensor()).map(host_f64).unwrap_or(Ok(vec![]))?);
+        }
+        Ok(out)
+    };
+    let (g, c) = (run(&gpu)?, run(&Device::Cpu)?);
+    assert_results_close("layer gates", &g, &c);
+    let bank_grad = &c[c.len() - 3];
+    assert!(bank_grad[at..at + rank].iter().any(|v| *v != 0.0), "the rank gates get gradients");
+    assert!(bank_grad[at + rank..].iter().filter(|v| **v != 0.0).count() >= 4, "soft bit gates pass gradients");
     Ok(())
 }
 
@@ -750,5 +812,64 @@ fn blora_quantizer_timing() -> Result<()> {
     }
     let range = time_ms(&gpu, 20, &|| ops::update_range(x.as_tensor(), &old).map(|_| ()).map_err(Into::into))?;
     println!("timing B-LoRA range update [4096, 768] f32 fused: {range:.3} ms");
+    Ok(())
+}
+
+/// B-LoRA's gate prior as one op per direction (`kernels/gate_prior.cu`, a thread per layer)
+/// against its CPU path (the composed ops' floats to the bit, `adapters::blora::bank`): every
+/// layer's prior and the bank's gradient, both costs, with rank gates (a long vector too) and
+/// without, over soft, saturated and hard-off gates. The kernel rounds each op as the CPU does
+/// but uses `tanhf`, so it is compared within f32 tolerance.
+#[test]
+fn gate_prior_matches_cpu() -> Result<()> {
+    let dev = cuda();
+    let consts = ops::PriorConsts { logit_shift: 1.598_6, hard_off: -2.0, full_bits: 32.0 };
+    for (rank_len, with_rank, n_layers) in [(7usize, true, 18usize), (0, false, 18), (39, true, 5), (7, true, 300)] {
+        // Layers cycle through the slot sets of the configs: adapter only, weights only, all
+        // eight (quantized base), x and W0 only.
+        let kinds: [&[usize]; 4] = [&[2, 3, 4, 5, 6, 7], &[2, 3, 4], &[0, 1, 2, 3, 4, 5, 6, 7], &[0, 1]];
+        let mut at = 0;
+        let mut layers = Vec::new();
+        for k in 0..n_layers {
+            let cols = kinds[k % 4];
+            let rank = with_rank.then_some(at);
+            at += if with_rank { rank_len } else { 0 };
+            let bits = cols.iter().enumerate().map(|(j, &c)| (c, at + 4 * j)).collect();
+            at += 4 * cols.len();
+            let (i, o) = (64.0 + 8.0 * (k % 5) as f64, 96.0 - 4.0 * (k % 3) as f64);
+            layers.push(ops::PriorLayer {
+                rank,
+                bits,
+                in_features: i,
+                out_features: o,
+                base_macs: if cols.contains(&1) { i * o } else { 0.0 },
+                rank_full: (rank_len + 1) as f64,
+                inv_norm: 1.0 / 4.0e6,
+                inv_count: 1.0 / (rank_len + 4 * cols.len()) as f64,
+            });
+        }
+        let values: Vec<f32> = (0..at)
+            .map(|i| match i % 7 {
+                3 => -2.5,
+                5 => 9.0,
+                _ => ((i as f32) * 1.37).sin() * 1.8,
+            })
+            .collect();
+        let upstream: Vec<f32> = (0..n_layers).map(|l| 0.5 + 0.01 * l as f32).collect();
+        for cost in [ops::PriorCost::Bops, ops::PriorCost::Const] {
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                let plan = ops::GatePlan::new(&layers, rank_len, consts, d)?;
+                let bank = Var::new(values.as_slice(), d)?;
+                let p = ops::gate_prior(bank.as_tensor(), &plan, cost)?;
+                let g = p.mul(&Tensor::new(upstream.as_slice(), d)?)?.sum_all()?.backward()?;
+                let db = g.get(bank.as_tensor()).cloned().expect("the bank gets a gradient");
+                Ok((p, db))
+            };
+            let (gpu, cpu) = (run(&dev)?, run(&Device::Cpu)?);
+            let name = format!("gate prior {cost:?} rank {rank_len} × {n_layers} layers");
+            compare(&format!("{name}: priors"), &gpu.0, &cpu.0, Some(1e-5))?;
+            compare(&format!("{name}: bank gradient"), &gpu.1, &cpu.1, Some(1e-5))?;
+        }
+    }
     Ok(())
 }

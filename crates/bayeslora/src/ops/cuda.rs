@@ -37,6 +37,10 @@ pub(crate) enum Kernel {
     /// `hard_concrete.cu`: `hard_concrete_{fwd,bwd}` and `rank_gates_{fwd,bwd}`, each
     /// `_f32`/`_f64` (see `ops::hard_concrete`).
     HardConcrete,
+    /// `gate_prior.cu`: `gate_prior_{fwd,bwd}_f32` (see `ops::gate_prior`).
+    GatePrior,
+    /// `gate_scale.cu`: `gate_scale_{fwd,bwd}`, each `_f32`/`_f64` (see `ops::gate_scale`).
+    GateScale,
 }
 
 impl Kernel {
@@ -52,6 +56,8 @@ impl Kernel {
             Kernel::Cast => ("cast", ptx::CAST),
             Kernel::Quantize => ("quantize", ptx::QUANTIZE),
             Kernel::HardConcrete => ("hard_concrete", ptx::HARD_CONCRETE),
+            Kernel::GatePrior => ("gate_prior", ptx::GATE_PRIOR),
+            Kernel::GateScale => ("gate_scale", ptx::GATE_SCALE),
         }
     }
 

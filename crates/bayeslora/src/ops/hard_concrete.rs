@@ -1,6 +1,7 @@
 //! Hard-concrete gate samples (Louizos et al. 2018, arXiv 1712.01312; `specs/blora.md` "Gates")
-//! as one op per direction, for CPU and CUDA tensors: B-LoRA draws one per quantizer (four bit
-//! gates) and one per layer (its rank gates) every training step.
+//! as one op per direction, for CPU and CUDA tensors: B-LoRA draws every gate of a layer (its
+//! rank gates and each quantizer's four bit gates, [`layer_gates_at`]) in one op every training
+//! step.
 //!
 //! `z = clamp(σ((log α + n)/β)(ζ − γ) + γ, 0, 1)` for logistic noise n, times the nested
 //! hard-off mask `∏_{k≤i} [log α_k > t]` when a threshold t is given (Bayesian Bits' bit gates:
@@ -73,6 +74,29 @@ pub fn hard_concrete_groups_at(
     logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, op)
 }
 
+/// A B-LoRA layer's gates in one op per direction: its `rank` rank gates (the window's first,
+/// as [`rank_multiplier_at`]: `[rank + 1]`, no hard-off) and after them its quantizers' bit gates
+/// (as [`hard_concrete_groups_at`] in groups of `group`), side by side in one output
+/// `[rank + 1 + (n − rank)]`, n = the length of `noise`. Each part's values and gradient are
+/// those of its own op. The consumers may hand their gradients over to `grads` ([`GateGrads`];
+/// [`super::scale_by_gates_at`] for the rank multiplier, `gated_quantize_at` for the bit gates).
+pub fn layer_gates_at(
+    logits: &Tensor,
+    offset: usize,
+    noise: &Tensor,
+    hc: HardConcrete,
+    rank: usize,
+    group: usize,
+    grads: Option<&GateGrads>,
+) -> Result<Tensor> {
+    let w = Window::check("layer_gates", logits, offset, noise)?;
+    if rank == 0 || rank > w.n || group == 0 || !(w.n - rank).is_multiple_of(group) {
+        candle_core::bail!("layer_gates: {} gates are not {rank} rank gates (≥ 1) and groups of {group}", w.n);
+    }
+    let op = Sample(hc, Window { group, rank, ..w }, grads.cloned());
+    logits.contiguous()?.apply_op2(&noise.detach().contiguous()?, op)
+}
+
 /// The most gradients a [`GateGrads`] gathers (besides the one returned to autograd): B-LoRA's
 /// quantizers of one layer, eight at most.
 pub const MAX_GATE_GRADS: usize = 8;
@@ -130,6 +154,29 @@ impl GateGrads {
         Ok(())
     }
 
+    /// A consumer's backward with optional `grads`: whether its gradient of the samples goes to
+    /// autograd (no `grads`, or the first consumer of the pass: [`Self::returns_to_autograd`]).
+    pub(crate) fn returns(grads: Option<&GateGrads>) -> Result<bool> {
+        grads.map_or(Ok(true), GateGrads::returns_to_autograd)
+    }
+
+    /// The consumer's gradient `dz` of the samples (at `offset` when handed over): what it
+    /// returns to autograd, `None` once handed over to `grads` (`returned` from [`Self::returns`]).
+    pub(crate) fn route(
+        grads: Option<&GateGrads>,
+        returned: bool,
+        offset: usize,
+        dz: Tensor,
+    ) -> Result<Option<Tensor>> {
+        match (grads, returned) {
+            (Some(g), false) => {
+                g.hand_over(offset, dz)?;
+                Ok(None)
+            }
+            _ => Ok(Some(dz)),
+        }
+    }
+
     /// The windows handed over in this backward pass; resets the state.
     fn take(&self) -> Result<Vec<(usize, Tensor)>> {
         let mut st = self.lock()?;
@@ -181,6 +228,15 @@ struct Window {
     n: usize,
     /// The hard-off mask restarts every `group` gates (0: one group, the whole window).
     group: usize,
+    /// The window's first `rank` gates are a rank multiplier's ([`layer_gates_at`]; 0: none).
+    rank: usize,
+}
+
+impl Window {
+    /// The forward's output length: the samples, plus the rank multiplier's leading 1.
+    fn out_len(&self) -> usize {
+        self.n + usize::from(self.rank > 0)
+    }
 }
 
 impl Window {
@@ -202,7 +258,7 @@ impl Window {
         if offset.checked_add(n).is_none_or(|end| end > logits.elem_count()) {
             candle_core::bail!("{what}: gates {offset}..{offset}+{n} past the {} logits", logits.elem_count());
         }
-        Ok(Window { offset, n, group: 0 })
+        Ok(Window { offset, n, group: 0, rank: 0 })
     }
 }
 
@@ -216,16 +272,19 @@ struct Consts<T> {
     hard_off: Option<T>,
     /// [`Window::group`].
     group: usize,
+    /// [`Window::rank`].
+    rank: usize,
 }
 
 impl<T: LadderFloat> Consts<T> {
-    fn of(hc: &HardConcrete, group: usize) -> Self {
+    fn of(hc: &HardConcrete, w: &Window) -> Self {
         Consts {
             inv_beta: T::from_f64(1.0 / hc.beta),
             stretch: T::from_f64(hc.zeta - hc.gamma),
             gamma: T::from_f64(hc.gamma),
             hard_off: hc.hard_off.map(T::from_f64),
-            group,
+            group: w.group,
+            rank: w.rank,
         }
     }
 }
@@ -358,10 +417,11 @@ fn gathered_cpu(g: &CpuStorage, gl: &Layout, windows: &[(usize, Tensor)]) -> Res
     })
 }
 
-/// The contiguous elements of a CPU input of type `T`.
-fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The contiguous elements of a CPU input of type `T` (also the gate ops' of `gate_scale` and
+/// `gate_prior`).
+pub(super) fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("hard_concrete: inputs must be contiguous") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("gate ops: inputs must be contiguous") };
     Ok(&data[a..b])
 }
 
@@ -383,7 +443,7 @@ fn cpu_pass<T: LadderFloat + Tanh + candle_core::WithDType>(
         Some((s, l)) => cpu_slice::<T>(s, l)?,
         None => &[],
     };
-    let out = f(&la[w.offset..w.offset + w.n], noise, g, &Consts::of(hc, w.group));
+    let out = f(&la[w.offset..w.offset + w.n], noise, g, &Consts::of(hc, &w));
     if !scatter || la.len() == w.n {
         return Ok(out);
     }
@@ -406,8 +466,26 @@ fn cpu_run(
     })
 }
 
+/// The samples: with [`Consts::rank`], the rank multiplier of the first gates, then the rest.
 fn sample_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], _g: &[T], c: &Consts<T>) -> Vec<T> {
-    sample_cpu(la, noise, c)
+    let r = c.rank;
+    if r == 0 {
+        return sample_cpu(la, noise, c);
+    }
+    let mut out = rank_cpu(&la[..r], &noise[..r], c);
+    out.extend(sample_cpu(&la[r..], &noise[r..], c));
+    out
+}
+
+/// Their backward for the upstream gradient `g` (the forward's length).
+fn sample_grad_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], g: &[T], c: &Consts<T>) -> Vec<T> {
+    let r = c.rank;
+    if r == 0 {
+        return grad_cpu(la, noise, g, c);
+    }
+    let mut out = rank_grad_cpu(&la[..r], &noise[..r], &g[..r + 1], c);
+    out.extend(grad_cpu(&la[r..], &noise[r..], &g[r + 1..], c));
+    out
 }
 
 fn rank_pass<T: LadderFloat + Tanh>(la: &[T], noise: &[T], _g: &[T], c: &Consts<T>) -> Vec<T> {
@@ -435,7 +513,7 @@ impl CustomOp2 for Sample {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = cpu_run(&[(s1, l1), (s2, l2)], self.1, &self.0, false, (sample_pass, sample_pass))?;
-        Ok((out, Shape::from(self.1.n)))
+        Ok((out, Shape::from(self.1.out_len())))
     }
 
     #[cfg(feature = "cuda")]
@@ -446,8 +524,9 @@ impl CustomOp2 for Sample {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = cuda::Out::Len(self.1.n);
-        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)], self.1, out)?, Shape::from(self.1.n)))
+        let len = self.1.out_len();
+        let out = cuda::Out::Len(len);
+        Ok((cuda::launch("hard_concrete_fwd", &self.0, &[(s1, l1), (s2, l2)], self.1, out)?, Shape::from(len)))
     }
 
     fn bwd(
@@ -462,11 +541,11 @@ impl CustomOp2 for Sample {
             None => Vec::new(),
         };
         for (at, g) in &windows {
-            if g.dtype() != grad.dtype() || g.rank() != 1 || at + g.elem_count() > self.1.n {
+            if g.dtype() != grad.dtype() || g.rank() != 1 || at + g.elem_count() > self.1.out_len() {
                 candle_core::bail!(
-                    "hard_concrete: a handed-over gradient {:?} at {at} of {} gates",
+                    "hard_concrete: a handed-over gradient {:?} at {at} of {} samples",
                     g.dims(),
-                    self.1.n
+                    self.1.out_len()
                 );
             }
         }
@@ -489,12 +568,16 @@ impl CustomOp3 for SampleGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if l3.shape().elem_count() != self.1.out_len() {
+            candle_core::bail!("hard_concrete backward: gradient {:?} for {} samples", l3.shape(), self.1.out_len());
+        }
+        let pass: (CpuPass<f32>, CpuPass<f64>) = (sample_grad_pass, sample_grad_pass);
         let out = if self.2.is_empty() {
-            cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, (grad_cpu, grad_cpu))?
+            cpu_run(&[(s1, l1), (s2, l2), (s3, l3)], self.1, &self.0, true, pass)?
         } else {
             let g = gathered_cpu(s3, l3, &self.2)?;
             let gl = Layout::contiguous(l3.shape());
-            cpu_run(&[(s1, l1), (s2, l2), (&g, &gl)], self.1, &self.0, true, (grad_cpu, grad_cpu))?
+            cpu_run(&[(s1, l1), (s2, l2), (&g, &gl)], self.1, &self.0, true, pass)?
         };
         Ok((out, l1.shape().clone()))
     }
@@ -613,6 +696,8 @@ mod cuda {
         n: u32,
         use_hard_off: u32,
         group: u32,
+        /// The window's leading rank gates ([`super::layer_gates_at`]).
+        rank: u32,
         /// Handed-over gradient windows ([`super::GateGrads`]): how many, and each one's
         /// offset, length and device address; the kernel reads them in place of the upstream
         /// gradient's values there.
@@ -710,7 +795,7 @@ mod cuda {
         if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
             candle_core::bail!("{entry}: inputs of one dtype");
         }
-        if windows.len() > MAX_GATE_GRADS || windows.iter().any(|(at, t)| at + t.elem_count() > w.n) {
+        if windows.len() > MAX_GATE_GRADS || windows.iter().any(|(at, t)| at + t.elem_count() > w.out_len()) {
             candle_core::bail!(
                 "{entry}: {} handed-over gradients, at most {MAX_GATE_GRADS} within the gates",
                 windows.len()
@@ -725,6 +810,7 @@ mod cuda {
             use_hard_off: hc.hard_off.is_some() as u32,
             group: u32::try_from(w.group)
                 .map_err(|_| candle_core::Error::Msg(format!("{entry}: group {}", w.group)))?,
+            rank: u32::try_from(w.rank).map_err(|_| candle_core::Error::Msg(format!("{entry}: rank {}", w.rank)))?,
             windows: 0,
             window_at: [0; MAX_GATE_GRADS],
             window_len: [0; MAX_GATE_GRADS],

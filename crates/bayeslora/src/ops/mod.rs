@@ -10,7 +10,7 @@
 //! same name in `kernels/`, e.g. `rms_norm.rs` ↔ `kernels/rms_norm.cu`) and its backward:
 //! `rms_norm`, `layer_norm`, `rope`, `swiglu`, `layout` (split/merge heads), `cast`, `gelu`,
 //! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
-//! `quantize` and `hard_concrete` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
+//! `quantize`, `hard_concrete`, `gate_scale` and `gate_prior` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
 //! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
 //! types and storage access of the multithreaded CPU ops), `erf.rs` and `exp.rs` (libm's `erff`
 //! and glibc's `expf` over slices in SIMD lanes, bit for bit), `reference.rs` (the f64 CPU references
@@ -39,6 +39,8 @@ mod dropout;
 mod erf;
 mod exp;
 mod flash_attention;
+mod gate_prior;
+mod gate_scale;
 mod gelu;
 mod hard_concrete;
 mod layer_norm;
@@ -59,9 +61,11 @@ pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
     flash_attention, flash_supported, plain_attention_forced, FLASH_HEAD_DIMS, PLAIN_ATTENTION_ENV,
 };
+pub use gate_prior::{gate_prior, GatePlan, PriorConsts, PriorCost, PriorLayer, PRIOR_COLUMNS};
+pub use gate_scale::scale_by_gates_at;
 pub use hard_concrete::{
-    hard_concrete, hard_concrete_at, hard_concrete_groups_at, rank_multiplier, rank_multiplier_at, GateGrads,
-    HardConcrete, MAX_GATE_GRADS,
+    hard_concrete, hard_concrete_at, hard_concrete_groups_at, layer_gates_at, rank_multiplier, rank_multiplier_at,
+    GateGrads, HardConcrete, MAX_GATE_GRADS,
 };
 pub use layer_norm::layer_norm;
 pub use layout::{merge_heads, split_heads};

@@ -4,8 +4,9 @@
 //! A B-LoRA model has a rank-gate vector per layer and a bit-gate vector per quantizer (six to
 //! eight per layer): hundreds of tiny tensors. As separate vars, each cost its own optimizer
 //! slot (a device copy in and out per step), and the prior cost ~50 tiny ops per quantizer in
-//! each direction. In one var they are one optimizer slot, and the prior is ~40 ops whatever
-//! the number of layers.
+//! each direction. In one var they are one optimizer slot, and the prior is one op per
+//! direction ([`ops::gate_prior`]) whatever the number of layers (as ~55 vectorised candle ops
+//! forward and ~100 backward it cost ~150 launches a step).
 //!
 //! Layout: layer after layer, each layer's rank gates (`[r − 1]`, when it has them) then its
 //! quantizers' bit gates (`[4]` each, in [`Slot`] order): the order in which the per-layer vars
@@ -18,7 +19,10 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::gates;
 use super::quantizer::Slot;
-use crate::{Error, Result};
+use crate::{ops, Error, Result};
+
+#[cfg(test)]
+mod composed;
 
 /// Bits counted for tensors that are not quantized (f32 compute).
 pub(crate) const FULL_BITS: f32 = 32.0;
@@ -152,202 +156,73 @@ pub(crate) struct LayerCost {
     pub bops_norm: f64,
 }
 
-/// The gate prior of several layers that share a bank, as one computation: index and
-/// coefficient tensors built once on the bank's device.
+/// The gate prior of several layers that share a bank, as one op per direction
+/// ([`ops::gate_prior`]: every layer's value in one launch, then their sum).
 ///
 /// Per layer the value is what `BLoraLayer::regularizer_with` documents; the total is the sum
-/// over the layers. The per-layer arithmetic is the per-layer path's, op for op, on vectors over
-/// the layers (so the forward is the same floats on the CPU).
+/// over the layers. On the CPU the value and the bank's gradient are the floats of the
+/// vectorised candle ops that this op replaced ([`composed::ComposedPrior`], kept as the tests'
+/// reference).
 #[derive(Debug)]
 pub(crate) struct PriorPlan {
-    layers: usize,
-    /// Offsets of every quantizer's 4 bit logits, `[Q·4]` u32; `None` without quantizers.
-    bits_idx: Option<Tensor>,
-    quantizers: usize,
-    /// Offsets of every layer's rank logits, `[L·(r − 1)]` u32, and r − 1.
-    rank_idx: Option<(Tensor, usize)>,
-    /// Per layer and [`Slot`] (8 columns): a row of [E[bits] of each quantizer; 32], `[L·8]`.
-    slot_idx: Tensor,
-    /// Per layer: [rank, quantizers.., padding] as rows of [E[open] of each quantizer; E[open]
-    /// of each layer's rank gates; 0], `[L·9]`.
-    open_idx: Tensor,
-    /// Per layer, f32 `[L]`: in, out, in·out when the base is quantized (else 0), r, 1/bops_norm,
-    /// 1/(number of gates).
-    in_f: Tensor,
-    out_f: Tensor,
-    base_macs: Tensor,
-    rank_full: Tensor,
-    inv_norm: Tensor,
-    inv_count: Tensor,
-    /// `[2, 4, 8, 16]`: the bits each nested bit gate adds.
-    added: Tensor,
-    full_bits: Tensor,
-    zero: Tensor,
+    plan: ops::GatePlan,
 }
 
-/// Columns of [`PriorPlan::open_idx`]: the rank gates and up to eight quantizers.
-const OPEN_COLS: usize = 1 + Slot::ALL.len();
-
-fn u32s(v: Vec<usize>, device: &Device) -> Result<Tensor> {
-    let v = v
-        .into_iter()
-        .map(|i| u32::try_from(i).map_err(|_| Error::config("gate index", i, "past u32")))
-        .collect::<Result<Vec<u32>>>()?;
-    let n = v.len();
-    Ok(Tensor::from_vec(v, n, device)?)
-}
-
-fn f32s(v: Vec<f64>, device: &Device) -> Result<Tensor> {
-    let n = v.len();
-    Ok(Tensor::from_vec(v.into_iter().map(|x| x as f32).collect::<Vec<f32>>(), n, device)?)
-}
-
-/// Cumulative product along dim 1 of `[n, k]` → `[n, k]`, differentiable (k is 4 or a rank:
-/// k − 1 products of columns, whatever n).
-pub(crate) fn cumprod_cols(v: &Tensor) -> Result<Tensor> {
-    let k = v.dim(1)?;
-    if k == 0 {
-        return Ok(v.clone());
+/// The number of rank gates of every layer of one prior (`None`: no layer has rank gates); the
+/// layers all have rank gates of one r, or none.
+pub(crate) fn rank_len(layers: &[LayerCost]) -> Result<Option<usize>> {
+    let with_rank: Vec<&LayerCost> = layers.iter().filter(|l| l.rank.is_some()).collect();
+    if !(with_rank.is_empty() || with_rank.len() == layers.len()) {
+        return Err(Error::config("prune_rank", "mixed", "the layers of one prior all have rank gates or none"));
     }
-    let mut acc = v.narrow(1, 0, 1)?;
-    let mut parts = vec![acc.clone()];
-    for i in 1..k {
-        acc = acc.mul(&v.narrow(1, i, 1)?)?;
-        parts.push(acc.clone());
+    let rank_len = with_rank.first().map(|l| l.r - 1);
+    if with_rank.iter().any(|l| Some(l.r - 1) != rank_len) {
+        return Err(Error::config("r", "mixed", "the layers of one prior share one rank"));
     }
-    Ok(Tensor::cat(&parts, 1)?)
+    Ok(rank_len)
 }
 
 impl PriorPlan {
     /// The plan for `layers` (one config: all with rank gates of one r, or none).
     pub fn new(layers: &[LayerCost], device: &Device) -> Result<PriorPlan> {
-        let with_rank: Vec<&LayerCost> = layers.iter().filter(|l| l.rank.is_some()).collect();
-        if !(with_rank.is_empty() || with_rank.len() == layers.len()) {
-            return Err(Error::config("prune_rank", "mixed", "the layers of one prior all have rank gates or none"));
-        }
-        let rank_len = with_rank.first().map(|l| l.r - 1);
-        if with_rank.iter().any(|l| Some(l.r - 1) != rank_len) {
-            return Err(Error::config("r", "mixed", "the layers of one prior share one rank"));
-        }
-        let quantizers: usize = layers.iter().map(|l| l.bits.len()).sum();
-        let mut bits_idx = Vec::with_capacity(4 * quantizers);
-        let mut rank_idx = Vec::new();
-        let mut slot_idx = Vec::with_capacity(Slot::ALL.len() * layers.len());
-        let mut open_idx = Vec::with_capacity(OPEN_COLS * layers.len());
-        // Rows of the open table: quantizers 0..Q, then the layers' rank terms Q..Q+L, then 0.
-        let open_zero = quantizers + if rank_len.is_some() { layers.len() } else { 0 };
-        let mut q = 0;
-        for (k, l) in layers.iter().enumerate() {
-            if let (Some(at), Some(n)) = (l.rank, rank_len) {
-                rank_idx.extend(at..at + n);
-            }
-            open_idx.push(if l.rank.is_some() { quantizers + k } else { open_zero });
-            let first = q;
-            for &(_, at) in &l.bits {
-                bits_idx.extend(at..at + 4);
-                open_idx.push(q);
-                q += 1;
-            }
-            open_idx.extend(std::iter::repeat_n(open_zero, OPEN_COLS - 1 - l.bits.len()));
-            for slot in Slot::ALL {
-                let row = l.bits.iter().position(|(s, _)| *s == slot).map_or(quantizers, |i| first + i);
-                slot_idx.push(row);
-            }
-        }
+        let rank_len = rank_len(layers)?;
         let count = |l: &LayerCost| (rank_len.unwrap_or(0) + 4 * l.bits.len()).max(1) as f64;
-        Ok(PriorPlan {
-            layers: layers.len(),
-            bits_idx: (quantizers > 0).then(|| u32s(bits_idx, device)).transpose()?,
-            quantizers,
-            rank_idx: match rank_len {
-                Some(n) if n > 0 => Some((u32s(rank_idx, device)?, n)),
-                _ => None,
-            },
-            slot_idx: u32s(slot_idx, device)?,
-            open_idx: u32s(open_idx, device)?,
-            in_f: f32s(layers.iter().map(|l| l.in_features as f64).collect(), device)?,
-            out_f: f32s(layers.iter().map(|l| l.out_features as f64).collect(), device)?,
-            base_macs: f32s(
-                layers
-                    .iter()
-                    .map(|l| if l.quantize_base { l.in_features as f64 * l.out_features as f64 } else { 0.0 })
-                    .collect(),
-                device,
-            )?,
-            rank_full: f32s(layers.iter().map(|l| l.r as f64).collect(), device)?,
-            inv_norm: f32s(layers.iter().map(|l| 1.0 / l.bops_norm).collect(), device)?,
-            inv_count: f32s(layers.iter().map(|l| 1.0 / count(l)).collect(), device)?,
-            added: Tensor::new(&[[2f32, 4., 8., 16.]], device)?,
-            full_bits: Tensor::new(&[FULL_BITS], device)?,
-            zero: Tensor::zeros(1, DType::F32, device)?,
-        })
-    }
-
-    /// For the bit gates `[Q, 4]`: P(open) zero where hard-off, then the nested products
-    /// `∏_{k≤i} q_k` (`[Q, 4]`).
-    fn nested_bits(logits: &Tensor) -> Result<Tensor> {
-        let hard_off = cumprod_cols(&logits.gt(gates::HARD_OFF)?.to_dtype(DType::F32)?)?;
-        cumprod_cols(&gates::prob_open(logits)?.mul(&hard_off)?)
-    }
-
-    /// E[open rank gates] per layer, `[L]` (the nested products summed), if any.
-    fn rank_open(&self, bank: &Tensor) -> Result<Option<Tensor>> {
-        let Some((idx, n)) = &self.rank_idx else { return Ok(None) };
-        let logits = bank.index_select(idx, 0)?.reshape((self.layers, *n))?;
-        Ok(Some(cumprod_cols(&gates::prob_open(&logits)?)?.sum(1)?))
+        let op_layers: Vec<ops::PriorLayer> = layers
+            .iter()
+            .map(|l| ops::PriorLayer {
+                rank: l.rank,
+                // The op's columns are the slots, in `Slot` order.
+                bits: l.bits.iter().map(|&(s, at)| (s as usize, at)).collect(),
+                in_features: l.in_features as f64,
+                out_features: l.out_features as f64,
+                base_macs: if l.quantize_base { l.in_features as f64 * l.out_features as f64 } else { 0.0 },
+                rank_full: l.r as f64,
+                inv_norm: 1.0 / l.bops_norm,
+                inv_count: 1.0 / count(l),
+            })
+            .collect();
+        let consts = ops::PriorConsts {
+            logit_shift: gates::logit_shift(),
+            hard_off: gates::HARD_OFF,
+            full_bits: FULL_BITS as f64,
+        };
+        Ok(PriorPlan { plan: ops::GatePlan::new(&op_layers, rank_len.unwrap_or(0), consts, device)? })
     }
 
     /// The summed prior of every layer in the plan over the bank's logits `bank: [G]`, a scalar
     /// differentiable in them.
     pub fn prior(&self, bank: &Tensor, cost: super::GateCost) -> Result<Tensor> {
-        let nested = match &self.bits_idx {
-            Some(idx) => Some(Self::nested_bits(&bank.index_select(idx, 0)?.reshape((self.quantizers, 4))?)?),
-            None => None,
+        let cost = match cost {
+            super::GateCost::Bops => ops::PriorCost::Bops,
+            super::GateCost::Const => ops::PriorCost::Const,
         };
-        let rank_open = self.rank_open(bank)?;
-        match cost {
-            super::GateCost::Bops => {
-                let mut rows = Vec::with_capacity(2);
-                if let Some(c) = &nested {
-                    rows.push(c.broadcast_mul(&self.added)?.sum(1)?.affine(1.0, 2.0)?);
-                }
-                rows.push(self.full_bits.clone());
-                let table = Tensor::cat(&rows, 0)?.index_select(&self.slot_idx, 0)?.reshape((self.layers, 8))?;
-                let b = |s: Slot| -> Result<Tensor> { Ok(table.narrow(1, s as usize, 1)?.squeeze(1)?) };
-                let rank = match &rank_open {
-                    Some(open) => open.affine(1.0, 1.0)?,
-                    None => self.rank_full.clone(),
-                };
-                let bx = b(Slot::Input)?;
-                let per_rank = bx
-                    .mul(&b(Slot::LoraA)?)?
-                    .mul(&self.in_f)?
-                    .add(&b(Slot::ActA)?.mul(&b(Slot::LoraE)?)?)?
-                    .add(&b(Slot::ActE)?.mul(&b(Slot::LoraB)?)?.mul(&self.out_f)?)?;
-                let total = rank.mul(&per_rank)?.add(&bx.mul(&b(Slot::Base)?)?.mul(&self.base_macs)?)?;
-                Ok(total.mul(&self.inv_norm)?.sum_all()?)
-            }
-            super::GateCost::Const => {
-                let mut rows = Vec::with_capacity(3);
-                if let Some(c) = &nested {
-                    rows.push(c.sum(1)?);
-                }
-                if let Some(open) = &rank_open {
-                    rows.push(open.clone());
-                }
-                rows.push(self.zero.clone());
-                let table =
-                    Tensor::cat(&rows, 0)?.index_select(&self.open_idx, 0)?.reshape((self.layers, OPEN_COLS))?;
-                Ok(table.sum(1)?.mul(&self.inv_count)?.sum_all()?)
-            }
-        }
+        Ok(ops::gate_prior(bank, &self.plan, cost)?.sum_all()?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops;
 
     /// The windowed ops read a gate vector straight from the bank: the same samples and the same
     /// bank gradient (zero outside the window) as a narrow of the bank followed by the plain op.
@@ -462,6 +337,68 @@ mod tests {
         // The window must be whole groups.
         let bank = Tensor::new(values.as_slice(), &dev)?;
         assert!(ops::hard_concrete_groups_at(&bank, 0, &noise.narrow(0, 0, 6)?, hc, 4, None).is_err());
+        Ok(())
+    }
+
+    /// A layer's rank and bit gates in one op (`layer_gates_at`), read by `h ⊙ (E ⊙ m)`
+    /// (`scale_by_gates_at`) and the quantizers (`gated_quantize_at`), every consumer handing its
+    /// gradient over: the same samples, outputs and bank, h and E gradients, bit for bit, as a
+    /// rank multiplier op, candle's `e.mul(m)` and `h.broadcast_mul(..)`, beside the grouped
+    /// bit-gate op; also on a second backward of the same graph.
+    #[test]
+    fn layer_gates_equal_rank_and_bit_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut values: Vec<f32> = (0..26).map(|i| (i as f32 * 1.3).sin() * 0.6).collect();
+        values[14] = -2.5;
+        let hc = ops::HardConcrete { beta: 2.0 / 3.0, gamma: -0.1, zeta: 1.1, hard_off: Some(-2.0) };
+        let (at, rank, q) = (1usize, 7usize, 4usize);
+        let noise = Tensor::from_vec(gates::logistic_noise(rank + 4 * q, 3), rank + 4 * q, &dev)?.affine(0.3, 0.0)?;
+        let range = super::super::quantizer::Range { x_min: -2.0, x_max: 2.0 };
+        let params = range.params(DType::F32, &dev)?;
+        let xs = (0..q)
+            .map(|k| Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 2 + k), &dev)?).map_err(Into::into))
+            .collect::<Result<Vec<Var>>>()?;
+        let e = Var::from_tensor(&Tensor::randn(0f32, 1.0, rank + 1, &dev)?)?;
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, rank + 1), &dev)?)?;
+        type Run = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+        let run = |one_op: bool| -> Result<Run> {
+            let bank = Var::new(values.as_slice(), &dev)?;
+            let grads = ops::GateGrads::new();
+            let (scaled, z, bits_at) = if one_op {
+                let z = ops::layer_gates_at(bank.as_tensor(), at, &noise, hc, rank, 4, Some(&grads))?;
+                (ops::scale_by_gates_at(h.as_tensor(), e.as_tensor(), &z, 0, Some(&grads))?, z, rank + 1)
+            } else {
+                let rank_hc = ops::HardConcrete { hard_off: None, ..hc };
+                let m = ops::rank_multiplier_at(bank.as_tensor(), at, &noise.narrow(0, 0, rank)?, rank_hc)?;
+                let bits = noise.narrow(0, rank, 4 * q)?;
+                let z = ops::hard_concrete_groups_at(bank.as_tensor(), at + rank, &bits, hc, 4, Some(&grads))?;
+                (h.as_tensor().broadcast_mul(&e.as_tensor().mul(&m)?)?, z, 0)
+            };
+            // Linear in the scaled E: the rank gates get a gradient even where a sample rounds to 0.
+            let mut loss = scaled.affine(1.5, 0.0)?.sum_all()?;
+            let mut outs = vec![scaled.flatten_all()?.to_vec1::<f32>()?];
+            for (k, x) in xs.iter().enumerate() {
+                let o = ops::gated_quantize_at(x.as_tensor(), &params, &z, bits_at + 4 * k, Some(&grads))?;
+                loss = loss.add(&o.sqr()?.sum_all()?.affine(1.0 + k as f64, 0.0)?)?;
+                outs.push(o.flatten_all()?.to_vec1::<f32>()?);
+            }
+            let mut grads_out = Vec::new();
+            for _ in 0..2 {
+                let g = loss.backward()?;
+                for v in [bank.as_tensor(), e.as_tensor(), h.as_tensor()] {
+                    let t = g.get(v).map(|t| t.flatten_all()?.to_vec1::<f32>()).transpose()?;
+                    grads_out.push(t.unwrap_or_default());
+                }
+            }
+            Ok((outs, grads_out))
+        };
+        let (one, two) = (run(true)?, run(false)?);
+        assert_eq!(one.0, two.0, "outputs");
+        assert_eq!(one.1, two.1, "bank, E and h gradients, two backward passes");
+        assert!(one.1[0][at..at + rank].iter().any(|g| *g != 0.0), "the rank gates get gradients");
+        let bank = Tensor::new(values.as_slice(), &dev)?;
+        assert!(ops::layer_gates_at(&bank, 0, &noise, hc, 0, 4, None).is_err(), "at least one rank gate");
+        assert!(ops::layer_gates_at(&bank, 0, &noise.narrow(0, 0, rank + 2)?, hc, rank, 4, None).is_err(), "fours");
         Ok(())
     }
 }

@@ -19,6 +19,7 @@ use candle_core::Tensor;
 use candle_core::D;
 use rand::{Rng, SeedableRng};
 
+#[cfg(test)]
 use super::bank::GateRef;
 use crate::{ops, Result};
 
@@ -54,13 +55,20 @@ pub fn is_open(log_alpha: f64) -> bool {
 }
 
 /// σ(x) as (1 + tanh(x/2))/2: the exp form's backward gives NaN once exp(−x) overflows.
+#[cfg(test)]
 pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(x.affine(0.5, 0.0)?.tanh()?.affine(0.5, 0.5)?)
 }
 
-/// P(z > 0) for every logit, differentiable.
+/// P(z > 0) for every logit, differentiable (the composed reference of [`ops::gate_prior`]'s).
+#[cfg(test)]
 pub(crate) fn prob_open(log_alpha: &Tensor) -> Result<Tensor> {
-    sigmoid(&log_alpha.affine(1.0, -shift())?)
+    sigmoid(&log_alpha.affine(1.0, logit_shift())?)
+}
+
+/// P(z > 0) = σ(log α + logit_shift()): +1.5986 ([`ops::gate_prior`]'s constant).
+pub(crate) fn logit_shift() -> f64 {
+    -shift()
 }
 
 /// `n` logistic noises ln u − ln(1 − u), u ~ U(0, 1) from `seed` (u kept in [1e-6, 1 − 1e-6]).
@@ -112,10 +120,18 @@ pub(crate) fn sample_bit_groups(
     Ok(ops::hard_concrete_groups_at(bank, offset, noise, hard_concrete(true), 4, Some(grads))?)
 }
 
-/// A layer's rank multiplier `[1, m₂, …, m_r]` from its rank gates `gates: [r − 1]` in the bank
-/// and logistic `noise` ([`ops::rank_multiplier_at`]).
-pub(crate) fn rank_multiplier_of(gates: &GateRef, noise: &Tensor) -> Result<Tensor> {
-    Ok(ops::rank_multiplier_at(gates.bank().var().as_tensor(), gates.offset(), noise, hard_concrete(false))?)
+/// A layer's gates in one op ([`ops::layer_gates_at`]): its `rank` rank gates from `offset` in
+/// `bank` (the rank multiplier `[1, m₂, …, m_r]`, as [`ops::rank_multiplier_at`]) and its quantizers'
+/// bit gates right after them (four each, as [`sample_bit_groups`]), with logistic `noise`
+/// (`[rank + 4·Q]`): `[rank + 1 + 4·Q]`. The consumers hand their gradients over to `grads`.
+pub(crate) fn sample_layer_gates(
+    bank: &Tensor,
+    offset: usize,
+    noise: &Tensor,
+    rank: usize,
+    grads: &ops::GateGrads,
+) -> Result<Tensor> {
+    Ok(ops::layer_gates_at(bank, offset, noise, hard_concrete(true), rank, 4, Some(grads))?)
 }
 
 /// The rank multiplier `[1, nested_prefix(sample(log_alpha, noise))]` of a layer's rank gates

@@ -73,12 +73,13 @@ pub struct EvalWeights {
 
 /// A layer's gates for one training forward ([`BLoraLayer::gate_samples`]).
 struct GateSamples {
-    /// The logistic noise of every gate, in bank order (rank gates, then each quantizer's four).
-    noise: Tensor,
-    /// Every quantizer's bit-gate samples, `[4·Q]` (`None` without quantizers).
-    bits: Option<Tensor>,
-    /// Where the quantizers hand over their gradients of `bits` ([`ops::GateGrads`]: gathered
-    /// by the sample's backward, not summed by autograd).
+    /// Every sample of the layer: the rank multiplier `[r]` (with rank gates), then every
+    /// quantizer's bit gates `[4·Q]`.
+    z: Tensor,
+    /// Where the first quantizer's gates start in `z` (r with rank gates, else 0).
+    bits_at: usize,
+    /// Where the consumers (the rank multiplier's, the quantizers) hand over their gradients of
+    /// `z` ([`ops::GateGrads`]: gathered by the sample's backward, not summed by autograd).
     grads: ops::GateGrads,
 }
 
@@ -350,48 +351,60 @@ impl BLoraLayer {
         Ok(Some(Tensor::from_vec(noise, n, bank.var().device())?))
     }
 
-    /// The gate samples of one training forward: the layer's noise ([`Self::gate_noise`]) and
-    /// every quantizer's bit gates sampled from it in one op (`[4·Q]`, in quantizer order; `None`
-    /// without quantizers). The quantizers' gates sit side by side in the bank (after the rank
-    /// gates, [`Self::bind_gates`]), so one window holds them all.
+    /// The gate samples of one training forward, drawn from the layer's noise
+    /// ([`Self::gate_noise`]) in one op: the rank multiplier and every quantizer's bit gates
+    /// (in quantizer order) with rank gates ([`gates::sample_layer_gates`]), else the bit gates
+    /// alone ([`gates::sample_bit_groups`]). The layer's gates sit side by side in the bank (rank
+    /// gates, then each quantizer's, [`Self::bind_gates`]), so one window holds them all.
     fn gate_samples(&self, ctx: &Ctx, salt: u64) -> Result<Option<GateSamples>> {
         let Some(noise) = self.gate_noise(ctx, salt)? else { return Ok(None) };
         let grads = ops::GateGrads::new();
-        let bits = match self.quantizers.first() {
-            Some(first) => {
-                let (bank, at) = (first.logits.bank(), first.logits.offset());
-                if self.quantizers.iter().enumerate().any(|(k, q)| q.logits.offset() != at + 4 * k) {
-                    return Err(Error::config("gate offset", at, "a layer's bit gates must be contiguous in the bank"));
-                }
-                let n = 4 * self.quantizers.len();
-                let noise = noise.narrow(0, self.rank_len(), n)?;
-                Some(gates::sample_bit_groups(bank.var().as_tensor(), at, &noise, &grads)?)
-            }
-            None => None,
+        let rank_len = self.rank_len();
+        let first = match (&self.rank_logits, self.quantizers.first()) {
+            (Some(l), _) => l,
+            (None, Some(q)) => &q.logits,
+            (None, None) => return Ok(None),
         };
-        Ok(Some(GateSamples { noise, bits, grads }))
+        let (bank, at) = (first.bank(), first.offset());
+        if self.quantizers.iter().enumerate().any(|(k, q)| q.logits.offset() != at + rank_len + 4 * k) {
+            return Err(Error::config("gate offset", at, "a layer's gates must be contiguous in the bank"));
+        }
+        let bank = bank.var().as_tensor();
+        let (z, bits_at) = if rank_len > 0 {
+            (gates::sample_layer_gates(bank, at, &noise, rank_len, &grads)?, rank_len + 1)
+        } else {
+            (gates::sample_bit_groups(bank, at, &noise, &grads)?, 0)
+        };
+        Ok(Some(GateSamples { z, bits_at, grads }))
     }
 
     /// Quantizes `x` with `slot`'s quantizer (if any): training when `samples` (the layer's, from
     /// [`Self::gate_samples`]) are given, test time otherwise.
     fn quant(&self, slot: Slot, x: &Tensor, samples: Option<&GateSamples>) -> Result<Tensor> {
         let Some(k) = self.quantizers.iter().position(|q| q.slot == slot) else { return Ok(x.clone()) };
-        let z = samples.and_then(|s| s.bits.as_ref().map(|z| (z, 4 * k, Some(&s.grads))));
+        let z = samples.map(|s| (&s.z, s.bits_at + 4 * k, Some(&s.grads)));
         self.quantizers[k].forward_with_gates(x, z)
     }
 
-    /// The rank multiplier `[r]`: 1 for component 1, then sampled nested gates (training:
-    /// `samples` given) or the deterministic prefix (test time); `None` without rank gates.
-    fn rank_multiplier(&self, samples: Option<&GateSamples>) -> Result<Option<Tensor>> {
-        let Some(logits) = &self.rank_logits else { return Ok(None) };
-        match samples.map(|s| &s.noise) {
-            Some(noise) => Ok(Some(gates::rank_multiplier_of(logits, &noise.narrow(0, 0, self.r - 1)?)?)),
-            None => {
-                let rank = self.learned_rank()?;
-                let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
-                Ok(Some(Tensor::from_vec(m, self.r, logits.device())?))
-            }
+    /// `h ⊙ (e ⊙ m)` for `h: [N, r]`, `e: [r]` and the rank multiplier m `[r]`: 1 for component
+    /// 1, then the sampled nested gates (training: `samples` given, one op per direction,
+    /// [`ops::scale_by_gates_at`]) or the deterministic prefix (test time); `h ⊙ e` without rank
+    /// gates.
+    fn scale_rank(&self, h: &Tensor, e: &Tensor, samples: Option<&GateSamples>) -> Result<Tensor> {
+        if self.rank_logits.is_none() {
+            return Ok(h.broadcast_mul(e)?);
         }
+        match samples {
+            Some(s) => Ok(ops::scale_by_gates_at(h, e, &s.z, 0, Some(&s.grads))?),
+            None => Ok(h.broadcast_mul(&e.mul(&self.rank_mask()?)?)?),
+        }
+    }
+
+    /// The deterministic rank multiplier `[r]` (test time): 1 up to the learned rank, then 0.
+    fn rank_mask(&self) -> Result<Tensor> {
+        let rank = self.learned_rank()?;
+        let m: Vec<f32> = (0..self.r).map(|i| if i < rank { 1.0 } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(m, self.r, self.lora_e.device())?)
     }
 
     fn learned_rank(&self) -> Result<usize> {
@@ -411,11 +424,8 @@ impl BLoraLayer {
         };
         let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), samples)?;
         let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, samples)?;
-        let mut e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), samples)?.reshape(self.r)?;
-        if let Some(m) = self.rank_multiplier(samples)? {
-            e = e.mul(&m)?;
-        }
-        let g = self.quant(Slot::ActE, &h.broadcast_mul(&e)?, samples)?;
+        let e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), samples)?.reshape(self.r)?;
+        let g = self.quant(Slot::ActE, &self.scale_rank(&h, &e, samples)?, samples)?;
         let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), samples)?;
         let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, samples)?;
         Ok(u.affine(self.scaling, 0.0)?)
@@ -443,8 +453,8 @@ impl BLoraLayer {
         let a = self.quant(Slot::LoraA, self.lora_a.as_tensor(), None)?;
         let e = self.quant(Slot::LoraE, self.lora_e.as_tensor(), None)?.reshape(self.r)?;
         let b = self.quant(Slot::LoraB, self.lora_b.as_tensor(), None)?;
-        let rank_mask = match self.rank_multiplier(None)? {
-            Some(m) => m,
+        let rank_mask = match self.rank_logits {
+            Some(_) => self.rank_mask()?,
             None => Tensor::ones(self.r, DType::F32, self.lora_e.device())?,
         };
         Ok(EvalWeights { a, e, rank_mask, b })

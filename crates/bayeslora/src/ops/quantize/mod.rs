@@ -339,8 +339,8 @@ pub(super) fn slice<'a, T>(op: &str, data: &'a [T], layout: &Layout) -> Result<&
     Ok(&data[a..b])
 }
 
-/// Runs `f32_fn` or `f64_fn` on contiguous CPU inputs of one float dtype.
-fn on_cpu<const N: usize>(
+/// Runs `f32_fn` or `f64_fn` on contiguous CPU inputs of one float dtype (also `ops::gate_scale`'s).
+pub(crate) fn on_cpu<const N: usize>(
     op: &str,
     inputs: [(&CpuStorage, &Layout); N],
     f32_fn: impl Fn([&[f32]; N]) -> Result<Vec<f32>>,
@@ -458,23 +458,14 @@ impl CustomOp3 for QuantizeOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want_dx = x.track_op();
         // The whole gates' gradient to autograd, or the four dz handed over.
-        let returned = match &self.grads {
-            Some(g) => g.returns_to_autograd()?,
-            None => true,
-        };
+        let returned = super::GateGrads::returns(self.grads.as_ref())?;
         let dz = if returned { (z.elem_count(), self.offset) } else { (4, 0) };
         let op = QuantizeGradOp { want_dx, params: params.clone(), z: z.clone(), offset: self.offset, dz };
         let out = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let n = if want_dx { x.elem_count() } else { 0 };
         let dx = if want_dx { Some(out.narrow(0, 0, n)?.reshape(x.shape())?) } else { None };
         let dz = out.narrow(0, n, dz.0)?;
-        match (&self.grads, returned) {
-            (Some(g), false) => {
-                g.hand_over(self.offset, dz)?;
-                Ok((dx, None, None))
-            }
-            _ => Ok((dx, None, Some(dz))),
-        }
+        Ok((dx, None, super::GateGrads::route(self.grads.as_ref(), returned, self.offset, dz)?))
     }
 }
 
