@@ -37,6 +37,8 @@ pub struct PredictTiming {
     pub device_name: String,
     /// From the start of the model build to the end of the warm-up batches.
     pub time_to_first_pass: f64,
+    /// The target modules the architecture chose when `cfg.lora` names none.
+    pub default_targets: Option<Vec<String>>,
 }
 
 impl PredictTiming {
@@ -68,7 +70,7 @@ pub fn predict(
     let device = run::device(&cfg.device)?;
     let started = Instant::now();
     let mut memory = MemoryProbe::new(&device);
-    let Built { model, n_frozen, vocab, decoder, .. } = build(cfg, source, &device, hooks)?;
+    let Built { model, n_frozen, vocab, decoder, default_targets } = build(cfg, source, &device, hooks)?;
     memory.sample();
     let bsz = cfg.train.batch.batch_size;
     let ivon = &cfg.train.ivon;
@@ -120,6 +122,7 @@ pub fn predict(
         peak_kind: memory.kind(),
         device_name: if device.is_cuda() { memory.name.clone() } else { cpu_name() },
         time_to_first_pass,
+        default_targets,
     })
 }
 

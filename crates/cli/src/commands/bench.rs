@@ -167,6 +167,10 @@ fn run_predict(
     let samples = args.run.samples.unwrap_or(10);
     let batches = cfg.train.max_steps.unwrap_or(20);
     let m = bench::predict(cfg, source, samples, batches, args.warmup, &mut Terminal::default())?;
+    let targets_json = match (targets_json, &m.default_targets) {
+        (serde_json::Value::Null, Some(names)) => serde_json::json!(names),
+        (t, _) => t,
+    };
     let k = m.sample_pass_seconds.len() as f64;
     let sampled_ms = 1e3 * m.sample_pass_seconds.iter().sum::<f64>() / k;
     let row = serde_json::json!({
