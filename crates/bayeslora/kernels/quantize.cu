@@ -9,7 +9,9 @@
 //   range_fused:        per-block min/max of x (NaN marks a block that saw a non-finite value),
 //                       then the last block: the running range widened by x's extremes and the
 //                       grid's parameters (`range_update`; PARAMS floats, the layout of
-//                       `ops::quantize::PARAMS`), in one launch.
+//                       `ops::quantize::PARAMS`), in one launch;
+//   ranges_fused:       range_fused of up to MAX_RANGES tensors in one launch: grid row y is
+//                       tensor y's (its own partials, counter and output row).
 //
 // "The last block": each block's thread 0 writes its partials, fences, and takes a ticket from a
 // counter; the block that draws gridDim.x - 1 sees every partial, finishes, and resets the
@@ -110,6 +112,8 @@ __device__ __forceinline__ void block_sum_f64(double (&v)[K]) {
 // Tickets of the fused kernels' blocks (see the top of the file); zero between launches.
 __device__ unsigned int dz_blocks_done = 0;
 __device__ unsigned int range_blocks_done = 0;
+#define MAX_RANGES 8
+__device__ unsigned int ranges_blocks_done[MAX_RANGES] = {0};
 
 // Whether this block is the last of the grid to finish: thread 0 (which wrote the block's
 // partials) fences and takes a ticket; every thread gets the answer. The barrier also separates
@@ -285,6 +289,26 @@ __device__ void range_fused(const uint64_t n, const T* __restrict__ x, T* partia
     if (threadIdx.x == 0) range_blocks_done = 0;
 }
 
+// Mirrors `RangeGroup` in src/ops/quantize/range.rs: tensor y has n[y] elements at x[y] (T) and
+// its old range at range[y] (2 floats).
+struct RangeGroup {
+    uint64_t n[MAX_RANGES];
+    uint64_t x[MAX_RANGES];
+    uint64_t range[MAX_RANGES];
+};
+
+// Grid (blocks, k): row y = blockIdx.y runs range_fused on tensor y; partial holds 2 * gridDim.x
+// values per tensor, out 2 + PARAMS per tensor.
+template <typename T>
+__device__ void ranges_fused(const RangeGroup g, T* partial, T* __restrict__ out) {
+    const unsigned int y = blockIdx.y;
+    T* part = partial + 2 * (uint64_t)gridDim.x * y;
+    range_partial<T>(g.n[y], reinterpret_cast<const T*>(g.x[y]), part);
+    if (!last_block(&ranges_blocks_done[y])) return;
+    range_update<T>(gridDim.x, part, reinterpret_cast<const float*>(g.range[y]), out + (2 + PARAMS) * y);
+    if (threadIdx.x == 0) ranges_blocks_done[y] = 0;
+}
+
 #define QUANTIZE_KERNELS(SUFFIX, T)                                                                      \
     extern "C" __global__ void quantize_fwd_##SUFFIX(const QuantizeParams p, const T* x, const T* prm,     \
                                                      const T* z, T* y) {                                   \
@@ -298,6 +322,9 @@ __device__ void range_fused(const uint64_t n, const T* __restrict__ x, T* partia
     extern "C" __global__ void range_fused_##SUFFIX(const uint64_t n, const T* x, T* partial,             \
                                                     const float* range, T* out) {                         \
         range_fused<T>(n, x, partial, range, out);                                                         \
+    }                                                                                                      \
+    extern "C" __global__ void ranges_fused_##SUFFIX(const RangeGroup g, T* partial, T* out) {            \
+        ranges_fused<T>(g, partial, out);                                                                  \
     }
 
 QUANTIZE_KERNELS(f32, float)

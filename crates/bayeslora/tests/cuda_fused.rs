@@ -815,6 +815,42 @@ fn blora_quantizer_timing() -> Result<()> {
     Ok(())
 }
 
+/// A layer's weight ranges in one launch (`ranges_fused`, [`ops::update_ranges`]) against the
+/// CPU path, to the bit: mixed sizes (one past a block's worth of blocks), an unset range, a
+/// non-finite tensor and an empty one, old ranges that are views of the previous step's rows,
+/// f32 and f64, over two steps.
+#[test]
+fn grouped_range_updates_match_cpu() -> Result<()> {
+    let gpu = cuda();
+    for dtype in [DType::F32, DType::F64] {
+        let xs = [
+            Tensor::randn(0f32, 0.02, (8, 384), &Device::Cpu)?,
+            Tensor::new(&[[0.5f32], [2.0], [0.25]], &Device::Cpu)?,
+            Tensor::randn(0f32, 1.0, (300_001,), &Device::Cpu)?,
+            Tensor::new(&[1f32, f32::NAN, -3.0], &Device::Cpu)?,
+            Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+            Tensor::randn(0f32, 0.02, (384, 8), &Device::Cpu)?,
+        ]
+        .map(|x| x.to_dtype(dtype))
+        .into_iter()
+        .collect::<candle_core::Result<Vec<_>>>()?;
+        let prev = Tensor::new(&[[-0.1f32, 0.1], [0., 0.], [0., 1.], [-1., 1.], [0., 2.], [0., 0.]], &Device::Cpu)?;
+        let mut old = prev.clone();
+        for step in 0..2 {
+            let run = |dev: &Device| -> Result<Tensor> {
+                let xs = xs.iter().map(|x| x.to_device(dev)).collect::<candle_core::Result<Vec<_>>>()?;
+                let old = old.to_device(dev)?;
+                let ranges = (0..xs.len()).map(|i| old.get(i)).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(ops::update_ranges(&xs, &ranges)?)
+            };
+            let (cpu, gpu_out) = (run(&Device::Cpu)?, run(&gpu)?);
+            assert_bits(&format!("ranges {dtype:?} step {step}"), &host_f64(&gpu_out)?, &host_f64(&cpu)?, false);
+            old = cpu.narrow(1, 0, 2)?.to_dtype(DType::F32)?;
+        }
+    }
+    Ok(())
+}
+
 /// B-LoRA's gate prior as one op per direction (`kernels/gate_prior.cu`, a thread per layer)
 /// against its CPU path (the composed ops' floats to the bit, `adapters::blora::bank`): every
 /// layer's prior and the bank's gradient, both costs, with rank gates (a long vector too) and

@@ -31,7 +31,8 @@ struct Counts {
     kinds: BTreeMap<String, usize>,
     /// Distinct buffers of the untracked inputs of B-LoRA's ops: the gate noise (the second input
     /// of `hard-concrete` / `rank-multiplier`: one host→device upload each) and the quantizer's
-    /// grid (the second input of `blora-quantize`: one range update each, one CUDA launch).
+    /// grid (the second input of `blora-quantize`: one range update each, one CUDA launch; a layer's
+    /// weights' grids are rows of one `update_ranges` output, so they count once).
     noise: HashSet<usize>,
     ranges: HashSet<usize>,
     /// Distinct buffers of the leaves that no op of the graph made (outputs of ops that record

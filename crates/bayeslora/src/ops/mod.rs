@@ -70,7 +70,7 @@ pub use hard_concrete::{
 pub use layer_norm::layer_norm;
 pub use layout::{merge_heads, split_heads};
 pub use linear::frozen_linear;
-pub use quantize::{gated_quantize, gated_quantize_at, update_range, PARAMS as QUANTIZE_PARAMS};
+pub use quantize::{gated_quantize, gated_quantize_at, update_range, update_ranges, PARAMS as QUANTIZE_PARAMS};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

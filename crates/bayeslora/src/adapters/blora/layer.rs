@@ -23,7 +23,7 @@ use rand_distr::Distribution;
 use super::bank::{GateBank, GateRef, LayerCost, PriorPlan};
 use super::config::{BLoraConfig, GateCost, InitE};
 use super::gates;
-use super::quantizer::{Quantizer, Range, Slot};
+use super::quantizer::{train_input, Quantizer, Range, Slot};
 use crate::adapters::{Adapter, Ctx};
 use crate::{ops, Error, Result};
 
@@ -386,6 +386,51 @@ impl BLoraLayer {
         self.quantizers[k].forward_with_gates(x, z)
     }
 
+    /// [`Self::quant`] of the adapter weights (A, E, B: known before the forward, unlike the
+    /// activations). While training, their ranges are updated by one op (one CUDA launch,
+    /// [`ops::update_ranges`]) instead of one each; the same floats.
+    fn quant_weights(&self, weights: [(Slot, Tensor); 3], samples: Option<&GateSamples>) -> Result<[Tensor; 3]> {
+        let Some(s) = samples else {
+            let [(sa, a), (se, e), (sb, b)] = weights;
+            return Ok([self.quant(sa, &a, None)?, self.quant(se, &e, None)?, self.quant(sb, &b, None)?]);
+        };
+        // Per weight: its quantizer's index, the weight as quantized, and the range to widen
+        // (`None`: a frozen grid).
+        let mut quantized = Vec::with_capacity(3);
+        for (slot, w) in &weights {
+            quantized.push(match self.quantizers.iter().position(|q| q.slot == *slot) {
+                Some(k) => {
+                    let xq = train_input(w)?;
+                    let current = self.quantizers[k].current_range(xq.device())?;
+                    Some((k, xq, current))
+                }
+                None => None,
+            });
+        }
+        let (xs, ranges): (Vec<Tensor>, Vec<Tensor>) =
+            quantized.iter().flatten().filter_map(|(_, xq, r)| Some((xq.clone(), r.clone()?))).unzip();
+        let mut widened = match xs.len() {
+            0 => Vec::new(),
+            1 => vec![ops::update_range(&xs[0], &ranges[0])?],
+            n => {
+                let rows = ops::update_ranges(&xs, &ranges)?;
+                (0..n).map(|j| rows.get(j)).collect::<candle_core::Result<Vec<_>>>()?
+            }
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(3);
+        for ((_, w), q) in weights.iter().zip(quantized) {
+            out.push(match q {
+                Some((k, xq, current)) => {
+                    let widened = if current.is_some() { widened.next() } else { None };
+                    self.quantizers[k].forward_widened(w, &xq, widened, (&s.z, s.bits_at + 4 * k, Some(&s.grads)))?
+                }
+                None => w.clone(),
+            });
+        }
+        out.try_into().map_err(|_| Error::config("blora weights", 3, "invariant: one output per weight"))
+    }
+
     /// `h ⊙ (e ⊙ m)` for `h: [N, r]`, `e: [r]` and the rank multiplier m `[r]`: 1 for component
     /// 1, then the sampled nested gates (training: `samples` given, one op per direction,
     /// [`ops::scale_by_gates_at`]) or the deterministic prefix (test time); `h ⊙ e` without rank
@@ -422,11 +467,16 @@ impl BLoraLayer {
         } else {
             x.clone()
         };
-        let a = self.quant(Slot::LoraA, &ctx.param(&self.lora_a), samples)?;
+        let [a, e, b] = self.quant_weights(
+            [
+                (Slot::LoraA, ctx.param(&self.lora_a)),
+                (Slot::LoraE, ctx.param(&self.lora_e)),
+                (Slot::LoraB, ctx.param(&self.lora_b)),
+            ],
+            samples,
+        )?;
         let h = self.quant(Slot::ActA, &x.matmul(&a.t()?)?, samples)?;
-        let e = self.quant(Slot::LoraE, &ctx.param(&self.lora_e), samples)?.reshape(self.r)?;
-        let g = self.quant(Slot::ActE, &self.scale_rank(&h, &e, samples)?, samples)?;
-        let b = self.quant(Slot::LoraB, &ctx.param(&self.lora_b), samples)?;
+        let g = self.quant(Slot::ActE, &self.scale_rank(&h, &e.reshape(self.r)?, samples)?, samples)?;
         let u = self.quant(Slot::ActB, &g.matmul(&b.t()?)?, samples)?;
         Ok(u.affine(self.scaling, 0.0)?)
     }

@@ -307,23 +307,46 @@ impl Quantizer {
         x: &Tensor,
         gates: Option<(&Tensor, usize, Option<&ops::GateGrads>)>,
     ) -> Result<Tensor> {
-        let Some((z, at, grads)) = gates else {
+        let Some(gates) = gates else {
             let range = self.range()?;
             if !range.is_set() {
                 return Ok(x.clone());
             }
             return quantize_fixed(x, &range, self.bits()?);
         };
-        let xq = if ops::quantize::applies(x) { x.clone() } else { x.to_dtype(DType::F32)? };
+        let xq = train_input(x)?;
+        let widened = self.current_range(xq.device())?.map(|r| ops::update_range(&xq, &r)).transpose()?;
+        self.forward_widened(x, &xq, widened, gates)
+    }
+
+    /// The range a training forward widens (`[2]` f32 on `device`), or `None` when the grid is
+    /// frozen (the base weight's, once set).
+    pub(crate) fn current_range(&self, device: &Device) -> Result<Option<Tensor>> {
+        let st = self.lock()?;
+        if st.frozen.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(match &st.device {
+            Some(d) => d.clone(),
+            None => range_tensor(&st.host, device)?,
+        }))
+    }
+
+    /// The training forward of [`Self::forward_with_gates`] given `xq` (x as quantized,
+    /// [`train_input`]) and this step's [`ops::update_range`] output for it (`None`: the frozen
+    /// grid, see [`Self::current_range`]): keeps the widened range, then quantizes.
+    pub(crate) fn forward_widened(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        widened: Option<Tensor>,
+        (z, at, grads): (&Tensor, usize, Option<&ops::GateGrads>),
+    ) -> Result<Tensor> {
         let mut st = self.lock()?;
-        let widened = match &st.frozen {
-            Some(w) => w.clone(),
-            None => {
-                let current = match &st.device {
-                    Some(d) => d.clone(),
-                    None => range_tensor(&st.host, x.device())?,
-                };
-                let widened = ops::update_range(&xq, &current)?;
+        let widened = match (widened, &st.frozen) {
+            (None, Some(w)) => w.clone(),
+            (None, None) => return Err(Error::config("blora range", self.slot.name(), "no range update was given")),
+            (Some(widened), _) => {
                 let range = widened.narrow(0, 0, 2)?.to_dtype(DType::F32)?;
                 st.device = Some(range.clone());
                 st.device_ahead = true;
@@ -343,9 +366,14 @@ impl Quantizer {
         };
         drop(st);
         let params = widened.narrow(0, 2, PARAMS)?;
-        let q = ops::gated_quantize_at(&xq, &params, z, at, grads)?;
+        let q = ops::gated_quantize_at(xq, &params, z, at, grads)?;
         Ok(q.to_dtype(x.dtype())?)
     }
+}
+
+/// What a training forward quantizes: `x`, or `x` in f32 for dtypes the fused ops do not take.
+pub(crate) fn train_input(x: &Tensor) -> Result<Tensor> {
+    Ok(if ops::quantize::applies(x) { x.clone() } else { x.to_dtype(DType::F32)? })
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@
 //! ```
 mod range;
 
-pub use range::update_range;
+pub use range::{update_range, update_ranges};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
