@@ -13,7 +13,7 @@ use crate::eval::{self, EvalConfig, ModelPredictor};
 use crate::run::{self, Hooks, RunConfig};
 use crate::train::Classifier;
 use crate::{Error, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use std::time::Instant;
 
 /// What one [`predict`] measured.
@@ -95,12 +95,12 @@ pub fn predict(
         let data = synthetic(bsz * warmup, cfg.max_len, vocab, decoder);
         eval::evaluate(&mut predictor, &data, &eval_cfg(0))?;
     }
-    sync(&device)?;
+    device.synchronize()?;
     let time_to_first_pass = started.elapsed().as_secs_f64();
     memory.sample();
     let data = synthetic(bsz * batches, cfg.max_len, vocab, decoder);
     let ev = eval::evaluate(&mut predictor, &data, &eval_cfg(samples))?;
-    sync(&device)?;
+    device.synchronize()?;
     memory.sample();
     let (mean_pass_seconds, sample_pass_seconds) = match ev.pass_seconds.split_first() {
         Some((m, rest)) if rest.len() == samples => (*m, rest.to_vec()),
@@ -124,10 +124,6 @@ pub fn predict(
         time_to_first_pass,
         default_targets,
     })
-}
-
-fn sync(device: &Device) -> Result<()> {
-    Ok(device.synchronize()?)
 }
 
 #[cfg(test)]

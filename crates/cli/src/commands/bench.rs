@@ -98,10 +98,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             BenchObjective::LabelWords => Objective::LabelWords,
         };
         let m = bench::train(&cfg, &source, lib_objective, kind, steps, warmup, &mut Terminal::default())?;
-        let targets_json = match (&targets_json, &m.default_targets) {
-            (serde_json::Value::Null, Some(names)) => serde_json::json!(names),
-            _ => targets_json.clone(),
-        };
+        let targets_json = row_targets(&targets_json, &m.default_targets);
         let tok_s = m.tokens as f64 / m.seconds;
         let step_ms = 1e3 * m.seconds / m.steps.max(1) as f64;
         let flops = 4.0 * m.n_frozen as f64 * tok_s;
@@ -155,6 +152,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A row's `targets`: the modules named on the command line, else the architecture's defaults.
+fn row_targets(named: &serde_json::Value, defaults: &Option<Vec<String>>) -> serde_json::Value {
+    match (named, defaults) {
+        (serde_json::Value::Null, Some(names)) => serde_json::json!(names),
+        _ => named.clone(),
+    }
+}
+
 /// `bayeslora bench predict`: [`bench::predict`], one row: the pass at the mean and the K
 /// (`--samples`, default 10) sampled passes over `--max-steps` batches of `--batch-size` ×
 /// `--max-len` tokens, after `--warmup` batches; `ratio` = K sampled passes / (K × the mean pass).
@@ -167,10 +172,7 @@ fn run_predict(
     let samples = args.run.samples.unwrap_or(10);
     let batches = cfg.train.max_steps.unwrap_or(20);
     let m = bench::predict(cfg, source, samples, batches, args.warmup, &mut Terminal::default())?;
-    let targets_json = match (targets_json, &m.default_targets) {
-        (serde_json::Value::Null, Some(names)) => serde_json::json!(names),
-        (t, _) => t,
-    };
+    let targets_json = row_targets(&targets_json, &m.default_targets);
     let k = m.sample_pass_seconds.len() as f64;
     let sampled_ms = 1e3 * m.sample_pass_seconds.iter().sum::<f64>() / k;
     let row = serde_json::json!({
