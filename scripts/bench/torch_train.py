@@ -17,6 +17,7 @@ ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--device", default="cpu")
 ap.add_argument("--out", default=None)
+ap.add_argument("--optimizers", default="adamw,ivon", help="comma-separated, run in this order")
 args = ap.parse_args()
 
 import torch
@@ -86,7 +87,7 @@ def run(opt_name):
     return row
 
 
-rows = [run("adamw"), run("ivon")]
+rows = [run(o) for o in args.optimizers.split(",")]
 if args.out:
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)

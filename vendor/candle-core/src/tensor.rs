@@ -2394,6 +2394,53 @@ impl Tensor {
         }
     }
 
+    /// bayeslora patch: `self` (values computed outside the graph, e.g. from detached inputs)
+    /// recorded as the output of the custom op `c` applied to `(arg1, arg2, arg3)`. The storage
+    /// is shared, not copied; `c`'s forward is never called, its backward is. An op built this
+    /// way keeps for its backward only what its struct holds (and its arguments), not the
+    /// intermediates of the ops that computed `self`. Untracked when no argument is.
+    pub fn recorded_as_op3(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        arg3: &Tensor,
+        c: Arc<Box<dyn crate::CustomOp3 + Send + Sync>>,
+    ) -> Tensor {
+        let op = BackpropOp::new3(arg1, arg2, arg3, |a, b, d| Op::CustomOp3(a, b, d, c.clone()));
+        self.with_op(op)
+    }
+
+    /// bayeslora patch: [`Tensor::recorded_as_op3`] for a one-argument op.
+    pub fn recorded_as_op1(&self, arg: &Tensor, c: Arc<Box<dyn crate::CustomOp1 + Send + Sync>>) -> Tensor {
+        let op = BackpropOp::new1(arg, |a| Op::CustomOp1(a, c.clone()));
+        self.with_op(op)
+    }
+
+    /// bayeslora patch: [`Tensor::recorded_as_op3`] for a two-argument op.
+    pub fn recorded_as_op2(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        c: Arc<Box<dyn crate::CustomOp2 + Send + Sync>>,
+    ) -> Tensor {
+        let op = BackpropOp::new2(arg1, arg2, |a, b| Op::CustomOp2(a, b, c.clone()));
+        self.with_op(op)
+    }
+
+    /// A new tensor sharing `self`'s storage and layout, with `op` as its backprop op.
+    fn with_op(&self, op: BackpropOp) -> Tensor {
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Tensor(Arc::new(tensor_))
+    }
+
     /// If the target device is the same as the tensor device, only a shallow copy is performed.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         if self.device().same_device(device) {

@@ -10,6 +10,7 @@
 //! same name in `kernels/`, e.g. `rms_norm.rs` ↔ `kernels/rms_norm.cu`) and its backward:
 //! `rms_norm`, `layer_norm`, `rope`, `swiglu`, `layout` (split/merge heads), `cast`, `gelu`,
 //! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
+//! `lora_linear` (a frozen linear and its LoRA path as one op that keeps only its inputs),
 //! `quantize`, `hard_concrete`, `gate_scale` and `gate_prior` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
 //! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
 //! types and storage access of the multithreaded CPU ops), `erf.rs` and `exp.rs` (libm's `erff`
@@ -46,6 +47,7 @@ mod hard_concrete;
 mod layer_norm;
 mod layout;
 mod linear;
+mod lora_linear;
 pub(crate) mod quantize;
 mod reference;
 mod rms_norm;
@@ -69,10 +71,11 @@ pub use hard_concrete::{
 };
 pub use layer_norm::layer_norm;
 pub use layout::{merge_heads, split_heads};
-pub use linear::frozen_linear;
+pub use linear::{frozen_linear, residual_projection, ProjectionInput};
+pub use lora_linear::{lora_linear, LoraPath};
 pub use quantize::{gated_quantize, gated_quantize_at, update_range, update_ranges, PARAMS as QUANTIZE_PARAMS};
 pub use rms_norm::rms_norm;
-pub use rope::rope;
+pub use rope::{rope, rope_heads};
 pub use swiglu::swiglu;
 
 use candle_core::{DType, Result, Tensor, D};

@@ -24,6 +24,56 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rope_composed(x, cos, sin)
 }
 
+/// `rope(split_heads(x, heads), cos, sin)`: a projection's output `x: [B, T, heads·D]` to
+/// rotated heads `[B, heads, T, D]`, the same values, keeping for the backward only `x` (the
+/// split copy in between is freed after the forward: one activation per rotated projection).
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = rope(&super::split_heads(&x.detach(), heads)?, cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let op = RopeHeads { cos: cos.detach(), sin: sin.detach(), heads };
+    Ok(y.recorded_as_op1(x, std::sync::Arc::new(Box::new(op))))
+}
+
+/// [`rope_heads`]' backward: the adjoint rotation, then the heads merged back.
+struct RopeHeads {
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+}
+
+impl CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("rope-heads: recorded with its output, its forward never runs")
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.detach();
+        let (t, d) = (g.dim(D::Minus2)?, g.dim(D::Minus1)?);
+        let fits = |table: &Tensor| table.dtype() == g.dtype() && table.dims() == [t, d];
+        let dheads = if super::cuda_applies(&g) && d % 2 == 0 && fits(&self.cos) && fits(&self.sin) {
+            let adjoint = FusedRope { cos: self.cos.contiguous()?, sin: self.sin.contiguous()?, transpose: true };
+            g.contiguous()?.apply_op1_no_bwd(&adjoint)?
+        } else {
+            // The composed rotation is linear: its backward at any point is the adjoint, as
+            // candle's autograd of `rope_composed` computes it for the plain graph.
+            let at = candle_core::Var::zeros(g.shape(), g.dtype(), g.device())?;
+            let grads = rope_composed(at.as_tensor(), &self.cos, &self.sin)?.mul(&g)?.sum_all()?.backward()?;
+            grads
+                .get(at.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("rope-heads: no gradient".into()))?
+        };
+        debug_assert_eq!(dheads.dim(1)?, self.heads);
+        Ok(Some(super::merge_heads(&dheads)?))
+    }
+}
+
 /// [`rope`] composed from candle primitives (the CPU path).
 pub(crate) fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
@@ -174,6 +224,28 @@ mod tests {
         let adjoint =
             |x: &Tensor| x.contiguous()?.apply_op1(FusedRope { cos: cos.clone(), sin: sin.clone(), transpose: true });
         assert!(check_grad(&[2, 3, 4], &adjoint)? < 1e-6);
+        Ok(())
+    }
+
+    /// `rope_heads` is `rope(split_heads(x))`: values and input gradients bit for bit.
+    #[test]
+    fn rope_heads_is_split_then_rope() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let half = Tensor::randn(0f32, 1.0, (t, d / 2), &dev)?;
+        let freqs = Tensor::cat(&[&half, &half], D::Minus1)?;
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let x = candle_core::Var::randn(0f32, 1.0, (b, t, h * d), &dev)?;
+        let proj = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
+        let want = rope(&crate::ops::split_heads(x.as_tensor(), h)?, &cos, &sin)?;
+        let got = rope_heads(x.as_tensor(), h, &cos, &sin)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        };
+        assert_eq!(bits(&want)?, bits(&got)?);
+        let gw = want.mul(&proj)?.sum_all()?.backward()?;
+        let gg = got.mul(&proj)?.sum_all()?.backward()?;
+        assert_eq!(bits(gw.get(&x).expect("grad"))?, bits(gg.get(&x).expect("grad"))?);
         Ok(())
     }
 }

@@ -31,6 +31,28 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()?.mul(up)
 }
 
+/// The backward of [`swiglu`] on its own: `(d gate, d up)` for the gradient `g` of
+/// `silu(gate) · up`, by the kernel or CPU op [`swiglu`]'s backward runs (so the same floats);
+/// elsewhere through candle's autograd of the composition. For ops that fuse SwiGLU into
+/// what follows it (`ops::residual_projection`).
+pub(crate) fn swiglu_grad(gate: &Tensor, up: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let same = up.dims() == gate.dims() && up.dtype() == gate.dtype() && up.device().same_device(gate.device());
+    let (gate, up, g) = (gate.detach(), up.detach(), g.detach());
+    let both = if super::cuda_applies(&gate) && same {
+        gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SwigluGrad)?
+    } else if super::cpu_applies(&gate) && same {
+        gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &CpuSwigluGrad)?
+    } else {
+        let (gv, uv) = (candle_core::Var::from_tensor(&gate)?, candle_core::Var::from_tensor(&up)?);
+        let grads = gv.as_tensor().silu()?.mul(uv.as_tensor())?.mul(&g)?.sum_all()?.backward()?;
+        let pick = |v: &candle_core::Var| {
+            grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("swiglu_grad: no gradient".into()))
+        };
+        return Ok((pick(&gv)?, pick(&uv)?));
+    };
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 /// Refuses a gate and up of different shapes or dtypes.
 fn check_pair(gate: &Tensor, up: &Tensor) -> Result<()> {
     if gate.dims() != up.dims() || gate.dtype() != up.dtype() {

@@ -113,6 +113,27 @@ impl Adapter for LoraLayer {
         Ok(y.reshape(dims)?)
     }
 
+    /// Training (a recorded graph): the frozen projection and this path as one op,
+    /// [`ops::lora_linear`], which keeps only x, A, B and `drop(x)·Aᵀ` for the backward (the
+    /// composed graph kept five activation-sized buffers more). Its values are the composed
+    /// `frozen_linear(x) + cast(forward(x))` bit for bit. Without a graph: `None`, the composed path.
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &Ctx,
+        salt: u64,
+    ) -> Option<Result<Tensor>> {
+        if !ctx.grad {
+            return None;
+        }
+        let dropout = (ctx.train && self.dropout > 0.0).then(|| (self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT)));
+        let path = ops::LoraPath { scaling: self.scaling, dropout };
+        let (a, b) = (ctx.param(&self.lora_a), ctx.param(&self.lora_b));
+        Some(ops::lora_linear(x, weight, bias, &a, &b, path).map_err(Into::into))
+    }
+
     fn named_vars(&self) -> Vec<(String, Var)> {
         vec![("lora_A.weight".into(), self.lora_a.clone()), ("lora_B.weight".into(), self.lora_b.clone())]
     }

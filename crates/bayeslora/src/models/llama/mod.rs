@@ -4,7 +4,9 @@
 //! (`num_key_value_heads`), RoPE with `rope_theta` and optional `llama3` frequency scaling, q/k/v
 //! biases (Qwen2), an explicit `head_dim` (Mistral), and tied embeddings
 //! (`tie_word_embeddings`). Every block is pre-norm: `x + attn(rms_norm(x))`, then
-//! `x + mlp(rms_norm(x))` with the SwiGLU MLP `down(silu(gate(x)) · up(x))`.
+//! `x + mlp(rms_norm(x))` with the SwiGLU MLP `down(silu(gate(x)) · up(x))`. A frozen `o_proj`
+//! or `down_proj` runs with its residual add as one op ([`ops::residual_projection`]), which
+//! keeps for the backward neither its input nor its output.
 //!
 //! [`LlamaRawConfig`] mirrors config.json (both the transformers 4 spelling `rope_theta` +
 //! `rope_scaling` and the transformers 5 spelling `rope_parameters`); [`LlamaConfig`] is the
@@ -93,16 +95,14 @@ impl Attention {
         })
     }
 
-    /// `x: [B, T, C]` → `[B, T, C]`.
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
+    /// `residual + attention(x)`, `x, residual: [B, T, C]` → `[B, T, C]`.
+    fn forward(&self, x: &Tensor, residual: &Tensor, rope: &Rope, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
         // [B, T, heads·D] → [B, heads, T, D]
-        let q = ops::split_heads(&self.q_proj.forward(x, ctx)?, self.heads)?;
-        let k = ops::split_heads(&self.k_proj.forward(x, ctx)?, self.kv_heads)?;
+        let q = ops::rope_heads(&self.q_proj.forward(x, ctx)?, self.heads, &rope.cos, &rope.sin)?;
+        let k = ops::rope_heads(&self.k_proj.forward(x, ctx)?, self.kv_heads, &rope.cos, &rope.sin)?;
         let v = ops::split_heads(&self.v_proj.forward(x, ctx)?, self.kv_heads)?;
-        let q = ops::rope(&q, &rope.cos, &rope.sin)?;
-        let k = ops::rope(&k, &rope.cos, &rope.sin)?;
         let y = ops::attention(&q, &k, &v, mask)?;
-        self.o_proj.forward(&ops::merge_heads(&y)?, ctx)
+        residual_projection(residual, ops::ProjectionInput::Heads(&y), &self.o_proj, ctx)
     }
 }
 
@@ -124,10 +124,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    /// `residual + mlp(x)`.
+    fn forward(&self, x: &Tensor, residual: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, ctx)?;
         let up = self.up_proj.forward(x, ctx)?;
-        self.down_proj.forward(&ops::swiglu(&gate, &up)?, ctx)
+        residual_projection(residual, ops::ProjectionInput::Swiglu { gate: &gate, up: &up }, &self.down_proj, ctx)
     }
 }
 
@@ -193,10 +194,24 @@ impl DecoderLayer {
 
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &AttentionMask, eps: f64, ctx: &Ctx) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
-        let x = x.add(&self.self_attn.forward(&h, rope, mask, ctx)?)?;
+        let x = self.self_attn.forward(&h, x, rope, mask, ctx)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        Ok(x.add(&self.mlp.forward(&h, ctx)?)?)
+        self.mlp.forward(&h, &x, ctx)
     }
+}
+
+/// `residual + proj(f(input))`: one op that keeps neither f's output nor the projection's
+/// ([`ops::residual_projection`]) when the projection is frozen; composed when an adapter
+/// rides on it.
+fn residual_projection(residual: &Tensor, input: ops::ProjectionInput, proj: &Linear, ctx: &Ctx) -> Result<Tensor> {
+    if proj.adapter.is_none() {
+        return Ok(ops::residual_projection(residual, input, &proj.weight, proj.bias.as_ref())?);
+    }
+    let x = match input {
+        ops::ProjectionInput::Heads(y) => ops::merge_heads(y)?,
+        ops::ProjectionInput::Swiglu { gate, up } => ops::swiglu(gate, up)?,
+    };
+    Ok(residual.add(&proj.forward(&x, ctx)?)?)
 }
 
 /// Distinct dropout salt per (layer, module): q k v o gate up down = 0..6.
