@@ -19,6 +19,29 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()
 }
 
+/// A projection's output `x: [B, T, heads·D]` as attention heads `[B, heads, T, D]`, rotated
+/// when `rope` gives `(cos, sin)`: the values of `rope(split_heads(x))`, recorded through x's
+/// producer ([`super::through`]), so that neither x nor the split copy is kept for the backward.
+pub fn projection_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let split = split_heads(&x.detach(), heads)?;
+    let y = match rope {
+        Some((cos, sin)) => super::rope(&split, cos, sin)?,
+        None => split,
+    };
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let tables = rope.map(|(c, s)| (c.detach(), s.detach()));
+    let adjoint: super::through::Adjoint = std::sync::Arc::new(move |g: &Tensor| {
+        let g = match &tables {
+            Some((cos, sin)) => super::rope::rope_adjoint(g, cos, sin)?,
+            None => g.clone(),
+        };
+        merge_heads(&g)
+    });
+    Ok(super::through::record_through(&y, x, adjoint))
+}
+
 /// `[B, H, T, D]` → `[B, T, H·D]`, the inverse of [`split_heads`].
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;

@@ -53,6 +53,7 @@ mod reference;
 mod rms_norm;
 mod rope;
 mod swiglu;
+mod through;
 
 pub use attention::{attention, plain_attention, AttentionMask};
 pub use cast::cast;
@@ -70,12 +71,12 @@ pub use hard_concrete::{
     GateGrads, HardConcrete, MAX_GATE_GRADS,
 };
 pub use layer_norm::layer_norm;
-pub use layout::{merge_heads, split_heads};
+pub use layout::{merge_heads, projection_heads, split_heads};
 pub use linear::{frozen_linear, residual_projection, ProjectionInput};
 pub use lora_linear::{lora_linear, LoraPath};
 pub use quantize::{gated_quantize, gated_quantize_at, update_range, update_ranges, PARAMS as QUANTIZE_PARAMS};
 pub use rms_norm::rms_norm;
-pub use rope::{rope, rope_heads};
+pub use rope::rope;
 pub use swiglu::swiglu;
 
 use candle_core::{DType, Result, Tensor, D};

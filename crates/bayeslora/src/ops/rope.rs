@@ -24,54 +24,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     rope_composed(x, cos, sin)
 }
 
-/// `rope(split_heads(x, heads), cos, sin)`: a projection's output `x: [B, T, heads·D]` to
-/// rotated heads `[B, heads, T, D]`, the same values, keeping for the backward only `x` (the
-/// split copy in between is freed after the forward: one activation per rotated projection).
-pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let y = rope(&super::split_heads(&x.detach(), heads)?, cos, sin)?;
-    if !x.track_op() {
-        return Ok(y);
+/// The adjoint rotation (the backward of [`rope`] for a gradient `g: [.., T, D]`): the fused
+/// kernel's transpose on CUDA; elsewhere candle's autograd of the composed rotation (linear, so
+/// its backward at any point is the adjoint), the floats the plain graph's backward computes.
+pub(crate) fn rope_adjoint(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let g = g.detach();
+    let (t, d) = (g.dim(D::Minus2)?, g.dim(D::Minus1)?);
+    let fits = |table: &Tensor| !table.track_op() && table.dtype() == g.dtype() && table.dims() == [t, d];
+    if super::cuda_applies(&g) && d % 2 == 0 && fits(cos) && fits(sin) {
+        let adjoint = FusedRope { cos: cos.contiguous()?, sin: sin.contiguous()?, transpose: true };
+        return g.contiguous()?.apply_op1_no_bwd(&adjoint);
     }
-    let op = RopeHeads { cos: cos.detach(), sin: sin.detach(), heads };
-    Ok(y.recorded_as_op1(x, std::sync::Arc::new(Box::new(op))))
-}
-
-/// [`rope_heads`]' backward: the adjoint rotation, then the heads merged back.
-struct RopeHeads {
-    cos: Tensor,
-    sin: Tensor,
-    heads: usize,
-}
-
-impl CustomOp1 for RopeHeads {
-    fn name(&self) -> &'static str {
-        "rope-heads"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("rope-heads: recorded with its output, its forward never runs")
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.detach();
-        let (t, d) = (g.dim(D::Minus2)?, g.dim(D::Minus1)?);
-        let fits = |table: &Tensor| table.dtype() == g.dtype() && table.dims() == [t, d];
-        let dheads = if super::cuda_applies(&g) && d % 2 == 0 && fits(&self.cos) && fits(&self.sin) {
-            let adjoint = FusedRope { cos: self.cos.contiguous()?, sin: self.sin.contiguous()?, transpose: true };
-            g.contiguous()?.apply_op1_no_bwd(&adjoint)?
-        } else {
-            // The composed rotation is linear: its backward at any point is the adjoint, as
-            // candle's autograd of `rope_composed` computes it for the plain graph.
-            let at = candle_core::Var::zeros(g.shape(), g.dtype(), g.device())?;
-            let grads = rope_composed(at.as_tensor(), &self.cos, &self.sin)?.mul(&g)?.sum_all()?.backward()?;
-            grads
-                .get(at.as_tensor())
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg("rope-heads: no gradient".into()))?
-        };
-        debug_assert_eq!(dheads.dim(1)?, self.heads);
-        Ok(Some(super::merge_heads(&dheads)?))
-    }
+    let at = candle_core::Var::zeros(g.shape(), g.dtype(), g.device())?;
+    let grads = rope_composed(at.as_tensor(), cos, sin)?.mul(&g)?.sum_all()?.backward()?;
+    grads.get(at.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("rope: no adjoint".into()))
 }
 
 /// [`rope`] composed from candle primitives (the CPU path).
@@ -227,9 +193,9 @@ mod tests {
         Ok(())
     }
 
-    /// `rope_heads` is `rope(split_heads(x))`: values and input gradients bit for bit.
+    /// `projection_heads` is `rope(split_heads(x))`: values and input gradients bit for bit.
     #[test]
-    fn rope_heads_is_split_then_rope() -> Result<()> {
+    fn projection_heads_is_split_then_rope() -> Result<()> {
         let dev = candle_core::Device::Cpu;
         let (b, t, h, d) = (2, 5, 3, 8);
         let half = Tensor::randn(0f32, 1.0, (t, d / 2), &dev)?;
@@ -238,7 +204,7 @@ mod tests {
         let x = candle_core::Var::randn(0f32, 1.0, (b, t, h * d), &dev)?;
         let proj = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
         let want = rope(&crate::ops::split_heads(x.as_tensor(), h)?, &cos, &sin)?;
-        let got = rope_heads(x.as_tensor(), h, &cos, &sin)?;
+        let got = crate::ops::projection_heads(x.as_tensor(), h, Some((&cos, &sin)))?;
         let bits = |t: &Tensor| -> Result<Vec<u32>> {
             Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
         };

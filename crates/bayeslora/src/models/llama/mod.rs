@@ -98,9 +98,10 @@ impl Attention {
     /// `residual + attention(x)`, `x, residual: [B, T, C]` → `[B, T, C]`.
     fn forward(&self, x: &Tensor, residual: &Tensor, rope: &Rope, mask: &AttentionMask, ctx: &Ctx) -> Result<Tensor> {
         // [B, T, heads·D] → [B, heads, T, D]
-        let q = ops::rope_heads(&self.q_proj.forward(x, ctx)?, self.heads, &rope.cos, &rope.sin)?;
-        let k = ops::rope_heads(&self.k_proj.forward(x, ctx)?, self.kv_heads, &rope.cos, &rope.sin)?;
-        let v = ops::split_heads(&self.v_proj.forward(x, ctx)?, self.kv_heads)?;
+        let tables = Some((&rope.cos, &rope.sin));
+        let q = ops::projection_heads(&self.q_proj.forward(x, ctx)?, self.heads, tables)?;
+        let k = ops::projection_heads(&self.k_proj.forward(x, ctx)?, self.kv_heads, tables)?;
+        let v = ops::projection_heads(&self.v_proj.forward(x, ctx)?, self.kv_heads, None)?;
         let y = ops::attention(&q, &k, &v, mask)?;
         residual_projection(residual, ops::ProjectionInput::Heads(&y), &self.o_proj, ctx)
     }
