@@ -64,12 +64,7 @@ echo "== device_bench $(date -u +%FT%TZ) git $(git rev-parse --short HEAD 2>/dev
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # Our binary (packed by cuda-build.sh) and CUDA's libraries.
-for f in .device/*.xz; do
-  [[ -e $f ]] || continue
-  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[1][:-3],'wb'))" "$f"
-  chmod +x "${f%.xz}"
-done
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/../device/unpack.sh"
 BIN=${BIN:-.device/bayeslora}
 
 # ivon-opt for the anchor's IVON rows, from a wheel carried in .device/.

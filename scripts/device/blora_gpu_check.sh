@@ -11,12 +11,7 @@
 # The target: B-LoRA step ≤ 1.5× LoRA's (issue 15).
 set -uo pipefail
 limit=${1:-540}
-for f in .device/*.xz; do
-  [ -x "${f%.xz}" ] && [ "${f%.xz}" -nt "$f" ] && continue
-  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[1][:-3],'wb'))" "$f"
-  chmod +x "${f%.xz}"
-done
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/unpack.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0

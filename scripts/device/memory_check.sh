@@ -9,12 +9,7 @@
 #      warm-up + 8 timed steps) at 4 × 512 and 8 × 1024: tokens/s and the device-level peak,
 #      $OUT/b7_<B>x<T>.json, summary in $OUT/memory.txt.
 set -uo pipefail
-for f in .device/*.xz; do
-  [ -x "${f%.xz}" ] && [ "${f%.xz}" -nt "$f" ] && continue
-  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[1][:-3],'wb'))" "$f"
-  chmod +x "${f%.xz}"
-done
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/unpack.sh"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -x .device/saved_memory ] && timeout 120 .device/saved_memory --nocapture --test-threads 1 > "$OUT/saved_memory.log" 2>&1
 grep -A30 "Cuda" "$OUT/saved_memory.log" | grep -E "Cuda|custom|total" | tee "$OUT/memory.txt"

@@ -9,12 +9,7 @@
 # wait`): each writes $OUT/<config name>.log, <name>-summary.md and <name>.tgz.
 set -uo pipefail
 limit=$1; shift
-for f in .device/*.xz; do
-  [ -x "${f%.xz}" ] && [ "${f%.xz}" -nt "$f" ] && continue
-  python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[1][:-3],'wb'))" "$f"
-  chmod +x "${f%.xz}"
-done
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+source "$(dirname "$0")/unpack.sh"
 export BAYESLORA_ASSETS=${BAYESLORA_ASSETS:-$HOME/assets}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 name=log
