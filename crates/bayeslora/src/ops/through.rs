@@ -131,13 +131,26 @@ mod tests {
         let bb = Var::randn(0f32, 0.5, (h * d, 3), &dev)?;
         let proj = Tensor::randn(0f32, 1.0, (b, h, t, d), &dev)?;
         let path = LoraPath { scaling: 2.0, dropout: Some((0.25, 5)) };
-        for (with_lora, with_rope) in [(false, false), (false, true), (true, false), (true, true)] {
+        // `other`: a producer that is not folded (an affine after the projection, as a bias
+        // add on CUDA is): the heads are recorded on the projection's output itself.
+        for (with_lora, with_rope, other) in [
+            (false, false, false),
+            (false, true, false),
+            (true, false, false),
+            (true, true, false),
+            (false, true, true),
+        ] {
             let x = Var::randn(0f32, 1.0, (b, t, c), &dev)?;
             let project = |x: &Tensor| -> Result<Tensor> {
                 if with_lora {
                     lora_linear(x, &w, None, a.as_tensor(), bb.as_tensor(), path)
                 } else {
-                    frozen_linear(x, &w, None)
+                    let y = frozen_linear(x, &w, None)?;
+                    if other {
+                        y.affine(2.0, 0.5)
+                    } else {
+                        Ok(y)
+                    }
                 }
             };
             let tables = with_rope.then_some((&cos, &sin));
@@ -153,10 +166,11 @@ mod tests {
                 _ => ("?", vec![]),
             };
             assert_eq!(name, "through");
-            // The producer's arguments: x (through a reshape view for the GEMM) and the factors.
-            assert!(args
-                .iter()
-                .all(|t| t.op().is_none() || matches!(t.op().as_ref(), Some(candle_core::op::Op::Reshape(_)))));
+            // Folded: the producer's arguments, x (through a reshape view for the GEMM) and the
+            // factors; else the projection's output.
+            let leaf_or_view =
+                |t: &Tensor| t.op().is_none() || matches!(t.op().as_ref(), Some(candle_core::op::Op::Reshape(_)));
+            assert_eq!(args.iter().all(leaf_or_view), !other);
             let gw = want.mul(&proj)?.sum_all()?.backward()?;
             let gg = got.mul(&proj)?.sum_all()?.backward()?;
             let mut vars = vec![&x];
@@ -167,7 +181,7 @@ mod tests {
                 assert_eq!(
                     bits(gw.get(v).expect("grad"))?,
                     bits(gg.get(v).expect("grad"))?,
-                    "lora {with_lora} rope {with_rope}"
+                    "lora {with_lora} rope {with_rope} other {other}"
                 );
             }
         }
