@@ -83,7 +83,7 @@ fn lora_model(dir: &Path, dtype: DType, device: &Device, targets: &[&str], num_l
 /// Loss (mean cross-entropy of the class logits) and the gradient of every trainable var, on the
 /// CPU.
 fn loss_and_grads(model: &TaskModel, batch: &BatchTensors) -> Result<(f32, HashMap<String, Tensor>)> {
-    let logits = model.logits(batch, &Ctx::eval())?.to_dtype(DType::F32)?;
+    let logits = model.logits(batch, &Ctx::eval_with_grad())?.to_dtype(DType::F32)?;
     let loss = ops::cross_entropy(&logits, &batch.labels)?;
     let grads = loss.backward()?;
     let mut out = HashMap::new();
