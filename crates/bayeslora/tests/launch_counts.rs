@@ -15,6 +15,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+mod common;
+use common::{graph_node, storage_of};
+
 use bayeslora::adapters::blora::BLoraConfig;
 use bayeslora::adapters::lora::{LoraConfig, TargetModules};
 use bayeslora::adapters::Ctx;
@@ -22,7 +25,6 @@ use bayeslora::bench::random_model;
 use bayeslora::data::BatchTensors;
 use bayeslora::train::{loss, Adapters, Classifier, TaskModel};
 use bayeslora::Result;
-use candle_core::op::Op;
 use candle_core::{DType, Device, Tensor};
 
 /// Ops of one graph, by kind (`kernel` kinds and `view` kinds apart).
@@ -50,46 +52,6 @@ impl Counts {
     }
 }
 
-/// What `t`'s op is (`None` for a leaf) and its inputs.
-fn kind_of(t: &Tensor) -> Option<(String, Vec<Tensor>)> {
-    let op = t.op().as_ref()?;
-    let view = |name: &str, a: &Tensor| Some((format!("view {name}"), vec![a.clone()]));
-    match op {
-        Op::Binary(a, b, o) => Some((format!("binary {o:?}"), vec![a.clone(), b.clone()])),
-        Op::Unary(a, o) => Some((format!("unary {o:?}"), vec![a.clone()])),
-        Op::Cmp(a, _) => Some(("cmp".into(), vec![a.clone()])),
-        Op::Reduce(a, o, _) => Some((format!("reduce {o:?}"), vec![a.clone()])),
-        Op::Matmul(a, b) => Some(("matmul".into(), vec![a.clone(), b.clone()])),
-        Op::Gather(a, i, _) | Op::IndexSelect(a, i, _) => Some(("index".into(), vec![a.clone(), i.clone()])),
-        Op::Scatter(a, i, s, _) | Op::ScatterAdd(a, i, s, _) | Op::IndexAdd(a, i, s, _) => {
-            Some(("scatter".into(), vec![a.clone(), i.clone(), s.clone()]))
-        }
-        Op::WhereCond(c, a, b) => Some(("where".into(), vec![c.clone(), a.clone(), b.clone()])),
-        Op::Cat(v, _) => Some(("cat".into(), v.clone())),
-        Op::Affine { arg, .. } => Some(("affine".into(), vec![arg.clone()])),
-        Op::ToDType(a) => Some(("cast".into(), vec![a.clone()])),
-        Op::Copy(a) => Some(("copy".into(), vec![a.clone()])),
-        Op::Broadcast(a) => view("broadcast", a),
-        Op::Narrow(a, ..) => view("narrow", a),
-        Op::Transpose(a, ..) | Op::Permute(a, _) => view("transpose", a),
-        Op::Reshape(a) if a.is_contiguous() => view("reshape", a),
-        Op::Reshape(a) => Some(("copy (reshape)".into(), vec![a.clone()])),
-        Op::SliceScatter0(a, b, _) => Some(("slice_scatter".into(), vec![a.clone(), b.clone()])),
-        Op::ToDevice(a) => Some(("to_device".into(), vec![a.clone()])),
-        Op::Elu(a, _) | Op::Powf(a, _) => Some(("unary".into(), vec![a.clone()])),
-        Op::CustomOp1(a, o) => Some((format!("custom {}", o.name()), vec![a.clone()])),
-        Op::CustomOp2(a, b, o) => Some((format!("custom {}", o.name()), vec![a.clone(), b.clone()])),
-        Op::CustomOp3(a, b, c, o) => Some((format!("custom {}", o.name()), vec![a.clone(), b.clone(), c.clone()])),
-        _ => Some(("other".into(), vec![])),
-    }
-}
-
-/// The address of `t`'s storage: views of one buffer share it.
-fn storage_of(t: &Tensor) -> usize {
-    let (storage, _) = t.storage_and_layout();
-    &*storage as *const candle_core::Storage as usize
-}
-
 /// Walks the graphs of `roots`, skipping nodes in `seen` (and adding the ones it visits); leaves
 /// that are not in `known` count as `untracked` (outputs of ops that record no graph).
 fn walk(
@@ -103,7 +65,7 @@ fn walk(
         if !seen.insert(t.id()) {
             continue;
         }
-        match kind_of(&t) {
+        match graph_node(&t) {
             Some((kind, inputs)) => {
                 match kind.as_str() {
                     "custom hard-concrete" | "custom rank-multiplier" => {

@@ -23,36 +23,12 @@ use bayeslora::bench::random_model;
 use bayeslora::models::Backbone;
 use bayeslora::train::TaskModel;
 use bayeslora::Result;
-use candle_core::op::Op;
 use candle_core::{DType, Device, Tensor};
 
-const HIDDEN: usize = 512;
+mod common;
+use common::{graph_node, storage_of};
 
-/// The inputs of `t`'s op (empty for a leaf) and a name for its kind.
-fn node(t: &Tensor) -> Option<(String, Vec<Tensor>)> {
-    let op = t.op().as_ref()?;
-    Some(match op {
-        Op::Binary(a, b, o) => (format!("binary {o:?}"), vec![a.clone(), b.clone()]),
-        Op::Unary(a, o) => (format!("unary {o:?}"), vec![a.clone()]),
-        Op::Cmp(a, _) => ("cmp".into(), vec![a.clone()]),
-        Op::Reduce(a, o, _) => (format!("reduce {o:?}"), vec![a.clone()]),
-        Op::Matmul(a, b) => ("matmul".into(), vec![a.clone(), b.clone()]),
-        Op::Gather(a, i, _) | Op::IndexSelect(a, i, _) => ("index".into(), vec![a.clone(), i.clone()]),
-        Op::WhereCond(c, a, b) => ("where".into(), vec![c.clone(), a.clone(), b.clone()]),
-        Op::Cat(v, _) => ("cat".into(), v.clone()),
-        Op::Affine { arg, .. } => ("affine".into(), vec![arg.clone()]),
-        Op::ToDType(a) => ("cast".into(), vec![a.clone()]),
-        Op::Copy(a) => ("copy".into(), vec![a.clone()]),
-        Op::Broadcast(a) | Op::Narrow(a, ..) | Op::Transpose(a, ..) | Op::Permute(a, _) => {
-            ("view".into(), vec![a.clone()])
-        }
-        Op::Reshape(a) => ("reshape".into(), vec![a.clone()]),
-        Op::CustomOp1(a, o) => (format!("custom {}", o.name()), vec![a.clone()]),
-        Op::CustomOp2(a, b, o) => (format!("custom {}", o.name()), vec![a.clone(), b.clone()]),
-        Op::CustomOp3(a, b, c, o) => (format!("custom {}", o.name()), vec![a.clone(), b.clone(), c.clone()]),
-        other => (format!("other {:?}", std::mem::discriminant(other)), vec![]),
-    })
-}
+const HIDDEN: usize = 512;
 
 /// Distinct buffers made by the graph's ops (leaves — weights, inputs, vars — excluded), bytes
 /// by the kind of the first op seen writing them (views count their buffer once). A buffer's
@@ -65,11 +41,9 @@ fn saved_bytes(loss: &Tensor) -> BTreeMap<String, usize> {
         if !seen_nodes.insert(t.id()) {
             continue;
         }
-        let Some((kind, inputs)) = node(&t) else { continue };
-        let (storage, layout) = t.storage_and_layout();
-        let addr = &*storage as *const candle_core::Storage as usize;
-        let extent = (layout.start_offset() + layout.shape().elem_count()) * t.dtype().size_in_bytes();
-        drop(storage);
+        let Some((kind, inputs)) = graph_node(&t) else { continue };
+        let addr = storage_of(&t);
+        let extent = (t.layout().start_offset() + t.elem_count()) * t.dtype().size_in_bytes();
         let entry = buffers.entry(addr).or_insert((kind, 0));
         entry.1 = entry.1.max(extent);
         stack.extend(inputs);

@@ -147,11 +147,13 @@ pub enum ProjectionInput<'a> {
 }
 
 impl ProjectionInput<'_> {
-    /// The projection's input, computed without a graph.
-    fn value(&self) -> Result<Tensor> {
+    /// The projection's input, `f(input)`: recorded in the graph (for a projection that
+    /// carries an adapter, composed), or with `detach` computed without one.
+    pub fn value(&self, detach: bool) -> Result<Tensor> {
+        let d = |t: &Tensor| if detach { t.detach() } else { t.clone() };
         match self {
-            ProjectionInput::Heads(y) => super::merge_heads(&y.detach()),
-            ProjectionInput::Swiglu { gate, up } => super::swiglu(&gate.detach(), &up.detach()),
+            ProjectionInput::Heads(y) => super::merge_heads(&d(y)),
+            ProjectionInput::Swiglu { gate, up } => super::swiglu(&d(gate), &d(up)),
         }
     }
 }
@@ -166,7 +168,7 @@ pub fn residual_projection(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let y = residual.detach().add(&frozen_linear(&input.value()?, weight, bias)?)?;
+    let y = residual.detach().add(&frozen_linear(&input.value(true)?, weight, bias)?)?;
     let weight = weight.clone();
     Ok(match input {
         ProjectionInput::Heads(heads) => {
@@ -202,7 +204,7 @@ impl CustomOp2 for MergedProjection {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("merged-projection: recorded with its output, its forward never runs")
+        super::recorded_only(self.name())
     }
 
     fn bwd(
@@ -240,7 +242,7 @@ impl CustomOp3 for SwigluProjection {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("swiglu-projection: recorded with its output, its forward never runs")
+        super::recorded_only(self.name())
     }
 
     fn bwd(

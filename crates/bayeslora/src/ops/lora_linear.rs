@@ -38,7 +38,20 @@ impl LoraPath {
         x.reshape((rows, in_features))
     }
 
-    /// The composed forward on untracked tensors: `(y, h = drop(x)·Aᵀ)`.
+    /// The LoRA path itself, `s·drop(x)·Aᵀ·Bᵀ` in f32 as `[.., out]`, and `h = drop(x)·Aᵀ`
+    /// (`[rows, r]`): two thin matmuls, never the `[out, in]` product. Recorded in the graph
+    /// when its inputs are (the adapter's own forward, `LoraLayer::forward`).
+    pub fn delta(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.dropped_input(x)?.matmul(&a.t()?)?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = b.dim(0)?;
+        }
+        let delta = h.matmul(&b.t()?)?.affine(self.scaling, 0.0)?.reshape(dims)?;
+        Ok((delta, h))
+    }
+
+    /// `frozen_linear(x) + cast(delta(x))`, and `h`.
     fn forward(
         &self,
         x: &Tensor,
@@ -48,8 +61,7 @@ impl LoraPath {
         b: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let base = frozen_linear(x, weight, bias)?;
-        let h = self.dropped_input(x)?.matmul(&a.t()?)?;
-        let delta = h.matmul(&b.t()?)?.affine(self.scaling, 0.0)?.reshape(base.shape())?;
+        let (delta, h) = self.delta(x, a, b)?;
         Ok((base.add(&cast(&delta, base.dtype())?)?, h))
     }
 }
@@ -95,7 +107,7 @@ impl CustomOp3 for LoraLinear {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("lora-linear: recorded with its output, its forward never runs")
+        super::recorded_only(self.name())
     }
 
     fn bwd(
@@ -139,7 +151,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The composed graph this op replaces: `frozen_linear(x) + cast(s·drop(x)·Aᵀ·Bᵀ)`.
+    /// The composed graph this op replaces, recorded by candle op by op:
+    /// `frozen_linear(x) + cast(s·drop(x)·Aᵀ·Bᵀ)` on the tracked inputs.
     fn composed(
         x: &Tensor,
         w: &Tensor,
@@ -148,10 +161,7 @@ mod tests {
         b: &Tensor,
         path: LoraPath,
     ) -> Result<Tensor> {
-        let base = frozen_linear(x, w, bias)?;
-        let h = path.dropped_input(x)?.matmul(&a.t()?)?;
-        let delta = h.matmul(&b.t()?)?.affine(path.scaling, 0.0)?.reshape(base.shape())?;
-        base.add(&cast(&delta, base.dtype())?)
+        Ok(path.forward(x, w, bias, a, b)?.0)
     }
 
     fn bits(t: &Tensor) -> Result<Vec<u32>> {

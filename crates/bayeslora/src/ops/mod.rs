@@ -87,6 +87,12 @@ pub(crate) fn cuda_applies(x: &Tensor) -> bool {
     x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && x.elem_count() > 0
 }
 
+/// The forward of an op whose output is recorded with `Tensor::recorded_as_op1/2/3`
+/// (`lora_linear`, `residual_projection`, `through`): candle never calls it; an error if it did.
+pub(crate) fn recorded_only<T>(op: &str) -> Result<T> {
+    candle_core::bail!("{op}: recorded with its output, its forward never runs")
+}
+
 /// Whether `x` takes the multithreaded CPU ops (`rms_norm`, `swiglu`): a CPU f32/f64 tensor.
 pub(crate) fn cpu_applies(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)

@@ -92,25 +92,19 @@ impl LoraLayer {
     }
 }
 
+impl LoraLayer {
+    /// This layer's path in one forward: dropout (with its seed) only when training.
+    fn path(&self, ctx: &Ctx, salt: u64) -> ops::LoraPath {
+        let dropout = (ctx.train && self.dropout > 0.0).then(|| (self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT)));
+        ops::LoraPath { scaling: self.scaling, dropout }
+    }
+}
+
 impl Adapter for LoraLayer {
-    /// `x: [.., in]` → `scaling · dropout(x)·Aᵀ·Bᵀ`, `[.., out]`, f32.
+    /// `x: [.., in]` → `scaling · dropout(x)·Aᵀ·Bᵀ`, `[.., out]`, f32 ([`ops::LoraPath::delta`]).
     fn forward(&self, x: &Tensor, ctx: &Ctx, salt: u64) -> Result<Tensor> {
-        let x = ops::cast(x, DType::F32)?;
-        let x = if ctx.train && self.dropout > 0.0 {
-            ops::dropout(&x, self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT))?
-        } else {
-            x
-        };
-        let mut dims = x.dims().to_vec();
-        let in_features = dims.last().copied().unwrap_or(0);
-        let rows = x.elem_count() / in_features.max(1);
-        // Two thin matmuls, [N, in]·[in, r] then [N, r]·[r, out]: never the [out, in] product.
-        let h = x.reshape((rows, in_features))?.matmul(&ctx.param(&self.lora_a).t()?)?;
-        let y = h.matmul(&ctx.param(&self.lora_b).t()?)?.affine(self.scaling, 0.0)?;
-        if let Some(last) = dims.last_mut() {
-            *last = self.lora_b.dims().first().copied().unwrap_or(0);
-        }
-        Ok(y.reshape(dims)?)
+        let (a, b) = (ctx.param(&self.lora_a), ctx.param(&self.lora_b));
+        Ok(self.path(ctx, salt).delta(x, &a, &b)?.0)
     }
 
     /// Training (a recorded graph): the frozen projection and this path as one op,
@@ -128,10 +122,8 @@ impl Adapter for LoraLayer {
         if !ctx.grad {
             return None;
         }
-        let dropout = (ctx.train && self.dropout > 0.0).then(|| (self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT)));
-        let path = ops::LoraPath { scaling: self.scaling, dropout };
         let (a, b) = (ctx.param(&self.lora_a), ctx.param(&self.lora_b));
-        Some(ops::lora_linear(x, weight, bias, &a, &b, path).map_err(Into::into))
+        Some(ops::lora_linear(x, weight, bias, &a, &b, self.path(ctx, salt)).map_err(Into::into))
     }
 
     fn named_vars(&self) -> Vec<(String, Var)> {

@@ -208,11 +208,7 @@ fn residual_projection(residual: &Tensor, input: ops::ProjectionInput, proj: &Li
     if proj.adapter.is_none() {
         return Ok(ops::residual_projection(residual, input, &proj.weight, proj.bias.as_ref())?);
     }
-    let x = match input {
-        ops::ProjectionInput::Heads(y) => ops::merge_heads(y)?,
-        ops::ProjectionInput::Swiglu { gate, up } => ops::swiglu(gate, up)?,
-    };
-    Ok(residual.add(&proj.forward(&x, ctx)?)?)
+    Ok(residual.add(&proj.forward(&input.value(false)?, ctx)?)?)
 }
 
 /// Distinct dropout salt per (layer, module): q k v o gate up down = 0..6.
