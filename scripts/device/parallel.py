@@ -13,8 +13,8 @@ SPEC is CONFIG[:SPLIT][+OPTION...]:
             task,method; ...): how the sweep is split into processes (parts)
   +methods=a/b/c   run only these methods of the file (the others are left alone)
   +tasks=a/b       run only these tasks of the file
-  +prefill=DIR[@m/a>b]  copy DIR's cells (a committed docs/compare/<name>/cells) of the file's
-                   tasks into `out` first, so that cells measured in an earlier session are not trained again;
+  +prefill=DIR[@m/a>b]  copy DIR's cells (a committed docs/compare/<name>/cells) of the tasks
+                   this sweep runs (the file's, or those of +tasks=) into `out` first, so that cells measured in an earlier session are not trained again;
                    after @, only these methods, `a>b` copying method a's cells as method b (a
                    cell measured with settings identical to b's; the cell's label is rewritten).
                    May be given more than once.
@@ -102,7 +102,7 @@ def with_ess(text, ess):
 
 
 def prefill(spec, out, tasks):
-    """Copies the cells of `DIR[@m/a>b]` of the sweep file's `tasks` into out/cells (see
+    """Copies the cells of `DIR[@m/a>b]` of the sweep's `tasks` into out/cells (see
     +prefill): existing cells are kept, other tasks' cells are left out (the summary would list
     them)."""
     src_dir, _, sel = spec.partition("@")
@@ -153,7 +153,6 @@ class Sweep:
         self.cfg = tomllib.loads(self.text)
         self.out = self.cfg["out"]
         self.methods = list(self.cfg["methods"])
-        self.file_tasks = list(self.cfg["tasks"])  # before +tasks= narrows what runs
         self.after, self.ess_from, self.ivon_from, self.prefill = None, None, None, []
         self.pool, self.pool_size = None, None
         for o in opts:
@@ -216,7 +215,7 @@ class Sweep:
         if self.ivon_from:
             text = with_ivon(text, choose_ivon(sweeps[self.ivon_from], out_dir))
         for spec in self.prefill:
-            prefill(spec, self.out, self.file_tasks)
+            prefill(spec, self.out, self.cfg["tasks"])
         os.makedirs(WORK, exist_ok=True)
         for name, tasks, seeds, methods in self.parts():
             if self.part_done(tasks, seeds, methods):

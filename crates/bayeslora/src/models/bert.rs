@@ -438,6 +438,8 @@ pub struct SequenceClassificationHead {
     /// `classifier.bias`, `[K]`, f32.
     bias: Var,
     dropout: f32,
+    /// True when the checkpoint carried the head (`classifier.*`), false for a fresh one.
+    loaded: bool,
 }
 
 impl SequenceClassificationHead {
@@ -453,7 +455,7 @@ impl SequenceClassificationHead {
         let w: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         let weight = Var::from_tensor(&Tensor::from_vec(w, (num_labels, config.hidden_size), device)?)?;
         let bias = Var::zeros(num_labels, DType::F32, device)?;
-        Ok(Self { weight, bias, dropout: config.dropout })
+        Ok(Self { weight, bias, dropout: config.dropout, loaded: false })
     }
 
     /// The checkpoint's `classifier.weight`/`classifier.bias` when present (their shape must
@@ -465,8 +467,9 @@ impl SequenceClassificationHead {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let head = Self::new(config, num_labels, seed, device)?;
+        let mut head = Self::new(config, num_labels, seed, device)?;
         if weights.contains("classifier.weight") {
+            head.loaded = true;
             let w = weights.get("classifier.weight", &[num_labels, config.hidden_size], DType::F32, device)?;
             let b = weights.get("classifier.bias", &[num_labels], DType::F32, device)?;
             head.weight.set(&w)?;
@@ -477,6 +480,19 @@ impl SequenceClassificationHead {
 
     pub fn num_labels(&self) -> usize {
         self.bias.elem_count()
+    }
+
+    /// Starts a fresh regression head (one output) at `mean`, the training targets' mean: the
+    /// constant that minimises the squared error. A zero bias left the head 2.7 away from
+    /// STS-B's scores (0–5), and closing that gap through the weights pushed the frozen tanh
+    /// pooler towards saturation on some seeds. A head from the checkpoint, or with several
+    /// outputs, is left as it is; returns whether the bias was set.
+    pub fn start_regression_at(&self, mean: f32) -> Result<bool> {
+        if self.loaded || self.num_labels() != 1 || !mean.is_finite() {
+            return Ok(false);
+        }
+        self.bias.set(&Tensor::new(&[mean], self.bias.device())?)?;
+        Ok(true)
     }
 
     /// The trainable variables: weight, bias.
@@ -618,6 +634,28 @@ mod tests {
         assert!(SequenceClassificationHead::new(&cfg.head_config(), 0, 5, &Device::Cpu).is_err());
         let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu)?;
         assert_eq!(a.forward(&x, &Ctx::eval())?.dims(), &[2, 3]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_fresh_regression_head_starts_at_the_mean_a_loaded_one_keeps_its_bias() -> Result<()> {
+        let cfg = tiny_config().head_config();
+        let fresh = SequenceClassificationHead::new(&cfg, 1, 5, &Device::Cpu)?;
+        assert!(fresh.start_regression_at(2.75)?);
+        assert_eq!(fresh.bias.as_tensor().to_vec1::<f32>()?, vec![2.75]);
+        let classes = SequenceClassificationHead::new(&cfg, 2, 5, &Device::Cpu)?;
+        assert!(!classes.start_regression_at(2.75)?);
+        assert_eq!(classes.bias.as_tensor().to_vec1::<f32>()?, vec![0.0, 0.0]);
+        assert!(!fresh.start_regression_at(f32::NAN)?);
+        let w = Tensor::ones((1, 8), DType::F32, &Device::Cpu)?;
+        let b = Tensor::new(&[-1.5f32], &Device::Cpu)?;
+        let weights = Weights::from_tensors(
+            "head.safetensors",
+            HashMap::from([("classifier.weight".to_string(), w), ("classifier.bias".to_string(), b)]),
+        );
+        let loaded = SequenceClassificationHead::load_or_init(&weights, &cfg, 1, 5, &Device::Cpu)?;
+        assert!(!loaded.start_regression_at(2.75)?);
+        assert_eq!(loaded.bias.as_tensor().to_vec1::<f32>()?, vec![-1.5]);
         Ok(())
     }
 

@@ -238,6 +238,18 @@ pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, devi
     }
 }
 
+/// The task model that trains on `train`: [`build_model`] with one output for a regression task
+/// (else the data's class count), a fresh regression head starting at the training targets'
+/// mean ([`TaskModel::start_regression_at_mean`]; a resumed run then restores its own head).
+pub fn build_for_data(cfg: &RunConfig, loaded: LoadedModel, train: &EncodedDataset, device: &Device) -> Result<TaskModel> {
+    let regression = train.task.is_regression();
+    let model = build_model(cfg, loaded, if regression { 1 } else { train.num_classes }, device)?;
+    if let Some(scores) = train.scores().filter(|_| regression) {
+        model.start_regression_at_mean(&scores)?;
+    }
+    Ok(model)
+}
+
 /// How [`train_and_eval`] starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -324,8 +336,7 @@ pub fn train_and_eval(
         None => device(&cfg.device)?,
     };
     let model_path = loaded.dir.clone();
-    let num_labels = if data.task.is_regression() { 1 } else { data.train.num_classes };
-    let model = build_model(cfg, loaded, num_labels, &device)?;
+    let model = build_for_data(cfg, loaded, &data.train, &device)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut train_cfg = cfg.train.clone();

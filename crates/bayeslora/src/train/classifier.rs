@@ -97,6 +97,17 @@ impl TaskModel {
         Ok(TaskModel { adapters: Adapters::Lora(adapters), ..TaskModel::bare(backbone, head) })
     }
 
+    /// Starts a fresh regression head at `targets`' mean (see
+    /// [`SequenceClassificationHead::start_regression_at`]); returns that mean when it was set.
+    pub fn start_regression_at_mean(&self, targets: &[f32]) -> Result<Option<f32>> {
+        let Some(head) = &self.head else { return Ok(None) };
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        let mean = (targets.iter().map(|&t| t as f64).sum::<f64>() / targets.len() as f64) as f32;
+        Ok(head.start_regression_at(mean)?.then_some(mean))
+    }
+
     /// As [`TaskModel::build`] with B-LoRA adapters (gated rank and bit-widths) per `blora`.
     pub fn build_blora(
         loaded: LoadedModel,

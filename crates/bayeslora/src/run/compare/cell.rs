@@ -85,8 +85,7 @@ pub(super) fn run_cell(
     let (scored, train_seconds, fit_seconds) = match m.kind {
         MethodKind::Base => {
             let loaded = cache.bases.get(&run, hooks)?;
-            let num_labels = if td.eval.task.is_regression() { 1 } else { td.train.num_classes };
-            let model = run::build_model(&run, loaded, num_labels, &device)?;
+            let model = run::build_for_data(&run, loaded, &td.train, &device)?;
             let mut p = ModelPredictor::point(&model, &device)?;
             (score(&mut p, td, &eval_cfg(0), hooks)?, 0.0, 0.0)
         }

@@ -87,7 +87,6 @@ struct Trained {
 struct Cache<'d> {
     models: HashMap<String, Trained>,
     train: Arc<EncodedDataset>,
-    data_eval: &'d EncodedDataset,
     bases: &'d mut Bases,
 }
 
@@ -131,8 +130,7 @@ impl Cache<'_> {
         }
         let loaded = self.bases.get(cfg, hooks)?;
         let device = super::device(&cfg.device)?;
-        let num_labels = if self.data_eval.task.is_regression() { 1 } else { self.train.num_classes };
-        let model = super::build_model(cfg, loaded, num_labels, &device)?;
+        let model = super::build_for_data(cfg, loaded, &self.train, &device)?;
         let mut progress = hooks.trainer(label);
         let t0 = Instant::now();
         let (summary, opt) =
@@ -255,7 +253,7 @@ pub fn sweep(cfg: &CompareConfig, hooks: &mut dyn SweepHooks) -> Result<()> {
         }
         for &seed in &cfg.seeds {
             let mut cache =
-                Cache { models: HashMap::new(), train: td.train.clone(), data_eval: &td.eval, bases: &mut bases };
+                Cache { models: HashMap::new(), train: td.train.clone(), bases: &mut bases };
             for (_, m) in todo.iter().filter(|(s, _)| *s == seed) {
                 let t0 = Instant::now();
                 let cell = run_cell(cfg, task, m, seed, &td, &mut cache, hooks)?;
