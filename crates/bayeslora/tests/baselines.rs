@@ -209,3 +209,31 @@ fn temperature_scaling_keeps_accuracy_and_fixes_overconfidence() {
     assert!(after.nll.unwrap() < before.nll.unwrap());
     assert!(after.ece15.unwrap() < 0.01, "calibrated: ECE {:?}", after.ece15);
 }
+
+#[test]
+fn posterior_samples_drawn_ahead_on_a_thread_are_the_samples_drawn_in_place() {
+    // On CUDA the next sample is drawn on a host thread while the current one runs; here both
+    // ways run on the CPU and must give the same logits for every sample, in order, repeated,
+    // out of order (a stale prefetch) and back at the mean.
+    let model = tiny_bert(0.0);
+    let data = token_rows(5);
+    let batch = Batch::collate(&data, &[0, 1, 2, 3, 4]).unwrap();
+    let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let mut mean = Vec::new();
+    for v in &vars {
+        mean.extend(v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    let std: Vec<f32> = (0..mean.len()).map(|i| 0.01 + 0.001 * (i % 7) as f32).collect();
+    let order = [Some(0), Some(1), Some(2), Some(2), Some(5), Some(3), None, Some(4), None];
+    let mut run = |prefetch: bool| -> Vec<Vec<f32>> {
+        let mut p = ModelPredictor::gaussian(&model, mean.clone(), std.clone(), &Device::Cpu, 11)
+            .unwrap()
+            .with_prefetch(prefetch);
+        order.iter().map(|&s| p.predict(&batch, s).unwrap()).collect()
+    };
+    let ahead = run(true);
+    let in_place = run(false);
+    assert_eq!(ahead, in_place);
+    assert_ne!(ahead[0], ahead[1], "samples differ");
+    assert_eq!(ahead[6], ahead[8], "the mean is put back");
+}

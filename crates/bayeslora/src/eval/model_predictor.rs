@@ -4,6 +4,10 @@
 //!
 //! Sample k's noise comes from a generator seeded by `(seed, k)`, so the same K samples are
 //! drawn for every batch of a pass and an evaluation is reproducible. Dropout is off.
+//!
+//! On a GPU the next sample's θ is drawn on a host thread while the device runs the current
+//! sample's passes (the draw is ~10 ns a value on one core: 45 ms for Llama-2-7B's q, v adapters
+//! at r 8, half a pass of 2 batches); the values are those of the same `(seed, k)` stream.
 use super::Predictor;
 use crate::adapters::Ctx;
 use crate::data::Batch;
@@ -12,6 +16,8 @@ use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 /// Predicts with a classifier's trainable vars set to the mean or to posterior samples.
 pub struct ModelPredictor<'a> {
@@ -19,11 +25,27 @@ pub struct ModelPredictor<'a> {
     device: Device,
     /// The vars in the posterior's flat order.
     vars: Vec<Var>,
-    mean: Vec<f32>,
+    mean: Arc<Vec<f32>>,
     /// σ per element; `None` for point estimates (AdamW): only K = 0 is possible.
-    std: Option<Vec<f32>>,
+    std: Option<Arc<Vec<f32>>>,
     seed: u64,
     current: Option<Option<usize>>,
+    /// Draw sample k + 1 on a host thread once sample k is written (on by default on CUDA).
+    prefetch: bool,
+    /// The drawing of that next sample: (k + 1, its thread).
+    next: Option<(usize, JoinHandle<Vec<f32>>)>,
+}
+
+/// θ_k = μ + σ ⊙ ε_k with ε_k from the generator seeded by `(seed, k)`.
+fn draw(mean: &[f32], std: &[f32], seed: u64, k: usize) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    mean.iter()
+        .zip(std)
+        .map(|(&m, &s)| {
+            let e: f32 = StandardNormal.sample(&mut rng);
+            m + s * e
+        })
+        .collect()
 }
 
 impl<'a> ModelPredictor<'a> {
@@ -34,21 +56,41 @@ impl<'a> ModelPredictor<'a> {
         for v in &vars {
             mean.extend(v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         }
-        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: None, seed: 0, current: None })
+        Ok(Self::new(model, device, vars, mean, None, 0))
+    }
+
+    fn new(
+        model: &'a dyn Classifier,
+        device: &Device,
+        vars: Vec<Var>,
+        mean: Vec<f32>,
+        std: Option<Vec<f32>>,
+        seed: u64,
+    ) -> Self {
+        ModelPredictor {
+            model,
+            device: device.clone(),
+            vars,
+            mean: Arc::new(mean),
+            std: std.map(Arc::new),
+            seed,
+            current: None,
+            prefetch: device.is_cuda(),
+            next: None,
+        }
+    }
+
+    /// Draws each next posterior sample on a host thread while the current one runs (`true`),
+    /// or each sample when it is selected (`false`); the samples are the same either way.
+    pub fn with_prefetch(mut self, on: bool) -> Self {
+        self.prefetch = on;
+        self
     }
 
     /// A posterior predictor from an IVON optimizer's current state over `model`'s vars.
     pub fn posterior(model: &'a dyn Classifier, ivon: &ivon::Ivon, device: &Device, seed: u64) -> Result<Self> {
         let post = ivon.posterior()?;
-        Ok(ModelPredictor {
-            model,
-            device: device.clone(),
-            vars: ivon.vars(),
-            mean: post.mean.clone(),
-            std: Some(post.std()),
-            seed,
-            current: None,
-        })
+        Ok(Self::new(model, device, ivon.vars(), post.mean.clone(), Some(post.std()), seed))
     }
 
     /// A predictor that samples θ_k ~ N(`mean`, diag(`std`²)) over `model.trainable()` (in that
@@ -70,7 +112,7 @@ impl<'a> ModelPredictor<'a> {
                 format!("the model has {n} trainable elements"),
             ));
         }
-        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std: Some(std), seed, current: None })
+        Ok(Self::new(model, device, vars, mean, Some(std), seed))
     }
 
     /// A posterior predictor from a stored posterior (e.g. `export::load_peft`'s sidecar):
@@ -93,7 +135,7 @@ impl<'a> ModelPredictor<'a> {
                 format!("the model has {numel} trainable values"),
             ));
         }
-        Ok(ModelPredictor { model, device: device.clone(), vars, mean, std, seed, current: None })
+        Ok(Self::new(model, device, vars, mean, std, seed))
     }
 
     /// A predictor over a loaded adapter: its stored IVON posterior when there is one (see
@@ -128,18 +170,19 @@ impl<'a> ModelPredictor<'a> {
         match (sample, &self.std) {
             (None, _) => self.write(&self.mean)?,
             (Some(k), Some(std)) => {
-                let mut rng =
-                    rand::rngs::StdRng::seed_from_u64(self.seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let theta: Vec<f32> = self
-                    .mean
-                    .iter()
-                    .zip(std)
-                    .map(|(&m, &s)| {
-                        let e: f32 = StandardNormal.sample(&mut rng);
-                        m + s * e
-                    })
-                    .collect();
+                let std = Arc::clone(std);
+                let theta = match self.next.take() {
+                    Some((j, drawing)) if j == k => {
+                        drawing.join().map_err(|_| crate::Error::run("the thread drawing a posterior sample panicked"))?
+                    }
+                    // Not the prefetched sample (or none): draw it here; a stale drawing ends on its own.
+                    _ => draw(&self.mean, &std, self.seed, k),
+                };
                 self.write(&theta)?;
+                if self.prefetch {
+                    let (mean, seed) = (Arc::clone(&self.mean), self.seed);
+                    self.next = Some((k + 1, std::thread::spawn(move || draw(&mean, &std, seed, k + 1))));
+                }
             }
             (Some(_), None) => {
                 return Err(crate::Error::config(
