@@ -225,7 +225,7 @@ fn posterior_samples_drawn_ahead_on_a_thread_are_the_samples_drawn_in_place() {
     }
     let std: Vec<f32> = (0..mean.len()).map(|i| 0.01 + 0.001 * (i % 7) as f32).collect();
     let order = [Some(0), Some(1), Some(2), Some(2), Some(5), Some(3), None, Some(4), None];
-    let mut run = |prefetch: bool| -> Vec<Vec<f32>> {
+    let run = |prefetch: bool| -> Vec<Vec<f32>> {
         let mut p = ModelPredictor::gaussian(&model, mean.clone(), std.clone(), &Device::Cpu, 11)
             .unwrap()
             .with_prefetch(prefetch);

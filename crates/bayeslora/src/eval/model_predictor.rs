@@ -172,9 +172,9 @@ impl<'a> ModelPredictor<'a> {
             (Some(k), Some(std)) => {
                 let std = Arc::clone(std);
                 let theta = match self.next.take() {
-                    Some((j, drawing)) if j == k => {
-                        drawing.join().map_err(|_| crate::Error::run("the thread drawing a posterior sample panicked"))?
-                    }
+                    Some((j, drawing)) if j == k => drawing
+                        .join()
+                        .map_err(|_| crate::Error::run("the thread drawing a posterior sample panicked"))?,
                     // Not the prefetched sample (or none): draw it here; a stale drawing ends on its own.
                     _ => draw(&self.mean, &std, self.seed, k),
                 };

@@ -241,7 +241,12 @@ pub fn build_model(cfg: &RunConfig, loaded: LoadedModel, num_labels: usize, devi
 /// The task model that trains on `train`: [`build_model`] with one output for a regression task
 /// (else the data's class count), a fresh regression head starting at the training targets'
 /// mean ([`TaskModel::start_regression_at_mean`]; a resumed run then restores its own head).
-pub fn build_for_data(cfg: &RunConfig, loaded: LoadedModel, train: &EncodedDataset, device: &Device) -> Result<TaskModel> {
+pub fn build_for_data(
+    cfg: &RunConfig,
+    loaded: LoadedModel,
+    train: &EncodedDataset,
+    device: &Device,
+) -> Result<TaskModel> {
     let regression = train.task.is_regression();
     let model = build_model(cfg, loaded, if regression { 1 } else { train.num_classes }, device)?;
     if let Some(scores) = train.scores().filter(|_| regression) {

@@ -252,8 +252,7 @@ pub fn sweep(cfg: &CompareConfig, hooks: &mut dyn SweepHooks) -> Result<()> {
             hooks.note(&format!("{task}: shifted test set {name}: {} rows", set.len()));
         }
         for &seed in &cfg.seeds {
-            let mut cache =
-                Cache { models: HashMap::new(), train: td.train.clone(), bases: &mut bases };
+            let mut cache = Cache { models: HashMap::new(), train: td.train.clone(), bases: &mut bases };
             for (_, m) in todo.iter().filter(|(s, _)| *s == seed) {
                 let t0 = Instant::now();
                 let cell = run_cell(cfg, task, m, seed, &td, &mut cache, hooks)?;
