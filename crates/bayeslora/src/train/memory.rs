@@ -23,7 +23,8 @@
 //!
 //! The per-token coefficients are fitted to measured peaks (README's bench tables): Llama-2-7B
 //! in bf16 with LoRA r 8 on q and v, 4 × 512 tokens 21.6 GiB on an H100 (2026-12-06, after the
-//! memory ops; estimated 21.0, the logits not counted; before them 34.1 GiB on an H200), 4 × 512 with gradient
+//! memory ops; estimated 21.0, the logits not counted; before them 34.1 GiB on an H200), 8 × 1024
+//! 44.05 GiB (H100, the same day; 95.8 before the memory ops), 4 × 512 with gradient
 //! checkpointing 15.3 GiB (before the memory ops, estimated 14.0); all-MiniLM-L6-v2 in f32 on the CPU, 32 × 64, 1.04 GiB peak RSS (estimated 1.2: the
 //! CPU's fused kernels keep less) and SmolLM2-135M, 8 × 64, 2.03 GiB (estimated 2.0). The
 //! decoder runs had a causal-LM loss over the whole vocabulary; `train`'s classification loss
@@ -433,10 +434,11 @@ mod tests {
     /// (causal-LM loss: ~0.5–2 GiB of logits more): within 10 %.
     #[test]
     fn llama2_7b_estimates_match_the_measured_peaks() {
-        // 4 × 512: H100, 2026-12-06 (bench/results/2026-12-06_h100_memory_7b_4x512.json); with
+        // 4 × 512: H100, 2026-12-06 (bench/results/2026-12-06_h100_memory_7b_4x512.json);
+        // 8 × 1024: H100, 2026-12-06 (bench/results/2026-12-06_h100_s6.jsonl); with
         // checkpointing: H200, 2026-12-02, before the memory ops (the recomputed layer keeps less
         // now, a few hundred MiB).
-        let cases = [(4, 512, false, 21.64), (4, 512, true, 15.3)];
+        let cases = [(4, 512, false, 21.64), (8, 1024, false, 44.05), (4, 512, true, 15.3)];
         for (b, t, ckpt, measured) in cases {
             let est = estimate_cuda(&llama2_7b(), &run(b, t, DType::BF16, ckpt));
             let got = gib(est.total());

@@ -90,9 +90,7 @@ impl LoraLayer {
         }
         Ok(())
     }
-}
 
-impl LoraLayer {
     /// This layer's path in one forward: dropout (with its seed) only when training.
     fn path(&self, ctx: &Ctx, salt: u64) -> ops::LoraPath {
         let dropout = (ctx.train && self.dropout > 0.0).then(|| (self.dropout, ctx.seed_for(salt ^ LORA_DROPOUT_SALT)));
