@@ -90,7 +90,7 @@ def run(shape, opt_name, targets, bsz, seq, steps=8, warm=3, out=None, variant="
         if opt_name == "adamw":
             opt = torch.optim.AdamW(params, lr=1e-4)
         else:
-            opt = ivon.IVON(params, lr=0.03, ess=10000, hess_init=3e-4, beta2=0.99999, weight_decay=1e-6, mc_samples=1)
+            opt = ivon.IVON(params, lr=0.03, ess=1e6, hess_init=3e-4, beta2=0.99999, weight_decay=1e-6, mc_samples=1)
         ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=dev)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
