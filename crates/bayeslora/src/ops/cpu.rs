@@ -207,6 +207,26 @@ pub(crate) fn par_build2<T: Copy + Send + Sync + Default>(
     (a, b)
 }
 
+/// [`par_build2`] into one buffer of `2 n` elements, the two outputs stacked (`[2, ..]`): for
+/// ops that return both halves as one tensor (the allocation's zero fill no longer runs serially
+/// on the calling thread).
+pub(crate) fn par_build_stacked<T: Copy + Send + Sync + Default>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out: Vec<T> = Vec::with_capacity(2 * n);
+    let chunk = chunk.max(1);
+    let (a, b) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
+    a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ca, cb))| {
+        f(i * chunk, init(ca), init(cb));
+    });
+    // SAFETY: every chunk of both halves was initialized by `init`.
+    unsafe { out.set_len(2 * n) };
+    out
+}
+
 /// `c` filled with `T::default()`, as an initialized slice.
 fn init<T: Copy + Default>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
     c.fill(std::mem::MaybeUninit::new(T::default()));

@@ -1,9 +1,12 @@
 //! The attention head layout: `[B, T, H·D]` ↔ `[B, H, T, D]`, differentiable (the backward is
 //! the inverse permutation). On CUDA one permutation kernel (`kernels/layout.cu`; candle's
-//! strided copy of a transpose is ~15× slower there); elsewhere reshape and transpose.
+//! strided copy of a transpose is ~15× slower there); on the CPU (f32/f64) the same permutation
+//! as rows copied by the thread pool (candle's strided copy runs on the calling thread alone:
+//! issue 21); elsewhere reshape and transpose.
+use super::cpu::{par_build, slice, Float};
 use super::reference::{cpu_f64, cpu_from_f64};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 /// `[B, T, H·D]` → `[B, H, T, D]`, contiguous: a projection's output in the attention layout.
 /// On CUDA one permutation kernel (candle's strided copy of a transpose is ~15× slower there).
@@ -13,7 +16,7 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         candle_core::bail!("split_heads: {c} channels do not split into {heads} heads");
     }
     let d = c / heads;
-    if super::cuda_applies(x) {
+    if super::cuda_applies(x) || super::cpu_applies(x) {
         return permute_heads(x, b, t, heads, d, true);
     }
     x.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()
@@ -45,7 +48,7 @@ pub fn projection_heads(x: &Tensor, heads: usize, rope: Option<(&Tensor, &Tensor
 /// `[B, H, T, D]` → `[B, T, H·D]`, the inverse of [`split_heads`].
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
-    if super::cuda_applies(x) {
+    if super::cuda_applies(x) || super::cpu_applies(x) {
         return permute_heads(x, b, t, h, d, false);
     }
     x.transpose(1, 2)?.reshape((b, t, h * d))
@@ -79,6 +82,17 @@ impl PermuteHeads {
         }
     }
 
+    /// The permuted copy of `x`, rows of d elements copied by the pool (~64 KiB per task).
+    fn copy_rows<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let d = self.d.max(1);
+        par_build(x.len(), ((1 << 14) / d).max(1) * d, |at, y| {
+            for (i, out) in y.chunks_mut(d).enumerate() {
+                let src = self.source_row(at / d + i);
+                out.copy_from_slice(&x[src * d..][..d]);
+            }
+        })
+    }
+
     /// The source row of output row `row` (rows of d elements).
     fn source_row(&self, row: usize) -> usize {
         let (b, t, h) = (self.b, self.t, self.h);
@@ -99,7 +113,22 @@ impl CustomOp1 for PermuteHeads {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        // Values pass through f64 unchanged (every f32/bf16/f16 is exact in f64).
+        match s.dtype() {
+            DType::F32 => {
+                return Ok((
+                    CpuStorage::F32(self.copy_rows(slice::<f32>(s, l, "permute_heads input")?)),
+                    self.out_shape(),
+                ))
+            }
+            DType::F64 => {
+                return Ok((
+                    CpuStorage::F64(self.copy_rows(slice::<f64>(s, l, "permute_heads input")?)),
+                    self.out_shape(),
+                ))
+            }
+            _ => {}
+        }
+        // Other dtypes: values pass through f64 unchanged (every bf16/f16 is exact in f64).
         let x = cpu_f64(s, l, "permute_heads input")?;
         let d = self.d;
         let mut y = vec![0f64; x.len()];
@@ -175,21 +204,26 @@ mod tests {
     use crate::ops::testing::{max_diff, value_and_grads};
     use candle_core::Device;
 
-    /// The CPU implementation of the head permutation (the kernel's reference) against
-    /// reshape/transpose, both ways, and its gradient (the inverse permutation).
+    /// The CPU implementation of the head permutation (f32/f64: rows copied by the pool, several
+    /// tasks for the larger shape; the kernel's reference) against reshape/transpose, both ways,
+    /// and its gradient (the inverse permutation).
     #[test]
     fn permute_heads_is_the_transpose() -> Result<()> {
-        let (b, t, h, d) = (2, 3, 4, 6);
-        let x = Tensor::randn(0f64, 1.0, (b, t, h * d), &Device::Cpu)?;
-        let want = x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let got = permute_heads(&x, b, t, h, d, true)?;
-        assert_eq!(max_diff(&got, &want)?, 0.0);
-        let back = permute_heads(&got, b, t, h, d, false)?;
-        assert_eq!(max_diff(&back, &x)?, 0.0);
-        let w = Tensor::randn(0f64, 1.0, (b, h, t, d), &Device::Cpu)?;
-        let (_, g) = value_and_grads(std::slice::from_ref(&x), &|xs| permute_heads(&xs[0], b, t, h, d, true)?.mul(&w))?;
-        let (_, g_ref) = value_and_grads(&[x], &|xs| xs[0].reshape((b, t, h, d))?.transpose(1, 2)?.mul(&w))?;
-        assert_eq!(max_diff(&g[0], &g_ref[0])?, 0.0);
+        for (dtype, (b, t, h, d)) in [(DType::F64, (2, 3, 4, 6)), (DType::F32, (2, 70, 5, 64))] {
+            let x = Tensor::randn(0f32, 1.0, (b, t, h * d), &Device::Cpu)?.to_dtype(dtype)?;
+            let want = x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+            let got = permute_heads(&x, b, t, h, d, true)?;
+            assert_eq!(max_diff(&got, &want)?, 0.0);
+            assert_eq!(max_diff(&split_heads(&x, h)?, &want)?, 0.0);
+            let back = permute_heads(&got, b, t, h, d, false)?;
+            assert_eq!(max_diff(&back, &x)?, 0.0);
+            assert_eq!(max_diff(&merge_heads(&got)?, &x)?, 0.0);
+            let w = Tensor::randn(0f32, 1.0, (b, h, t, d), &Device::Cpu)?.to_dtype(dtype)?;
+            let (_, g) =
+                value_and_grads(std::slice::from_ref(&x), &|xs| permute_heads(&xs[0], b, t, h, d, true)?.mul(&w))?;
+            let (_, g_ref) = value_and_grads(&[x], &|xs| xs[0].reshape((b, t, h, d))?.transpose(1, 2)?.mul(&w))?;
+            assert_eq!(max_diff(&g[0], &g_ref[0])?, 0.0);
+        }
         Ok(())
     }
 }

@@ -6,11 +6,10 @@
 //! backward of it, element by element (`σ = 1 / (e^−x + 1)`, `silu' = σ · (1 − silu) + silu`);
 //! elsewhere that composition. Composed, the backward runs five ops (`neg`, `exp`, `affine`,
 //! `recip`, products), each writing a temporary (issue 21). Kept for the backward: the two inputs.
-use super::cpu::{par_build, slice, Float};
+use super::cpu::{par_build, par_build_stacked, slice, Float};
 use super::reference::{cpu_f64, cpu_from_f64};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Elements per rayon task of the CPU op (64 KiB of f32).
 const CHUNK: usize = 1 << 14;
@@ -190,12 +189,8 @@ fn swiglu_fwd<T: Float>(a: &[T], u: &[T]) -> Vec<T> {
 /// `[d gate | d up]`, each step as candle's composed backward of `gate.silu()?.mul(up)`:
 /// `d up = dy · silu`, `d gate = (dy · up) · (σ · (silu · −1 + 1) + silu)`, `σ = 1 / (e^−x + 1)`.
 fn swiglu_bwd<T: Float>(a: &[T], u: &[T], g: &[T]) -> Vec<T> {
-    let n = a.len();
-    let mut out = vec![T::default(); 2 * n];
-    let (d_gate, d_up) = out.split_at_mut(n);
-    let inputs = a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)));
-    let outputs = d_gate.par_chunks_mut(CHUNK).zip(d_up.par_chunks_mut(CHUNK));
-    outputs.zip(inputs).for_each(|((dg, du), (a, (u, g)))| {
+    par_build_stacked(a.len(), CHUNK, |at, dg, du| {
+        let (a, u, g) = (&a[at..][..dg.len()], &u[at..][..dg.len()], &g[at..][..dg.len()]);
         // dg holds e^−a (f32: in SIMD lanes, `ops::exp`) until it holds d gate.
         dg.iter_mut().zip(a).for_each(|(dg, &a)| *dg = a.neg());
         T::exp_in_place(dg);
@@ -208,8 +203,7 @@ fn swiglu_bwd<T: Float>(a: &[T], u: &[T], g: &[T]) -> Vec<T> {
             *dg = g.mul(u).mul(silu_grad);
             *du = g.mul(sl);
         }
-    });
-    out
+    })
 }
 
 impl CustomOp2 for CpuSwiglu {

@@ -385,7 +385,18 @@ impl Map1 for Affine {
     fn f<T: WithDType>(&self, vs: &[T], layout: &Layout) -> Result<Vec<T>> {
         let mul = T::from_f64(self.0);
         let add = T::from_f64(self.1);
-        Ok(unary_map(vs, layout, |v| v * mul + add))
+        // bayeslora patch: contiguous inputs of ≥ 64 Ki elements are split over the pool
+        // (`unary_map_vec_par`), as the other elementwise maps; the same `v * mul + add` per element.
+        Ok(unary_map_vec_par(
+            vs,
+            layout,
+            |v| v * mul + add,
+            |xs: &[T], ys: &mut [T]| {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = x * mul + add
+                }
+            },
+        ))
     }
 }
 
