@@ -16,7 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D
 /// `x: [B, H, T, D]`, `cos`/`sin`: `[T, D]` (already duplicated over the two halves).
 ///
 /// For f32/bf16/f16 on CUDA with constant `[T, D]` tables of x's dtype one fused op per direction
-/// (f32 math); elsewhere the composed ops.
+/// (f32 math); for f32/f64 on the CPU one multithreaded op per direction, bit for bit the
+/// composition; elsewhere the composed ops.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.rank() >= 2 && tables_fit(x, cos, sin)? {
         if super::cuda_applies(x) {
@@ -39,8 +40,9 @@ fn tables_fit(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<bool> {
 }
 
 /// The adjoint rotation (the backward of [`rope`] for a gradient `g: [.., T, D]`): the fused
-/// kernel's transpose on CUDA; elsewhere candle's autograd of the composed rotation (linear, so
-/// its backward at any point is the adjoint), the floats the plain graph's backward computes.
+/// kernel's transpose on CUDA; the CPU op's (f32/f64), bit for bit what candle's autograd of the
+/// composition gives; elsewhere that autograd (the rotation is linear, so its backward at any
+/// point is the adjoint), the floats the plain graph's backward computes.
 pub(crate) fn rope_adjoint(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let g = g.detach();
     if g.rank() >= 2 && tables_fit(&g, cos, sin)? {
