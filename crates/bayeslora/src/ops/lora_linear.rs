@@ -69,6 +69,10 @@ impl LoraPath {
 /// `x: [.., in]`, `weight: [out, in]` and `bias: [out]` frozen, `a: [r, in]` and `b: [out, r]`
 /// (f32, the trained factors) → `[.., out]` in x's dtype: the frozen projection plus
 /// `scaling · drop(x)·Aᵀ·Bᵀ`, with the values of `frozen_linear(x) + cast(lora(x))`.
+///
+/// On CUDA with bf16/f16 activations the products run in that dtype with an f32 accumulator
+/// ([`mixed`]: A and B rounded to it for the step, `drop(x)·Aᵀ` and the backward's `s·dy·B`
+/// rounded once, dA and dB written in f32), unless [`F32_LORA_ENV`] is set.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -77,12 +81,155 @@ pub fn lora_linear(
     b: &Tensor,
     path: LoraPath,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if mixed::applies(x, weight) {
+        return mixed::lora_linear(x, weight, bias, a, b, path);
+    }
     let (y, h) = path.forward(&x.detach(), weight, bias, &a.detach(), &b.detach())?;
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(y);
     }
     let op = LoraLinear { weight: weight.clone(), path, h };
     Ok(y.recorded_as_op3(x, a, b, Arc::new(Box::new(op))))
+}
+
+/// `BAYESLORA_F32_LORA=1` keeps the f32 LoRA path for bf16/f16 layers on CUDA: x cast to f32,
+/// f32 products, the sum cast back (PEFT's arithmetic for f32 adapters on a bf16 model). Without
+/// it, those layers take [`mixed`]'s bf16/f16 products (A/B benchmarks, numerics checks).
+pub const F32_LORA_ENV: &str = "BAYESLORA_F32_LORA";
+
+#[cfg(feature = "cuda")]
+fn f32_lora_forced() -> bool {
+    std::env::var(F32_LORA_ENV).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
+/// The LoRA path of a bf16/f16 layer on CUDA as mixed-precision GEMMs (`ops::gemm`): operands
+/// in the activations' dtype, f32 accumulators, the frozen projection's GEMM adding its product
+/// into the LoRA term's output (β = 1). Per step and layer this reads x twice (for `x·Aᵀ` and
+/// the projection) and writes y once; the f32 path wrote x in f32 twice (forward and the
+/// backward's recompute), `h·Bᵀ`, its scaled copy, the bf16 cast and the sum, and the backward
+/// as many again. Kept for the backward: x (the op's argument), `u = drop(x)·Aᵀ` (`[rows, r]`)
+/// and the rounded A and B.
+#[cfg(feature = "cuda")]
+mod mixed {
+    use super::*;
+    use crate::ops::gemm::{gemm, gemm_sum, Product};
+
+    pub(super) fn applies(x: &Tensor, weight: &Tensor) -> bool {
+        x.device().is_cuda()
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && weight.dtype() == x.dtype()
+            && x.elem_count() > 0
+            && !f32_lora_forced()
+    }
+
+    /// x as contiguous `[rows, in]`.
+    fn rows(x: &Tensor) -> Result<Tensor> {
+        let k = x.dim(D::Minus1)?;
+        x.reshape((x.elem_count() / k.max(1), k))?.contiguous()
+    }
+
+    /// `drop(x)` in x's dtype: the f32 path's mask (the counter hash indexes elements, not values).
+    fn dropped(x: &Tensor, path: &LoraPath) -> Result<Tensor> {
+        match path.dropout {
+            Some((p, seed)) if p > 0.0 => dropout(x, p, seed),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    pub(super) fn lora_linear(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        a: &Tensor,
+        b: &Tensor,
+        path: LoraPath,
+    ) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x2 = rows(&x.detach())?;
+        let weight = weight.contiguous()?;
+        let ab = cast(&a.detach(), dt)?.contiguous()?;
+        let bb = cast(&b.detach(), dt)?.contiguous()?;
+        // u = drop(x)·Aᵀ [rows, r]; y = s·u·Bᵀ + x·Wᵀ, the projection accumulating in place.
+        let u = gemm(&dropped(&x2, &path)?, &ab, Product::new(false, true, 1.0), dt)?;
+        let s = path.scaling as f32;
+        let y = gemm_sum(&u, &bb, Product::new(false, true, s), &x2, &weight, Product::new(false, true, 1.0))?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = weight.dim(0)?;
+        }
+        let y = y.reshape(dims)?;
+        let y = match bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        if !(x.track_op() || a.track_op() || b.track_op()) {
+            return Ok(y);
+        }
+        let op = MixedLoraLinear { weight, path, u, ab, bb };
+        Ok(y.recorded_as_op3(x, a, b, Arc::new(Box::new(op))))
+    }
+
+    struct MixedLoraLinear {
+        weight: Tensor,
+        path: LoraPath,
+        /// `drop(x)·Aᵀ`, `[rows, r]`, in x's dtype.
+        u: Tensor,
+        /// A `[r, in]` and B `[out, r]` rounded to x's dtype.
+        ab: Tensor,
+        bb: Tensor,
+    }
+
+    impl CustomOp3 for MixedLoraLinear {
+        fn name(&self) -> &'static str {
+            "lora-linear-mixed"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            crate::ops::recorded_only(self.name())
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            _a: &Tensor,
+            _b: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let dt = self.ab.dtype();
+            let out = self.weight.dim(0)?;
+            let g = grad.reshape((grad.elem_count() / out.max(1), out))?.contiguous()?.to_dtype(dt)?;
+            let s = self.path.scaling as f32;
+            let no_t = Product::new(false, false, 1.0);
+            // dh = s·dy·B [rows, r]; dB = s·dyᵀ·u [out, r]; dA = dhᵀ·drop(x) [r, in].
+            let dh = gemm(&g, &self.bb, Product::new(false, false, s), dt)?;
+            let db = gemm(&g, &self.u, Product::new(true, false, s), DType::F32)?;
+            let da = gemm(&dh, &dropped(&rows(&x.detach())?, &self.path)?, Product::new(true, false, 1.0), DType::F32)?;
+            let dx = if x.track_op() {
+                // dx = dy·W + drop'(dh·A), the LoRA term first and the projection accumulating.
+                let dx = match self.path.dropout {
+                    Some((p, seed)) if p > 0.0 => {
+                        let lora = dropout(&gemm(&dh, &self.ab, no_t, dt)?, p, seed)?;
+                        g.matmul(&self.weight)?.add(&lora)?
+                    }
+                    _ => gemm_sum(&dh, &self.ab, no_t, &g, &self.weight, no_t)?,
+                };
+                Some(dx.reshape(x.shape())?)
+            } else {
+                None
+            };
+            Ok((dx, Some(da), Some(db)))
+        }
+    }
 }
 
 struct LoraLinear {

@@ -10,7 +10,8 @@
 //! same name in `kernels/`, e.g. `rms_norm.rs` ↔ `kernels/rms_norm.cu`) and its backward:
 //! `rms_norm`, `layer_norm`, `rope`, `swiglu`, `layout` (split/merge heads), `cast`, `gelu`,
 //! `dropout`, `cross_entropy`, `attention` (+ `flash_attention`, `cpu_attention`), `linear`,
-//! `lora_linear` (a frozen linear and its LoRA path as one op that keeps only its inputs),
+//! `lora_linear` (a frozen linear and its LoRA path as one op that keeps only its inputs; on
+//! CUDA in bf16/f16 its products go through `gemm`, cuBLAS's mixed-precision GEMMs),
 //! `quantize`, `hard_concrete`, `gate_scale` and `gate_prior` (B-LoRA), `checkpoint`. Shared: `cuda.rs`
 //! (kernel modules, dtype suffixes, launch configurations and launches), `cpu.rs` (the float
 //! types and storage access of the multithreaded CPU ops), `erf.rs` and `exp.rs` (libm's `erff`
@@ -43,6 +44,8 @@ mod flash_attention;
 mod gate_prior;
 mod gate_scale;
 mod gelu;
+#[cfg(feature = "cuda")]
+mod gemm;
 mod hard_concrete;
 mod layer_norm;
 mod layout;
@@ -73,7 +76,7 @@ pub use hard_concrete::{
 pub use layer_norm::layer_norm;
 pub use layout::{merge_heads, projection_heads, split_heads};
 pub use linear::{frozen_linear, residual_projection, ProjectionInput};
-pub use lora_linear::{lora_linear, LoraPath};
+pub use lora_linear::{lora_linear, LoraPath, F32_LORA_ENV};
 pub use quantize::{gated_quantize, gated_quantize_at, update_range, update_ranges, PARAMS as QUANTIZE_PARAMS};
 pub use rms_norm::rms_norm;
 pub use rope::rope;

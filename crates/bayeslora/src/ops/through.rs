@@ -3,12 +3,14 @@
 //!
 //! candle's graph keeps every op's inputs: a projection's output that only feeds a head split
 //! and RoPE stays alive until the backward although neither backward reads it. When `x` was
-//! made by an op whose backward does not read its own output either (`lora-linear`,
-//! `frozen-matmul`: listed by name below), [`record_through`] records `y = post(x)` as one op
-//! on the producer's arguments, whose backward is the producer's backward of `post`'s adjoint
-//! applied to the incoming gradient. `x` then has no reader left and is freed after the
-//! forward. Any other producer: `y` is recorded on `x` with the adjoint as its backward (still
-//! dropping what the post-op itself would have kept).
+//! made by an op whose backward does not read its own output either (`lora-linear`, its
+//! mixed-precision CUDA form `lora-linear-mixed`, `frozen-matmul`: listed by name below; an op
+//! missing from the list keeps its output alive: one activation per adapted projection),
+//! [`record_through`] records `y = post(x)` as one op on the producer's arguments, whose
+//! backward is the producer's backward of `post`'s adjoint applied to the incoming gradient.
+//! `x` then has no reader left and is freed after the forward. Any other producer: `y` is
+//! recorded on `x` with the adjoint as its backward (still dropping what the post-op itself
+//! would have kept).
 use std::sync::Arc;
 
 use candle_core::op::Op;
@@ -19,7 +21,7 @@ pub(crate) type Adjoint = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Producers whose backward reads neither their output nor anything but their arguments and
 /// their own struct.
-const FOLDABLE: [&str; 2] = ["lora-linear", "frozen-matmul"];
+const FOLDABLE: [&str; 3] = ["lora-linear", "lora-linear-mixed", "frozen-matmul"];
 
 /// `y` (= `post(x)`, computed from `x` detached) recorded with `adjoint` as post's backward.
 pub(crate) fn record_through(y: &Tensor, x: &Tensor, adjoint: Adjoint) -> Tensor {
