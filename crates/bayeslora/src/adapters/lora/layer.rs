@@ -108,7 +108,9 @@ impl Adapter for LoraLayer {
     /// Training (a recorded graph): the frozen projection and this path as one op,
     /// [`ops::lora_linear`], which keeps only x, A, B and `drop(x)·Aᵀ` for the backward (the
     /// composed graph kept five activation-sized buffers more). Its values are the composed
-    /// `frozen_linear(x) + cast(forward(x))` bit for bit. Without a graph: `None`, the composed path.
+    /// `frozen_linear(x) + cast(forward(x))` bit for bit, except on CUDA in bf16/f16, where its
+    /// products run in that dtype (`ops::lora_linear`'s mixed form). Without a graph: `None`, the
+    /// composed path.
     fn forward_with_base(
         &self,
         x: &Tensor,
