@@ -62,6 +62,7 @@ pub use attention::{attention, plain_attention, AttentionMask};
 pub use cast::cast;
 pub use checkpoint::{backward, checkpoint, Segment};
 pub(crate) use cpu_attention::{applies as cpu_attention_applies, attention as cpu_attention, HeadLayout};
+pub(crate) use cross_entropy::fused_applies as fused_cross_entropy_applies;
 pub use cross_entropy::{fused_cross_entropy_rows, CrossEntropyGrad, FusedCrossEntropy};
 pub use dropout::{dropout, hash_dropout, hash_uniform, HashDropout};
 pub use flash_attention::{
