@@ -106,7 +106,7 @@ run_pytorch() {
   local t=$((RUN_TIMEOUT * ${#ids[@]} * ${#variant_flags[@]} / 2)) l; l=$(left); ((t > l - 5)) && t=$((l - 5))
   ((t > 20)) || { echo "pytorch: no time left"; return 0; }
   echo "== pytorch: ${ids[*]} (timeout ${t}s)"
-  timeout -k 10 "$t" python3 scripts/bench/torch_anchor.py --steps "$STEPS" --warmup "$WARMUP" \
+  timeout -k 10 "$t" python3 scripts/bench/torch_anchor.py --steps "$STEPS" --warmup "$WARMUP" --device "$DEVICE" \
     --out "$OUT/pytorch.jsonl" "${variant_flags[@]}" "${specs[@]}" || echo "pytorch: exit $? (rows written so far are kept)"
 }
 

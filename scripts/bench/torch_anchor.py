@@ -23,8 +23,9 @@
 #   liger    Liger-Kernel's fused RMSNorm / RoPE / SwiGLU / fused linear cross-entropy patched into
 #            transformers' Llama/Mistral/Qwen2 before the model is built (needs Triton: GPU only).
 # Every row has time_to_first_step_s: from building the model to the end of its first step.
+# Each (run, variant) pair runs in a process of its own (Liger's patches are process-wide).
 # --device cpu runs the same code on the CPU (to check the script; configs/bench/tiny.json).
-import argparse, json, os, sys, time
+import argparse, json, os, subprocess, sys, time
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,11 +149,25 @@ if __name__ == "__main__":
                     help="PyTorch path(s) to time, each run once per variant (default: eager)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
-    print(torch.__version__, torch.cuda.get_device_name() if args.device == "cuda" else "cpu", flush=True)
     runs = args.run or [f"{LLAMA2}:{b}:{s}:q_proj,v_proj:{o}" for b, s in [(4, 512), (8, 1024)] for o in ["adamw", "ivon"]] \
         + [f"{LLAMA2}:8:1024:all-linear:adamw", f"{LLAMA2}:8:1024:all-linear:ivon"]
-    for spec in runs:
+    pairs = [(spec, variant) for spec in runs for variant in args.variant or ["eager"]]
+    if len(pairs) == 1:
+        print(torch.__version__, torch.cuda.get_device_name() if args.device == "cuda" else "cpu", flush=True)
+        spec, variant = pairs[0]
         shape, bsz, seq, targets, opt = spec.rsplit(":", 4)
         targets = targets if targets == "all-linear" else targets.split(",")
-        for variant in args.variant or ["eager"]:
-            run(shape, opt, targets, int(bsz), int(seq), args.steps, args.warmup, args.out, variant, args.device)
+        run(shape, opt, targets, int(bsz), int(seq), args.steps, args.warmup, args.out, variant, args.device)
+        sys.exit(0)
+    # One process per (run, variant): Liger-Kernel patches transformers' model classes for the rest
+    # of the process, so an eager or compiled model built after a liger run would run Liger's
+    # kernels under the wrong label (and a crash in one run would end the rows after it). This
+    # parent never touches the GPU, so the children's device-level peaks are their own.
+    for spec, variant in pairs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--run", spec, "--variant", variant,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        if args.out:
+            cmd += ["--out", args.out]
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            print(f"torch_anchor: {spec} {variant} exited with {rc}; going on with the next run", flush=True)
