@@ -44,7 +44,7 @@ mod flash_attention;
 mod gate_prior;
 mod gate_scale;
 mod gelu;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", test))]
 mod gemm;
 mod hard_concrete;
 mod layer_norm;
