@@ -13,8 +13,9 @@
 #   bash scripts/device/session.sh cpu_rows    issue 21's CPU rows, 4 and 2 threads pinned to cores 0-3
 #   bash scripts/device/session.sh sst2        the bf16 SST-2 check (configs/compare/smollm2_sst2_bf16.toml)
 #   bash scripts/device/session.sh sst2_and_cpu  the bf16 SST-2 check (cores 4-15) beside cpu_rows
-#   bash scripts/device/session.sh bench       GPU tests, saved memory, issue 17's rows of both stacks
-#   bash scripts/device/session.sh ab          the mixed-precision LoRA path's GPU tests and its A/B bench
+#   bash scripts/device/session.sh tests       the GPU tests and the saved-memory walk
+#   bash scripts/device/session.sh bench       tests, then issue 17's rows of both stacks
+#   bash scripts/device/session.sh ab          tests, then the mixed-precision LoRA path's A/B bench
 # Logs and results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -63,9 +64,15 @@ for (m, t), v in sorted(acc.items()):
     print(f"{m} {t}t: ours {statistics.mean(ours):.0f} tok/s ({len(ours)}), pytorch {statistics.mean(theirs):.0f} ({len(theirs)}), ratio {statistics.mean(ours)/statistics.mean(theirs):.3f}")
 EOF
   ;;
+tests)
+  # the GPU tests (.device/cuda) and the saved-memory walk (.device/saved_memory)
+  .device/cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked|cosine|norm ratio" > "$OUT/tests.txt"
+  grep -E "test result|FAILED|panicked" "$OUT/tests.txt"
+  [ -x .device/saved_memory ] && .device/saved_memory --nocapture --test-threads 1 > "$OUT/saved_memory.txt" 2>&1
+  grep -E "test result" "$OUT/saved_memory.txt"
+  ;;
 ab)
-  ( .device/cuda --test-threads 1 2>&1 ) | grep -E "^test |test result|panicked|cosine" | tee "$OUT/tests.txt"
-  [ -x .device/saved_memory ] && .device/saved_memory --nocapture --test-threads 1 2>&1 | grep -E "Cuda|custom|total|lora|test result" | tee "$OUT/saved_memory.txt"
+  bash "$0" tests
   for lora in ${LORAS:-mixed f32}; do
     for shape in "4 512" "8 1024"; do
       set -- $shape
@@ -78,10 +85,7 @@ ab)
   ;;
 bench)
   # the GPU tests, the saved-memory walk, then issue 17's rows of both stacks (device_bench.sh)
-  .device/cuda --test-threads 1 2>&1 | grep -E "^test |test result|panicked|cosine|norm ratio" > "$OUT/tests.txt"
-  grep -E "test result|FAILED|panicked" "$OUT/tests.txt"
-  [ -x .device/saved_memory ] && .device/saved_memory --nocapture --test-threads 1 > "$OUT/saved_memory.txt" 2>&1
-  grep -E "test result" "$OUT/saved_memory.txt"
+  bash "$0" tests
   STACKS="bayeslora pytorch" ONLY=${ONLY:-'qv-(adamw|ivon)$'} DEADLINE=${DEADLINE:-520} \
     bash scripts/bench/device_bench.sh > /dev/null 2>&1
   cat "$OUT/table.md"

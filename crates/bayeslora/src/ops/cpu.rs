@@ -193,13 +193,9 @@ pub(crate) fn par_build2<T: Copy + Send + Sync + Default>(
     chunk: usize,
     f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
 ) -> (Vec<T>, Vec<T>) {
-    use rayon::prelude::*;
     let (mut a, mut b): (Vec<T>, Vec<T>) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let chunk = chunk.max(1);
-    let pairs =
-        a.spare_capacity_mut()[..n].par_chunks_mut(chunk).zip(b.spare_capacity_mut()[..n].par_chunks_mut(chunk));
-    pairs.enumerate().for_each(|(i, (ca, cb))| f(i * chunk, init(ca), init(cb)));
-    // SAFETY: every chunk of the first n elements of both was initialized by `init`.
+    fill_pairs(&mut a.spare_capacity_mut()[..n], &mut b.spare_capacity_mut()[..n], chunk, f);
+    // SAFETY: `fill_pairs` initialized the first n elements of both.
     unsafe {
         a.set_len(n);
         b.set_len(n);
@@ -215,16 +211,27 @@ pub(crate) fn par_build_stacked<T: Copy + Send + Sync + Default>(
     chunk: usize,
     f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
 ) -> Vec<T> {
-    use rayon::prelude::*;
     let mut out: Vec<T> = Vec::with_capacity(2 * n);
-    let chunk = chunk.max(1);
     let (a, b) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
+    fill_pairs(a, b, chunk, f);
+    // SAFETY: `fill_pairs` initialized both halves.
+    unsafe { out.set_len(2 * n) };
+    out
+}
+
+/// The task loop of [`par_build2`] and [`par_build_stacked`]: chunk i of `a` and of `b` (equal
+/// lengths) initialized by [`init`] and handed to `f(i · chunk, ..)` on one rayon task.
+fn fill_pairs<T: Copy + Send + Sync + Default>(
+    a: &mut [std::mem::MaybeUninit<T>],
+    b: &mut [std::mem::MaybeUninit<T>],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
     a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ca, cb))| {
         f(i * chunk, init(ca), init(cb));
     });
-    // SAFETY: every chunk of both halves was initialized by `init`.
-    unsafe { out.set_len(2 * n) };
-    out
 }
 
 /// `c` filled with `T::default()`, as an initialized slice.
