@@ -274,8 +274,9 @@ fn mc_dropout_passes_on_cuda_are_reproducible_and_differ_by_seed() -> Result<()>
 #[test]
 fn fused_cross_entropy_kernels_match_the_cpu_reference() -> Result<()> {
     let gpu = cuda();
-    // a SmolLM2-sized vocabulary (49,152), a small odd one, and logits in the hundreds
-    for (rows, vocab, std) in [(37usize, 49_152usize, 4f32), (5, 3, 4.0), (16, 1000, 300.0)] {
+    // a SmolLM2-sized vocabulary (49,152: 16-byte loads), a small odd one, logits in the hundreds,
+    // and a vocabulary no 16-byte pack divides (one element a load)
+    for (rows, vocab, std) in [(37usize, 49_152usize, 4f32), (5, 3, 4.0), (16, 1000, 300.0), (4, 1001, 4.0)] {
         let x = Tensor::randn(0f32, std, (rows, vocab), &Device::Cpu)?;
         let labels: Vec<u32> = (0..rows).map(|r| ((r * 7919) % vocab) as u32).collect();
         let y = Tensor::new(labels.as_slice(), &Device::Cpu)?;
@@ -302,6 +303,22 @@ fn fused_cross_entropy_kernels_match_the_cpu_reference() -> Result<()> {
             let mean = ops::cross_entropy(&xd.to_device(&gpu)?, &y.to_device(&gpu)?)?;
             check("cross_entropy = mean of rows", &mean, &want.mean_all()?, 2e-4 * std.max(1.0))?;
         }
+    }
+    // masked logits (−inf) add nothing, in packed rows (64 columns) and one-element rows (63);
+    // a NaN makes its row's loss NaN and leaves the others alone
+    for cols in [64usize, 63] {
+        let mut v: Vec<f32> = (0..3 * cols).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        v[..40].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+        v[2 * cols + 17] = f32::NAN;
+        let x = Tensor::from_vec(v, (3, cols), &Device::Cpu)?;
+        let y = Tensor::new(&[50u32, 3, 0], &Device::Cpu)?;
+        let got = ops::fused_cross_entropy_rows(&x.to_device(&gpu)?, &y.to_device(&gpu)?)?.to_vec1::<f32>()?;
+        let want = ops::fused_cross_entropy_rows(&x.narrow(0, 0, 2)?.to_dtype(DType::F64)?, &y.narrow(0, 0, 2)?)?
+            .to_vec1::<f64>()?;
+        for r in 0..2 {
+            assert!((got[r] as f64 - want[r]).abs() < 1e-5, "masked row {r} of {cols}: {} vs {}", got[r], want[r]);
+        }
+        assert!(got[2].is_nan(), "a NaN logit gives a NaN loss, got {}", got[2]);
     }
     Ok(())
 }

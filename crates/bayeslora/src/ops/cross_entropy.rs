@@ -2,9 +2,10 @@
 //!
 //! The composed path (`log_softmax` then `gather`) keeps several `[N, V]` f32 tensors alive for
 //! the backward — for a causal-LM loss over a 49k–152k vocabulary that is gigabytes per step.
-//! [`FusedCrossEntropy`] keeps nothing but the logits it already had: the forward writes one
-//! f32 per row (`log Σ exp x − x[label]`), the backward ([`CrossEntropyGrad`]) recomputes each
-//! row's max and Σexp and writes `dx = (softmax x − onehot) · g` straight into the gradient.
+//! [`FusedCrossEntropy`] keeps nothing but the logits it already had and three f32 per row: the
+//! forward reads each row once and writes its loss (`log Σ exp x − x[label]`), max m and
+//! `s = Σ exp(x − m)`; the backward ([`CrossEntropyGrad`]) reads m and s back, so it too reads
+//! the row once, and writes `dx = (exp(x − m) / s − onehot) · g` straight into the gradient.
 //! `ops::cross_entropy` takes it for f32/bf16/f16 logits on CUDA; the CPU keeps the composed
 //! path (its floats are what CPU runs and the demo reproduce). The CPU implementations below are
 //! the reference the GPU tests compare the kernels (`kernels/cross_entropy.cu`) against.
@@ -23,14 +24,17 @@ pub fn fused_cross_entropy_rows(logits: &Tensor, labels: &Tensor) -> Result<Tens
     if labels.dims1()? != n || labels.dtype() != DType::U32 {
         candle_core::bail!("cross_entropy: labels must be [{n}] u32, got {:?} {:?}", labels.dims(), labels.dtype());
     }
-    logits.contiguous()?.apply_op2(&labels.contiguous()?, FusedCrossEntropy)
+    logits.contiguous()?.apply_op2(&labels.contiguous()?, FusedCrossEntropy)?.get(0)
 }
 
-/// `loss[r] = log Σ_j exp x[r, j] − x[r, label_r]`, f32 (f64 for f64 logits, CPU only).
+/// `[3, N]`: row 0 `loss[r] = log Σ_j exp x[r, j] − x[r, label_r]`, row 1 the row's max m, row 2
+/// `Σ_j exp(x[r, j] − m)`; f32 (f64 for f64 logits, CPU only). Rows 1 and 2 are what the backward
+/// reads instead of a second pass over the logits; [`fused_cross_entropy_rows`] returns row 0.
 #[derive(Debug, Clone, Copy)]
 pub struct FusedCrossEntropy;
 
-/// `dx = (softmax x − onehot label) · g[r]` in the logits' dtype (no backward of its own).
+/// `dx = (exp(x − m) / s − onehot label) · g` in the logits' dtype, with the third input
+/// `[3, N]` = (g; m; s), m and s from [`FusedCrossEntropy`] (no backward of its own).
 #[derive(Debug, Clone, Copy)]
 pub struct CrossEntropyGrad;
 
@@ -74,16 +78,14 @@ impl CustomOp2 for FusedCrossEntropy {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, n, v) = cpu_rows(s1, l1)?;
         let y = cpu_labels(s2, l2, n, v)?;
-        let loss = (0..n).map(|r| {
-            let row = &x[r * v..(r + 1) * v];
-            let (m, s) = row_stats(row.iter().copied());
-            m + s.ln() - row[y[r]]
-        });
+        let stats: Vec<(f64, f64)> = (0..n).map(|r| row_stats(x[r * v..(r + 1) * v].iter().copied())).collect();
+        let loss = stats.iter().enumerate().map(|(r, &(m, s))| m + s.ln() - x[r * v + y[r]]);
+        let out: Vec<f64> = loss.chain(stats.iter().map(|p| p.0)).chain(stats.iter().map(|p| p.1)).collect();
         let out = match s1.dtype() {
-            DType::F64 => CpuStorage::F64(loss.collect()),
-            _ => CpuStorage::F32(loss.map(|l| l as f32).collect()),
+            DType::F64 => CpuStorage::F64(out),
+            _ => CpuStorage::F32(out.into_iter().map(|l| l as f32).collect()),
         };
-        Ok((out, Shape::from(n)))
+        Ok((out, Shape::from((3, n))))
     }
 
     #[cfg(feature = "cuda")]
@@ -96,18 +98,21 @@ impl CustomOp2 for FusedCrossEntropy {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, _) = l1.shape().dims2()?;
         let out = cuda::launch(s1, l1, s2, l2, None, "ce_fwd")?;
-        Ok((out, Shape::from(n)))
+        Ok((out, Shape::from((3, n))))
     }
 
     fn bwd(
         &self,
         logits: &Tensor,
         labels: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(if logits.dtype() == DType::F64 { DType::F64 } else { DType::F32 })?.contiguous()?;
-        Ok((Some(logits.apply_op3_no_bwd(labels, &g, &CrossEntropyGrad)?), None))
+        // (g; m; s): the loss row's gradient (rows 1 and 2 are statistics: their gradient is
+        // ignored) and the forward's statistics
+        let g = grad.narrow(0, 0, 1)?.to_dtype(res.dtype())?;
+        let gms = Tensor::cat(&[&g, &res.narrow(0, 1, 2)?], 0)?;
+        Ok((Some(logits.apply_op3_no_bwd(labels, &gms, &CrossEntropyGrad)?), None))
     }
 }
 
@@ -127,17 +132,19 @@ impl CustomOp3 for CrossEntropyGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, n, v) = cpu_rows(s1, l1)?;
         let y = cpu_labels(s2, l2, n, v)?;
+        if l3.shape().dims2()? != (3, n) {
+            candle_core::bail!("cross_entropy grad: (g; m; s) must be [3, {n}], got {:?}", l3.dims());
+        }
         let (start, _) = l3.contiguous_offsets().ok_or_else(|| candle_core::Error::msg("grad not contiguous"))?;
-        let g: Vec<f64> = match s3 {
-            CpuStorage::F32(g) => g[start..start + n].iter().map(|&v| v as f64).collect(),
-            CpuStorage::F64(g) => g[start..start + n].to_vec(),
-            _ => candle_core::bail!("cross_entropy grad: g must be f32 or f64"),
+        let gms: Vec<f64> = match s3 {
+            CpuStorage::F32(g) => g[start..start + 3 * n].iter().map(|&v| v as f64).collect(),
+            CpuStorage::F64(g) => g[start..start + 3 * n].to_vec(),
+            _ => candle_core::bail!("cross_entropy grad: (g; m; s) must be f32 or f64"),
         };
         let mut dx = vec![0f64; n * v];
         for r in 0..n {
             let row = &x[r * v..(r + 1) * v];
-            let (m, s) = row_stats(row.iter().copied());
-            let gr = g[r];
+            let (gr, m, s) = (gms[r], gms[n + r], gms[2 * n + r]);
             for j in 0..v {
                 let p = (row[j] - m).exp() / s;
                 dx[r * v + j] = (p - if j == y[r] { 1.0 } else { 0.0 }) * gr;
@@ -163,6 +170,10 @@ impl CustomOp3 for CrossEntropyGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, _) = l1.shape().dims2()?;
+        if l3.shape().dims2()? != (3, n) {
+            candle_core::bail!("cross_entropy grad: (g; m; s) must be [3, {n}], got {:?}", l3.dims());
+        }
         let out = cuda::launch(s1, l1, s2, l2, Some((s3, l3)), "ce_bwd")?;
         Ok((out, l1.shape().clone()))
     }
@@ -186,8 +197,8 @@ mod cuda {
     // SAFETY: plain-old-data with the kernel's C layout.
     unsafe impl DeviceRepr for CeParams {}
 
-    /// `ce_fwd_<dtype>(p, x, labels, loss f32)` or, with `grad`, `ce_bwd_<dtype>(p, x, labels, g,
-    /// dx)`; one block of 512 threads per row.
+    /// `ce_fwd_<dtype>(p, x, labels, [loss; m; s] f32)` or, with `grad` (g; m; s),
+    /// `ce_bwd_<dtype>(p, x, labels, gms, dx)`; one block of 512 threads per row.
     pub(super) fn launch(
         x: &CudaStorage,
         lx: &Layout,
@@ -212,15 +223,15 @@ mod cuda {
                 b.arg(&labels);
                 match grad {
                     None => {
-                        // SAFETY: the kernel writes all n losses.
-                        let loss = unsafe { dev.alloc::<f32>(n)? };
+                        // SAFETY: the kernel writes all 3·n values.
+                        let loss = unsafe { dev.alloc::<f32>(3 * n)? };
                         b.arg(&loss);
                         // SAFETY: arguments match `ce_fwd_<dtype>`.
                         unsafe { b.launch(cfg) }.w()?;
                         CudaStorageSlice::F32(loss)
                     }
                     Some((g, lg)) => {
-                        let gsl = contiguous_view::<f32>(g, lg, "the loss gradient")?;
+                        let gsl = contiguous_view::<f32>(g, lg, "the loss gradient and statistics")?;
                         // SAFETY: the kernel writes all n·v gradients.
                         let dx = unsafe { dev.alloc::<$ty>(n * v)? };
                         b.arg(&gsl);
